@@ -57,10 +57,10 @@ class Linear(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [..., in] -> [..., out] in the compute dtype."""
         x = x.astype(self.dtype)
-        y = jnp.einsum("...i,oi->...o", x, self.weight.value.astype(self.dtype),
+        y = jnp.einsum("...i,oi->...o", x, self.weight[...].astype(self.dtype),
                        preferred_element_type=jnp.float32)
         if self.bias is not None:
-            y = y + self.bias.value.astype(jnp.float32)
+            y = y + self.bias[...].astype(jnp.float32)
         return y.astype(self.dtype)
 
 
@@ -77,7 +77,7 @@ class RMSNorm(nnx.Module):
         x32 = x.astype(jnp.float32)
         x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
         # transformers casts back to the input dtype before the weight multiply.
-        return (self.weight.value.astype(self.dtype) * x32.astype(self.dtype)).astype(self.dtype)
+        return (self.weight[...].astype(self.dtype) * x32.astype(self.dtype)).astype(self.dtype)
 
 
 class LayerNorm(nnx.Module):
@@ -95,7 +95,7 @@ class LayerNorm(nnx.Module):
         mean = jnp.mean(x32, axis=-1, keepdims=True)
         var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
         y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
-        y = y * self.weight.value.astype(jnp.float32) + self.bias.value.astype(jnp.float32)
+        y = y * self.weight[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
         return y.astype(self.dtype)
 
 
@@ -109,11 +109,11 @@ class Embedding(nnx.Module):
 
     def __call__(self, ids: jax.Array) -> jax.Array:
         """ids: int [...] -> [..., dim]."""
-        return jnp.take(self.weight.value, ids, axis=0).astype(self.dtype)
+        return jnp.take(self.weight[...], ids, axis=0).astype(self.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
         """Tied output head: x [..., dim] -> logits [..., vocab] in float32."""
-        return jnp.einsum("...d,vd->...v", x.astype(self.dtype), self.weight.value.astype(self.dtype),
+        return jnp.einsum("...d,vd->...v", x.astype(self.dtype), self.weight[...].astype(self.dtype),
                           preferred_element_type=jnp.float32)
 
 
