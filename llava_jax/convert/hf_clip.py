@@ -1,0 +1,74 @@
+"""Hugging Face <-> llava_jax conversion for the CLIP vision tower: configs and tensor names.
+
+Our CLIPVisionModel uses the classic layout `vision_model.embeddings.*`, `vision_model.encoder.layers.*`,
+... . transformers 5.x drops the `vision_model.` level in CLIPVisionModel (`embeddings.*`, `encoder.*`), and
+full CLIP checkpoints (openai/clip-vit-large-patch14-336) also hold the text tower and projections, which
+the vision tower does not use.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from llava_jax.models.clip_vit import CLIPVisionConfig
+
+_VISION_MODULES = ("embeddings.", "pre_layrnorm.", "encoder.", "post_layernorm.")
+# Tensors of a full CLIP checkpoint that are not part of the vision tower, and non-persistent buffers.
+_NOT_VISION = ("text_model.", "visual_projection.", "text_projection.", "logit_scale")
+
+_CHECKPOINT_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                      "image_size", "patch_size", "num_channels", "layer_norm_eps", "hidden_act")
+
+
+def _as_dict(hf_config: Any) -> dict:
+    return dict(hf_config) if isinstance(hf_config, Mapping) else hf_config.to_dict()
+
+
+def clip_config_from_hf(hf_config: Any, **runtime) -> CLIPVisionConfig:
+    """A transformers CLIPVisionConfig / CLIPConfig (object or dict) -> CLIPVisionConfig.
+
+    Args:
+      runtime: dtype, param_dtype, scan_layers, remat.
+    """
+    d = _as_dict(hf_config)
+    model_type = d.get("model_type", "clip_vision_model")
+    if model_type == "clip":
+        d = _as_dict(d["vision_config"])
+        model_type = d.get("model_type", "clip_vision_model")
+    if model_type != "clip_vision_model":
+        raise ValueError(f"vision config: unsupported model_type {model_type!r} (expected 'clip_vision_model')")
+    defaults = CLIPVisionConfig()
+    fields = {k: d.get(k, getattr(defaults, k)) for k in _CHECKPOINT_FIELDS}
+    return CLIPVisionConfig(**fields, **runtime)
+
+
+def clip_config_to_hf(cfg: CLIPVisionConfig) -> dict:
+    """CLIPVisionConfig -> a dict that `transformers.CLIPVisionConfig(**d)` accepts."""
+    d = {k: getattr(cfg, k) for k in _CHECKPOINT_FIELDS}
+    # projection_dim is only used by CLIPVisionModelWithProjection; 768 is the value of CLIP ViT-L/14.
+    return {"model_type": "clip_vision_model", **d, "projection_dim": 768, "attention_dropout": 0.0}
+
+
+def clip_tensor_name_to_ours(name: str) -> str | None:
+    """A Hugging Face CLIP tensor name -> our name; None for tensors outside the vision tower.
+
+    'vision_model.encoder.layers.3.mlp.fc1.weight' and (5.x CLIPVisionModel) 'encoder.layers.3.mlp.fc1.weight'
+    both map to 'vision_model.encoder.layers.3.mlp.fc1.weight'.
+    """
+    if name.startswith(_NOT_VISION) or name.endswith("position_ids"):
+        return None
+    if name.startswith("vision_model."):
+        return name
+    if name.startswith(_VISION_MODULES):
+        return "vision_model." + name
+    raise ValueError(f"tensor '{name}' is not a CLIP vision tower tensor")
+
+
+def clip_tensors_to_ours(tensors: Mapping[str, Any]) -> dict[str, Any]:
+    """Renames a Hugging Face CLIP state dict to our names, dropping tensors outside the vision tower."""
+    out = {}
+    for name, value in tensors.items():
+        ours = clip_tensor_name_to_ours(name)
+        if ours is not None:
+            out[ours] = value
+    return out

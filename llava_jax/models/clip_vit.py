@@ -1,0 +1,262 @@
+"""CLIP vision transformer (the frozen LLaVA image encoder), mirroring transformers' CLIPVisionModel.
+
+Parameter names follow the classic Hugging Face layout (`vision_model.embeddings.patch_embedding.weight`,
+`vision_model.encoder.layers.{i}.self_attn.q_proj.weight`, ...), with the encoder layers stacked on a
+leading `layers` axis, so `llava_jax.convert.params.load_state_dict` loads a Hugging Face state dict
+(see `llava_jax.convert.hf_clip.clip_tensor_name_to_ours` for the transformers 5.x names).
+
+Hidden-state indexing follows transformers: `hidden_states[0]` is the embedding output after
+`pre_layrnorm`, `hidden_states[i]` the output of encoder layer i, so there are num_hidden_layers + 1 of
+them and `hidden_states[-2]` (LLaVA's feature layer) is the output of the second-to-last layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import einops
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from llava_jax.models import layers
+from llava_jax.models.layers import LayerNorm, Linear
+
+ACTIVATIONS = {
+    "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+}
+
+FEATURE_STRATEGIES = ("default", "full")
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPVisionConfig:
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 16
+    image_size: int = 336
+    patch_size: int = 14
+    num_channels: int = 3
+    layer_norm_eps: float = 1e-5
+    hidden_act: str = "quick_gelu"
+    # Runtime fields (not part of the checkpoint).
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    scan_layers: bool = True
+    remat: str = "none"
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"CLIPVisionConfig: hidden_size {self.hidden_size} is not divisible by "
+                             f"num_attention_heads {self.num_attention_heads}")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"CLIPVisionConfig: image_size {self.image_size} is not divisible by "
+                             f"patch_size {self.patch_size}")
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"CLIPVisionConfig: unsupported hidden_act {self.hidden_act!r}, "
+                             f"expected one of {sorted(ACTIVATIONS)}")
+        if self.remat not in layers.REMAT_POLICIES:
+            raise ValueError(f"CLIPVisionConfig: unknown remat {self.remat!r}, "
+                             f"expected one of {sorted(layers.REMAT_POLICIES)}")
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def num_positions(self) -> int:
+        return self.num_patches + 1
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+# openai/clip-vit-large-patch14 (LLaVA v1) and openai/clip-vit-large-patch14-336 (LLaVA-1.5).
+PRESETS = {
+    "clip_l14": CLIPVisionConfig(image_size=224),
+    "clip_l14_336": CLIPVisionConfig(image_size=336),
+}
+
+
+class CLIPVisionEmbeddings(nnx.Module):
+    """Patch embedding (a stride-P convolution without bias) + class token + learned positions."""
+
+    def __init__(self, cfg: CLIPVisionConfig, rngs: nnx.Rngs | None):
+        d, c, p = cfg.hidden_size, cfg.num_channels, cfg.patch_size
+        self.patch_size = p
+        self.image_size = cfg.image_size
+        self.num_channels = c
+        self.dtype = cfg.dtype
+        self.class_embedding = layers.param(rngs, layers.normal(), (d,), ("embed",), cfg.param_dtype)
+        self.patch_embedding = PatchConv(d, c, p, dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+        self.position_embedding = PositionEmbedding(cfg.num_positions, d, param_dtype=cfg.param_dtype,
+                                                    rngs=rngs)
+
+    def __call__(self, pixel_values: jax.Array) -> jax.Array:
+        """pixel_values [N, C, H, W] -> embeddings [N, 1 + P, D] (class token first)."""
+        n, c, h, w = pixel_values.shape
+        if (c, h, w) != (self.num_channels, self.image_size, self.image_size):
+            raise ValueError(f"pixel_values: expected shape [N, {self.num_channels}, {self.image_size}, "
+                             f"{self.image_size}] (NCHW), got {tuple(pixel_values.shape)}")
+        patches = self.patch_embedding(pixel_values)
+        cls = jnp.broadcast_to(self.class_embedding[...].astype(self.dtype), (n, 1, patches.shape[-1]))
+        x = jnp.concatenate([cls, patches], axis=1)
+        return (x + self.position_embedding.weight[...].astype(self.dtype)).astype(self.dtype)
+
+
+class PatchConv(nnx.Module):
+    """Conv2d with kernel = stride = patch size and no bias.   weight: [D, C, P, P] (PyTorch OIHW)."""
+
+    def __init__(self, dim: int, channels: int, patch: int, *, dtype, param_dtype, rngs: nnx.Rngs | None):
+        self.patch = patch
+        self.dtype = dtype
+        self.weight = layers.param(rngs, layers.normal(), (dim, channels, patch, patch),
+                                   ("embed", None, None, None), param_dtype)
+
+    def __call__(self, pixel_values: jax.Array) -> jax.Array:
+        """[N, C, H, W] -> [N, (H/P)*(W/P), D], patches in row-major order like the flattened conv output."""
+        patches = einops.rearrange(pixel_values.astype(self.dtype), "n c (h p) (w q) -> n (h w) (c p q)",
+                                   p=self.patch, q=self.patch)
+        kernel = einops.rearrange(self.weight[...].astype(self.dtype), "d c p q -> d (c p q)")
+        y = jnp.einsum("npk,dk->npd", patches, kernel, preferred_element_type=jnp.float32)
+        return y.astype(self.dtype)
+
+
+class PositionEmbedding(nnx.Module):
+    """Learned absolute positions.   weight: [num_positions, D]."""
+
+    def __init__(self, num_positions: int, dim: int, *, param_dtype, rngs: nnx.Rngs | None):
+        self.weight = layers.param(rngs, layers.normal(), (num_positions, dim), (None, "embed"), param_dtype)
+
+
+class CLIPAttention(nnx.Module):
+    """Bidirectional multi-head self-attention with biased q/k/v/out projections."""
+
+    def __init__(self, dim: int, num_heads: int, *, dtype, param_dtype, rngs: nnx.Rngs | None):
+        self.num_heads = num_heads
+        kw = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.k_proj = Linear(dim, dim, axes=("heads", "embed"), **kw)
+        self.v_proj = Linear(dim, dim, axes=("heads", "embed"), **kw)
+        self.q_proj = Linear(dim, dim, axes=("heads", "embed"), **kw)
+        self.out_proj = Linear(dim, dim, axes=("embed", "heads"), **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x [N, T, D] -> [N, T, D]."""
+        split = lambda t: einops.rearrange(t, "n t (h k) -> n t h k", h=self.num_heads)
+        q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
+        out = jax.nn.dot_product_attention(q, k, v)
+        return self.out_proj(einops.rearrange(out, "n t h k -> n t (h k)"))
+
+
+class CLIPMLP(nnx.Module):
+    def __init__(self, dim: int, hidden: int, act: str, *, dtype, param_dtype, rngs: nnx.Rngs | None):
+        self.act = act
+        kw = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.fc1 = Linear(dim, hidden, axes=("mlp", "embed"), **kw)
+        self.fc2 = Linear(hidden, dim, axes=("embed", "mlp"), **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """[N, T, D] -> [N, T, D]."""
+        return self.fc2(ACTIVATIONS[self.act](self.fc1(x)))
+
+
+class CLIPEncoderLayer(nnx.Module):
+    """Pre-norm transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
+
+    def __init__(self, cfg: CLIPVisionConfig, rngs: nnx.Rngs | None):
+        kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+        self.self_attn = CLIPAttention(cfg.hidden_size, cfg.num_attention_heads, **kw)
+        self.layer_norm1 = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, **kw)
+        self.mlp = CLIPMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, **kw)
+        self.layer_norm2 = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = x + self.self_attn(self.layer_norm1(x))
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPEncoder(nnx.Module):
+    def __init__(self, cfg: CLIPVisionConfig, rngs: nnx.Rngs):
+        self.scan = cfg.scan_layers
+        self.remat = cfg.remat
+        self.layers = layers.make_stack(lambda r: CLIPEncoderLayer(cfg, r), cfg.num_hidden_layers, rngs)
+
+    def run(self, x: jax.Array, start: int, stop: int) -> jax.Array:
+        """Applies encoder layers [start, stop) to x [N, T, D]."""
+        if stop <= start:
+            return x
+        graphdef, state = nnx.split(self.layers)
+        segment = nnx.merge(graphdef, jax.tree.map(lambda a: a[start:stop], state))
+        x, _ = layers.run_stack(segment, lambda layer, h, _: (layer(h), None), x,
+                                scan=self.scan, remat=self.remat)
+        return x
+
+
+class CLIPVisionTransformer(nnx.Module):
+    def __init__(self, cfg: CLIPVisionConfig, rngs: nnx.Rngs):
+        kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
+        self.embeddings = CLIPVisionEmbeddings(cfg, rngs)
+        self.pre_layrnorm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, **kw)
+        self.encoder = CLIPEncoder(cfg, rngs)
+        self.post_layernorm = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, **kw)
+
+
+def resolve_layer(index: int, num_layers: int) -> int:
+    """A transformers hidden_states index (negative allowed) -> 0..num_layers (0 = embeddings)."""
+    total = num_layers + 1
+    if not -total <= index < total:
+        raise ValueError(f"vision_feature_layer {index} is out of range for a tower with {num_layers} layers "
+                         f"({total} hidden states)")
+    return index % total
+
+
+class CLIPVisionModel(nnx.Module):
+    """CLIP ViT image encoder.   pixel_values: [N, C, H, W] (NCHW, like transformers)."""
+
+    def __init__(self, config: CLIPVisionConfig, *, rngs: nnx.Rngs | None = None):
+        self.config = config
+        self.vision_model = CLIPVisionTransformer(config, rngs if rngs is not None else nnx.Rngs(0))
+
+    def __call__(self, pixel_values: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """-> (last_hidden_state [N, 1 + P, D], pooled [N, D] = post_layernorm(CLS of the last layer))."""
+        vm = self.vision_model
+        last = vm.encoder.run(self._embed(pixel_values), 0, self.config.num_hidden_layers)
+        return last, vm.post_layernorm(last[:, 0])
+
+    def _embed(self, pixel_values: jax.Array) -> jax.Array:
+        """hidden_states[0]: [N, 1 + P, D]."""
+        vm = self.vision_model
+        return vm.pre_layrnorm(vm.embeddings(pixel_values))
+
+    def hidden_states(self, pixel_values: jax.Array, indices: Sequence[int]) -> list[jax.Array]:
+        """transformers' `hidden_states[i]` for each i in `indices`, running only the layers needed.
+
+        Returns a list of [N, 1 + P, D], in the order of `indices`.
+        """
+        resolved = [resolve_layer(i, self.config.num_hidden_layers) for i in indices]
+        x, done, by_layer = self._embed(pixel_values), 0, {}
+        for layer in sorted(set(resolved)):
+            x = self.vision_model.encoder.run(x, done, layer)
+            done = layer
+            by_layer[layer] = x
+        return [by_layer[i] for i in resolved]
+
+    def features(self, pixel_values: jax.Array, vision_feature_layer: int | Sequence[int] = -2,
+                 strategy: str = "default") -> jax.Array:
+        """LLaVA image features: [N, P, D * n_layers] ("default": CLS dropped) or [N, 1 + P, ...] ("full").
+
+        A list of layers concatenates their hidden states on the channel axis, like transformers.
+        """
+        if strategy not in FEATURE_STRATEGIES:
+            raise ValueError(f"vision_feature_select_strategy must be one of {FEATURE_STRATEGIES}, "
+                             f"got {strategy!r}")
+        indices = [vision_feature_layer] if isinstance(vision_feature_layer, int) else list(vision_feature_layer)
+        selected = self.hidden_states(pixel_values, indices)
+        if strategy == "default":
+            selected = [h[:, 1:] for h in selected]
+        return jnp.concatenate(selected, axis=-1)
