@@ -52,7 +52,7 @@ def hf_names(model: nnx.Module) -> dict[str, tuple[Path, int | None]]:
     for path, leaf in _iter_params(model):
         path = tuple(str(k) for k in path)
         if is_stacked(path):
-            for i in range(leaf.value.shape[0]):
+            for i in range(leaf.get_value().shape[0]):
                 names[path_to_hf_name(path, i)] = (path, i)
         else:
             names[path_to_hf_name(path)] = (path, None)
@@ -64,7 +64,7 @@ def state_dict(model: nnx.Module) -> dict[str, np.ndarray]:
     out = {}
     for path, leaf in _iter_params(model):
         path = tuple(str(k) for k in path)
-        value = np.asarray(jax.device_get(leaf.value))
+        value = np.asarray(jax.device_get(leaf.get_value()))
         if is_stacked(path):
             for i in range(value.shape[0]):
                 out[path_to_hf_name(path, i)] = value[i]
@@ -93,15 +93,15 @@ def load_state_dict(model: nnx.Module, tensors: Mapping[str, np.ndarray], *, str
             continue
         path, layer = expected[name]
         leaf = leaves[path]
-        target_shape = leaf.value.shape[1:] if layer is not None else leaf.value.shape
+        target_shape = leaf.get_value().shape[1:] if layer is not None else leaf.get_value().shape
         value = np.asarray(value)
         if tuple(value.shape) != tuple(target_shape):
             raise ValueError(f"{source}: tensor '{name}' has shape {tuple(value.shape)}, "
                              f"the model expects {tuple(target_shape)}")
         if layer is None:
-            leaf.value = jax.numpy.asarray(value, dtype=leaf.value.dtype)
+            leaf.set_value(jax.numpy.asarray(value, dtype=leaf.get_value().dtype))
         else:
-            buf = buffers.setdefault(path, np.array(jax.device_get(leaf.value)))
+            buf = buffers.setdefault(path, np.array(jax.device_get(leaf.get_value())))
             buf[layer] = value.astype(buf.dtype)
     for path, buf in buffers.items():
-        leaves[path].value = jax.numpy.asarray(buf)
+        leaves[path].set_value(jax.numpy.asarray(buf))
