@@ -1,0 +1,127 @@
+"""The jitted training and evaluation steps: pure functions over `nnx.split` state.
+
+The loss is the token-weighted mean of next-token cross entropy over the supervised tokens (labels !=
+-100) of the whole global batch; with gradient accumulation each microbatch contributes its sum divided
+by the global count, so the result does not depend on how the batch is split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+IGNORE_INDEX = -100
+Batch = dict[str, jax.Array]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+    """Everything that changes during training (frozen parameters are kept apart and never donated)."""
+    step: jax.Array                 # int32 []
+    trainable: Any                  # nnx.State of trainable parameters (float32 master copy)
+    opt_state: Any                  # optax state over `trainable` only
+    nonfinite_streak: jax.Array     # int32 []: consecutive skipped updates
+    nonfinite_total: jax.Array      # int32 []: all skipped updates
+
+
+def token_cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Next-token cross entropy.  logits [B, T, V], labels [B, T] (unshifted) -> (sum over tokens, count)."""
+    logits = logits[:, :-1].astype(jnp.float32)
+    targets = labels[:, 1:]
+    mask = targets != IGNORE_INDEX
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(mask, targets, 0))
+    return jnp.sum(jnp.where(mask, losses, 0.0)), jnp.sum(mask)
+
+
+def supervised_count(labels: jax.Array) -> jax.Array:
+    return jnp.sum(labels[..., 1:] != IGNORE_INDEX)
+
+
+def model_logits(model: nnx.Module, batch: Batch) -> jax.Array:
+    """Runs the model on a batch dict; images [B, I, 3, S, S] are flattened to [B*I, 3, S, S]."""
+    kwargs = {"attention_mask": batch["attention_mask"]}
+    if "pixel_values" in batch:
+        pixels = batch["pixel_values"]
+        kwargs["pixel_values"] = pixels.reshape((-1,) + pixels.shape[2:])
+        kwargs["image_mask"] = batch["image_mask"].reshape(-1)
+    return model(batch["input_ids"], **kwargs)
+
+
+def split_microbatches(batch: Batch, num: int) -> Batch:
+    """[B, ...] -> [num, B / num, ...] for every entry."""
+    def split(x):
+        if x.shape[0] % num:
+            raise ValueError(f"batch size {x.shape[0]} is not divisible by {num} microbatches")
+        return x.reshape((num, x.shape[0] // num) + x.shape[1:])
+    return jax.tree.map(split, batch)
+
+
+def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, *,
+                    microbatches: int = 1, compute_dtype=jnp.bfloat16) -> Callable:
+    """Returns step(state, frozen, rest, batch) -> (state, metrics); jit it with donated `state`.
+
+    Trainable parameters are cast to `compute_dtype` for the forward pass; gradients flow back to the
+    float32 master copy. Frozen parameters are closed over and never differentiated. A step whose loss or
+    gradient norm is not finite leaves parameters and optimizer state unchanged and is counted.
+    """
+
+    def loss_sum(trainable, frozen, rest, micro: Batch, total: jax.Array):
+        compute = jax.tree.map(lambda x: x.astype(compute_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                               trainable)
+        model = nnx.merge(graphdef, compute, frozen, rest)
+        ce_sum, count = token_cross_entropy(model_logits(model, micro), micro["labels"])
+        return ce_sum / jnp.maximum(total, 1), (ce_sum, count)
+
+    grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
+
+    def step(state: TrainState, frozen, rest, batch: Batch):
+        total = supervised_count(batch["labels"])
+        micro = split_microbatches(batch, microbatches)
+        zeros = jax.tree.map(jnp.zeros_like, state.trainable)
+
+        def accumulate(carry, mb):
+            grads, loss = carry
+            (l, _), g = grad_fn(state.trainable, frozen, rest, mb, total)
+            return (jax.tree.map(jnp.add, grads, g), loss + l), None
+
+        (grads, loss), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros((), jnp.float32)), micro)
+        grad_norm = optax.global_norm(grads)
+        updates, new_opt = optimizer.update(grads, state.opt_state, state.trainable)
+        new_params = optax.apply_updates(state.trainable, updates)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+        new_state = TrainState(
+            step=state.step + 1,
+            trainable=keep(new_params, state.trainable),
+            opt_state=keep(new_opt, state.opt_state),
+            nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
+            nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
+        )
+        metrics = {"loss": loss, "grad_norm": grad_norm, "supervised_tokens": total, "finite": finite}
+        return new_state, metrics
+
+    return step
+
+
+def make_eval_step(graphdef: nnx.GraphDef, compute_dtype=jnp.bfloat16) -> Callable:
+    """Returns eval(trainable, frozen, rest, batch) -> {"loss_sum", "count"} (sum these over batches)."""
+
+    def evaluate(trainable, frozen, rest, batch: Batch):
+        compute = jax.tree.map(lambda x: x.astype(compute_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                               trainable)
+        model = nnx.merge(graphdef, compute, frozen, rest)
+        ce_sum, count = token_cross_entropy(model_logits(model, batch), batch["labels"])
+        return {"loss_sum": ce_sum, "count": count}
+
+    return evaluate
+
+
+def init_state(trainable, optimizer: optax.GradientTransformation) -> TrainState:
+    return TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, opt_state=optimizer.init(trainable),
+                      nonfinite_streak=jnp.zeros((), jnp.int32), nonfinite_total=jnp.zeros((), jnp.int32))
