@@ -1,0 +1,218 @@
+"""Question files in, answer files out: the plumbing of `python -m llava_jax.eval`.
+
+Formats are those of the official `llava.eval.model_vqa`:
+- question file (JSONL): `{"question_id", "text", "image" (optional: text-only), "category" (optional)}`;
+- answer file (JSONL): `{"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}`.
+
+`run_questions` answers in batches and appends each batch with one `write` followed by `fsync`, so a
+crash loses at most the batch in flight; a rerun skips the ids already answered and first cuts off a line
+torn by the crash. With several JAX processes each answers `questions[process_index::process_count]`
+into its own shard file (`answers.shard-00001-of-00004.jsonl`), and `merge_answers` joins the shards
+into the answer file in question order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import uuid
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+QUESTION_FIELDS = {"question_id": (int, str), "text": (str,)}
+OPTIONAL_QUESTION_FIELDS = {"image": (str,), "category": (str,)}
+ANSWER_FIELDS = {"question_id": (int, str), "text": (str,)}
+
+AnswerBatch = Callable[[list[dict]], Sequence[str]]
+
+
+def read_jsonl(path: str | os.PathLike, required: dict[str, tuple[type, ...]] | None = None,
+               optional: dict[str, tuple[type, ...]] | None = None) -> list[dict]:
+    """Reads a JSONL file of objects, checking field presence and types.
+
+    Blank lines are skipped. Errors name the file, the 1-based line and the field.
+    """
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            records.append(_parse_record(line, path, line_no, required or {}, optional or {}))
+    return records
+
+
+def _parse_record(line: str, path, line_no: int, required: dict, optional: dict) -> dict:
+    where = f"{path}:{line_no}"
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: malformed JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+    for field, types in required.items():
+        if field not in record:
+            raise ValueError(f"{where}: missing field {field!r}")
+    for field, types in {**required, **optional}.items():
+        value = record.get(field)
+        if field in record and (not isinstance(value, types) or isinstance(value, bool)):
+            names = " or ".join(t.__name__ for t in types)
+            raise ValueError(f"{where}: field {field!r} must be {names}, got {value!r}")
+    return record
+
+
+def load_questions(path: str | os.PathLike) -> list[dict]:
+    """Reads a `model_vqa` question file; question ids must be unique."""
+    questions = read_jsonl(path, QUESTION_FIELDS, OPTIONAL_QUESTION_FIELDS)
+    first_index: dict[Any, int] = {}
+    for index, question in enumerate(questions):
+        qid = question["question_id"]
+        if qid in first_index:
+            raise ValueError(f"{path}: duplicate question_id {qid!r} (questions #{first_index[qid] + 1} "
+                             f"and #{index + 1})")
+        first_index[qid] = index
+    return questions
+
+
+def answered_ids(answers_path: str | os.PathLike) -> set:
+    """The question ids already in an answer file (empty when the file does not exist).
+
+    A last line without its newline is a write torn by a crash and is ignored; any other malformed
+    line is an error naming the file and line.
+    """
+    path = Path(answers_path)
+    if not path.exists():
+        return set()
+    text = path.read_text(encoding="utf-8")
+    complete = text[: text.rfind("\n") + 1]
+    ids = set()
+    for line_no, line in enumerate(complete.splitlines(), start=1):
+        if line.strip():
+            ids.add(_parse_record(line, path, line_no, ANSWER_FIELDS, {})["question_id"])
+    return ids
+
+
+def shard_path(out_path: str | os.PathLike, process_index: int, process_count: int) -> Path:
+    """Where process `process_index` of `process_count` writes; the answer file itself for one process."""
+    out_path = Path(out_path)
+    if process_count == 1:
+        return out_path
+    return out_path.with_name(f"{out_path.stem}.shard-{process_index:05d}-of-{process_count:05d}{out_path.suffix}")
+
+
+def _answer_files(out_path: Path) -> list[Path]:
+    """The answer file and every shard of it on disk, whatever process count wrote them."""
+    pattern = re.compile(re.escape(out_path.stem) + r"\.shard-\d{5}-of-\d{5}" + re.escape(out_path.suffix) + "$")
+    shards = [p for p in out_path.parent.glob(f"{out_path.stem}.shard-*") if pattern.match(p.name)]
+    return [out_path, *sorted(shards)]
+
+
+def _cut_torn_line(path: Path) -> None:
+    """Truncates a last line that lacks its newline (a write interrupted by a crash)."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+
+
+def _append(path: Path, records: Iterable[dict]) -> None:
+    """Appends JSON lines with a single O_APPEND write and fsyncs them."""
+    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records).encode("utf-8")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def answer_record(question: dict, text: str, model_id: str) -> dict:
+    """One answer line in the official `model_vqa` layout (`answer_id` is a random uuid4 hex)."""
+    return {
+        "question_id": question["question_id"],
+        "prompt": question["text"],
+        "text": text,
+        "answer_id": uuid.uuid4().hex,
+        "model_id": model_id,
+        "metadata": {},
+    }
+
+
+def run_questions(questions: Sequence[dict], answer_batch: AnswerBatch, out_path: str | os.PathLike, *,
+                  batch_size: int, model_id: str, process_index: int = 0, process_count: int = 1,
+                  progress: bool = True) -> int:
+    """Answers this process's share of `questions` not yet answered; returns how many it answered.
+
+    Args:
+      questions: question dicts (`load_questions`); this process takes `questions[process_index::process_count]`.
+      answer_batch: maps a list of at most `batch_size` question dicts to as many answer texts.
+      out_path: the answer file; with several processes each writes `shard_path(out_path, ...)`.
+      batch_size: questions per `answer_batch` call.
+      model_id: written into every answer line.
+      process_index, process_count: this process's place among the JAX processes.
+      progress: show a tqdm bar.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} is outside [0, {process_count})")
+    out_path = Path(out_path)
+    own_path = shard_path(out_path, process_index, process_count)
+    own_path.parent.mkdir(parents=True, exist_ok=True)
+    _cut_torn_line(own_path)
+    done = set().union(*(answered_ids(p) for p in _answer_files(out_path)))
+    share = list(questions[process_index::process_count])
+    todo = [q for q in share if q["question_id"] not in done]
+    with tqdm(total=len(share), initial=len(share) - len(todo), disable=not progress,
+              desc=f"answering {out_path.name}", unit="q") as bar:
+        for start in range(0, len(todo), batch_size):
+            batch = todo[start:start + batch_size]
+            texts = _checked_texts(answer_batch(batch), batch)
+            _append(own_path, (answer_record(q, t, model_id) for q, t in zip(batch, texts)))
+            bar.update(len(batch))
+    return len(todo)
+
+
+def _checked_texts(texts: Sequence[str], batch: list[dict]) -> list[str]:
+    texts = list(texts)
+    ids = [q["question_id"] for q in batch]
+    if len(texts) != len(batch):
+        raise ValueError(f"answer_batch returned {len(texts)} answers for {len(batch)} questions {ids}")
+    for qid, text in zip(ids, texts):
+        if not isinstance(text, str):
+            raise TypeError(f"answer_batch returned {type(text).__name__} for question {qid!r}, expected str")
+    return texts
+
+
+def merge_answers(out_path: str | os.PathLike, questions: Sequence[dict]) -> int:
+    """Joins the answer file and its shards into the answer file, in question order; returns the count.
+
+    Call it on one process once every process has finished `run_questions`. The answer file is replaced
+    atomically and the shards are removed; answers to ids absent from `questions` are an error, and
+    an id answered twice keeps its first answer.
+    """
+    out_path = Path(out_path)
+    files = _answer_files(out_path)
+    by_id: dict[Any, dict] = {}
+    for path in files:
+        if path.exists():
+            for record in read_jsonl(path, ANSWER_FIELDS):
+                by_id.setdefault(record["question_id"], record)
+    order = [q["question_id"] for q in questions]
+    unknown = set(by_id) - set(order)
+    if unknown:
+        raise ValueError(f"{out_path}: answers to question ids not in the question file: {sorted(map(str, unknown))[:10]}")
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    _append(tmp, (by_id[qid] for qid in order if qid in by_id))
+    os.replace(tmp, out_path)
+    for path in files[1:]:
+        path.unlink()
+    return len(by_id)

@@ -1,0 +1,192 @@
+"""Question-file IO and the resumable, sharded answer runner."""
+
+import json
+
+import pytest
+
+from llava_jax.infer import questions as qa
+
+
+def write_lines(path, lines):
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+def make_questions(n):
+    """n questions with mixed int ids, some text-only (no image)."""
+    return [{"question_id": 100 + i, "text": f"What is {i}?", **({"image": f"{i}.jpg"} if i % 3 else {}),
+             "category": "c" + str(i % 2)} for i in range(n)]
+
+
+def echo_answers(batch):
+    """Stand-in for the model: answers each question with its id."""
+    return [f"answer {q['question_id']}" for q in batch]
+
+
+def read_answers(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+# ---------------------------------------------------------------- load_questions
+
+
+def test_load_questions_reads_official_format(tmp_path):
+    path = write_lines(tmp_path / "q.jsonl", [
+        json.dumps({"question_id": 7, "image": "a.jpg", "text": "Is it red?", "category": "color"}),
+        "",
+        json.dumps({"question_id": "x/1.png", "text": "Text only?"}),
+    ])
+    questions = qa.load_questions(path)
+    assert [q["question_id"] for q in questions] == [7, "x/1.png"]
+    assert questions[0]["image"] == "a.jpg" and "image" not in questions[1]
+
+
+@pytest.mark.parametrize("line, message", [
+    ('{"question_id": 1, "text": "a"', "malformed JSON"),
+    ('{"text": "a"}', "missing field 'question_id'"),
+    ('{"question_id": 1}', "missing field 'text'"),
+    ('{"question_id": 1, "text": 5}', "field 'text' must be str"),
+    ('{"question_id": [1], "text": "a"}', "field 'question_id' must be int or str"),
+    ('{"question_id": 1, "text": "a", "image": null}', "field 'image' must be str"),
+    ('[1, 2]', "expected a JSON object"),
+])
+def test_load_questions_errors_name_file_line_and_field(tmp_path, line, message):
+    path = write_lines(tmp_path / "bad.jsonl", ['{"question_id": 0, "text": "ok"}', line])
+    with pytest.raises(ValueError, match=message) as info:
+        qa.load_questions(path)
+    assert f"{path}:2" in str(info.value)
+
+
+def test_load_questions_rejects_duplicate_ids(tmp_path):
+    path = write_lines(tmp_path / "dup.jsonl", [json.dumps({"question_id": i % 2, "text": "t"}) for i in range(3)])
+    with pytest.raises(ValueError, match=r"duplicate question_id 0 \(questions #1 and #3\)"):
+        qa.load_questions(path)
+
+
+# ---------------------------------------------------------------- answered_ids
+
+
+def test_answered_ids_ignores_only_a_torn_last_line(tmp_path):
+    path = tmp_path / "a.jsonl"
+    assert qa.answered_ids(path) == set()
+    path.write_text('{"question_id": 1, "text": "x"}\n{"question_id": "b", "text": "y"}\n{"question_id": 3, "te')
+    assert qa.answered_ids(path) == {1, "b"}
+    path.write_text('{"question_id": 1, "text": "x"}\n{"question_id": 3, "te\n{"question_id": 4, "text": "z"}\n')
+    with pytest.raises(ValueError, match=rf"{path}:2: malformed JSON"):
+        qa.answered_ids(path)
+
+
+# ---------------------------------------------------------------- run_questions
+
+
+def test_run_questions_writes_official_answer_lines(tmp_path):
+    questions = make_questions(5)
+    out = tmp_path / "sub" / "answers.jsonl"
+    calls = []
+
+    def answer(batch):
+        calls.append([q["question_id"] for q in batch])
+        return echo_answers(batch)
+
+    assert qa.run_questions(questions, answer, out, batch_size=2, model_id="llava-tiny", progress=False) == 5
+    assert calls == [[100, 101], [102, 103], [104]]
+    answers = read_answers(out)
+    assert [a["question_id"] for a in answers] == [100, 101, 102, 103, 104]
+    for question, answer in zip(questions, answers):
+        assert set(answer) == {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
+        assert answer["prompt"] == question["text"]
+        assert answer["text"] == f"answer {question['question_id']}"
+        assert answer["model_id"] == "llava-tiny" and answer["metadata"] == {}
+    assert len({a["answer_id"] for a in answers}) == 5
+    # Everything answered: a rerun calls the model no more.
+    assert qa.run_questions(questions, answer, out, batch_size=2, model_id="llava-tiny", progress=False) == 0
+    assert len(calls) == 3
+
+
+def test_run_questions_resumes_after_a_crash(tmp_path):
+    questions = make_questions(7)
+    out = tmp_path / "answers.jsonl"
+    seen = []
+
+    def crash_on_third_batch(batch):
+        seen.append([q["question_id"] for q in batch])
+        if len(seen) == 3:
+            raise RuntimeError("device lost")
+        return echo_answers(batch)
+
+    with pytest.raises(RuntimeError, match="device lost"):
+        qa.run_questions(questions, crash_on_third_batch, out, batch_size=2, model_id="m", progress=False)
+    # Two full batches were flushed before the crash; the third is lost.
+    assert [a["question_id"] for a in read_answers(out)] == [100, 101, 102, 103]
+    # Simulate a write torn mid-line by the crash.
+    with open(out, "a") as f:
+        f.write('{"question_id": 104, "prompt": "What')
+
+    resumed = []
+
+    def answer(batch):
+        resumed.append([q["question_id"] for q in batch])
+        return echo_answers(batch)
+
+    assert qa.run_questions(questions, answer, out, batch_size=2, model_id="m", progress=False) == 3
+    assert resumed == [[104, 105], [106]]
+    answers = read_answers(out)  # the torn line is gone, every line parses
+    assert [a["question_id"] for a in answers] == [100 + i for i in range(7)]
+    assert [a["text"] for a in answers] == [f"answer {100 + i}" for i in range(7)]
+
+
+def test_run_questions_rejects_a_wrong_number_of_answers(tmp_path):
+    with pytest.raises(ValueError, match=r"returned 1 answers for 2 questions \[100, 101\]"):
+        qa.run_questions(make_questions(2), lambda b: ["only one"], tmp_path / "a.jsonl", batch_size=2,
+                         model_id="m", progress=False)
+    with pytest.raises(TypeError, match="returned NoneType for question 100"):
+        qa.run_questions(make_questions(1), lambda b: [None], tmp_path / "a.jsonl", batch_size=2,
+                         model_id="m", progress=False)
+
+
+def test_sharded_run_then_merge_in_question_order(tmp_path):
+    questions = make_questions(10)
+    out = tmp_path / "answers.jsonl"
+    counts = [qa.run_questions(questions, echo_answers, out, batch_size=3, model_id="m", process_index=i,
+                               process_count=3, progress=False) for i in (2, 0, 1)]
+    # Process i answers questions i, i+3, ...: 10 = 3 (i=2) + 4 (i=0) + 3 (i=1).
+    assert counts == [3, 4, 3]
+    shard = qa.shard_path(out, 1, 3)
+    assert shard.name == "answers.shard-00001-of-00003.jsonl"
+    assert [a["question_id"] for a in read_answers(shard)] == [101, 104, 107]
+    assert not out.exists()
+
+    assert qa.merge_answers(out, questions) == 10
+    assert [a["question_id"] for a in read_answers(out)] == [100 + i for i in range(10)]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["answers.jsonl"]
+
+
+def test_resume_with_a_different_process_count_skips_every_answered_id(tmp_path):
+    questions = make_questions(6)
+    out = tmp_path / "answers.jsonl"
+    qa.run_questions(questions, echo_answers, out, batch_size=2, model_id="m", process_index=0, process_count=2,
+                     progress=False)  # answers 100, 102, 104
+    answered = []
+
+    def answer(batch):
+        answered.extend(q["question_id"] for q in batch)
+        return echo_answers(batch)
+
+    assert qa.run_questions(questions, answer, out, batch_size=4, model_id="m", progress=False) == 3
+    assert answered == [101, 103, 105]
+    assert qa.merge_answers(out, questions) == 6
+    assert [a["question_id"] for a in read_answers(out)] == [100 + i for i in range(6)]
+
+
+def test_merge_rejects_answers_to_unknown_questions(tmp_path):
+    out = write_lines(tmp_path / "answers.jsonl", [json.dumps({"question_id": 999, "text": "?"})])
+    with pytest.raises(ValueError, match=r"not in the question file: \['999'\]"):
+        qa.merge_answers(out, make_questions(2))
+
+
+def test_run_questions_argument_checks(tmp_path):
+    with pytest.raises(ValueError, match="batch_size"):
+        qa.run_questions([], echo_answers, tmp_path / "a.jsonl", batch_size=0, model_id="m")
+    with pytest.raises(ValueError, match="process_index 2 is outside"):
+        qa.run_questions([], echo_answers, tmp_path / "a.jsonl", batch_size=1, model_id="m", process_index=2,
+                         process_count=2)
