@@ -448,3 +448,129 @@ def iter_checkpoint(reader: CheckpointReader) -> Iterator[tuple[str, np.ndarray]
     """(name, array) for every tensor of a checkpoint, one at a time."""
     for name in reader.names():
         yield name, reader.get(name)
+
+
+# ------------------------------------------------------------------------------ our format (Orbax + JSON)
+
+MODEL_JSON = "model.json"
+PARAMS_DIR = "params"
+
+
+def _qualname(obj) -> str:
+    return f"{obj.__module__}:{obj.__qualname__}"
+
+
+def _import(qualname: str):
+    import importlib
+
+    module, name = qualname.split(":")
+    obj = importlib.import_module(module)
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def config_to_json(value):
+    """A config dataclass (nested dataclasses, dtypes, tuples) -> JSON-able data that `config_from_json` reads."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(value):
+        fields = {f.name: config_to_json(getattr(value, f.name)) for f in dataclasses.fields(value)}
+        return {"__dataclass__": _qualname(type(value)), **fields}
+    if isinstance(value, (list, tuple)):
+        return {"__tuple__": [config_to_json(v) for v in value]} if isinstance(value, tuple) else \
+            [config_to_json(v) for v in value]
+    if isinstance(value, dict):
+        return {k: config_to_json(v) for k, v in value.items()}
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    try:
+        return {"__dtype__": jnp.dtype(value).name}
+    except TypeError:
+        raise TypeError(f"config value {value!r} of type {type(value).__name__} cannot be stored as JSON") from None
+
+
+def config_from_json(data):
+    if isinstance(data, list):
+        return [config_from_json(v) for v in data]
+    if not isinstance(data, dict):
+        return data
+    if "__dtype__" in data:
+        return jnp.dtype(data["__dtype__"])
+    if "__tuple__" in data:
+        return tuple(config_from_json(v) for v in data["__tuple__"])
+    if "__dataclass__" in data:
+        cls = _import(data["__dataclass__"])
+        return cls(**{k: config_from_json(v) for k, v in data.items() if k != "__dataclass__"})
+    return {k: config_from_json(v) for k, v in data.items()}
+
+
+def save(model: nnx.Module, out_dir: str | os.PathLike) -> Path:
+    """Writes our format: `model.json` (model class + config) and `params/` (an Orbax checkpoint).
+
+    The model class must be constructible as `cls(config, rngs=...)` and expose `model.config`.
+    """
+    import orbax.checkpoint as ocp
+
+    out_dir = Path(out_dir).absolute()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"model": _qualname(type(model)), "config": config_to_json(model.config)}
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(out_dir / PARAMS_DIR, params, force=True)
+    (out_dir / MODEL_JSON).write_text(json.dumps(meta, indent=2) + "\n")
+    return out_dir
+
+
+def load(path: str | os.PathLike, **runtime) -> nnx.Module:
+    """Reads a model written by `save`; `runtime` overrides config fields (dtype, param_dtype, scan_layers,
+    remat) of the model and of its nested sub-configs that have them. Parameters restored into a different
+    `param_dtype` are cast by Orbax."""
+    import orbax.checkpoint as ocp
+
+    path = Path(path).absolute()
+    meta_file = path / MODEL_JSON
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"{meta_file}: not a llava_jax checkpoint folder (no {MODEL_JSON})")
+    meta = json.loads(meta_file.read_text())
+    cls = _import(meta["model"])
+    config = with_runtime(config_from_json(meta["config"]), **runtime)
+
+    def create():
+        return cls(config, rngs=nnx.Rngs(0))
+
+    abstract = nnx.eval_shape(create)
+    targets = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
+    with ocp.StandardCheckpointer() as checkpointer:
+        restored = checkpointer.restore(path / PARAMS_DIR, targets)
+    leaves = _leaves(abstract)
+    for path_, value in _flat(restored):
+        leaves[path_].set_value(value)
+    rest = [p for p, v in leaves.items() if _is_abstract(v)]
+    for path_, value in fresh_leaves(create, rest).items():
+        leaves[path_].set_value(value)
+    return abstract
+
+
+def _flat(tree: dict, prefix: tuple = ()) -> Iterator[tuple[tuple, object]]:
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            yield from _flat(v, prefix + (str(k),))
+        else:
+            yield prefix + (str(k),), v
+
+
+def with_runtime(config, **runtime):
+    """Returns `config` with runtime fields replaced, recursing into nested config dataclasses."""
+    import dataclasses
+
+    if not runtime:
+        return config
+    changes = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            changes[f.name] = with_runtime(value, **runtime)
+        elif f.name in runtime and runtime[f.name] is not None:
+            changes[f.name] = runtime[f.name]
+    return dataclasses.replace(config, **changes)
