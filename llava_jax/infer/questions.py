@@ -5,10 +5,11 @@ Formats are those of the official `llava.eval.model_vqa`:
 - answer file (JSONL): `{"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}`.
 
 `run_questions` answers in batches and appends each batch with one `write` followed by `fsync`, so a
-crash loses at most the batch in flight; a rerun skips the ids already answered and first cuts off a line
-torn by the crash. With several JAX processes each answers `questions[process_index::process_count]`
-into its own shard file (`answers.shard-00001-of-00004.jsonl`), and `merge_answers` joins the shards
-into the answer file in question order.
+crash loses at most the batch in flight; a rerun first cuts off a line torn by the crash, then skips the
+questions already answered, matched on (question_id, text = prompt) since MME repeats ids. With several
+JAX processes each answers `questions[process_index::process_count]` into its own shard file
+(`answers.shard-00001-of-00004.jsonl`), and `merge_answers` joins the shards into the answer file in
+question order.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from tqdm import tqdm
 QUESTION_FIELDS = {"question_id": (int, str), "text": (str,)}
 OPTIONAL_QUESTION_FIELDS = {"image": (str,), "category": (str,)}
 ANSWER_FIELDS = {"question_id": (int, str), "text": (str,)}
+RESUME_FIELDS = {**ANSWER_FIELDS, "prompt": (str,)}
 
 AnswerBatch = Callable[[list[dict]], Sequence[str]]
 
@@ -64,16 +66,29 @@ def _parse_record(line: str, path, line_no: int, required: dict, optional: dict)
     return record
 
 
+def question_key(question: dict) -> tuple:
+    """What identifies a question: its id and text.
+
+    Ids alone are not unique in every official file: MME gives both questions of an image the image's
+    path as id. An answer carries the same key as (`question_id`, `prompt`).
+    """
+    return question["question_id"], question["text"]
+
+
+def answer_key(answer: dict) -> tuple:
+    return answer["question_id"], answer["prompt"]
+
+
 def load_questions(path: str | os.PathLike) -> list[dict]:
-    """Reads a `model_vqa` question file; question ids must be unique."""
+    """Reads a `model_vqa` question file; no two questions may share both id and text."""
     questions = read_jsonl(path, QUESTION_FIELDS, OPTIONAL_QUESTION_FIELDS)
-    first_index: dict[Any, int] = {}
+    first_index: dict[tuple, int] = {}
     for index, question in enumerate(questions):
-        qid = question["question_id"]
-        if qid in first_index:
-            raise ValueError(f"{path}: duplicate question_id {qid!r} (questions #{first_index[qid] + 1} "
-                             f"and #{index + 1})")
-        first_index[qid] = index
+        key = question_key(question)
+        if key in first_index:
+            raise ValueError(f"{path}: duplicate question (question_id {key[0]!r}, same text) as questions "
+                             f"#{first_index[key] + 1} and #{index + 1}")
+        first_index[key] = index
     return questions
 
 
@@ -83,16 +98,22 @@ def answered_ids(answers_path: str | os.PathLike) -> set:
     A last line without its newline is a write torn by a crash and is ignored; any other malformed
     line is an error naming the file and line.
     """
+    return {record["question_id"] for record in _complete_answers(answers_path, ANSWER_FIELDS)}
+
+
+def answered_keys(answers_path: str | os.PathLike) -> set[tuple]:
+    """The (question_id, prompt) pairs already in an answer file; see `answered_ids`."""
+    return {answer_key(record) for record in _complete_answers(answers_path, RESUME_FIELDS)}
+
+
+def _complete_answers(answers_path: str | os.PathLike, required: dict) -> list[dict]:
     path = Path(answers_path)
     if not path.exists():
-        return set()
+        return []
     text = path.read_text(encoding="utf-8")
     complete = text[: text.rfind("\n") + 1]
-    ids = set()
-    for line_no, line in enumerate(complete.splitlines(), start=1):
-        if line.strip():
-            ids.add(_parse_record(line, path, line_no, ANSWER_FIELDS, {})["question_id"])
-    return ids
+    return [_parse_record(line, path, line_no, required, {})
+            for line_no, line in enumerate(complete.splitlines(), start=1) if line.strip()]
 
 
 def shard_path(out_path: str | os.PathLike, process_index: int, process_count: int) -> Path:
@@ -167,9 +188,9 @@ def run_questions(questions: Sequence[dict], answer_batch: AnswerBatch, out_path
     own_path = shard_path(out_path, process_index, process_count)
     own_path.parent.mkdir(parents=True, exist_ok=True)
     _cut_torn_line(own_path)
-    done = set().union(*(answered_ids(p) for p in _answer_files(out_path)))
+    done = set().union(*(answered_keys(p) for p in _answer_files(out_path)))
     share = list(questions[process_index::process_count])
-    todo = [q for q in share if q["question_id"] not in done]
+    todo = [q for q in share if question_key(q) not in done]
     with tqdm(total=len(share), initial=len(share) - len(todo), disable=not progress,
               desc=f"answering {out_path.name}", unit="q") as bar:
         for start in range(0, len(todo), batch_size):
@@ -195,24 +216,24 @@ def merge_answers(out_path: str | os.PathLike, questions: Sequence[dict]) -> int
     """Joins the answer file and its shards into the answer file, in question order; returns the count.
 
     Call it on one process once every process has finished `run_questions`. The answer file is replaced
-    atomically and the shards are removed; answers to ids absent from `questions` are an error, and
-    an id answered twice keeps its first answer.
+    atomically and the shards are removed; answers to questions absent from `questions` are an error,
+    and a question answered twice keeps its first answer.
     """
     out_path = Path(out_path)
     files = _answer_files(out_path)
-    by_id: dict[Any, dict] = {}
+    by_key: dict[tuple, dict] = {}
     for path in files:
         if path.exists():
-            for record in read_jsonl(path, ANSWER_FIELDS):
-                by_id.setdefault(record["question_id"], record)
-    order = [q["question_id"] for q in questions]
-    unknown = set(by_id) - set(order)
+            for record in read_jsonl(path, RESUME_FIELDS):
+                by_key.setdefault(answer_key(record), record)
+    order = [question_key(q) for q in questions]
+    unknown = set(by_key) - set(order)
     if unknown:
-        raise ValueError(f"{out_path}: answers to question ids not in the question file: {sorted(map(str, unknown))[:10]}")
+        raise ValueError(f"{out_path}: answers to questions not in the question file: {sorted(map(str, unknown))[:10]}")
     tmp = out_path.with_name(out_path.name + ".tmp")
     tmp.unlink(missing_ok=True)
-    _append(tmp, (by_id[qid] for qid in order if qid in by_id))
+    _append(tmp, (by_key[key] for key in order if key in by_key))
     os.replace(tmp, out_path)
     for path in files[1:]:
         path.unlink()
-    return len(by_id)
+    return len(by_key)

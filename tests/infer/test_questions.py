@@ -57,9 +57,12 @@ def test_load_questions_errors_name_file_line_and_field(tmp_path, line, message)
     assert f"{path}:2" in str(info.value)
 
 
-def test_load_questions_rejects_duplicate_ids(tmp_path):
+def test_load_questions_rejects_duplicates_but_allows_repeated_ids(tmp_path):
+    # MME style: both questions of an image share the image path as id.
+    repeated = write_lines(tmp_path / "mme.jsonl", [json.dumps({"question_id": "OCR/1.jpg", "text": t}) for t in "ab"])
+    assert [q["text"] for q in qa.load_questions(repeated)] == ["a", "b"]
     path = write_lines(tmp_path / "dup.jsonl", [json.dumps({"question_id": i % 2, "text": "t"}) for i in range(3)])
-    with pytest.raises(ValueError, match=r"duplicate question_id 0 \(questions #1 and #3\)"):
+    with pytest.raises(ValueError, match=r"duplicate question \(question_id 0, same text\) as questions #1 and #3"):
         qa.load_questions(path)
 
 
@@ -135,6 +138,26 @@ def test_run_questions_resumes_after_a_crash(tmp_path):
     assert [a["text"] for a in answers] == [f"answer {100 + i}" for i in range(7)]
 
 
+def test_resume_with_repeated_ids_matches_on_the_question_text(tmp_path):
+    questions = [{"question_id": f"OCR/{i // 2}.jpg", "text": f"Question {i}?"} for i in range(5)]
+    out = tmp_path / "answers.jsonl"
+    qa.run_questions(questions[:3], echo_answers, out, batch_size=2, model_id="m", progress=False)
+    assert qa.answered_ids(out) == {"OCR/0.jpg", "OCR/1.jpg"}
+    assert qa.answered_keys(out) == {("OCR/0.jpg", "Question 0?"), ("OCR/0.jpg", "Question 1?"),
+                                     ("OCR/1.jpg", "Question 2?")}
+    asked = []
+
+    def answer(batch):
+        asked.extend(q["text"] for q in batch)
+        return echo_answers(batch)
+
+    # OCR/1.jpg already has an answer, but only to its first question.
+    assert qa.run_questions(questions, answer, out, batch_size=2, model_id="m", progress=False) == 2
+    assert asked == ["Question 3?", "Question 4?"]
+    assert qa.merge_answers(out, questions) == 5
+    assert [a["prompt"] for a in read_answers(out)] == [q["text"] for q in questions]
+
+
 def test_run_questions_rejects_a_wrong_number_of_answers(tmp_path):
     with pytest.raises(ValueError, match=r"returned 1 answers for 2 questions \[100, 101\]"):
         qa.run_questions(make_questions(2), lambda b: ["only one"], tmp_path / "a.jsonl", batch_size=2,
@@ -179,8 +202,8 @@ def test_resume_with_a_different_process_count_skips_every_answered_id(tmp_path)
 
 
 def test_merge_rejects_answers_to_unknown_questions(tmp_path):
-    out = write_lines(tmp_path / "answers.jsonl", [json.dumps({"question_id": 999, "text": "?"})])
-    with pytest.raises(ValueError, match=r"not in the question file: \['999'\]"):
+    out = write_lines(tmp_path / "answers.jsonl", [json.dumps({"question_id": 999, "prompt": "Who?", "text": "?"})])
+    with pytest.raises(ValueError, match=r"not in the question file: \[\"\(999, 'Who\?'\)\"\]"):
         qa.merge_answers(out, make_questions(2))
 
 
