@@ -1,0 +1,406 @@
+"""LLaMA-family decoder (LLaMA / Vicuna, LLaMA-3.x, Mistral, Qwen2-style biases), mirroring transformers'
+LlamaForCausalLM.
+
+Parameter names equal the Hugging Face state dict with the decoder layers stacked on a leading `layers`
+axis: `model.embed_tokens.weight`, `model.layers.self_attn.{q,k,v,o}_proj.{weight,bias}`,
+`model.layers.mlp.{gate,up,down}_proj.weight`, `model.layers.{input,post_attention}_layernorm.weight`,
+`model.norm.weight`, `lm_head.weight` (absent when the embeddings are tied), so
+`llava_jax.convert.params.load_state_dict(model, hf_model.state_dict())` loads a transformers model.
+
+Two entry points, both pure functions of the `nnx.split` state under `jax.jit`:
+- `model(input_ids, attention_mask=...)`: full causal forward (training, scoring).
+- `model.init_cache(...)` + `model.decode(cache, ...)`: KV-cache prefill and one-token steps. Cache slots
+  are written in order; `cache.mask` marks the slots that hold real tokens, so left-padded batches work.
+Positions are `cumsum(attention_mask) - 1` (what transformers' `generate` uses), so a padded row gives
+the logits its unpadded sequence would get.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from llava_jax.models import layers
+from llava_jax.models.layers import Embedding, Linear, RMSNorm
+
+ROPE_TYPES = ("default", "linear", "llama3")
+_ROPE_KEYS = {
+    "default": (),
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Architecture (Hugging Face field names and defaults) plus runtime fields.
+
+    rope_scaling: None or the Hugging Face dict, {"rope_type": "linear", "factor": f} or
+      {"rope_type": "llama3", "factor", "low_freq_factor", "high_freq_factor",
+      "original_max_position_embeddings"}.
+    attention_bias: biases on q/k/v_proj; o_proj_bias (None: same as attention_bias, as in transformers'
+      Llama; False for Qwen2, which has q/k/v biases only).
+    sliding_window: Mistral's local attention window (a query sees the last `sliding_window` tokens), or None.
+    """
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: Mapping[str, Any] | None = None
+    max_position_embeddings: int = 2048
+    attention_bias: bool = False
+    o_proj_bias: bool | None = None
+    mlp_bias: bool = False
+    sliding_window: int | None = None
+    tie_word_embeddings: bool = False
+    # Runtime fields (not part of the checkpoint).
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+    scan_layers: bool = True
+    remat: str = "none"
+
+    def __post_init__(self):
+        set_ = lambda name, value: object.__setattr__(self, name, value)
+        if self.num_key_value_heads is None:
+            set_("num_key_value_heads", self.num_attention_heads)
+        if self.head_dim is None:
+            set_("head_dim", self.hidden_size // self.num_attention_heads)
+        if self.o_proj_bias is None:
+            set_("o_proj_bias", self.attention_bias)
+        if self.rope_scaling is not None:
+            set_("rope_scaling", _normalize_rope_scaling(self.rope_scaling))
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"LlamaConfig: num_attention_heads {self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads {self.num_key_value_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"LlamaConfig: rotary embeddings need an even head_dim, got {self.head_dim}")
+        if self.remat not in layers.REMAT_POLICIES:
+            raise ValueError(f"LlamaConfig: remat {self.remat!r} is not one of {sorted(layers.REMAT_POLICIES)}")
+
+    def __hash__(self):
+        scaling = None if self.rope_scaling is None else tuple(sorted(self.rope_scaling.items()))
+        fields = [getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "rope_scaling"]
+        return hash((*fields, scaling))
+
+    @property
+    def rope(self) -> tuple:
+        """Hashable rotary settings: (head_dim, theta, ((key, value), ...) of the scaling dict)."""
+        scaling = () if self.rope_scaling is None else tuple(sorted(self.rope_scaling.items()))
+        return (self.head_dim, float(self.rope_theta), scaling)
+
+
+def _normalize_rope_scaling(scaling: Mapping[str, Any]) -> dict | None:
+    """Validates a Hugging Face rope scaling dict; accepts the legacy key `type`; 'default' -> None."""
+    scaling = dict(scaling)
+    rope_type = scaling.pop("rope_type", None) or scaling.pop("type", None)
+    scaling.pop("type", None)
+    scaling.pop("rope_theta", None)
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"LlamaConfig: rope_scaling rope_type {rope_type!r} is not supported "
+                         f"(supported: {ROPE_TYPES})")
+    if rope_type == "default":
+        return None
+    missing = [k for k in _ROPE_KEYS[rope_type] if k not in scaling]
+    if missing:
+        raise ValueError(f"LlamaConfig: rope_scaling of type {rope_type!r} lacks {missing}")
+    return {"rope_type": rope_type, **{k: scaling[k] for k in _ROPE_KEYS[rope_type]}}
+
+
+PRESETS: dict[str, LlamaConfig] = {
+    # lmsys/vicuna-7b-v1.5 and -13b-v1.5 (LLaMA-2 architecture).
+    "vicuna_7b": LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                             num_attention_heads=32, num_key_value_heads=32, rms_norm_eps=1e-5,
+                             max_position_embeddings=4096),
+    "vicuna_13b": LlamaConfig(vocab_size=32000, hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                              num_attention_heads=40, num_key_value_heads=40, rms_norm_eps=1e-5,
+                              max_position_embeddings=4096),
+    # meta-llama/Llama-3.1-8B.
+    "llama3_1_8b": LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                               num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5,
+                               rope_theta=500000.0, max_position_embeddings=131072,
+                               rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}),
+    # mistralai/Mistral-7B-v0.1.
+    "mistral_7b": LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                              num_attention_heads=32, num_key_value_heads=8, rms_norm_eps=1e-5,
+                              rope_theta=10000.0, max_position_embeddings=32768, sliding_window=4096),
+}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Rotary embeddings
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: tuple = ()) -> np.ndarray:
+    """Inverse frequencies [head_dim // 2], float32, computed step by step as transformers does."""
+    exponents = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    inv_freq = (1.0 / (np.float32(theta) ** exponents)).astype(np.float32)
+    params = dict(scaling)
+    rope_type = params.get("rope_type", "default")
+    if rope_type == "linear":
+        return (inv_freq / np.float32(params["factor"])).astype(np.float32)
+    if rope_type == "llama3":
+        factor, low, high = params["factor"], params["low_freq_factor"], params["high_freq_factor"]
+        old_context = params["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = np.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
+        smooth = (old_context / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = ~(wavelen < old_context / high) & ~(wavelen > old_context / low)
+        return np.where(is_medium, smoothed, scaled).astype(np.float32)
+    return inv_freq
+
+
+def rope_cos_sin(positions: jax.Array, rope: tuple, dtype) -> tuple[jax.Array, jax.Array]:
+    """positions int [B, T] -> (cos, sin) [B, T, head_dim] in `dtype` (angles in float32)."""
+    inv_freq = jnp.asarray(rope_inv_freq(*rope))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    angles = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(angles).astype(dtype), jnp.sin(angles).astype(dtype)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [B, T, N, head_dim], cos/sin [B, T, head_dim] -> x rotated (rotate-half convention)."""
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Modules
+
+
+class KVCache(NamedTuple):
+    """Decoding state. key/value: [L, B, S, K, head_dim]; mask: bool [B, S] (slot holds a real token);
+    index: int32 [] (next slot to write)."""
+
+    key: jax.Array
+    value: jax.Array
+    mask: jax.Array
+    index: jax.Array
+
+
+class LlamaAttention(nnx.Module):
+    """Grouped-query attention with rotary embeddings; K = num_kv_heads divides N = num_heads."""
+
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, *, qkv_bias: bool,
+                 o_bias: bool, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.q_proj = Linear(hidden_size, num_heads * head_dim, axes=("heads", "embed"), use_bias=qkv_bias, **kw)
+        self.k_proj = Linear(hidden_size, num_kv_heads * head_dim, axes=("kv", "embed"), use_bias=qkv_bias, **kw)
+        self.v_proj = Linear(hidden_size, num_kv_heads * head_dim, axes=("kv", "embed"), use_bias=qkv_bias, **kw)
+        self.o_proj = Linear(num_heads * head_dim, hidden_size, axes=("embed", "heads"), use_bias=o_bias, **kw)
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array | None, *,
+                 kv: tuple[jax.Array, jax.Array] | None = None, index: jax.Array | None = None):
+        """x [B, T, D]; mask bool [B, 1, T, S] or None (plain causal).
+
+        With kv = (key, value) cache rows [B, S, K, head_dim], the new keys/values are written at slots
+        index..index+T-1 and attention runs over all S slots.
+        Returns (out [B, T, D], (key, value) [B, S, K, head_dim]).
+        """
+        b, t, _ = x.shape
+        q = apply_rope(self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rope(self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim), cos, sin)
+        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        if kv is not None:
+            k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), index, axis=1)
+        out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask,
+                                           is_causal=mask is None)
+        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), (k, v)
+
+
+class LlamaMLP(nnx.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, *, use_bias: bool, dtype, param_dtype,
+                 rngs: nnx.Rngs):
+        kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = Linear(hidden_size, intermediate_size, axes=("mlp", "embed"), **kw)
+        self.up_proj = Linear(hidden_size, intermediate_size, axes=("mlp", "embed"), **kw)
+        self.down_proj = Linear(intermediate_size, hidden_size, axes=("embed", "mlp"), **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """x [B, T, D] -> [B, T, D]."""
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nnx.Module):
+    """Pre-norm block: x + attn(norm(x)), then h + mlp(norm(h))."""
+
+    def __init__(self, config: LlamaConfig, rngs: nnx.Rngs):
+        c = config
+        kw = dict(dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
+        self.self_attn = LlamaAttention(c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
+                                        qkv_bias=c.attention_bias, o_bias=c.o_proj_bias, **kw)
+        self.mlp = LlamaMLP(c.hidden_size, c.intermediate_size, use_bias=c.mlp_bias, **kw)
+        self.input_layernorm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, **kw)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, **kw)
+
+    def __call__(self, x, cos, sin, mask, *, kv=None, index=None):
+        """x [B, T, D] -> (x [B, T, D], (key, value)); see LlamaAttention for mask / kv / index."""
+        attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv=kv, index=index)
+        x = x + attn
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
+
+
+def attention_mask_4d(key_valid: jax.Array | None, num_queries: int, query_start, num_keys: int,
+                      sliding_window: int | None) -> jax.Array | None:
+    """Boolean mask [B or 1, 1, T, S]: key slot <= query slot, key holds a real token, within the window.
+
+    Query t sits at slot query_start + t. Returns None when plain top-left causal masking suffices.
+    """
+    if key_valid is None and sliding_window is None and isinstance(query_start, int) and query_start == 0 \
+            and num_queries == num_keys:
+        return None
+    query_slot = query_start + jnp.arange(num_queries)[:, None]
+    key_slot = jnp.arange(num_keys)[None, :]
+    allowed = key_slot <= query_slot
+    if sliding_window is not None:
+        allowed &= key_slot > query_slot - sliding_window
+    allowed = allowed[None, None]
+    if key_valid is not None:
+        allowed = allowed & key_valid.astype(bool)[:, None, None, :]
+    return allowed
+
+
+def positions_from_mask(attention_mask: jax.Array, start: jax.Array | int = 0) -> jax.Array:
+    """attention_mask [B, T] -> positions int32 [B, T]: start + (real tokens before this one); pads get the
+    position of the previous real token (clamped at start)."""
+    counts = jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1
+    return jnp.asarray(start, jnp.int32)[..., None] + jnp.maximum(counts, 0)
+
+
+class LlamaModel(nnx.Module):
+    """Embeddings, stacked decoder layers, final RMSNorm."""
+
+    def __init__(self, config: LlamaConfig, rngs: nnx.Rngs):
+        c = config
+        self.embed_tokens = Embedding(c.vocab_size, c.hidden_size, dtype=c.dtype, param_dtype=c.param_dtype,
+                                      rngs=rngs)
+        self.layers = layers.make_stack(lambda r: LlamaDecoderLayer(c, r), c.num_hidden_layers, rngs)
+        self.norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype,
+                            rngs=rngs)
+        self.rope, self.dtype, self.sliding_window = c.rope, c.dtype, c.sliding_window
+        self.scan_layers, self.remat = c.scan_layers, c.remat
+
+    def __call__(self, inputs_embeds: jax.Array, positions: jax.Array, mask: jax.Array | None, *,
+                 cache: tuple[jax.Array, jax.Array] | None = None, index: jax.Array | None = None):
+        """inputs_embeds [B, T, D], positions int [B, T], mask bool [B|1, 1, T, S] or None.
+
+        cache: (key, value) [L, B, S, K, head_dim] to write at slots index.. (see LlamaAttention).
+        Returns (hidden [B, T, D] after the final norm, updated (key, value) or None).
+        """
+        cos, sin = rope_cos_sin(positions, self.rope, self.dtype)
+
+        def step(layer, x, kv):
+            x, kv = layer(x, cos, sin, mask, kv=kv, index=index)
+            return x, (kv if cache is not None else None)
+
+        x, new_cache = layers.run_stack(self.layers, step, inputs_embeds.astype(self.dtype), cache,
+                                        scan=self.scan_layers, remat="none" if cache is not None else self.remat)
+        return self.norm(x), new_cache
+
+
+class LlamaForCausalLM(nnx.Module):
+    """LLaMA-family causal LM: `model` (LlamaModel) and `lm_head` (None when tied to the embeddings)."""
+
+    def __init__(self, config: LlamaConfig, rngs: nnx.Rngs = None):
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        c = config
+        self.config = c
+        self.model = LlamaModel(c, rngs)
+        self.lm_head = None if c.tie_word_embeddings else Linear(
+            c.hidden_size, c.vocab_size, axes=("vocab", "embed"), dtype=c.dtype, param_dtype=c.param_dtype,
+            rngs=rngs)
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        """input_ids int [B, T] -> token embeddings [B, T, D] in the compute dtype."""
+        return self.model.embed_tokens(input_ids)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """hidden [B, T, D] -> logits float32 [B, T, V]."""
+        if self.lm_head is None:
+            return self.model.embed_tokens.attend(hidden)
+        dtype = self.config.dtype
+        return jnp.einsum("btd,vd->btv", hidden.astype(dtype), self.lm_head.weight.value.astype(dtype),
+                          preferred_element_type=jnp.float32)
+
+    def _inputs(self, input_ids, inputs_embeds) -> jax.Array:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("LlamaForCausalLM: pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            return self.embed(input_ids)
+        if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != self.config.hidden_size:
+            raise ValueError(f"LlamaForCausalLM: inputs_embeds must be [B, T, {self.config.hidden_size}], "
+                             f"got {inputs_embeds.shape}")
+        return inputs_embeds
+
+    def __call__(self, input_ids: jax.Array | None = None, *, inputs_embeds: jax.Array | None = None,
+                 attention_mask: jax.Array | None = None, positions: jax.Array | None = None) -> jax.Array:
+        """Full causal forward.
+
+        input_ids int [B, T] or inputs_embeds [B, T, D]; attention_mask [B, T] (1 = real token, 0 = pad;
+        left or right padding); positions int [B, T] (default cumsum(attention_mask) - 1).
+        Returns logits float32 [B, T, V].
+        """
+        x = self._inputs(input_ids, inputs_embeds)
+        b, t, _ = x.shape
+        if positions is None:
+            positions = (positions_from_mask(attention_mask) if attention_mask is not None
+                         else jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)))
+        mask = attention_mask_4d(attention_mask, t, 0, t, self.config.sliding_window)
+        hidden, _ = self.model(x, positions, mask)
+        return self.logits(hidden)
+
+    def init_cache(self, batch: int, max_length: int, dtype=None) -> KVCache:
+        """Empty cache for `batch` rows of up to `max_length` tokens (prompt + generated)."""
+        c = self.config
+        shape = (c.num_hidden_layers, batch, max_length, c.num_key_value_heads, c.head_dim)
+        dtype = dtype or c.dtype
+        return KVCache(key=jnp.zeros(shape, dtype), value=jnp.zeros(shape, dtype),
+                       mask=jnp.zeros((batch, max_length), bool), index=jnp.zeros((), jnp.int32))
+
+    def decode(self, cache: KVCache, input_ids: jax.Array | None = None, *,
+               inputs_embeds: jax.Array | None = None,
+               attention_mask: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
+        """Appends T tokens to the cache (a prompt prefill or a one-token step) and returns their logits.
+
+        input_ids int [B, T] or inputs_embeds [B, T, D]; attention_mask [B, T] for these tokens (0 = pad,
+        e.g. the left padding of a prompt; default all ones). Positions continue from the real tokens
+        already cached. Returns (logits float32 [B, T, V], updated cache). The caller keeps
+        cache.index + T <= max_length (checked here when the index is concrete).
+        """
+        x = self._inputs(input_ids, inputs_embeds)
+        b, t, _ = x.shape
+        max_length = cache.mask.shape[1]
+        if not isinstance(cache.index, jax.core.Tracer) and int(cache.index) + t > max_length:
+            raise ValueError(f"LlamaForCausalLM.decode: {int(cache.index)} cached + {t} new tokens exceed the "
+                             f"cache length {max_length}")
+        if attention_mask is None:
+            attention_mask = jnp.ones((b, t), bool)
+        positions = positions_from_mask(attention_mask, jnp.sum(cache.mask, axis=1, dtype=jnp.int32))
+        key_valid = jax.lax.dynamic_update_slice_in_dim(cache.mask, attention_mask.astype(bool), cache.index, 1)
+        mask = attention_mask_4d(key_valid, t, cache.index, max_length, self.config.sliding_window)
+        hidden, (key, value) = self.model(x, positions, mask, cache=(cache.key, cache.value), index=cache.index)
+        return self.logits(hidden), KVCache(key, value, key_valid, cache.index + t)
+
+
+def count_params(config: LlamaConfig) -> int:
+    """Number of parameters, from shapes only (nothing is allocated)."""
+    state = jax.eval_shape(lambda: nnx.state(LlamaForCausalLM(config, rngs=nnx.Rngs(0)), nnx.Param))
+    return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(state))
