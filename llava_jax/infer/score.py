@@ -42,7 +42,10 @@ def _mme(args) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m llava_jax.infer.score", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m llava_jax.infer.score",
+                                     description="Scores an answer file against a benchmark's annotations.",
+                                     epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="benchmark", required=True)
 
     def command(name: str, run, help_text: str) -> argparse.ArgumentParser:

@@ -114,12 +114,13 @@ def score_scienceqa_files(answers_path: PathLike, base_dir: PathLike, split: str
     if split not in splits:
         raise ValueError(f"{base_dir / 'pid_splits.json'}: no split {split!r} (has {sorted(splits)})")
     split_ids = [str(pid) for pid in splits[split]]
+    problems_path = base_dir / "problems.json"
     for pid in split_ids:
         problem = problems.get(pid)
         if problem is None:
-            raise ValueError(f"{base_dir / 'problems.json'}: split {split!r} lists problem {pid!r}, which is absent")
+            raise ValueError(f"{problems_path}: split {split!r} lists problem {pid!r}, which is absent")
         if not isinstance(problem.get("choices"), list) or not isinstance(problem.get("answer"), int):
-            raise ValueError(f"{base_dir / 'problems.json'}: problem {pid!r} needs a 'choices' list and an int 'answer'")
+            raise ValueError(f"{problems_path}: problem {pid!r} needs a 'choices' list and an int 'answer'")
     return score_scienceqa(predictions_by_id(load_answers(answers_path), answers_path), problems, split_ids)
 
 

@@ -177,7 +177,10 @@ def test_score_pope_hand_worked():
 
 
 def pope_files(tmp_path, seed=5):
-    """Three splits of 13, 11 and 7 questions with random labels and answers; returns (questions, annotation dir, answers)."""
+    """Splits of 13, 11 and 7 questions with random labels and answers.
+
+    Returns (question file, annotation dir, answer file, answer records).
+    """
     rng = random.Random(seed)
     phrasings = ["Yes", "No", "Yes, there is.", "No, there is not.", "There is not a cup.", "I see a cup.",
                  "no", "Yes. no", "not sure"]
@@ -288,8 +291,8 @@ def test_vqa_accuracy_matches_official_evaluator():
     evaluator = official_module("m4c_evaluator").TextVQAAccuracyEvaluator()
     rng = random.Random(3)
     vocab = ["2", "two", "Two.", "yes", "Yes", "no", "a dog", "dog", "the dog", "dogs", "red", "Red!", "3.5"]
-    entries = [{"pred_answer": rng.choice(vocab), "gt_answers": [rng.choice(vocab[:rng.randint(1, 13)]) for _ in range(10)]}
-               for _ in range(61)]
+    entries = [{"pred_answer": rng.choice(vocab),
+                "gt_answers": [rng.choice(vocab[:rng.randint(1, 13)]) for _ in range(10)]} for _ in range(61)]
     with contextlib.redirect_stderr(io.StringIO()):
         for entry in entries:
             expected = evaluator.eval_pred_list([entry])
@@ -348,7 +351,8 @@ def test_gqa_files_official_and_jsonl_layouts(tmp_path):
     answers = write_jsonl(tmp_path / "a.jsonl", answer_lines({"201": "No", "202": "Green."}))
     assert scorers.score_gqa_files(answers, official) == {"accuracy": 0.5, "binary": 1.0, "open": 0.0,
                                                           "count": 2, "missing": 0}
-    simple = write_jsonl(tmp_path / "gqa.jsonl", [{"question_id": 201, "answer": "no"}, {"question_id": 202, "answer": "green"}])
+    simple = write_jsonl(tmp_path / "gqa.jsonl", [{"question_id": 201, "answer": "no"},
+                                                  {"question_id": 202, "answer": "green"}])
     assert scorers.score_gqa_files(answers, simple) == {"accuracy": 1.0, "count": 2, "missing": 0}
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"question_id": 1, "answer": 3}])
     with pytest.raises(ValueError, match=r"bad.jsonl: question '1' needs a string 'answer'"):
