@@ -330,3 +330,32 @@ def test_official_templates_are_covered(data, tokenizer):
     for prompt, ids in zip(prompts, tokenizer(prompts).input_ids):
         assert tokenizer.unk_token_id not in ids, prompt
         assert ids[0] == tokenizer.bos_token_id and tokenizer.decode(ids[1:]) == prompt
+
+
+def _supervised_runs(labels: np.ndarray) -> list[list[int]]:
+    """The contiguous runs of supervised (!= -100) label ids."""
+    runs, current = [], []
+    for label in labels.tolist() + [-100]:
+        if label != -100:
+            current.append(label)
+        elif current:
+            runs, current = runs + [current], []
+    return runs
+
+
+def test_training_labels_decode_to_the_exact_answers(data, tokenizer):
+    """Through the project's tokenize_conversation: stage 1 with `plain`, stage 2 with `vicuna_v1`."""
+    from llava_jax.data.conversation import get_template
+    from llava_jax.data.tokenize import add_image_token, tokenize_conversation
+
+    image_id = add_image_token(tokenizer)
+    assert image_id == tokenizer.convert_tokens_to_ids("<image>")  # present already, nothing added
+    for path, template, end in ((data.stage1, "plain", "\n"), (data.stage2, "vicuna_v1", "</s>")):
+        for sample in json.loads(path.read_text()):
+            tokenized = tokenize_conversation(sample["conversations"], tokenizer, get_template(template),
+                                              image_token_id=image_id, image_seq_length=7, max_length=512,
+                                              sample_id=sample["id"])
+            assert tokenizer.unk_token_id not in tokenized.input_ids, sample["id"]
+            answers = [turn["value"] + end for turn in sample["conversations"][1::2]]
+            decoded = [tokenizer.decode(run) for run in _supervised_runs(tokenized.labels)]
+            assert decoded == answers, sample["id"]
