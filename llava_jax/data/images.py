@@ -1,0 +1,256 @@
+"""Image decoding and CLIP preprocessing, pixel-for-pixel the official LLaVA data path.
+
+The official training code does `Image.open(path).convert("RGB")`, optionally `expand2square` with the
+mean colour (`image_aspect_ratio="pad"`), then `CLIPImageProcessor.preprocess`: resize the shortest side
+(PIL bicubic on uint8), center crop, rescale by 1/255, normalize. `preprocess` reproduces the PIL
+processor (`CLIPImageProcessorPil`, what `CLIPImageProcessor` falls back to without torchvision and what
+LLaVA was trained with) to float32 rounding, using PIL for the resize and a per-channel lookup table for
+rescale + normalize.
+
+Decisions, matching the official code rather than transformers' processor where they differ:
+- Colour conversion is PIL's `convert("RGB")` for every mode: alpha and palette transparency are dropped,
+  not composited on white (transformers 5's processors composite them on white); CMYK uses PIL's naive formula; 16-bit and 32-bit modes
+  (I;16, I, F) are clipped to 0..255 by PIL, exactly as in the official code.
+- EXIF orientation is NOT applied by default: LLaVA was trained on the stored pixels, and the boxes written
+  into LLaVA's grounding conversations (RefCOCO, VG) refer to the stored pixel frame. Pass
+  `exif_transpose=True` (what transformers' `load_image` does) for photos shown to a model at inference.
+- Multi-frame files (GIF, TIFF) use their first frame.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import os
+import warnings
+from typing import Any, Mapping
+
+import numpy as np
+from etils import epath
+from PIL import Image, ImageOps
+
+from llava_jax.data.errors import BadSample
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+# Largest accepted width * height: 8192 x 8192. Larger files are rejected before their pixels are decoded.
+DEFAULT_MAX_PIXELS = 8192 * 8192
+ASPECTS = ("pad", "resize")
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageConfig:
+    """How images become pixel values.
+
+    Attributes:
+      size: the shortest side after resizing (transformers `size["shortest_edge"]`).
+      crop_size: side of the square center crop; the output is [3, crop_size, crop_size].
+      mean, std: per-channel normalization (CLIP's by default).
+      aspect: "pad" expands to a square filled with the mean colour first (LLaVA-1.5 stage 2 and
+        inference); "resize" is the plain processor (stage 1).
+      rescale_factor: applied to uint8 pixels before normalizing.
+      resample: PIL resampling filter of the resize (bicubic).
+    """
+
+    size: int = 336
+    crop_size: int = 336
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+    aspect: str = "pad"
+    rescale_factor: float = 1 / 255
+    resample: int = int(Image.Resampling.BICUBIC)
+
+    def __post_init__(self):
+        if self.aspect not in ASPECTS:
+            raise ValueError(f"ImageConfig.aspect must be one of {ASPECTS}, got {self.aspect!r}")
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ValueError(f"ImageConfig.mean and std need 3 values, got {self.mean} and {self.std}")
+        if self.size <= 0 or self.crop_size <= 0:
+            raise ValueError(f"ImageConfig sizes must be positive, got size={self.size} crop={self.crop_size}")
+        object.__setattr__(self, "mean", tuple(float(x) for x in self.mean))
+        object.__setattr__(self, "std", tuple(float(x) for x in self.std))
+
+    @property
+    def background(self) -> tuple[int, int, int]:
+        """The padding colour of `aspect="pad"`: `tuple(int(x * 255) for x in image_mean)` as in LLaVA."""
+        return tuple(int(x * 255) for x in self.mean)
+
+    @classmethod
+    def from_hf(cls, processor: Any, *, aspect: str = "pad") -> "ImageConfig":
+        """From a transformers image processor, a processor holding one (`LlavaProcessor`), the dict of a
+        `preprocessor_config.json`, or the path of that file or of its folder."""
+        config = _hf_processor_dict(processor)
+        if not config.get("do_resize", True) or not config.get("do_center_crop", True):
+            raise ValueError("ImageConfig.from_hf: only processors that resize and center crop are supported, "
+                             f"got do_resize={config.get('do_resize')} do_center_crop={config.get('do_center_crop')}")
+        for flag in ("do_rescale", "do_normalize"):
+            if not config.get(flag, True):
+                raise ValueError(f"ImageConfig.from_hf: {flag}=False is not supported")
+        return cls(
+            size=_shortest_edge(config.get("size", 224)),
+            crop_size=_square_side(config.get("crop_size", 224)),
+            mean=tuple(config.get("image_mean", CLIP_MEAN)),
+            std=tuple(config.get("image_std", CLIP_STD)),
+            aspect=aspect,
+            rescale_factor=float(config.get("rescale_factor", 1 / 255)),
+            resample=_pil_resample(config.get("resample", Image.Resampling.BICUBIC)),
+        )
+
+
+def _hf_processor_dict(processor: Any) -> dict:
+    """The preprocessor_config.json dict of `processor` (object, dict, file or folder)."""
+    if isinstance(processor, Mapping):
+        return dict(processor)
+    if isinstance(processor, (str, os.PathLike)):
+        path = epath.Path(processor)
+        if path.is_dir():
+            path = path / "preprocessor_config.json"
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"ImageConfig.from_hf: cannot read {path}: {e}") from e
+    processor = getattr(processor, "image_processor", processor)
+    if not hasattr(processor, "to_dict"):
+        raise TypeError(f"ImageConfig.from_hf: expected an image processor, dict or path, got {type(processor)}")
+    return processor.to_dict()
+
+
+def _shortest_edge(size: Any) -> int:
+    if isinstance(size, int):
+        return size
+    if isinstance(size, Mapping) and size.get("shortest_edge"):
+        return int(size["shortest_edge"])
+    raise ValueError(f"ImageConfig.from_hf: unsupported resize `size` {size!r} (need shortest_edge)")
+
+
+def _square_side(crop_size: Any) -> int:
+    if isinstance(crop_size, int):
+        return crop_size
+    if isinstance(crop_size, Mapping) and crop_size.get("height") == crop_size.get("width") is not None:
+        return int(crop_size["height"])
+    raise ValueError(f"ImageConfig.from_hf: unsupported `crop_size` {crop_size!r} (need a square)")
+
+
+def _pil_resample(resample: Any) -> int:
+    if isinstance(resample, int) and resample in {int(r) for r in Image.Resampling}:
+        return int(resample)
+    raise ValueError(f"ImageConfig.from_hf: unsupported `resample` {resample!r} (need a PIL filter id)")
+
+
+def load_image(data: bytes | str | os.PathLike, *, sample_id: str | None = None, name: str | None = None,
+               max_pixels: int = DEFAULT_MAX_PIXELS, exif_transpose: bool = False) -> Image.Image:
+    """Decodes an image file into an RGB PIL image, as the official code: `Image.open(f).convert("RGB")`.
+
+    Args:
+      data: the file's bytes, or its path (local or any etils epath, e.g. gs://).
+      sample_id: the dataset id, for error messages.
+      name: what to call the file in error messages (defaults to the path).
+      max_pixels: width * height above which the file is rejected from its header, before decoding.
+      exif_transpose: rotate / flip by the EXIF orientation tag (see the module docstring).
+
+    Raises:
+      BadSample: "missing_image" (no such path), "image_too_large" (over max_pixels or a decompression
+        bomb), "corrupt_image" (not an image, truncated, undecodable).
+    """
+    name = name or (f"<{len(data)} bytes>" if isinstance(data, (bytes, bytearray, memoryview)) else str(data))
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        data = _read_path(data, name, sample_id)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # PIL's bomb warning (we check ourselves) and palette warnings
+        try:
+            image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > max_pixels:
+                raise BadSample("image_too_large", f"image {name} is {width}x{height}, over the limit of "
+                                f"{max_pixels} pixels", sample_id)
+            image.load()
+            if exif_transpose:
+                image = ImageOps.exif_transpose(image)
+            rgb = image.convert("RGB")
+            rgb.info.pop("transparency", None)  # else transformers' processors composite that colour on white
+        except BadSample:
+            raise
+        except Image.DecompressionBombError as e:
+            raise BadSample("image_too_large", f"image {name}: {e}", sample_id) from e
+        except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as e:
+            raise BadSample("corrupt_image", f"cannot decode image {name}: {e}", sample_id) from e
+    if rgb.width == 0 or rgb.height == 0:
+        raise BadSample("corrupt_image", f"image {name} is empty ({rgb.width}x{rgb.height})", sample_id)
+    return rgb
+
+
+def _read_path(path: str | os.PathLike, name: str, sample_id: str | None) -> bytes:
+    try:
+        return epath.Path(path).read_bytes()
+    except FileNotFoundError as e:
+        raise BadSample("missing_image", f"image file not found: {name}", sample_id) from e
+    except OSError as e:
+        raise BadSample("corrupt_image", f"cannot read image {name}: {e}", sample_id) from e
+
+
+def expand_to_square(image: Image.Image, background: tuple[int, ...]) -> Image.Image:
+    """The official `expand2square`: the image centered on a square of `background` colour."""
+    width, height = image.size
+    if width == height:
+        return image
+    side = max(width, height)
+    result = Image.new(image.mode, (side, side), background)
+    result.paste(image, ((side - width) // 2, (side - height) // 2))
+    return result
+
+
+def resize_shortest_edge(image: Image.Image, size: int, resample: int = Image.Resampling.BICUBIC) -> Image.Image:
+    """Resizes so the shortest side is `size`; the long side is truncated as transformers does."""
+    width, height = image.size
+    short, long = (width, height) if width <= height else (height, width)
+    new_long = int(size * long / short)
+    new_width, new_height = (size, new_long) if width <= height else (new_long, size)
+    return image.resize((new_width, new_height), resample=resample)
+
+
+def center_crop(pixels: np.ndarray, side: int) -> np.ndarray:
+    """[H, W, C] -> [side, side, C]; zero-padded where the image is smaller (transformers' rule)."""
+    height, width = pixels.shape[:2]
+    top, left = (height - side) // 2, (width - side) // 2
+    if top >= 0 and left >= 0:
+        return pixels[top:top + side, left:left + side]
+    padded_h, padded_w = max(side, height), max(side, width)
+    pad_top, pad_left = -(-(padded_h - height) // 2), -(-(padded_w - width) // 2)
+    padded = np.zeros((padded_h, padded_w) + pixels.shape[2:], pixels.dtype)
+    padded[pad_top:pad_top + height, pad_left:pad_left + width] = pixels
+    top, left = top + pad_top, left + pad_left
+    return padded[max(0, top):min(padded_h, top + side), max(0, left):min(padded_w, left + side)]
+
+
+def normalize_table(cfg: ImageConfig) -> np.ndarray:
+    """[3, 256] float32: the normalized value of each uint8 level per channel, computed with the same
+    dtypes as transformers (rescale in float64 then float32, normalize in float32)."""
+    levels = (np.arange(256, dtype=np.float64) * cfg.rescale_factor).astype(np.float32)
+    mean = np.asarray(cfg.mean, np.float32)[:, None]
+    std = np.asarray(cfg.std, np.float32)[:, None]
+    return (levels[None, :] - mean) / std
+
+
+_TABLES: dict[ImageConfig, np.ndarray] = {}
+
+
+def _table(cfg: ImageConfig) -> np.ndarray:
+    table = _TABLES.get(cfg)
+    if table is None:
+        table = _TABLES[cfg] = normalize_table(cfg).ravel()
+    return table
+
+
+def preprocess(image: Image.Image, cfg: ImageConfig) -> np.ndarray:
+    """PIL image -> float32 pixel values [3, crop_size, crop_size] (channels first, like transformers)."""
+    if image.mode != "RGB":
+        image = image.convert("RGB")
+    if cfg.aspect == "pad":
+        image = expand_to_square(image, cfg.background)
+    image = resize_shortest_edge(image, cfg.size, cfg.resample)
+    pixels = center_crop(np.asarray(image), cfg.crop_size)  # [S, S, 3] uint8
+    # One table lookup does rescale + normalize: index = channel * 256 + level.
+    index = pixels.transpose(2, 0, 1).astype(np.intp)
+    index += np.arange(0, 768, 256, dtype=np.intp)[:, None, None]
+    return _table(cfg).take(index)
