@@ -1,0 +1,210 @@
+"""Training configs as ml_collections ConfigDicts: the LLaVA-1.5 recipes, the demo, LoRA, and validation.
+
+`configs/stage1.py` and `configs/stage2.py` call `stage_config(stage, arg)`. The config string `arg` is a
+comma-separated list of variants: one model (`vicuna7b` (default), `vicuna13b`, `llama3_8b`, `demo`) and
+optionally `lora` (stage 2), e.g. `configs/stage2.py:vicuna13b,lora`.
+"""
+
+from __future__ import annotations
+
+import ml_collections as mlc
+
+MODELS = ("vicuna7b", "vicuna13b", "llama3_8b", "demo")
+
+# Trainable rules per stage: (regex over parameter paths, learning-rate group or None = frozen).
+STAGE1_RULES = (
+    ("vision_tower/.*", None),
+    ("multi_modal_projector/.*", "projector"),
+    ("language_model/.*", None),
+)
+STAGE2_RULES = (
+    ("vision_tower/.*", None),
+    ("multi_modal_projector/.*", "projector"),
+    ("language_model/.*", "llm"),
+)
+# LoRA: adapters train, the base LLM weights stay frozen (merged into them on export).
+STAGE2_LORA_RULES = (
+    ("vision_tower/.*", None),
+    ("multi_modal_projector/.*", "projector"),
+    ("language_model/.*/lora_[ab]", "lora"),
+    ("language_model/(?!.*/lora_[ab]$).*", None),
+)
+# The demo's towers start random, so its vision tower trains too (the real recipes freeze it).
+DEMO_STAGE2_RULES = (
+    ("vision_tower/.*", "vision"),
+    ("multi_modal_projector/.*", "projector"),
+    ("language_model/.*", "llm"),
+)
+
+_LLM = {
+    "vicuna7b": dict(llm_path="lmsys/vicuna-7b-v1.5", preset="llava_1_5_7b", image_token_index=32000),
+    "vicuna13b": dict(llm_path="lmsys/vicuna-13b-v1.5", preset="llava_1_5_13b", image_token_index=32000),
+    "llama3_8b": dict(llm_path="meta-llama/Llama-3.1-8B-Instruct", preset="llava_llama3_8b",
+                      image_token_index=128256),
+}
+
+
+def parse_variants(arg: str | None) -> tuple[str, bool]:
+    """'vicuna13b,lora' -> ('vicuna13b', True). Unknown words raise, naming the valid ones."""
+    words = [w.strip() for w in (arg or "").split(",") if w.strip()]
+    unknown = [w for w in words if w not in MODELS + ("lora",)]
+    if unknown:
+        raise ValueError(f"config string {arg!r}: unknown variant(s) {unknown}; choose one of {MODELS}, "
+                         f"optionally with 'lora' (e.g. 'vicuna13b,lora')")
+    models = [w for w in words if w in MODELS]
+    if len(models) > 1:
+        raise ValueError(f"config string {arg!r}: more than one model {models}")
+    return (models[0] if models else "vicuna7b"), "lora" in words
+
+
+def _model(name: str) -> mlc.ConfigDict:
+    m = mlc.ConfigDict()
+    m.preset = "demo" if name == "demo" else _LLM[name]["preset"]
+    # Where the towers come from (Hugging Face folders; hub names are the models to download first).
+    m.clip_path = "" if name == "demo" else "openai/clip-vit-large-patch14-336"
+    m.llm_path = "" if name == "demo" else _LLM[name]["llm_path"]
+    m.llava_path = ""            # stage 2 from a finished Hugging Face LLaVA instead of stage 1
+    m.stage1_workdir = ""        # stage 2: the stage-1 run whose projector to start from
+    m.projector = "mlp2x_gelu"
+    m.vision_feature_layer = -2
+    m.image_token_index = 4 if name == "demo" else _LLM[name]["image_token_index"]
+    m.dtype = "float32" if name == "demo" else "bfloat16"          # compute
+    m.param_dtype = "float32"                                       # trainable master copy
+    m.frozen_dtype = "float32" if name == "demo" else "bfloat16"   # storage of frozen parameters
+    m.remat = "none" if name == "demo" else "full"
+    m.scan_layers = True
+    return m
+
+
+def _data(name: str, stage: int) -> mlc.ConfigDict:
+    d = mlc.ConfigDict()
+    if name == "demo":
+        d.json = ""                  # empty: the embedded synthetic data, generated into <workdir>/data
+        d.images = ""
+    elif stage == 1:
+        d.json = "data/LLaVA-Pretrain/blip_laion_cc_sbu_558k.json"
+        d.images = "data/LLaVA-Pretrain/images"
+    else:
+        d.json = "data/llava_v1_5_mix665k.json"
+        d.images = "data"
+    d.extra_sources = []             # [{"json", "images", "weight"}]: mixtures
+    d.weight = 1.0
+    d.tfds_dir = ""                  # ArrayRecord shards built with llava_jax.data.tfds_builder
+    d.tokenizer = ""                 # empty: the LLM checkpoint's tokenizer
+    d.template = "plain" if stage == 1 else "v1"
+    d.max_length = 160 if name == "demo" else 2048
+    d.length_buckets = (96, 128, 160) if name == "demo" else (1024, 1536, 2048)
+    d.image_aspect = "resize" if stage == 1 else "pad"
+    d.group_by_modality_length = stage == 2
+    d.worker_count = 0 if name == "demo" else 8
+    d.strict = False
+    d.eval_json = ""                 # held-out loss every `eval_every` steps when set
+    d.eval_batches = 4
+    return d
+
+
+def stage_config(stage: int, arg: str | None) -> mlc.ConfigDict:
+    name, lora = parse_variants(arg)
+    if lora and stage == 1:
+        raise ValueError("config string: 'lora' is a stage-2 variant (stage 1 trains only the projector)")
+    c = mlc.ConfigDict()
+    c.stage = stage
+    c.variant = name + (",lora" if lora else "")
+    c.model = _model(name)
+    c.data = _data(name, stage)
+
+    c.lora = mlc.ConfigDict(dict(enabled=lora, rank=128, alpha=256.0, dropout=0.05))
+    c.trainable = [list(r) for r in (STAGE1_RULES if stage == 1 else
+                                      STAGE2_LORA_RULES if lora else
+                                      DEMO_STAGE2_RULES if name == "demo" else STAGE2_RULES)]
+
+    c.optim = mlc.ConfigDict()
+    c.optim.lr = {1: 1e-3, 2: 2e-4 if lora else 2e-5}[stage]
+    c.optim.projector_lr = 2e-5 if lora else -1.0     # -1: same as lr
+    c.optim.vision_lr = -1.0
+    c.optim.warmup_ratio = 0.03
+    c.optim.weight_decay = 0.0
+    c.optim.clip_norm = 1.0
+    c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.999, 1e-8
+
+    c.train = mlc.ConfigDict()
+    c.train.global_batch_size = {1: 256, 2: 128}[stage]
+    c.train.microbatches = 1
+    c.train.num_epochs = 1
+    c.train.num_steps = -1            # -1: num_epochs over the data
+    c.train.seed = 0
+    c.train.max_nonfinite = 10        # stop after that many non-finite steps in a row
+
+    c.mesh = mlc.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+    c.distributed = mlc.ConfigDict(dict(coordinator="", num_processes=-1, process_id=-1))
+
+    c.log_every = 10
+    c.checkpoint_every = 500
+    c.keep_checkpoints = 3
+    c.eval_every = 500
+    c.export_hf = ""                  # write a Hugging Face LLaVA folder at the end
+    c.peak_tflops = -1.0              # -1: from the device kind
+
+    if name == "demo":
+        _demo_overrides(c)
+    return c
+
+
+def _demo_overrides(c: mlc.ConfigDict) -> None:
+    """A tiny model on the embedded synthetic data that learns on a 2-core CPU in minutes."""
+    c.train.global_batch_size = 32
+    c.train.num_epochs = 3
+    c.optim.lr = 2e-3 if c.stage == 1 else 1e-3
+    c.optim.warmup_ratio = 0.05
+    c.optim.weight_decay = 0.0
+    c.log_every = 20
+    c.checkpoint_every = 200
+    c.eval_every = 0
+    c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.demo = mlc.ConfigDict(dict(num_stage1=4000, num_stage2=4000, num_eval=400, image_size=32, seed=0,
+                                 evaluate=c.stage == 2))
+
+
+def validate(c: mlc.ConfigDict) -> None:
+    """Fails before any device work, naming the field, on invalid or contradictory values."""
+    def need(ok: bool, field: str, message: str):
+        if not ok:
+            raise ValueError(f"config.{field}: {message}")
+
+    need(c.stage in (1, 2), "stage", f"must be 1 or 2, got {c.stage}")
+    need(c.train.global_batch_size > 0, "train.global_batch_size", "must be positive")
+    need(c.train.microbatches > 0 and c.train.global_batch_size % c.train.microbatches == 0,
+         "train.microbatches", f"must divide train.global_batch_size ({c.train.global_batch_size})")
+    need(c.optim.lr > 0, "optim.lr", f"must be positive, got {c.optim.lr}")
+    need(0 <= c.optim.warmup_ratio < 1, "optim.warmup_ratio", f"must be in [0, 1), got {c.optim.warmup_ratio}")
+    need(c.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
+    need(c.optim.clip_norm > 0, "optim.clip_norm", "must be positive")
+    need(c.train.num_steps > 0 or c.train.num_epochs > 0, "train.num_epochs",
+         "set a positive train.num_epochs or train.num_steps")
+    need(c.data.template in _templates(), "data.template", f"unknown template {c.data.template!r}; "
+         f"choose one of {sorted(_templates())}")
+    need(c.data.image_aspect in ("pad", "resize"), "data.image_aspect", "must be 'pad' or 'resize'")
+    need(max(c.data.length_buckets) >= c.data.max_length, "data.length_buckets",
+         f"the largest bucket must be >= data.max_length ({c.data.max_length})")
+    need(c.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype", f"unknown dtype {c.model.dtype!r}")
+    need(c.model.remat in ("none", "full", "dots", "dots_no_batch"), "model.remat",
+         f"unknown policy {c.model.remat!r}")
+    need(c.checkpoint_every > 0, "checkpoint_every", "must be positive")
+    need(c.log_every > 0, "log_every", "must be positive")
+    need(not (c.model.llava_path and c.model.stage1_workdir), "model.llava_path",
+         "set either model.llava_path or model.stage1_workdir, not both")
+    if c.lora.enabled:
+        need(c.stage == 2, "lora.enabled", "LoRA is for stage 2")
+        need(c.lora.rank > 0, "lora.rank", "must be positive")
+        need(0 <= c.lora.dropout < 1, "lora.dropout", "must be in [0, 1)")
+    for i, rule in enumerate(c.trainable):
+        need(len(rule) == 2, f"trainable[{i}]", f"must be (regex, group or None), got {rule!r}")
+    sizes = [c.mesh.data, c.mesh.fsdp, c.mesh.tensor]
+    need(sizes.count(-1) <= 1 and all(s == -1 or s > 0 for s in sizes), "mesh",
+         f"sizes must be positive with at most one -1, got {dict(c.mesh)}")
+
+
+def _templates():
+    from llava_jax.data.conversation import TEMPLATES
+
+    return TEMPLATES
