@@ -1,10 +1,11 @@
-"""Scores an answer file: `python -m llava_jax.infer.score {scienceqa,pope,vqa,gqa,mme} --answers A ...`.
+"""Scores an answer file: `python -m llava_jax.infer.score {scienceqa,pope,vqa,textvqa,gqa,mme} --answers A ...`.
 
 Prints the metrics as JSON (and writes them to `--output` when given). Examples:
 
   python -m llava_jax.infer.score scienceqa --answers ans.jsonl --base-dir scienceqa/ --split test
   python -m llava_jax.infer.score pope --answers ans.jsonl --questions llava_pope_test.jsonl --annotation-dir coco/
-  python -m llava_jax.infer.score vqa --answers ans.jsonl --annotations TextVQA_0.5.1_val.json
+  python -m llava_jax.infer.score vqa --answers ans.jsonl --annotations v2_mscoco_val2014_annotations.json
+  python -m llava_jax.infer.score textvqa --answers ans.jsonl --annotations TextVQA_0.5.1_val.json
   python -m llava_jax.infer.score gqa --answers ans.jsonl --questions testdev_balanced_questions.json
   python -m llava_jax.infer.score mme --answers ans.jsonl --benchmark-dir MME_Benchmark_release_version/
 """
@@ -31,6 +32,10 @@ def _pope(args) -> dict:
 
 def _vqa(args) -> dict:
     return scorers.score_vqa_files(args.answers, args.annotations, args.id_field)
+
+
+def _textvqa(args) -> dict:
+    return scorers.score_textvqa_files(args.answers, args.annotations)
 
 
 def _gqa(args) -> dict:
@@ -64,6 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
     vqa = command("vqa", _vqa, "VQA accuracy (VQAv2 / TextVQA / VizWiz)")
     vqa.add_argument("--annotations", required=True, help="annotation JSON / JSONL with 10 answers per question")
     vqa.add_argument("--id-field", default="question_id", help="annotation field matching question_id (VizWiz: image)")
+    textvqa = command("textvqa", _textvqa, "TextVQA accuracy, answers matched on (image id, question) as LLaVA does")
+    textvqa.add_argument("--annotations", required=True, help="TextVQA_0.5.1_val.json")
     gqa = command("gqa", _gqa, "GQA exact-match accuracy (balanced questions; binary / open)")
     gqa.add_argument("--questions", required=True, help="GQA questions JSON ({id: {answer, ...}}) or JSONL")
     mme = command("mme", _mme, "MME accuracy and accuracy+ per category, perception / cognition totals")

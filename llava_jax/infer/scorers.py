@@ -11,7 +11,10 @@ References reproduced here:
 - POPE: `llava/eval/eval_pope.py` (first sentence, "no"/"not"/"No" means no).
 - VQAv2 / TextVQA / VizWiz: `EvalAIAnswerProcessor` and `TextVQAAccuracyEvaluator` of
   `llava/eval/m4c_evaluator.py`: the answer is scored against each of the 10 leave-one-annotator-out
-  subsets of 9 answers as min(#matches / 3, 1), and the 10 scores are averaged.
+  subsets of 9 answers as min(#matches / 3, 1), and the 10 scores are averaged. Both the prediction and
+  the annotators' answers are normalized. TextVQA answers can also be matched to annotations on
+  (image id, question) as `llava/eval/eval_textvqa.py` does. (VQAv2 test-dev and VizWiz test are scored
+  by their EvalAI servers; these scorers serve the val splits.)
 - GQA: `scripts/convert_gqa_for_eval.py` (prediction.rstrip(".").lower()) then exact match as in the GQA
   `eval.py` (balanced questions; binary / open by structural type).
 - MME: `convert_answer_to_mme.py` (ground-truth lookup) and the MME `calculation.py` (yes/no parsing,
@@ -315,6 +318,47 @@ def score_vqa_files(answers_path: PathLike, annotations_path: PathLike, id_field
     """VQA accuracy of an answer file over the annotated questions."""
     return score_vqa(predictions_by_id(load_answers(answers_path), answers_path),
                      load_vqa_annotations(annotations_path, id_field))
+
+
+_TEXTVQA_OCR_QUESTION = re.compile(r"Question: (.*?) Short answer:", re.DOTALL)
+
+
+def textvqa_question(prompt: str) -> str:
+    """The lower-cased question inside an official LLaVA TextVQA prompt (with or without OCR tokens)."""
+    lines = prompt.split("\n")
+    if prompt.startswith("OCR tokens: "):
+        match = _TEXTVQA_OCR_QUESTION.search(prompt)
+        if match is None:
+            raise ValueError(f"TextVQA prompt with OCR tokens but no 'Question: ... Short answer:': {prompt!r}")
+        question = match.group(1)
+    elif "Reference OCR token: " in prompt and len(lines) == 3:
+        question = lines[1] if prompt.startswith("Reference OCR token:") else lines[0]
+    elif len(lines) == 2:
+        question = lines[0]
+    else:
+        raise ValueError(f"not a TextVQA prompt (question line, optional OCR line, instruction): {prompt!r}")
+    return question.lower()
+
+
+def score_textvqa_files(answers_path: PathLike, annotations_path: PathLike) -> dict:
+    """VQA accuracy on TextVQA with the official LLaVA matching.
+
+    The LLaVA TextVQA question file uses the image id as `question_id` (repeated across an image's
+    questions), so answers are matched to `TextVQA_0.5.1_val.json` entries on (image_id, question in
+    the prompt, lower-cased), as `eval_textvqa.py` does. Only the answered questions are scored.
+    """
+    annotations = load_json(annotations_path)
+    if not isinstance(annotations, dict) or not isinstance(annotations.get("data"), list):
+        raise ValueError(f"{annotations_path}: expected a TextVQA annotation file ({{'data': [...]}})")
+    gt = {(str(a["image_id"]), a["question"].lower()): a["answers"] for a in annotations["data"]}
+    scores = []
+    for answer in read_jsonl(answers_path, {**ANSWER_FIELDS, "prompt": (str,)}):
+        key = (str(answer["question_id"]), textvqa_question(answer["prompt"]))
+        if key not in gt:
+            raise ValueError(f"{answers_path}: no annotation in {annotations_path} for image {key[0]!r}, "
+                             f"question {key[1]!r}")
+        scores.append(vqa_accuracy(answer["text"], gt[key]))
+    return {"accuracy": _fraction(sum(scores), len(scores)), "count": len(scores)}
 
 
 # ---------------------------------------------------------------- GQA

@@ -5,6 +5,7 @@ The official scripts come from `llava-torch` (`llava/eval/*.py`). They are loade
 """
 
 import contextlib
+import functools
 import importlib.util
 import io
 import json
@@ -23,15 +24,23 @@ from llava_jax.infer import scorers
 # ---------------------------------------------------------------- helpers
 
 
+@functools.cache
+def official_eval_dir() -> Path | None:
+    """`llava/eval/` of the installed official package, found without importing `llava/__init__.py`."""
+    module = sys.modules.get("llava")
+    paths = getattr(module, "__path__", None)
+    if not paths:
+        spec = importlib.util.find_spec("llava")
+        paths = spec.submodule_search_locations if spec else None
+    return Path(list(paths)[0]) / "eval" if paths else None
+
+
 def official_script(name: str) -> Path:
-    """Path of `llava/eval/<name>.py` of the installed official package (skips when not installed)."""
-    spec = importlib.util.find_spec("llava")
-    if spec is None or not spec.submodule_search_locations:
+    """Path of `llava/eval/<name>.py` (skips when llava-torch is not installed)."""
+    eval_dir = official_eval_dir()
+    if eval_dir is None or not (eval_dir / f"{name}.py").exists():
         pytest.skip("llava-torch (official LLaVA code) is not installed")
-    path = Path(list(spec.submodule_search_locations)[0]) / "eval" / f"{name}.py"
-    if not path.exists():
-        pytest.skip(f"{path} not found")
-    return path
+    return eval_dir / f"{name}.py"
 
 
 def official_module(name: str):
@@ -74,7 +83,7 @@ def run_cli(argv: list[str]) -> dict:
 @pytest.mark.parametrize("text, letter", [
     ("A", "A"), ("E", "E"), ("B. A cat", "B"), ("The answer is C.", "C"), ("I think The answer is D!", "D"),
     ("The answer is A. The answer is B.", None),  # two answers: unparsable
-    ("F", None), ("b", None), ("C.", None), ("(A)", None), ("", None),
+    ("F", None), ("b", None), ("C.", None), ("B.c", None), ("(A)", None), ("", None),
 ])
 def test_parse_scienceqa_letter(text, letter):
     assert scorers.parse_scienceqa_letter(text) == letter
@@ -321,6 +330,53 @@ def test_load_vqa_annotations_layouts(tmp_path):
         scorers.load_vqa_annotations(bad)
 
 
+TEXTVQA_SUFFIX = "Answer the question using a single word or phrase."
+
+
+def test_textvqa_question_from_official_prompts():
+    assert scorers.textvqa_question(f"What brand is this?\n{TEXTVQA_SUFFIX}") == "what brand is this?"
+    with_ocr = f"What Brand?\nReference OCR token: NOKIA, 3310\n{TEXTVQA_SUFFIX}"
+    assert scorers.textvqa_question(with_ocr) == "what brand?"
+    assert scorers.textvqa_question(f"Reference OCR token: a\nWhat Is It?\n{TEXTVQA_SUFFIX}") == "what is it?"
+    assert scorers.textvqa_question("OCR tokens: a b. Question: Which One? Short answer:") == "which one?"
+    with pytest.raises(ValueError, match="not a TextVQA prompt"):
+        scorers.textvqa_question("one line only")
+
+
+def test_textvqa_matches_official_eval_single(tmp_path, monkeypatch):
+    # eval_textvqa.py imports llava.eval.m4c_evaluator: serve it without running llava/__init__.py.
+    m4c = official_module("m4c_evaluator")
+    for name in ("llava", "llava.eval"):
+        monkeypatch.setitem(sys.modules, name, type(sys)(name))
+    monkeypatch.setitem(sys.modules, "llava.eval.m4c_evaluator", m4c)
+    eval_textvqa = official_module("eval_textvqa")
+
+    rng = random.Random(11)
+    vocab = ["nokia", "Nokia.", "samsung", "the sign", "sign", "3", "three", "stop", "STOP!"]
+    data, answers = [], []
+    for i in range(17):
+        image_id, question = f"img{i // 3}", f"What is written #{i}?"  # 3 questions per image
+        data.append({"image_id": image_id, "question": question, "question_id": 1000 + i,
+                     "answers": [rng.choice(vocab) for _ in range(10)]})
+        ocr = "\nReference OCR token: NOKIA" if i % 2 else ""
+        answers.append({"question_id": image_id, "prompt": f"{question}{ocr}\n{TEXTVQA_SUFFIX}",
+                        "text": rng.choice(vocab)})
+    annotations = tmp_path / "TextVQA_0.5.1_val.json"
+    annotations.write_text(json.dumps({"data": data}))
+    answers_path = write_jsonl(tmp_path / "answers.jsonl", answers)
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(io.StringIO()):
+        eval_textvqa.eval_single(str(annotations), str(answers_path))
+        official = m4c.TextVQAAccuracyEvaluator().eval_pred_list(
+            [{"pred_answer": a["text"], "gt_answers": d["answers"]} for a, d in zip(answers, data)])
+    ours = scorers.score_textvqa_files(answers_path, annotations)
+    assert ours["count"] == 17
+    assert f"Samples: 17\nAccuracy: {100 * ours['accuracy']:.2f}%" in printed.getvalue()
+    assert ours["accuracy"] == pytest.approx(official)
+    assert run_cli(["textvqa", "--answers", str(answers_path), "--annotations", str(annotations)]) == ours
+
+
 # ---------------------------------------------------------------- GQA
 
 
@@ -446,6 +502,31 @@ def test_mme_errors_name_the_question(tmp_path):
     (root / "OCR" / "0001.txt").write_text("no tab here\n")
     with pytest.raises(ValueError, match=r"0001.txt:1: expected 'question<TAB>answer'"):
         scorers.load_mme_ground_truth(root)
+
+
+def test_sharded_runner_output_scores_like_a_single_run(tmp_path):
+    from llava_jax.infer import questions as qa
+
+    root = mme_benchmark(tmp_path)
+    question_file = write_jsonl(tmp_path / "llava_mme.jsonl", [
+        {"question_id": "artwork/10002.jpg", "image": "artwork/images/10002.jpg",
+         "text": f"Is this artwork created by {who}? Please answer yes or no.\n{TEXTVQA_SUFFIX}"} for who in "XY"
+    ] + [{"question_id": "OCR/0001.jpg", "image": "OCR/0001.jpg", "text": f"Is the word in the logo \"{w}\"?"}
+         for w in "AB"])
+    questions = qa.load_questions(question_file)
+
+    def always_yes(batch):  # stand-in for the model
+        return ["Yes"] * len(batch)
+
+    out = tmp_path / "answers" / "mme.jsonl"
+    for index in range(3):
+        qa.run_questions(questions, always_yes, out, batch_size=1, model_id="m", process_index=index,
+                         process_count=3, progress=False)
+    assert qa.merge_answers(out, questions) == 4
+    result = scorers.score_mme_files(out, root)
+    # Each image: gold Yes (right) and No (wrong): accuracy 1/2, accuracy+ 0 -> 50 points per category.
+    assert result["categories"]["artwork"]["score"] == 50.0 and result["categories"]["OCR"]["score"] == 50.0
+    assert result["perception"] == 100.0
 
 
 # ---------------------------------------------------------------- CLI
