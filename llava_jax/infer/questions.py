@@ -113,7 +113,7 @@ def _complete_answers(answers_path: str | os.PathLike, required: dict) -> list[d
     text = path.read_text(encoding="utf-8")
     complete = text[: text.rfind("\n") + 1]
     return [_parse_record(line, path, line_no, required, {})
-            for line_no, line in enumerate(complete.splitlines(), start=1) if line.strip()]
+            for line_no, line in enumerate(complete.split("\n"), start=1) if line.strip()]
 
 
 def shard_path(out_path: str | os.PathLike, process_index: int, process_count: int) -> Path:

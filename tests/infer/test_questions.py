@@ -23,8 +23,18 @@ def echo_answers(batch):
     return [f"answer {q['question_id']}" for q in batch]
 
 
+def test_answers_with_unicode_line_separators_survive_a_resume(tmp_path):
+    questions = [{"question_id": i, "text": f"Q{i}\u2028?"} for i in range(3)]
+    out = tmp_path / "a.jsonl"
+    qa.run_questions(questions[:2], lambda b: ["é\u2028\x85ü"] * len(b), out, batch_size=1, model_id="m",
+                     progress=False)
+    assert qa.answered_keys(out) == {(0, "Q0\u2028?"), (1, "Q1\u2028?")}
+    assert qa.run_questions(questions, echo_answers, out, batch_size=1, model_id="m", progress=False) == 1
+    assert [a["text"] for a in read_answers(out)] == ["é\u2028\x85ü", "é\u2028\x85ü", "answer 2"]
+
+
 def read_answers(path):
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line]
 
 
 # ---------------------------------------------------------------- load_questions
