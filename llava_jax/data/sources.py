@@ -1,0 +1,214 @@
+"""Random-access data sources over LLaVA annotation files (grain `RandomAccessDataSource`).
+
+An annotation file is a JSON list or JSONL of records
+`{"id", "image": "rel/path.jpg" | [paths...] (absent for text-only), "conversations": [...]}`
+(LCS-558K, CC3M-595K chat.json, LLaVA-Instruct-158K, llava_v1_5_mix665k). Images are read from a folder
+or straight from a .zip archive, local or any etils epath (gs://...).
+
+The records are parsed once and kept as one packed bytes buffer of compact JSON plus offsets: about the
+size of the file in memory, cheap to pickle into grain worker processes (no open handles are pickled; the
+zip archive is opened lazily in each process).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import threading
+import zipfile
+from typing import Any, Iterator
+
+import numpy as np
+from etils import epath
+
+from llava_jax.data.errors import BadSample
+
+
+def read_records(path: str | os.PathLike) -> Iterator[dict]:
+    """Yields the records of a JSON list or JSONL file; errors name the file and the record / line."""
+    text = epath.Path(path).read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
+        for index, record in enumerate(records):
+            yield _check_record(record, path, f"record {index}")
+        return
+    for line_number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: invalid JSON on line {line_number} column {e.colno}: {e.msg}") from e
+        yield _check_record(record, path, f"line {line_number}")
+
+
+def _check_record(record: Any, path, where: str) -> dict:
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}: {where} is a {type(record).__name__}, expected an object with "
+                         "'id' and 'conversations'")
+    return record
+
+
+def modality_length(record: dict) -> int:
+    """The official `modality_lengths` entry: the word count of all turns, negative for text-only.
+
+    Malformed turns (no string `value`) count 0 words; such samples are rejected later by validation.
+    """
+    turns = record.get("conversations")
+    turns = turns if isinstance(turns, list) else []
+    words = sum(len(turn["value"].split()) for turn in turns
+                if isinstance(turn, dict) and isinstance(turn.get("value"), str))
+    return words if "image" in record else -words
+
+
+def safe_relative_path(path: Any, sample_id: str | None) -> str:
+    """A normalized relative POSIX path, or BadSample("unsafe_path") if it is absolute or escapes the root."""
+    if not isinstance(path, str) or not path.strip():
+        raise BadSample("invalid_image_field", f"image path must be a non-empty string, got {path!r}", sample_id)
+    posix = path.replace("\\", "/")
+    if posix.startswith("/") or (len(posix) > 1 and posix[1] == ":") or "://" in posix:
+        raise BadSample("unsafe_path", f"image path {path!r} is absolute", sample_id)
+    if ".." in posix.split("/"):
+        raise BadSample("unsafe_path", f"image path {path!r} escapes the image root", sample_id)
+    return posixpath.normpath(posix)
+
+
+def image_paths_of(record: dict, sample_id: str | None) -> list[str]:
+    """The record's "image" field as a list of safe relative paths ([] for text-only samples)."""
+    if "image" not in record:
+        return []
+    field = record["image"]
+    paths = field if isinstance(field, list) else [field]
+    return [safe_relative_path(path, sample_id) for path in paths]
+
+
+class ImageFolder:
+    """Reads images below a folder (local or etils epath)."""
+
+    def __init__(self, root: str):
+        self.root = root
+
+    def read(self, relative: str, sample_id: str | None) -> bytes:
+        path = epath.Path(self.root) / relative
+        try:
+            return path.read_bytes()
+        except FileNotFoundError as e:
+            raise BadSample("missing_image", f"image {relative!r} not found under {self.root}", sample_id) from e
+        except IsADirectoryError as e:
+            raise BadSample("missing_image", f"image {relative!r} under {self.root} is a folder", sample_id) from e
+
+
+class ImageZip:
+    """Reads images from a .zip archive, opened lazily (again after a fork) in each process.
+
+    A path is looked up as given, then below the archive's single top folder if it has one, then by
+    dropping its leading folders one at a time: "coco/train2017/1.jpg" finds "train2017/1.jpg" in
+    COCO's train2017.zip, "00000/1.jpg" finds "images/00000/1.jpg".
+    """
+
+    def __init__(self, archive: str):
+        self.archive = archive
+        self._opened: tuple[int, zipfile.ZipFile, frozenset[str], str] | None = None
+        self._lock = threading.Lock()
+
+    def __getstate__(self):
+        return {"archive": self.archive}
+
+    def __setstate__(self, state):
+        self.__init__(state["archive"])
+
+    def _open(self) -> tuple[zipfile.ZipFile, frozenset[str], str]:
+        with self._lock:
+            if self._opened is None or self._opened[0] != os.getpid():
+                archive = zipfile.ZipFile(epath.Path(self.archive).open("rb"))
+                names = frozenset(info.filename for info in archive.infolist() if not info.is_dir())
+                tops = {name.split("/", 1)[0] for name in names}
+                top = f"{tops.pop()}/" if len(tops) == 1 and all("/" in n for n in names) else ""
+                self._opened = (os.getpid(), archive, names, top)
+            return self._opened[1:]
+
+    def resolve(self, relative: str) -> str | None:
+        """The archive member holding `relative`, or None."""
+        _, names, top = self._open()
+        parts = relative.split("/")
+        for start in range(len(parts)):
+            suffix = "/".join(parts[start:])
+            for candidate in (suffix, top + suffix):
+                if candidate in names:
+                    return candidate
+        return None
+
+    def read(self, relative: str, sample_id: str | None) -> bytes:
+        member = self.resolve(relative)
+        if member is None:
+            raise BadSample("missing_image", f"image {relative!r} not found in {self.archive}", sample_id)
+        archive, _, _ = self._open()
+        try:
+            return archive.read(member)
+        except (zipfile.BadZipFile, OSError, EOFError) as e:
+            raise BadSample("corrupt_image", f"cannot read {member!r} from {self.archive}: {e}", sample_id) from e
+
+
+def image_store(image_root: str | os.PathLike) -> ImageFolder | ImageZip:
+    root = str(image_root)
+    return ImageZip(root) if root.lower().endswith(".zip") else ImageFolder(root)
+
+
+class LlavaJsonSource:
+    """grain RandomAccessDataSource over a LLaVA JSON / JSONL annotation file.
+
+    `source[i]` is `{"id": str, "conversations": list, "images": list[bytes], "image_paths": list[str]}`
+    (encoded image files; empty lists for text-only samples). Raises BadSample "missing_image",
+    "unsafe_path", "invalid_image_field", "empty_text" (no conversations list) or "corrupt_image"
+    (unreadable zip member).
+    """
+
+    def __init__(self, annotation_path: str | os.PathLike, image_root: str | os.PathLike | None, *,
+                 name: str | None = None):
+        self.annotation_path = str(annotation_path)
+        self.image_root = None if image_root is None else str(image_root)
+        self.name = name or epath.Path(annotation_path).stem
+        packed, lengths = [], []
+        for record in read_records(annotation_path):
+            packed.append(json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
+            lengths.append(modality_length(record))
+        self._offsets = np.cumsum([0] + [len(p) for p in packed], dtype=np.int64)
+        self._buffer = b"".join(packed)
+        self._lengths = np.asarray(lengths, dtype=np.int64)
+        self._images = None if image_root is None else image_store(image_root)
+
+    def __len__(self) -> int:
+        return len(self._lengths)
+
+    def __repr__(self) -> str:
+        return (f"LlavaJsonSource(name={self.name!r}, annotation_path={self.annotation_path!r}, "
+                f"image_root={self.image_root!r}, len={len(self)})")
+
+    def record(self, index: int) -> dict:
+        """The raw annotation record at `index`."""
+        index = int(index)
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"{self.name}: index {index} out of range for {len(self)} samples")
+        index %= len(self)
+        return json.loads(self._buffer[self._offsets[index]:self._offsets[index + 1]])
+
+    def __getitem__(self, index: int) -> dict:
+        record = self.record(index)
+        sample_id = str(record.get("id", f"{self.name}:{int(index) % len(self)}"))
+        conversations = record.get("conversations")
+        if not isinstance(conversations, list):
+            raise BadSample("empty_text", "'conversations' must be a list of turns, got "
+                            f"{type(conversations).__name__}", sample_id)
+        paths = image_paths_of(record, sample_id)
+        if paths and self._images is None:
+            raise BadSample("missing_image", f"sample has images but {self.name} has no image root", sample_id)
+        images = [self._images.read(path, sample_id) for path in paths]
+        return {"id": sample_id, "conversations": conversations, "images": images, "image_paths": paths}
+
+    def lengths(self) -> np.ndarray:
+        """[N] int64: the official `modality_lengths` (word counts; negative for text-only samples)."""
+        return self._lengths.copy()
