@@ -480,7 +480,9 @@ def load_mme_ground_truth(benchmark_dir: PathLike) -> dict[tuple[str, str, str],
         if not qa_dir.is_dir():
             raise ValueError(f"{category_dir}: has images/ but no questions_answers_YN/")
         for qa_file in sorted(qa_dir.glob("*.txt")):
-            for line_no, line in enumerate(qa_file.read_text(encoding="utf-8").splitlines(), start=1):
+            for line_no, line in enumerate(qa_file.read_text(encoding="utf-8").split("\n"), start=1):
+                if not line.strip():
+                    continue
                 fields = line.strip().split("\t")
                 if len(fields) != 2:
                     raise ValueError(f"{qa_file}:{line_no}: expected 'question<TAB>answer', got {line!r}")
