@@ -305,6 +305,7 @@ def _hf_config(model: nnx.Module, kind: str) -> dict:
         from llava_jax.convert.hf_llava import llava_config_to_hf
 
         d, arch = llava_config_to_hf(cfg), "LlavaForConditionalGeneration"
+        d["text_config"] = {k: v for k, v in d["text_config"].items() if k != "architectures"}
     elif kind == "llama":
         from llava_jax.convert.hf_llama import llama_config_to_hf
 
@@ -315,7 +316,8 @@ def _hf_config(model: nnx.Module, kind: str) -> dict:
         from llava_jax.convert.hf_clip import clip_config_to_hf
 
         d, arch = clip_config_to_hf(cfg), "CLIPVisionModel"
-    return {**d, "architectures": [arch], "dtype": jnp.dtype(cfg.param_dtype).name}
+    param_dtype = cfg.text.param_dtype if kind == "llava" else cfg.param_dtype
+    return {**d, "architectures": [arch], "dtype": jnp.dtype(param_dtype).name}
 
 
 def _text_config_dict(hf_config: dict, kind: str) -> dict:
