@@ -92,6 +92,39 @@ def load_questions(path: str | os.PathLike) -> list[dict]:
     return questions
 
 
+SCIENCEQA_LETTER_PROMPT = "Answer with the option's letter from the given choices directly."
+
+
+def load_scienceqa_questions(path: str | os.PathLike, single_pred_prompt: bool = True) -> list[dict]:
+    """Questions from the official ScienceQA file (`llava_test_CQM-A.json`), as `model_vqa_science` asks them.
+
+    The file is a JSON list of `{"id", "image" (optional), "conversations": [{"from": "human", "value"}, ...]}`;
+    the question is the first turn without `<image>`, followed by the letter instruction when
+    `single_pred_prompt` (LLaVA-1.5 evaluates with it).
+    """
+    with open(path, encoding="utf-8") as f:
+        try:
+            records = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: malformed JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(records, list):
+        raise ValueError(f"{path}: expected a JSON list of ScienceQA samples")
+    questions = []
+    for index, record in enumerate(records):
+        try:
+            text = record["conversations"][0]["value"].replace("<image>", "").strip()
+            question = {"question_id": record["id"], "text": text}
+        except (KeyError, IndexError, TypeError, AttributeError):
+            raise ValueError(f"{path}: sample #{index + 1} needs an 'id' and a first conversation turn "
+                             "with a string 'value'") from None
+        if single_pred_prompt:
+            question["text"] += "\n" + SCIENCEQA_LETTER_PROMPT
+        if "image" in record:
+            question["image"] = record["image"]
+        questions.append(question)
+    return questions
+
+
 def answered_ids(answers_path: str | os.PathLike) -> set:
     """The question ids already in an answer file (empty when the file does not exist).
 

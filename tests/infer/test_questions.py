@@ -76,6 +76,27 @@ def test_load_questions_rejects_duplicates_but_allows_repeated_ids(tmp_path):
         qa.load_questions(path)
 
 
+def test_load_scienceqa_questions_like_model_vqa_science(tmp_path):
+    path = tmp_path / "llava_test_CQM-A.json"
+    path.write_text(json.dumps([
+        {"id": "4", "image": "4/image.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhich is a mammal?\nContext: N/A\nOptions: (A) cat (B) fish"},
+            {"from": "gpt", "value": "A"}]},
+        {"id": "9", "conversations": [{"from": "human", "value": " What is 2+2?\nOptions: (A) 4 (B) 5 "}]},
+    ]))
+    letter = "Answer with the option's letter from the given choices directly."
+    assert qa.load_scienceqa_questions(path) == [
+        {"question_id": "4", "image": "4/image.png",
+         "text": f"Which is a mammal?\nContext: N/A\nOptions: (A) cat (B) fish\n{letter}"},
+        {"question_id": "9", "text": f"What is 2+2?\nOptions: (A) 4 (B) 5\n{letter}"},
+    ]
+    without_instruction = qa.load_scienceqa_questions(path, single_pred_prompt=False)
+    assert without_instruction[1]["text"] == "What is 2+2?\nOptions: (A) 4 (B) 5"
+    path.write_text(json.dumps([{"id": "1", "conversations": []}]))
+    with pytest.raises(ValueError, match=r"llava_test_CQM-A.json: sample #1 needs an 'id' and a first"):
+        qa.load_scienceqa_questions(path)
+
+
 # ---------------------------------------------------------------- answered_ids
 
 
