@@ -8,6 +8,7 @@ real decode + tokenize path on a synthetic dataset.
 from __future__ import annotations
 
 import io
+import json
 import logging
 import types
 
@@ -287,3 +288,57 @@ def test_config_errors_are_clear():
         config_for([source, source], weights=(1.0,))
     with pytest.raises(ValueError, match="not divisible by process_count"):
         iterator_for([source], global_batch_size=6, process_count=4)
+
+
+def test_real_llava_processing_matches_the_data_functions(tmp_path):
+    """Default processor on the synthetic demo data (plus two-image samples): rows equal tokenize +
+    preprocess of their sample; image tokens line up with image slots."""
+    from transformers import AutoTokenizer
+
+    from llava_jax.data.conversation import get_template
+    from llava_jax.data.images import ImageConfig, load_image, preprocess
+    from llava_jax.data.sources import LlavaJsonSource
+    from llava_jax.data.synthetic import generate
+    from llava_jax.data.tokenize import add_image_token, tokenize_conversation
+
+    paths = generate(tmp_path / "demo", num_stage1=0, num_stage2=29, num_eval=0, image_size=24, seed=5)
+    pngs = sorted(p.name for p in paths.images.glob("*.png"))
+    pairs = [{"id": f"pair-{i}", "image": [pngs[i], pngs[i + 1]], "conversations": [
+        {"from": "human", "value": "<image>\n<image>\nWhat color is the shape?"}, {"from": "gpt", "value": "red"}]}
+        for i in range(7)]
+    (tmp_path / "pairs.json").write_text(json.dumps(pairs))
+    sources = (LlavaJsonSource(paths.stage2, paths.images), LlavaJsonSource(tmp_path / "pairs.json", paths.images))
+    tokenizer = AutoTokenizer.from_pretrained(paths.tokenizer)
+    image_token_id = add_image_token(tokenizer)
+    image_config = ImageConfig(size=11, crop_size=11, aspect="pad")
+    config = PipelineConfig(sources=sources, weights=(2.0, 1.0), template="v1", max_length=97,
+                            length_buckets=(67, 97), global_batch_size=4, seed=1, num_epochs=None,
+                            image_config=image_config, image_seq_length=5, max_images_per_sample=2,
+                            read_threads=2, report_every=0)
+    batches = take(make_train_iterator(config, tokenizer, process_index=0, process_count=1), 9)
+
+    template = get_template("v1")
+    expected = {}
+    for source in sources:
+        for i in range(len(source)):
+            record = source[i]
+            tokens = tokenize_conversation(record["conversations"], tokenizer, template, image_token_id=image_token_id,
+                                           image_seq_length=5, max_length=97, sample_id=record["id"])
+            pixels = [preprocess(load_image(b), image_config) for b in record["images"]]
+            expected.setdefault(tokens.input_ids.tobytes(), []).append((tokens, pixels))
+    pad = tokenizer.pad_token_id
+    for batch in batches:
+        assert batch["pixel_values"].shape == (4, 2, 3, 11, 11) and batch["input_ids"].shape[1] in (67, 97)
+        for row in range(4):
+            n = int(batch["attention_mask"][row].sum())
+            tokens, pixels = expected[batch["input_ids"][row, :n].tobytes()][0]
+            np.testing.assert_array_equal(batch["labels"][row, :n], tokens.labels)
+            assert (batch["input_ids"][row, n:] == pad).all()
+            assert batch["image_mask"][row].sum() == len(pixels) == tokens.num_images
+            assert (batch["input_ids"][row] == image_token_id).sum() == 5 * len(pixels)
+            # Samples with the same text differ by image: one of them has exactly these pixels.
+            slots = [np.zeros((3, 11, 11), np.float32)] * 2
+            assert any(np.array_equal(batch["pixel_values"][row], np.stack((p + slots)[:2]))
+                       for _, p in expected[batch["input_ids"][row, :n].tobytes()])
+    two_image_rows = sum(int(b["image_mask"].all(axis=1).sum()) for b in batches)
+    assert two_image_rows == 4 * 3  # weights 2:1 -> every third global batch comes from the pairs
