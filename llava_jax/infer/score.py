@@ -1,10 +1,13 @@
-"""Scores an answer file: `python -m llava_jax.infer.score {scienceqa,pope,vqa,textvqa,gqa,mme} --answers A ...`.
+"""Scores an answer file: `python -m llava_jax.infer.score BENCHMARK --answers A ...`.
 
-Prints the metrics as JSON (and writes them to `--output` when given). Examples:
+Prints the metrics as JSON and writes them to `--output` when given (`vqa-submission` writes the EvalAI
+upload file to `--upload`). Examples:
 
   python -m llava_jax.infer.score scienceqa --answers ans.jsonl --base-dir scienceqa/ --split test
   python -m llava_jax.infer.score pope --answers ans.jsonl --questions llava_pope_test.jsonl --annotation-dir coco/
   python -m llava_jax.infer.score vqa --answers ans.jsonl --annotations v2_mscoco_val2014_annotations.json
+  python -m llava_jax.infer.score vqa-submission --answers ans.jsonl --questions llava_vqav2_mscoco_test-dev2015.jsonl \
+      --upload upload.json
   python -m llava_jax.infer.score textvqa --answers ans.jsonl --annotations TextVQA_0.5.1_val.json
   python -m llava_jax.infer.score gqa --answers ans.jsonl --questions testdev_balanced_questions.json
   python -m llava_jax.infer.score mme --answers ans.jsonl --benchmark-dir MME_Benchmark_release_version/
@@ -38,6 +41,13 @@ def _textvqa(args) -> dict:
     return scorers.score_textvqa_files(args.answers, args.annotations)
 
 
+def _vqa_submission(args) -> dict:
+    upload = scorers.vqa_submission(args.answers, args.questions, args.style)
+    with open(args.upload, "w", encoding="utf-8") as f:
+        json.dump(upload, f)
+    return {"upload": args.upload, "questions": len(upload), "empty_answers": sum(not u["answer"] for u in upload)}
+
+
 def _gqa(args) -> dict:
     return scorers.score_gqa_files(args.answers, args.questions)
 
@@ -69,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     vqa = command("vqa", _vqa, "VQA accuracy (VQAv2 / TextVQA / VizWiz)")
     vqa.add_argument("--annotations", required=True, help="annotation JSON / JSONL with 10 answers per question")
     vqa.add_argument("--id-field", default="question_id", help="annotation field matching question_id (VizWiz: image)")
+    upload = command("vqa-submission", _vqa_submission, "VQAv2 test-dev / VizWiz test upload file for EvalAI")
+    upload.add_argument("--questions", required=True, help="the question JSONL that was answered")
+    upload.add_argument("--style", choices=("vqav2", "vizwiz"), default="vqav2")
+    upload.add_argument("--upload", required=True, help="where to write the JSON to upload")
     textvqa = command("textvqa", _textvqa, "TextVQA accuracy, answers matched on (image id, question) as LLaVA does")
     textvqa.add_argument("--annotations", required=True, help="TextVQA_0.5.1_val.json")
     gqa = command("gqa", _gqa, "GQA exact-match accuracy (balanced questions; binary / open)")

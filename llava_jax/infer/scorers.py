@@ -320,6 +320,30 @@ def score_vqa_files(answers_path: PathLike, annotations_path: PathLike, id_field
                      load_vqa_annotations(annotations_path, id_field))
 
 
+def vqa_submission(answers_path: PathLike, questions_path: PathLike, style: str = "vqav2") -> list[dict]:
+    """The EvalAI upload of an answer file: normalized answers in question-file order.
+
+    `style` "vqav2": `[{"question_id", "answer"}]`, unanswered questions get "" (as LLaVA's
+    `convert_vqav2_for_submission.py`); "vizwiz": `[{"image", "answer"}]`, every question must be answered.
+    """
+    if style not in ("vqav2", "vizwiz"):
+        raise ValueError(f"unknown submission style {style!r} (vqav2 or vizwiz)")
+    predictions = predictions_by_id(load_answers(answers_path), answers_path)
+    upload = []
+    for question in load_questions(questions_path):
+        qid = question["question_id"]
+        text = predictions.get(str(qid))
+        if style == "vqav2":
+            upload.append({"question_id": qid, "answer": "" if text is None else normalize_vqa_answer(text)})
+            continue
+        if text is None:
+            raise ValueError(f"{answers_path}: no answer to question {qid!r}; VizWiz needs every question answered")
+        if "image" not in question:
+            raise ValueError(f"{questions_path}: question {qid!r} has no 'image', which VizWiz uploads key on")
+        upload.append({"image": question["image"], "answer": normalize_vqa_answer(text)})
+    return upload
+
+
 _TEXTVQA_OCR_QUESTION = re.compile(r"Question: (.*?) Short answer:", re.DOTALL)
 
 

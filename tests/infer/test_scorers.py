@@ -330,6 +330,28 @@ def test_load_vqa_annotations_layouts(tmp_path):
         scorers.load_vqa_annotations(bad)
 
 
+def test_vqa_submission_files(tmp_path):
+    questions = write_jsonl(tmp_path / "test-dev.jsonl", [
+        {"question_id": 3, "image": "COCO_test2015_3.jpg", "text": "How many?"},
+        {"question_id": 1, "image": "COCO_test2015_1.jpg", "text": "What color?"},
+        {"question_id": 2, "image": "COCO_test2015_2.jpg", "text": "Is it?"}])
+    answers = write_jsonl(tmp_path / "answers.jsonl", answer_lines({1: "The Red one.", 3: "Two"}))
+    # Question-file order, answers normalized ("The Red one." -> "red 1"), the unanswered question 2 empty.
+    assert scorers.vqa_submission(answers, questions) == [
+        {"question_id": 3, "answer": "2"}, {"question_id": 1, "answer": "red 1"}, {"question_id": 2, "answer": ""}]
+    with pytest.raises(ValueError, match="no answer to question 2; VizWiz needs every question answered"):
+        scorers.vqa_submission(answers, questions, "vizwiz")
+    full = write_jsonl(tmp_path / "full.jsonl", answer_lines({1: "Unanswerable", 2: "yes", 3: "A can."}))
+    assert scorers.vqa_submission(full, questions, "vizwiz") == [
+        {"image": "COCO_test2015_3.jpg", "answer": "can"}, {"image": "COCO_test2015_1.jpg", "answer": "unanswerable"},
+        {"image": "COCO_test2015_2.jpg", "answer": "yes"}]
+    upload = tmp_path / "upload.json"
+    summary = run_cli(["vqa-submission", "--answers", str(answers), "--questions", str(questions),
+                       "--upload", str(upload)])
+    assert summary == {"upload": str(upload), "questions": 3, "empty_answers": 1}
+    assert json.loads(upload.read_text()) == scorers.vqa_submission(answers, questions)
+
+
 TEXTVQA_SUFFIX = "Answer the question using a single word or phrase."
 
 
