@@ -307,9 +307,9 @@ def load_vqa_annotations(path: PathLike, id_field: str = "question_id") -> dict[
         where = f"{path}: annotation #{index + 1}"
         if not isinstance(record, dict) or id_field not in record or not isinstance(record.get("answers"), list):
             raise ValueError(f"{where}: needs {id_field!r} and an 'answers' list")
-        answers = [a["answer"] if isinstance(a, dict) else a for a in record["answers"]]
+        answers = [a.get("answer") if isinstance(a, dict) else a for a in record["answers"]]
         if not answers or not all(isinstance(a, str) for a in answers):
-            raise ValueError(f"{where}: 'answers' must be non-empty strings or {{'answer': str}} objects")
+            raise ValueError(f"{where}: 'answers' must be a non-empty list of strings or {{'answer': str}} objects")
         gt[str(record[id_field])] = answers
     return gt
 

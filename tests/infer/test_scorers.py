@@ -326,8 +326,11 @@ def test_load_vqa_annotations_layouts(tmp_path):
     with pytest.raises(ValueError, match=r"vizwiz.json: annotation #1: needs 'question_id'"):
         scorers.load_vqa_annotations(vizwiz)
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"question_id": 1, "answers": []}])
-    with pytest.raises(ValueError, match=r"bad.jsonl: annotation #1: 'answers' must be non-empty"):
+    with pytest.raises(ValueError, match=r"bad.jsonl: annotation #1: 'answers' must be a non-empty list"):
         scorers.load_vqa_annotations(bad)
+    no_answer_key = write_jsonl(tmp_path / "bad2.jsonl", [{"question_id": 1, "answers": [{"text": "x"}]}])
+    with pytest.raises(ValueError, match=r"bad2.jsonl: annotation #1: 'answers' must be a non-empty list"):
+        scorers.load_vqa_annotations(no_answer_key)
 
 
 def test_vqa_submission_files(tmp_path):
