@@ -220,14 +220,16 @@ def test_bad_samples_are_skipped_counted_and_logged(caplog):
     records[4]["conversations"] = records[4]["conversations"][:1]  # no assistant turn
     records[9]["conversations"][1]["value"] = ""  # nothing to supervise
     source = ListSource(records, missing=frozenset({2, 17, 25}))
-    with caplog.at_level(logging.WARNING, logger="llava_jax.data.pipeline"):
-        iterator = iterator_for([source], log_first_bad=2)
+    with caplog.at_level(logging.INFO, logger="llava_jax.data.pipeline"):
+        iterator = iterator_for([source], log_first_bad=2, report_every=2)
         batches = list(iterator)
     assert iterator.bad_sample_counts() == {"missing_image": 3, "no_assistant_turn": 1, "no_supervised_tokens": 1}
     assert len(iterator.bad_sample_ids()["missing_image"]) == 2
     assert set(iterator.bad_sample_ids()["missing_image"]) <= {"src0-2", "src0-17", "src0-25"}
-    logged = [r.getMessage() for r in caplog.records]
+    logged = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert sum("missing_image" in m for m in logged) == 2 and any("src0-4" in m for m in logged)
+    reports = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert len(reports) == 2 and reports[0].startswith("2 batches: padding fraction")
     used = [index for batch in batches for _, index in row_keys(batch)]
     assert len(batches) == 25 // 6 and not {2, 4, 9, 17, 25} & set(used)
     assert all((batch["labels"] != IGNORE_INDEX).any(axis=1).all() for batch in batches)

@@ -90,3 +90,29 @@ def test_missing_dataset_error_names_the_place(tmp_path):
 def test_config_name():
     assert config_name("gs://bucket/LLaVA/llava_v1_5_mix665k.json") == "llava_v1_5_mix665k"
     assert config_name("/data/blip-laion cc.jsonl") == "blip_laion_cc"
+
+
+def test_pipeline_batches_identical_from_json_and_from_tfds(tmp_path):
+    from transformers import AutoTokenizer
+
+    from llava_jax.data.images import ImageConfig
+    from llava_jax.data.pipeline import PipelineConfig, make_train_iterator
+    from llava_jax.data.synthetic import generate
+
+    paths = generate(tmp_path / "demo", num_stage1=0, num_stage2=23, num_eval=0, image_size=16, seed=2)
+    build(paths.stage2, paths.images, tmp_path / "out")
+    tokenizer = AutoTokenizer.from_pretrained(paths.tokenizer)
+
+    def batches(source):
+        config = PipelineConfig(sources=(source,), template="v1", max_length=61, length_buckets=(37, 61),
+                                global_batch_size=4, num_epochs=1, group_by_modality_length=True,
+                                image_config=ImageConfig(size=7, crop_size=7), image_seq_length=3,
+                                read_threads=1, report_every=0)
+        return list(make_train_iterator(config, tokenizer, process_index=0, process_count=1))
+
+    from_json = batches(LlavaJsonSource(paths.stage2, paths.images))
+    from_tfds = batches(TfdsLlavaSource(tmp_path / "out", "stage2"))
+    assert len(from_json) == len(from_tfds) == 23 // 4
+    for a, b in zip(from_json, from_tfds):
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
