@@ -236,9 +236,10 @@ def from_original_llava(path: str | os.PathLike, clip_path: str | os.PathLike | 
                         dtype=None, param_dtype=None, **runtime) -> nnx.Module:
     """LLaVA from an original checkpoint (`model.mm_projector.*`, `LlavaLlamaForCausalLM` config).
 
-    The vision tower comes from the checkpoint when it holds `model.vision_tower.*` (its config from
-    `clip_path` if given, else inferred from tensor shapes with 64-wide heads), otherwise from the CLIP
+    The vision tower comes from the checkpoint when it holds `model.vision_tower.*`, otherwise from the CLIP
     checkpoint at `clip_path` (the official `mm_vision_tower`, e.g. openai/clip-vit-large-patch14-336).
+    The tower's config comes from `clip_path`, else from `mm_vision_tower` when that is a local folder, else
+    it is inferred from the tensor shapes (64-wide heads, as in every OpenAI CLIP ViT).
     Like transformers' conversion, `<image>` gets id `vocab_size` (32000 for Vicuna) and the vocabulary is
     padded to a multiple of `pad_vocab_to_multiple_of` (64) with mean-embedding rows.
     """
@@ -251,6 +252,9 @@ def from_original_llava(path: str | os.PathLike, clip_path: str | os.PathLike | 
         rename = _checked(reader, hf_original.original_tensor_name_to_ours)
         ours = {rename(n): n for n in reader.names() if rename(n) is not None}
         has_tower = any(n.startswith("vision_tower.") for n in ours)
+        tower_dir = Path(config.get("mm_vision_tower") or "/nonexistent")
+        if clip_path is None and (tower_dir / "config.json").is_file():
+            clip_path = tower_dir  # A local copy of the tower the checkpoint names.
         if not has_tower and clip_path is None:
             raise CheckpointError(f"{path}: the checkpoint has no vision tower tensors "
                                   f"('model.vision_tower.vision_tower.*'); pass clip_path, the CLIP checkpoint "

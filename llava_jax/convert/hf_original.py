@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import re
 
+from llava_jax.convert.hf_clip import clip_tensor_name_to_ours
+
 ARCHITECTURES = ("LlavaLlamaForCausalLM", "LlavaForCausalLM")
 MODEL_TYPES = ("llava_llama", "llava")
 
@@ -38,7 +40,8 @@ def original_tensor_name_to_ours(name: str) -> str | None:
     'model.layers.3.mlp.up_proj.weight' -> 'language_model.model.layers.3.mlp.up_proj.weight';
     'model.mm_projector.2.bias' -> 'multi_modal_projector.linear_2.bias' (Sequential index 2k -> linear_{k+1});
     'model.mm_projector.weight' (linear projector) -> 'multi_modal_projector.linear_1.weight';
-    'model.vision_tower.vision_tower.vision_model.x' -> 'vision_tower.vision_model.x'.
+    'model.vision_tower.vision_tower.vision_model.x' and (transformers 5.x) 'model.vision_tower.vision_tower.x'
+    -> 'vision_tower.vision_model.x'.
     """
     if name.endswith(_NOT_WEIGHTS):
         return None
@@ -50,7 +53,9 @@ def original_tensor_name_to_ours(name: str) -> str | None:
             raise ValueError(f"tensor '{name}': mm_projector.{index} is a GELU position, it has no weights")
         return f"multi_modal_projector.linear_{index // 2 + 1}.{leaf}"
     if name.startswith(_TOWER_PREFIX):
-        return "vision_tower." + name[len(_TOWER_PREFIX):]
+        # transformers 5.x saves the inner CLIPVisionModel without its `vision_model.` level.
+        tower = clip_tensor_name_to_ours(name[len(_TOWER_PREFIX):])
+        return None if tower is None else "vision_tower." + tower
     if name.startswith("model.vision_tower."):
         raise ValueError(f"tensor '{name}': unrecognized vision tower layout (expected '{_TOWER_PREFIX}...')")
     if name.startswith("model.") or name.startswith("lm_head."):
