@@ -199,15 +199,15 @@ def _polygon(shape: str, cx: float, cy: float, r: float) -> list[tuple[float, fl
 
 
 def draw_scene(scene: Scene, image_size: int, rng: np.random.Generator) -> Image.Image:
-    """The scene as an RGB image [image_size, image_size]: each shape fills 60-80% of its quadrant, jittered."""
+    """The scene as an RGB image [image_size, image_size]: each shape spans 68-84% of its quadrant, jittered."""
     canvas = image_size * _SUPERSAMPLE
     image = Image.new("RGB", (canvas, canvas), BACKGROUND)
     draw = ImageDraw.Draw(image)
     cell = canvas / 2
     for quadrant in scene.quadrants:
         row, col = divmod(quadrant, 2)
-        radius = cell * rng.uniform(0.30, 0.40)
-        slack = cell / 2 - radius
+        radius = cell * rng.uniform(0.34, 0.42)
+        slack = (cell / 2 - radius) / 2  # keeps a margin to the quadrant's border
         cx = (col + 0.5) * cell + rng.uniform(-slack, slack)
         cy = (row + 0.5) * cell + rng.uniform(-slack, slack)
         fill = COLORS[scene.color]
