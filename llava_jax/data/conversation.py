@@ -42,7 +42,11 @@ class Template:
 
 
 class Segment(NamedTuple):
-    """A piece of the rendered prompt; `supervised` pieces are the answers and their end-of-turn."""
+    """A piece of the rendered prompt.
+
+    `supervised` pieces are what the model generates after a generation prompt: an answer, with the
+    separator the template puts before it (the " " after "ASSISTANT:") and its end-of-turn after it.
+    """
 
     text: str
     supervised: bool
@@ -114,7 +118,7 @@ def _two(t: Template, messages: Sequence[str | None]) -> list[Segment]:
         elif i % 2 == 0:
             out.append(Segment(f"{role}: {message}{t.sep}", False))
         else:
-            out += [Segment(f"{role}: ", False), Segment(message + t.sep2, True)]
+            out += [Segment(f"{role}:", False), Segment(f" {message}{t.sep2}", True)]
     return out
 
 
@@ -124,7 +128,7 @@ def _llama_2(t: Template, messages: Sequence[str | None]) -> list[Segment]:
         if message is None:
             continue
         if i % 2 == 1:
-            out += [Segment(" ", False), Segment(f"{message} {t.sep2}", True)]
+            out.append(Segment(f" {message} {t.sep2}", True))
             continue
         if i == 0 and t.system:
             message = f"<<SYS>>\n{t.system}\n<</SYS>>\n\n{message}"

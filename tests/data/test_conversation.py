@@ -91,12 +91,25 @@ def test_every_answer_ends_with_a_stop_string(name):
         assert answer in text
 
 
+@pytest.mark.parametrize("name", sorted(conv.TEMPLATES))
+def test_supervised_segments_follow_the_generation_prompt(name):
+    """Each supervised piece starts right where the generation prompt of its turn ends."""
+    template = conv.get_template(name)
+    messages = FINISHED["multi_turn"]
+    segs = conv.segments(template, messages)
+    for k, seg in enumerate(segs):
+        if seg.supervised and name != "plain":
+            turn = sum(s.supervised for s in segs[:k])
+            prompt = conv.generation_prompt(template, messages[:2 * turn + 1])
+            assert "".join(s.text for s in segs[:k]) == prompt
+
+
 def test_segments_concatenate_to_render_and_mark_answers():
     template = conv.get_template("v1")
     messages = FINISHED["multi_turn"]
     segs = conv.segments(template, messages)
     assert "".join(s.text for s in segs) == conv.render(template, messages)
-    assert [s.text for s in segs if s.supervised] == [a + "</s>" for a in messages[1::2]]
+    assert [s.text for s in segs if s.supervised] == [f" {a}</s>" for a in messages[1::2]]
 
 
 def test_plain_training_keeps_only_images_and_caption():
