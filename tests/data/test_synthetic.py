@@ -359,3 +359,12 @@ def test_training_labels_decode_to_the_exact_answers(data, tokenizer):
             answers = [turn["value"] + end for turn in sample["conversations"][1::2]]
             decoded = [tokenizer.decode(run) for run in _supervised_runs(tokenized.labels)]
             assert decoded == answers, sample["id"]
+
+
+def test_blank_image_is_the_background_of_every_image(data):
+    blank = np.asarray(synthetic.blank_image(IMAGE_SIZE))
+    assert blank.shape == (IMAGE_SIZE, IMAGE_SIZE, 3) and (blank == blank[0, 0]).all()
+    with Image.open(data.images / "eval_000000.png") as image:
+        pixels = np.asarray(image)
+    background = (pixels == blank).all(-1)
+    assert 0.3 < background.mean() < 1  # shapes on the same plain background
