@@ -5,7 +5,7 @@ An annotation file is a JSON list or JSONL of records
 (LCS-558K, CC3M-595K chat.json, LLaVA-Instruct-158K, llava_v1_5_mix665k). Images are read from a folder
 or straight from a .zip archive, local or any etils epath (gs://...).
 
-The records are parsed once and kept as one packed bytes buffer of compact JSON plus offsets: about the
+The records are parsed once and kept as one packed bytes buffer of their JSON text plus offsets: about the
 size of the file in memory, cheap to pickle into grain worker processes (no open handles are pickled; the
 zip archive is opened lazily in each process).
 """
@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import posixpath
+import re
 import threading
 import zipfile
 from typing import Any, Iterator
@@ -25,16 +26,16 @@ from etils import epath
 from llava_jax.data.errors import BadSample
 
 
-def read_records(path: str | os.PathLike) -> Iterator[dict]:
-    """Yields the records of a JSON list or JSONL file; errors name the file and the record / line."""
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
+_DECODER = json.JSONDecoder()
+
+
+def read_records(path: str | os.PathLike) -> Iterator[tuple[dict, str]]:
+    """Yields (record, its JSON text) from a JSON list or JSONL file; errors name the file and the place."""
     text = epath.Path(path).read_text(encoding="utf-8")
     if text.lstrip().startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
-        for index, record in enumerate(records):
-            yield _check_record(record, path, f"record {index}")
+        for index, (record, raw) in enumerate(_json_list_items(text, path)):
+            yield _check_record(record, path, f"record {index}"), raw
         return
     for line_number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -43,7 +44,37 @@ def read_records(path: str | os.PathLike) -> Iterator[dict]:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: invalid JSON on line {line_number} column {e.colno}: {e.msg}") from e
-        yield _check_record(record, path, f"line {line_number}")
+        yield _check_record(record, path, f"line {line_number}"), line
+
+
+def _json_list_items(text: str, path) -> Iterator[tuple[Any, str]]:
+    """The items of a top-level JSON list with their source text, parsed one at a time."""
+    position = _WHITESPACE.match(text, 0).end() + 1  # after "["
+    expect_item = None  # None: first item or "]"; True: after ","; False: after an item
+    while True:
+        position = _WHITESPACE.match(text, position).end()
+        char = text[position:position + 1]
+        if char == "]" and expect_item is not True:
+            break
+        if expect_item is False:
+            if char != ",":
+                raise _error(path, text, position, "expected ',' or ']' after a record")
+            position, expect_item = position + 1, True
+            continue
+        try:
+            item, end = _DECODER.raw_decode(text, position)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
+        yield item, text[position:end]
+        position, expect_item = end, False
+    if text[position + 1:].strip():
+        raise _error(path, text, position + 1, "extra data after the list")
+
+
+def _error(path, text: str, position: int, message: str) -> ValueError:
+    line = text.count("\n", 0, position) + 1
+    column = position - text.rfind("\n", 0, position)
+    return ValueError(f"{path}: invalid JSON at line {line} column {column}: {message}")
 
 
 def _check_record(record: Any, path, where: str) -> dict:
@@ -173,8 +204,8 @@ class LlavaJsonSource:
         self.image_root = None if image_root is None else str(image_root)
         self.name = name or epath.Path(annotation_path).stem
         packed, lengths = [], []
-        for record in read_records(annotation_path):
-            packed.append(json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode("utf-8"))
+        for record, raw in read_records(annotation_path):
+            packed.append(raw.encode("utf-8"))
             lengths.append(modality_length(record))
         self._offsets = np.cumsum([0] + [len(p) for p in packed], dtype=np.int64)
         self._buffer = b"".join(packed)

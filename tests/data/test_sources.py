@@ -144,6 +144,16 @@ def test_malformed_annotation_files_name_file_and_place(tmp_path):
     bad_jsonl.write_text(json.dumps(RECORDS[0]) + "\n{\"id\": 1,\n")
     with pytest.raises(ValueError, match=r"bad.jsonl.*line 2"):
         LlavaJsonSource(bad_jsonl, tmp_path)
+    truncated = tmp_path / "cut.json"
+    truncated.write_text(json.dumps(RECORDS, indent=1)[:-40])
+    with pytest.raises(ValueError, match=r"cut.json: invalid JSON at line \d+"):
+        LlavaJsonSource(truncated, tmp_path)
+    trailing_comma = tmp_path / "comma.json"
+    trailing_comma.write_text(json.dumps(RECORDS[:1])[:-1] + ",\n]")
+    with pytest.raises(ValueError, match=r"comma.json: invalid JSON at line 2 column 1"):
+        LlavaJsonSource(trailing_comma, tmp_path)
+    (tmp_path / "empty.json").write_text(" [ ]\n")
+    assert len(LlavaJsonSource(tmp_path / "empty.json", tmp_path)) == 0
     not_objects = tmp_path / "list.json"
     not_objects.write_text(json.dumps([RECORDS[0], ["not", "a", "record"]]))
     with pytest.raises(ValueError, match=r"list.json: record 1"):
