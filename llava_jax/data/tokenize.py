@@ -105,6 +105,7 @@ def _tokenize_with_offsets(tokenizer, text: str, add_special_tokens: bool) -> tu
 def _tokenize(text: str, supervised_chars: np.ndarray, tokenizer, image_token_id: int,
               image_seq_length: int) -> tuple[list[int], list[bool]]:
     """Token ids [T] and which of them are supervised [T], each `<image>` expanded."""
+    supervised_before = np.concatenate([[0], np.cumsum(supervised_chars)])  # [len(text) + 1]
     ids, supervised = [], []
     base = 0
     for k, chunk in enumerate(text.split(IMAGE_TOKEN)):
@@ -114,10 +115,14 @@ def _tokenize(text: str, supervised_chars: np.ndarray, tokenizer, image_token_id
             base += len(IMAGE_TOKEN)
         chunk_ids, offsets = _tokenize_with_offsets(tokenizer, chunk, add_special_tokens=k == 0)
         ids += chunk_ids
-        supervised += [end > start and bool(supervised_chars[base + start:base + end].any())
-                       for start, end in offsets]
+        supervised += _covers_any(supervised_before, np.asarray(offsets, np.int64).reshape(-1, 2) + base).tolist()
         base += len(chunk)
     return ids, supervised
+
+
+def _covers_any(supervised_before: np.ndarray, spans: np.ndarray) -> np.ndarray:
+    """Whether each character span [N, 2] holds a supervised character; empty spans never do. -> bool [N]"""
+    return supervised_before[spans[:, 1]] > supervised_before[spans[:, 0]]
 
 
 def _check_image_token(tokenizer, image_token_id: int) -> None:
