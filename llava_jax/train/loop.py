@@ -1,0 +1,291 @@
+"""The training run: config -> sharded model -> grain batches -> jitted steps -> checkpoints -> export."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import signal
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from llava_jax.train import checkpoint as ckpt_lib
+from llava_jax.train import metrics as metrics_lib
+from llava_jax.train import model_init, recipes, sharding
+from llava_jax.train import optimizer as opt
+from llava_jax.train import step as step_lib
+
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+def maybe_initialize_distributed(c: mlc.ConfigDict) -> None:
+    """jax.distributed.initialize when several processes run: explicit flags, or automatic on TPU pods and
+    SLURM jobs."""
+    d = c.distributed
+    if d.coordinator:
+        jax.distributed.initialize(d.coordinator, num_processes=d.num_processes, process_id=d.process_id)
+    elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
+        jax.distributed.initialize()
+
+
+@dataclasses.dataclass
+class DataSetup:
+    iterator: object
+    num_samples: int
+    image_seq_length: int
+    demo_paths: object = None
+
+
+def prepare_demo_data(c: mlc.ConfigDict, workdir: Path):
+    from llava_jax.data import synthetic
+
+    root = workdir / "data"
+    if not (root / "info.json").is_file():
+        if jax.process_index() == 0:
+            synthetic.generate(root, num_stage1=c.demo.num_stage1, num_stage2=c.demo.num_stage2,
+                               num_eval=c.demo.num_eval, image_size=c.demo.image_size, seed=c.demo.seed)
+        _barrier("demo-data")
+    return synthetic.SyntheticPaths(root=root, images=root / "images", stage1=root / "stage1.json",
+                                    stage2=root / "stage2.json", eval_questions=root / "eval_questions.jsonl",
+                                    eval_answers=root / "eval_answers.jsonl", info=root / "info.json",
+                                    tokenizer=root / "tokenizer")
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
+def image_config(c: mlc.ConfigDict, model_cfg):
+    from llava_jax.data.images import ImageConfig
+
+    size = model_cfg.vision.image_size
+    return ImageConfig(size=size, crop_size=size, aspect=c.data.image_aspect)
+
+
+def make_sources(c: mlc.ConfigDict, demo_paths) -> tuple[list, list[float]]:
+    from llava_jax.data.sources import LlavaJsonSource
+
+    if demo_paths is not None:
+        json_path = demo_paths.stage1 if c.stage == 1 else demo_paths.stage2
+        return [LlavaJsonSource(json_path, demo_paths.images)], [1.0]
+    if c.data.tfds_dir:
+        from llava_jax.data.tfds_builder import TfdsLlavaSource
+        main = TfdsLlavaSource(c.data.tfds_dir)
+    else:
+        main = LlavaJsonSource(c.data.json, c.data.images)
+    sources, weights = [main], [float(c.data.weight)]
+    for extra in c.data.extra_sources:
+        sources.append(LlavaJsonSource(extra["json"], extra["images"]))
+        weights.append(float(extra.get("weight", 1.0)))
+    return sources, weights
+
+
+def make_data(c: mlc.ConfigDict, tokenizer, model_cfg, demo_paths, seed_offset: int = 0) -> DataSetup:
+    from llava_jax.data.pipeline import PipelineConfig, make_train_iterator
+
+    sources, weights = make_sources(c, demo_paths)
+    image_token = tokenizer.convert_tokens_to_ids("<image>")
+    if image_token != model_cfg.image_token_index:
+        raise ValueError(f"the tokenizer's <image> id {image_token} differs from the model's image_token_index "
+                         f"{model_cfg.image_token_index} (config.model.image_token_index / data.tokenizer)")
+    pc = PipelineConfig(sources=tuple(sources), weights=tuple(weights) if len(sources) > 1 else None,
+                        template=c.data.template, max_length=c.data.max_length,
+                        length_buckets=tuple(c.data.length_buckets), global_batch_size=c.train.global_batch_size,
+                        seed=c.train.seed + seed_offset, num_epochs=None,
+                        group_by_modality_length=c.data.group_by_modality_length,
+                        image_config=image_config(c, model_cfg), image_seq_length=model_cfg.image_seq_length,
+                        image_token_id=image_token, strict=c.data.strict, worker_count=c.data.worker_count,
+                        report_every=0)
+    return DataSetup(make_train_iterator(pc, tokenizer), sum(len(s) for s in sources),
+                     model_cfg.image_seq_length, demo_paths)
+
+
+def total_steps(c: mlc.ConfigDict, num_samples: int) -> int:
+    if c.train.num_steps > 0:
+        return int(c.train.num_steps)
+    return max(1, int(c.train.num_epochs * num_samples // c.train.global_batch_size))
+
+
+def group_specs(c: mlc.ConfigDict) -> dict[str, opt.GroupSpec]:
+    o = c.optim
+    pick = lambda v: o.lr if v is None or v <= 0 else v
+    return {"llm": opt.GroupSpec(o.lr, o.weight_decay), "lora": opt.GroupSpec(o.lr, o.weight_decay),
+            "projector": opt.GroupSpec(pick(o.projector_lr), o.weight_decay),
+            "vision": opt.GroupSpec(pick(o.vision_lr), o.weight_decay)}
+
+
+def restore_stage1_projector(model: nnx.Module, stage1_workdir: str) -> None:
+    """Copies the projector of the latest stage-1 checkpoint into `model` (stage 2 start)."""
+    checkpointer = ckpt_lib.Checkpointer(stage1_workdir)
+    step = checkpointer.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"{stage1_workdir}/checkpoints: no stage-1 checkpoint to start from")
+    restored = checkpointer.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    projector = restored["state"]["trainable"]["multi_modal_projector"]
+    nnx.update(model.multi_modal_projector, jax.tree.map(
+        lambda old, new: jax.device_put(jnp.asarray(new, old.dtype), old.sharding),
+        nnx.to_pure_dict(nnx.state(model.multi_modal_projector)), projector))
+    checkpointer.close()
+
+
+class Preemption:
+    """Turns SIGTERM into a flag the loop checks after each step (save, then exit cleanly)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        logger.warning("SIGTERM: saving a checkpoint after this step, then exiting")
+        self.requested = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def to_global(batch: dict, mesh) -> dict:
+    """This process's rows -> global jax.Arrays sharded over the batch axes."""
+    return {k: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, v.ndim), v)
+            for k, v in batch.items()}
+
+
+def run(c: mlc.ConfigDict, workdir: str | os.PathLike, *, config_name: str = "config") -> dict:
+    """Trains per `c` in `workdir` (resuming from its latest checkpoint). Returns final metrics."""
+    recipes.validate(c)
+    problems = model_init.missing_inputs(c, config_name)
+    if problems:
+        raise model_init.MissingInputs(model_init.explain_missing(problems, config_name, c.stage))
+    maybe_initialize_distributed(c)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    is_main = jax.process_index() == 0
+    if is_main:
+        (workdir / "config.json").write_text(c.to_json_best_effort(indent=2))
+
+    mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
+    demo_paths = prepare_demo_data(c, workdir) if c.model.preset == "demo" else None
+    tokenizer = model_init.load_tokenizer(c, demo_paths.tokenizer if demo_paths else None)
+    model = model_init.build_model(c, mesh, vocab_size=len(tokenizer),
+                                   image_size=c.demo.image_size if demo_paths else None)
+    if c.stage == 2 and c.model.stage1_workdir:
+        restore_stage1_projector(model, c.model.stage1_workdir)
+    if c.lora.enabled:
+        from llava_jax.train import lora
+        lora.add_adapters(model, rank=c.lora.rank, alpha=c.lora.alpha, dropout=c.lora.dropout,
+                          rngs=nnx.Rngs(c.train.seed + 1))
+    model_cfg = model.config
+
+    groups = opt.resolve_groups(nnx.state(model, nnx.Param), [tuple(r) for r in c.trainable])
+    if is_main:
+        print(opt.group_table(nnx.state(model, nnx.Param), groups), flush=True)
+    graphdef, trainable, frozen, rest = opt.split_model(model, groups)
+    trainable = jax.tree.map(lambda x: x.astype(model_init.DTYPES[c.model.param_dtype]), trainable)
+    frozen = jax.tree.map(lambda x: x.astype(model_init.DTYPES[c.model.frozen_dtype])
+                          if jnp.issubdtype(x.dtype, jnp.floating) else x, frozen)
+
+    data = make_data(c, tokenizer, model_cfg, demo_paths)
+    steps = total_steps(c, data.num_samples)
+    specs = group_specs(c)
+    tx = opt.make_optimizer(groups, specs, total_steps=steps, warmup_ratio=c.optim.warmup_ratio,
+                            clip_norm=c.optim.clip_norm, b1=c.optim.b1, b2=c.optim.b2, eps=c.optim.eps)
+    with jax.set_mesh(mesh):
+        state = jax.jit(lambda t: step_lib.init_state(t, tx))(trainable)
+
+    checkpointer = ckpt_lib.Checkpointer(workdir, keep=c.keep_checkpoints)
+    start = checkpointer.latest_step() or 0
+    if start:
+        state, meta = checkpointer.restore(start, ckpt_lib.abstract_like(state), data_iterator=data.iterator)
+        if is_main:
+            print(f"resumed from {workdir}/checkpoints step {start}", flush=True)
+
+    compute_dtype = model_init.DTYPES[c.model.dtype]
+    train_step = jax.jit(step_lib.make_train_step(graphdef, tx, microbatches=c.train.microbatches,
+                                                  compute_dtype=compute_dtype), donate_argnums=(0,))
+    flop_model = metrics_lib.FlopModel.of(model_cfg, llm_trained=any(g in ("llm", "lora") for g in groups.values()))
+    writer = None
+    if is_main:
+        from tensorboardX import SummaryWriter
+        writer = SummaryWriter(str(workdir / "tensorboard"))
+    reporter = metrics_lib.Reporter(total_steps=steps, start_step=start, every=c.log_every, writer=writer,
+                                    peak_flops=metrics_lib.device_peak_flops(c.peak_tflops),
+                                    num_devices=jax.device_count(), is_main=is_main)
+    preemption = Preemption()
+    history = []
+    step = start
+    try:
+        with jax.set_mesh(mesh):
+            while step < steps:
+                t_wait = time.perf_counter()
+                local = next(data.iterator)
+                data_wait = time.perf_counter() - t_wait
+                batch = to_global(local, mesh)
+                state, m = train_step(state, frozen, rest, batch)
+                step += 1
+                lengths = local["attention_mask"].sum(axis=1)
+                images = int(local["image_mask"].sum()) * jax.process_count()
+                reporter.add(tokens=int(lengths.sum()) * jax.process_count(), images=images,
+                             flops=flop_model.step_flops(lengths, images // jax.process_count(),
+                                                         data.image_seq_length) * jax.process_count(),
+                             data_wait=data_wait)
+                if reporter.due(step) or step == steps:
+                    host = jax.device_get(m)
+                    lrs = opt.learning_rates({g: specs[g] for g in set(groups.values()) if g},
+                                             step - 1, total_steps=steps, warmup_ratio=c.optim.warmup_ratio)
+                    values = {"loss": float(host["loss"]), "grad_norm": float(host["grad_norm"]),
+                              **{f"lr/{g}": v for g, v in sorted(lrs.items())}}
+                    history.append({"step": step, **reporter.emit(step, values)})
+                streak = int(state.nonfinite_streak)
+                if streak:
+                    logger.warning("step %d: non-finite loss or gradients, update skipped (%d in a row)",
+                                   step, streak)
+                    if streak >= c.train.max_nonfinite:
+                        raise NonFiniteError(
+                            f"step {step}: {streak} non-finite steps in a row (train.max_nonfinite="
+                            f"{c.train.max_nonfinite}); last good checkpoint: {checkpointer.latest_step()}")
+                if step % c.checkpoint_every == 0 or step == steps or preemption.requested:
+                    checkpointer.save(step, state, data_iterator=data.iterator,
+                                      meta={"step": step, "bad_samples": data.iterator.bad_sample_counts()})
+                if preemption.requested:
+                    checkpointer.wait()
+                    if is_main:
+                        print(f"preempted: checkpoint saved at step {step}; rerun the same command to resume",
+                              flush=True)
+                    break
+    finally:
+        preemption.restore()
+        reporter.close()
+        checkpointer.close()
+        if writer is not None:
+            writer.close()
+
+    result = {"step": step, "history": history, "bad_samples": data.iterator.bad_sample_counts()}
+    if step >= steps:
+        final = nnx.merge(graphdef, state.trainable, frozen, rest)
+        if c.lora.enabled:
+            from llava_jax.train import lora
+            final = lora.merged(final)
+        if c.export_hf and is_main:
+            from llava_jax import convert
+            convert.to_hf(final, c.export_hf, tokenizer=tokenizer)
+            print(f"exported Hugging Face LLaVA to {c.export_hf}", flush=True)
+        if c.model.preset == "demo" and c.demo.evaluate:
+            from llava_jax.train import demo
+            result["demo_eval"] = demo.evaluate(final, tokenizer, data.demo_paths, c, workdir)
+    if is_main:
+        (workdir / "result.json").write_text(json.dumps({k: v for k, v in result.items() if k != "history"},
+                                                        indent=2, default=str))
+    return result
