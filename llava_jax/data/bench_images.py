@@ -1,10 +1,11 @@
 """Throughput of image decoding + CLIP preprocessing on generated 640x480 JPEGs.
 
-    python -m llava_jax.data.bench_images [--workers 1 2] [--num 200] [--aspect pad]
+    python -m llava_jax.data.bench_images [--workers 1 2] [--num 200] [--aspect pad] [--compare-hf]
 
 Measures decode + pad + bicubic resize + center crop + normalize, in this process and with N worker
-processes (each worker returns only a checksum, so the numbers exclude moving pixel arrays between
-processes).
+processes (workers return only their CPU time, so the numbers exclude moving pixel arrays between
+processes). Two rates: images per wall-clock second, and images per CPU second of the processes doing
+the work (the per-core rate, meaningful on a machine shared with other jobs).
 """
 
 from __future__ import annotations
@@ -39,8 +40,28 @@ def make_jpegs(num: int, width: int = 640, height: int = 480, seed: int = 0) -> 
 
 
 def process(index: int) -> float:
-    """Decodes and preprocesses JPEG `index`; returns a checksum."""
-    return float(preprocess(load_image(_JPEGS[index % len(_JPEGS)]), _CONFIG)[0, 0, 0])
+    """Decodes and preprocesses JPEG `index`; returns the CPU seconds it took."""
+    start = time.process_time()
+    preprocess(load_image(_JPEGS[index % len(_JPEGS)]), _CONFIG)
+    return time.process_time() - start
+
+
+def hf_images_per_cpu_second(num: int) -> float:
+    """The official path for comparison: PIL decode, expand2square, transformers' PIL CLIPImageProcessor."""
+    from transformers import CLIPImageProcessorPil
+
+    from llava_jax.data.images import expand_to_square
+    processor = CLIPImageProcessorPil(size={"shortest_edge": _CONFIG.size},
+                                      crop_size={"height": _CONFIG.crop_size, "width": _CONFIG.crop_size})
+    cpu = 0.0
+    for index in range(num + 1):
+        start = time.process_time()
+        image = Image.open(io.BytesIO(_JPEGS[index % len(_JPEGS)])).convert("RGB")
+        if _CONFIG.aspect == "pad":
+            image = expand_to_square(image, _CONFIG.background)
+        processor(image, return_tensors="np")
+        cpu += (time.process_time() - start) if index else 0.0  # the first call warms up
+    return num / cpu
 
 
 def _init_worker(jpegs: list[bytes], cfg: ImageConfig):
@@ -48,19 +69,19 @@ def _init_worker(jpegs: list[bytes], cfg: ImageConfig):
     _JPEGS, _CONFIG = jpegs, cfg
 
 
-def images_per_second(num: int, workers: int) -> float:
-    """Throughput over `num` images with `workers` processes (0: this process)."""
+def images_per_second(num: int, workers: int) -> tuple[float, float]:
+    """(images per wall second, images per CPU second) over `num` images with `workers` processes
+    (0: this process)."""
     if workers == 0:
         process(0)  # warm up
         start = time.perf_counter()
-        for index in range(num):
-            process(index)
-        return num / (time.perf_counter() - start)
+        cpu = sum(process(index) for index in range(num))
+        return num / (time.perf_counter() - start), num / cpu
     with multiprocessing.get_context("fork").Pool(workers, _init_worker, (_JPEGS, _CONFIG)) as pool:
         pool.map(process, range(workers), chunksize=1)  # warm up every worker
         start = time.perf_counter()
-        pool.map(process, range(num), chunksize=8)
-        return num / (time.perf_counter() - start)
+        cpu = sum(pool.map(process, range(num), chunksize=8))
+        return num / (time.perf_counter() - start), num / cpu
 
 
 def main(argv=None):
@@ -68,15 +89,20 @@ def main(argv=None):
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker process counts")
     parser.add_argument("--num", type=int, default=200, help="images per measurement")
     parser.add_argument("--aspect", choices=["pad", "resize"], default="pad")
+    parser.add_argument("--compare-hf", action="store_true", help="also time transformers' PIL processor")
     args = parser.parse_args(argv)
     global _JPEGS, _CONFIG
     _JPEGS, _CONFIG = make_jpegs(min(args.num, 50)), ImageConfig(aspect=args.aspect)
     print(f"640x480 JPEG -> decode + {args.aspect} + bicubic {_CONFIG.size} + crop + normalize, {args.num} images")
-    rate = images_per_second(args.num, 0)
-    print(f"single process: {rate:7.1f} images/s")
+    rate, per_cpu = images_per_second(args.num, 0)
+    print(f"single process: {rate:7.1f} images/s wall, {per_cpu:7.1f} images per CPU second")
+    if args.compare_hf:
+        print(f"transformers:                          {hf_images_per_cpu_second(args.num):7.1f} images per CPU "
+              "second (PIL decode + expand2square + CLIPImageProcessorPil)")
     for workers in args.workers:
-        rate = images_per_second(args.num, workers)
-        print(f"{workers:2d} workers:     {rate:7.1f} images/s total, {rate / workers:7.1f} per worker")
+        rate, per_cpu = images_per_second(args.num, workers)
+        print(f"{workers:2d} workers:     {rate:7.1f} images/s wall total, {rate / workers:7.1f} per worker, "
+              f"{per_cpu:7.1f} images per CPU second per worker")
 
 
 if __name__ == "__main__":

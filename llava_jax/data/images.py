@@ -238,7 +238,7 @@ _TABLES: dict[ImageConfig, np.ndarray] = {}
 def _table(cfg: ImageConfig) -> np.ndarray:
     table = _TABLES.get(cfg)
     if table is None:
-        table = _TABLES[cfg] = normalize_table(cfg).ravel()
+        table = _TABLES[cfg] = normalize_table(cfg)
     return table
 
 
@@ -250,7 +250,5 @@ def preprocess(image: Image.Image, cfg: ImageConfig) -> np.ndarray:
         image = expand_to_square(image, cfg.background)
     image = resize_shortest_edge(image, cfg.size, cfg.resample)
     pixels = center_crop(np.asarray(image), cfg.crop_size)  # [S, S, 3] uint8
-    # One table lookup does rescale + normalize: index = channel * 256 + level.
-    index = pixels.transpose(2, 0, 1).astype(np.intp)
-    index += np.arange(0, 768, 256, dtype=np.intp)[:, None, None]
-    return _table(cfg).take(index)
+    table = _table(cfg)  # one lookup per channel does rescale + normalize
+    return np.stack([table[channel].take(pixels[..., channel]) for channel in range(3)])
