@@ -27,11 +27,23 @@ def torch_clip(image_size: int, seed: int = 0) -> transformers.CLIPVisionModel:
     return model.eval()
 
 
-def ours_from(hf_model, **runtime) -> CLIPVisionModel:
-    model = CLIPVisionModel(hf_clip.clip_config_from_hf(hf_model.config, **runtime), rngs=nnx.Rngs(1))
-    tensors = {k: v.numpy() for k, v in hf_model.state_dict().items()}
-    load_state_dict(model, hf_clip.clip_tensors_to_ours(tensors), source="tiny CLIP")
+def zeros_model(create):
+    """The model `create()` builds, with zero parameters: built from shapes only, since an eager random
+    init compiles every initializer (seconds of test time) and the tests overwrite every parameter."""
+    graphdef, state = nnx.split(nnx.eval_shape(create))
+    return nnx.merge(graphdef, jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), state))
+
+
+def loaded_model(create, tensors, source):
+    model = zeros_model(create)
+    load_state_dict(model, tensors, source=source)  # strict: every parameter is overwritten
     return model
+
+
+def ours_from(hf_model, **runtime) -> CLIPVisionModel:
+    cfg = hf_clip.clip_config_from_hf(hf_model.config, **runtime)
+    tensors = {k: v.numpy() for k, v in hf_model.state_dict().items()}
+    return loaded_model(lambda: CLIPVisionModel(cfg), hf_clip.clip_tensors_to_ours(tensors), "tiny CLIP")
 
 
 def assert_close(ours, ref, rel=1e-4):
@@ -94,7 +106,7 @@ def test_loop_and_remat_match_scan_under_jit():
 
 
 def test_bad_pixel_shape_names_the_tensor():
-    model = CLIPVisionModel(CLIPVisionConfig(**TINY, image_size=30))
+    model = zeros_model(lambda: CLIPVisionModel(CLIPVisionConfig(**TINY, image_size=30)))
     with pytest.raises(ValueError, match=r"pixel_values.*\[N, 3, 30, 30\].*\(2, 30, 30, 3\)"):
         model(jnp.zeros((2, 30, 30, 3)))
 
@@ -114,8 +126,9 @@ def test_full_clip_checkpoint_loads_vision_tensors_only():
         vision_config=dict(**TINY, image_size=30))).eval()
     cfg = hf_clip.clip_config_from_hf(full.config)
     assert cfg == CLIPVisionConfig(**TINY, image_size=30)
-    model = CLIPVisionModel(cfg)
-    load_state_dict(model, hf_clip.clip_tensors_to_ours({k: v.numpy() for k, v in full.state_dict().items()}))
+    model = loaded_model(lambda: CLIPVisionModel(cfg),
+                         hf_clip.clip_tensors_to_ours({k: v.numpy() for k, v in full.state_dict().items()}),
+                         "tiny CLIPModel")
     px = pixels(1, 30, seed=4)
     with torch.no_grad():
         ref = full.vision_model(torch.from_numpy(px)).last_hidden_state
@@ -147,7 +160,7 @@ def test_preset_parameter_counts_equal_transformers(preset, image_size):
 
 
 def test_parameters_carry_logical_axes():
-    model = CLIPVisionModel(CLIPVisionConfig(**TINY, image_size=30))
+    model = nnx.eval_shape(lambda: CLIPVisionModel(CLIPVisionConfig(**TINY, image_size=30)))
     vm = model.vision_model
     assert vm.embeddings.patch_embedding.weight.get_metadata()["out_sharding"] == ("embed", None, None, None)
     assert vm.encoder.layers.self_attn.q_proj.weight.get_metadata()["out_sharding"] == ("layers", "heads", "embed")
