@@ -1,1 +1,18 @@
-"""llava_jax."""
+"""Models: the CLIP vision tower, projectors, the LLaMA-family decoder and the LLaVA composite.
+
+`PRESETS` holds every named config (CLIP towers, decoders and LLaVA models; the names do not collide).
+"""
+
+from llava_jax.models.clip_vit import PRESETS as CLIP_PRESETS
+from llava_jax.models.clip_vit import CLIPVisionConfig, CLIPVisionModel
+from llava_jax.models.llama import PRESETS as LLAMA_PRESETS
+from llava_jax.models.llama import KVCache, LlamaConfig, LlamaForCausalLM
+from llava_jax.models.llava import PRESETS as LLAVA_PRESETS
+from llava_jax.models.llava import LlavaConfig, LlavaForConditionalGeneration, merge_image_features
+from llava_jax.models.projector import Projector
+
+PRESETS = {**CLIP_PRESETS, **LLAMA_PRESETS, **LLAVA_PRESETS}
+
+__all__ = ["CLIPVisionConfig", "CLIPVisionModel", "KVCache", "LlamaConfig", "LlamaForCausalLM", "LlavaConfig",
+           "LlavaForConditionalGeneration", "Projector", "merge_image_features", "PRESETS", "CLIP_PRESETS",
+           "LLAMA_PRESETS", "LLAVA_PRESETS"]
