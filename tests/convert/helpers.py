@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import sys
@@ -99,3 +100,17 @@ def official_llava_llama():
     from llava.model.language_model.llava_llama import LlavaConfig, LlavaLlamaForCausalLM
 
     return LlavaConfig, LlavaLlamaForCausalLM
+
+
+@functools.cache
+def _jitted_forward():
+    from flax import nnx
+
+    return nnx.jit(lambda model, ids, pix: model(ids, pix))
+
+
+def forward(model, ids: np.ndarray, pix: np.ndarray) -> np.ndarray:
+    """Logits of our LLaVA model, jit-compiled (much faster than eager dispatch on CPU)."""
+    import jax.numpy as jnp
+
+    return np.asarray(_jitted_forward()(model, jnp.asarray(ids), jnp.asarray(pix)))

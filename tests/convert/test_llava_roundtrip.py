@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -33,7 +32,7 @@ def exported(tmp_path_factory):
 
 
 def _ours_logits(model, ids, pix):
-    return np.asarray(model(jnp.asarray(ids), jnp.asarray(pix)))
+    return helpers.forward(model, ids, pix)
 
 
 def _torch_logits(model, ids, pix):
