@@ -2,7 +2,7 @@
 
     python -m llava_jax.data.check --data llava_v1_5_mix665k.json --images playground/data \\
         [--tokenizer DIR] [--template v1] [--max-length 2048] [--image-seq-length 576] [--limit N] \\
-        [--workers N] [--strict]
+        [--workers N] [--aspect pad|resize] [--strict]
 
 Prints totals, bad samples by reason (with the first few sample ids and the first message), image and
 text-only counts, the modes of the image files, word counts and, with a tokenizer, token length
@@ -26,7 +26,7 @@ from PIL import Image
 
 from llava_jax.data.conversation import IMAGE_TOKEN, get_template
 from llava_jax.data.errors import BadSample
-from llava_jax.data.images import DEFAULT_MAX_PIXELS, load_image
+from llava_jax.data.images import DEFAULT_MAX_PIXELS, ImageConfig, check_aspect_ratio, load_image
 from llava_jax.data.sources import LlavaJsonSource
 from llava_jax.data.tokenize import add_image_token, tokenize_conversation, validate_conversations
 
@@ -127,8 +127,9 @@ class SampleChecker:
     """Checks one sample of `source` the way the training pipeline reads it."""
 
     def __init__(self, source: LlavaJsonSource, *, tokenizer=None, template: str = "v1", max_length: int = 2048,
-                 image_seq_length: int = 576, max_pixels: int = DEFAULT_MAX_PIXELS):
+                 image_seq_length: int = 576, max_pixels: int = DEFAULT_MAX_PIXELS, aspect: str = "pad"):
         self.source = source
+        self.image_config = ImageConfig(aspect=aspect)
         self.tokenizer = tokenizer
         self.template = get_template(template)
         self.max_length = max_length
@@ -146,7 +147,8 @@ class SampleChecker:
             sample_id = sample["id"]
             for data, name in zip(sample["images"], sample["image_paths"]):
                 modes.append(_file_mode(data))
-                load_image(data, sample_id=sample_id, name=name, max_pixels=self.max_pixels)
+                image = load_image(data, sample_id=sample_id, name=name, max_pixels=self.max_pixels)
+                check_aspect_ratio(image.size, self.image_config, sample_id=sample_id, name=name)
             token_length = self._check_text(sample)
         except BadSample as error:
             sample_id = sample_id if error.sample_id is None else error.sample_id
@@ -198,7 +200,7 @@ def _check_in_worker(index: int) -> SampleCheck:
 def check_dataset(data: str | os.PathLike, images: str | os.PathLike | None, *, tokenizer: Any = None,
                   template: str = "v1", max_length: int = 2048, image_seq_length: int = 576,
                   limit: int | None = None, workers: int = 1, max_pixels: int = DEFAULT_MAX_PIXELS,
-                  examples_per_reason: int = 5) -> Report:
+                  aspect: str = "pad", examples_per_reason: int = 5) -> Report:
     """Scans the first `limit` samples (all by default) of an annotation file.
 
     Args:
@@ -206,6 +208,8 @@ def check_dataset(data: str | os.PathLike, images: str | os.PathLike | None, *, 
       images: the image folder or .zip archive.
       tokenizer: a transformers tokenizer or the path of its folder; None validates without tokenizing.
       template, max_length, image_seq_length: as in training (`tokenize_conversation`).
+      max_pixels, aspect: as in training (`load_image`, `ImageConfig.aspect`: "resize" rejects extreme
+        aspect ratios).
       workers: processes (forked) that check samples; results keep the file's order.
     """
     source = LlavaJsonSource(data, images)
@@ -213,7 +217,7 @@ def check_dataset(data: str | os.PathLike, images: str | os.PathLike | None, *, 
         from transformers import AutoTokenizer
         tokenizer = AutoTokenizer.from_pretrained(tokenizer)
     checker = SampleChecker(source, tokenizer=tokenizer, template=template, max_length=max_length,
-                            image_seq_length=image_seq_length, max_pixels=max_pixels)
+                            image_seq_length=image_seq_length, max_pixels=max_pixels, aspect=aspect)
     count = len(source) if limit is None else min(limit, len(source))
     report = Report(data=str(data), images=None if images is None else str(images), total=len(source),
                     words=source.lengths()[:count], max_length=max_length if tokenizer is not None else None,
@@ -252,6 +256,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-length", type=int, default=2048)
     parser.add_argument("--image-seq-length", type=int, default=576)
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
+    parser.add_argument("--aspect", choices=["pad", "resize"], default="pad",
+                        help="image aspect mode of training (resize: stage 1)")
     parser.add_argument("--limit", type=int, help="check only the first N samples")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--strict", action="store_true", help="exit with code 1 when any sample is bad")
@@ -259,7 +265,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         report = check_dataset(args.data, args.images, tokenizer=args.tokenizer, template=args.template,
                                max_length=args.max_length, image_seq_length=args.image_seq_length,
-                               limit=args.limit, workers=args.workers, max_pixels=args.max_pixels)
+                               limit=args.limit, workers=args.workers, max_pixels=args.max_pixels,
+                               aspect=args.aspect)
     except (OSError, ValueError, KeyError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

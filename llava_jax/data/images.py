@@ -51,6 +51,8 @@ class ImageConfig:
         inference); "resize" is the plain processor (stage 1).
       rescale_factor: applied to uint8 pixels before normalizing.
       resample: PIL resampling filter of the resize (bicubic).
+      max_aspect_ratio: with aspect "resize", images whose long side exceeds this many times the short one
+        are rejected (BadSample "extreme_aspect_ratio"): a 1x5000 banner would become 336x1.7M pixels.
     """
 
     size: int = 336
@@ -60,6 +62,7 @@ class ImageConfig:
     aspect: str = "pad"
     rescale_factor: float = 1 / 255
     resample: int = int(Image.Resampling.BICUBIC)
+    max_aspect_ratio: float = 200.0
 
     def __post_init__(self):
         if self.aspect not in ASPECTS:
@@ -242,8 +245,20 @@ def _table(cfg: ImageConfig) -> np.ndarray:
     return table
 
 
-def preprocess(image: Image.Image, cfg: ImageConfig) -> np.ndarray:
-    """PIL image -> float32 pixel values [3, crop_size, crop_size] (channels first, like transformers)."""
+def check_aspect_ratio(size: tuple[int, int], cfg: ImageConfig, *, sample_id: str | None = None,
+                       name: str | None = None) -> None:
+    """Raises BadSample("extreme_aspect_ratio") for an image (width, height) that `cfg` would not resize."""
+    if cfg.aspect == "resize" and max(size) > cfg.max_aspect_ratio * min(size):
+        raise BadSample("extreme_aspect_ratio", f"image{' ' + name if name else ''} is {size[0]}x{size[1]}, more elongated "
+                        f"than the limit of {cfg.max_aspect_ratio:g}:1 for aspect 'resize'", sample_id)
+
+
+def preprocess(image: Image.Image, cfg: ImageConfig, *, sample_id: str | None = None) -> np.ndarray:
+    """PIL image -> float32 pixel values [3, crop_size, crop_size] (channels first, like transformers).
+
+    Raises BadSample("extreme_aspect_ratio") past `cfg.max_aspect_ratio` with aspect "resize".
+    """
+    check_aspect_ratio(image.size, cfg, sample_id=sample_id)
     if image.mode != "RGB":
         image = image.convert("RGB")
     if cfg.aspect == "pad":

@@ -76,6 +76,16 @@ def test_finds_every_kind_of_bad_sample(dataset):
     assert len(report.token_lengths) == 0 and "tokens per good sample" not in report.format()
 
 
+def test_extreme_aspect_ratio_only_with_resize(tmp_path):
+    banner = io.BytesIO()
+    Image.new("RGB", (1, 211)).save(banner, format="PNG")
+    (tmp_path / "banner.png").write_bytes(banner.getvalue())
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps([{"id": "b", "image": "banner.png", "conversations": turns("<image>", "Tall.")}]))
+    assert check_dataset(data, tmp_path).ok == 1
+    assert check_dataset(data, tmp_path, aspect="resize").examples == {"extreme_aspect_ratio": ["b"]}
+
+
 def test_reads_zip_archives_and_workers_keep_the_order(dataset, tmp_path):
     data, _ = dataset
     archive = tmp_path / "images.zip"

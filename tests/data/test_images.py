@@ -218,6 +218,17 @@ def test_too_large_images_are_rejected_before_decoding():
     assert load_image(FILES["rgb_640x480.png"], max_pixels=640 * 480).size == (640, 480)
 
 
+def test_extreme_aspect_ratios_are_rejected_only_when_resized(expand2square):
+    banner = Image.fromarray(photo(401, 2, seed=3))
+    with pytest.raises(BadSample) as error:
+        preprocess(banner, ImageConfig(aspect="resize"), sample_id="b1")
+    assert error.value.reason == "extreme_aspect_ratio" and error.value.sample_id == "b1"
+    assert preprocess(banner, ImageConfig(aspect="resize", max_aspect_ratio=201)).shape == (3, 336, 336)
+    processor = hf_processor()
+    np.testing.assert_allclose(preprocess(banner, ImageConfig(aspect="pad")),
+                               reference(encode(banner, "PNG"), processor, "pad", expand2square), atol=1e-5, rtol=0)
+
+
 def test_load_image_from_path(tmp_path):
     path = tmp_path / "cat.png"
     path.write_bytes(FILES["palette.gif"])
