@@ -2,7 +2,7 @@
 
     python -m llava_jax.data.check --data llava_v1_5_mix665k.json --images playground/data \\
         [--tokenizer DIR] [--template v1] [--max-length 2048] [--image-seq-length 576] [--limit N] \\
-        [--workers N] [--aspect pad|resize] [--strict]
+        [--workers N] [--aspect pad|resize] [--strict] [--json REPORT.json]
 
 Prints totals, bad samples by reason (with the first few sample ids and the first message), image and
 text-only counts, the modes of the image files, word counts and, with a tokenizer, token length
@@ -16,12 +16,14 @@ import argparse
 import collections
 import dataclasses
 import io
+import json
 import multiprocessing
 import os
 import sys
 from typing import Any, Sequence
 
 import numpy as np
+from etils import epath
 from PIL import Image
 
 from llava_jax.data.conversation import IMAGE_TOKEN, get_template
@@ -94,6 +96,19 @@ class Report:
     def truncated(self) -> int:
         """Good samples longer than max_length (cut at the end by training)."""
         return int((self.token_lengths > self.max_length).sum()) if self.max_length else 0
+
+    def to_dict(self) -> dict:
+        """JSON-ready summary (percentiles instead of the per-sample arrays)."""
+        def percentiles(values):
+            return ({f"p{p}": int(v) for p, v in zip(PERCENTILES, np.percentile(values, PERCENTILES,
+                                                                              method="nearest"))}
+                    if len(values) else {})
+        return {"data": self.data, "images": self.images, "total": self.total, "scanned": self.scanned,
+                "ok": self.ok, "bad": dict(self.bad), "examples": self.examples, "messages": self.messages,
+                "image_samples": self.image_samples, "text_only_samples": self.text_only_samples,
+                "image_files": self.image_files, "image_modes": dict(self.image_modes),
+                "words": percentiles(np.abs(self.words)), "tokens": percentiles(self.token_lengths),
+                "truncated": self.truncated(), "max_length": self.max_length, "template": self.template}
 
     def format(self) -> str:
         """The human-readable report."""
@@ -261,6 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, help="check only the first N samples")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--strict", action="store_true", help="exit with code 1 when any sample is bad")
+    parser.add_argument("--json", help="also write the report as JSON to this file")
     args = parser.parse_args(argv)
     try:
         report = check_dataset(args.data, args.images, tokenizer=args.tokenizer, template=args.template,
@@ -271,6 +287,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(report.format())
+    if args.json:
+        epath.Path(args.json).write_text(json.dumps(report.to_dict(), indent=2))
     return 1 if args.strict and report.num_bad else 0
 
 

@@ -120,11 +120,14 @@ def test_token_lengths_and_truncation_with_a_real_tokenizer(dataset, llama2_toke
     assert short.token_lengths.tolist() == expected[3:] and short.truncated() == 1
 
 
-def test_command_line(dataset, capsys):
+def test_command_line(dataset, capsys, tmp_path):
     data, images = dataset
     args = ["--data", str(data), "--images", str(images), "--max-pixels", str(300 * 200)]
-    assert main(args) == 0
+    assert main(args + ["--json", str(tmp_path / "report.json")]) == 0
     printed = capsys.readouterr().out
+    saved = json.loads((tmp_path / "report.json").read_text())
+    assert saved["bad"] == {reason: len(ids) for reason, ids in EXPECTED_BAD.items()}
+    assert saved["examples"] == EXPECTED_BAD and saved["ok"] == 5 and saved["words"]["p100"] == 703
     assert f"scanned {len(RECORDS)} of {len(RECORDS)} samples: 5 ok, 8 bad" in printed
     assert "missing_image" in printed and "missing, missing2" in printed
     assert main(args + ["--strict"]) == 1
