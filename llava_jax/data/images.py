@@ -9,8 +9,8 @@ rescale + normalize.
 
 Decisions, matching the official code rather than transformers' processor where they differ:
 - Colour conversion is PIL's `convert("RGB")` for every mode: alpha and palette transparency are dropped,
-  not composited on white (transformers 5's processors composite them on white); CMYK uses PIL's naive formula; 16-bit and 32-bit modes
-  (I;16, I, F) are clipped to 0..255 by PIL, exactly as in the official code.
+  not composited on white (transformers 5's processors composite them on white); CMYK uses PIL's naive
+  formula; 16-bit and 32-bit modes (I;16, I, F) are clipped to 0..255 by PIL, as in the official code.
 - EXIF orientation is NOT applied by default: LLaVA was trained on the stored pixels, and the boxes written
   into LLaVA's grounding conversations (RefCOCO, VG) refer to the stored pixel frame. Pass
   `exif_transpose=True` (what transformers' `load_image` does) for photos shown to a model at inference.
@@ -249,8 +249,9 @@ def check_aspect_ratio(size: tuple[int, int], cfg: ImageConfig, *, sample_id: st
                        name: str | None = None) -> None:
     """Raises BadSample("extreme_aspect_ratio") for an image (width, height) that `cfg` would not resize."""
     if cfg.aspect == "resize" and max(size) > cfg.max_aspect_ratio * min(size):
-        raise BadSample("extreme_aspect_ratio", f"image{' ' + name if name else ''} is {size[0]}x{size[1]}, more elongated "
-                        f"than the limit of {cfg.max_aspect_ratio:g}:1 for aspect 'resize'", sample_id)
+        where = f"image {name}" if name else "image"
+        raise BadSample("extreme_aspect_ratio", f"{where} is {size[0]}x{size[1]}, more elongated than the limit "
+                        f"of {cfg.max_aspect_ratio:g}:1 for aspect 'resize'", sample_id)
 
 
 def preprocess(image: Image.Image, cfg: ImageConfig, *, sample_id: str | None = None) -> np.ndarray:
