@@ -14,7 +14,7 @@ from llava_jax.models.llama import LlamaConfig
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-_RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat")
+_RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat", "attention_impl")
 
 
 def _as_hf_config(hf_config: Mapping[str, Any] | transformers.PretrainedConfig) -> transformers.PretrainedConfig:
@@ -47,7 +47,7 @@ def llama_config_from_hf(hf_config: Mapping[str, Any] | transformers.PretrainedC
                          **runtime: Any) -> LlamaConfig:
     """Hugging Face decoder config (dict or transformers config) -> LlamaConfig.
 
-    runtime: dtype, param_dtype, scan_layers, remat.
+    runtime: dtype, param_dtype, scan_layers, remat, attention_impl.
     """
     unknown = set(runtime) - set(_RUNTIME_FIELDS)
     if unknown:

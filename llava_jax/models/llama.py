@@ -70,6 +70,8 @@ class LlamaConfig:
     param_dtype: Any = jnp.float32
     scan_layers: bool = True
     remat: str = "none"
+    # jax.nn.dot_product_attention backend: None / "xla" (XLA everywhere), "cudnn" (fused GPU kernel; bf16/fp16).
+    attention_impl: str | None = None
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)
@@ -86,6 +88,8 @@ class LlamaConfig:
                              f"num_key_value_heads {self.num_key_value_heads}")
         if self.head_dim % 2:
             raise ValueError(f"LlamaConfig: rotary embeddings need an even head_dim, got {self.head_dim}")
+        if self.attention_impl not in (None, "xla", "cudnn"):
+            raise ValueError(f"LlamaConfig: attention_impl {self.attention_impl!r} is not None, 'xla' or 'cudnn'")
         if self.remat not in layers.REMAT_POLICIES:
             raise ValueError(f"LlamaConfig: remat {self.remat!r} is not one of {sorted(layers.REMAT_POLICIES)}")
 
@@ -196,9 +200,10 @@ class LlamaAttention(nnx.Module):
     """Grouped-query attention with rotary embeddings; K = num_kv_heads divides N = num_heads."""
 
     def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, *, qkv_bias: bool,
-                 o_bias: bool, dtype, param_dtype, rngs: nnx.Rngs):
+                 o_bias: bool, implementation: str | None, dtype, param_dtype, rngs: nnx.Rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.implementation = implementation
         self.q_proj = Linear(hidden_size, num_heads * head_dim, axes=("heads", "embed"), use_bias=qkv_bias, **kw)
         self.k_proj = Linear(hidden_size, num_kv_heads * head_dim, axes=("kv", "embed"), use_bias=qkv_bias, **kw)
         self.v_proj = Linear(hidden_size, num_kv_heads * head_dim, axes=("kv", "embed"), use_bias=qkv_bias, **kw)
@@ -220,7 +225,7 @@ class LlamaAttention(nnx.Module):
             k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), index, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), index, axis=1)
         out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask,
-                                           is_causal=mask is None)
+                                           is_causal=mask is None, implementation=self.implementation)
         return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), (k, v)
 
 
@@ -246,7 +251,8 @@ class LlamaDecoderLayer(nnx.Module):
         c = config
         kw = dict(dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
         self.self_attn = LlamaAttention(c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
-                                        qkv_bias=c.attention_bias, o_bias=c.o_proj_bias, **kw)
+                                        qkv_bias=c.attention_bias, o_bias=c.o_proj_bias,
+                                        implementation=c.attention_impl, **kw)
         self.mlp = LlamaMLP(c.hidden_size, c.intermediate_size, use_bias=c.mlp_bias, **kw)
         self.input_layernorm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, **kw)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, **kw)
@@ -356,6 +362,8 @@ class LlamaForCausalLM(nnx.Module):
 
         input_ids int [B, T] or inputs_embeds [B, T, D]; attention_mask [B, T] (1 = real token, 0 = pad;
         left or right padding); positions int [B, T] (default cumsum(attention_mask) - 1).
+        Right-padded training batches may leave attention_mask None: causal masking alone already keeps
+        real tokens off the pads that follow them, and the unmasked causal kernel is the fastest.
         Returns logits float32 [B, T, V].
         """
         x = self._inputs(input_ids, inputs_embeds)
