@@ -3,6 +3,10 @@
 The loss is the token-weighted mean of next-token cross entropy over the supervised tokens (labels !=
 -100) of the whole global batch; with gradient accumulation each microbatch contributes its sum divided
 by the global count, so the result does not depend on how the batch is split.
+
+Dropout (the LoRA adapters' `nnx.Dropout`) is on in the train step only: each microbatch gets the key
+fold_in(fold_in(key(dropout_seed), step), microbatch), split over stacked layers by `nnx.reseed`; the
+eval step switches it off.
 """
 
 from __future__ import annotations
@@ -44,8 +48,13 @@ def supervised_count(labels: jax.Array) -> jax.Array:
 
 
 def model_logits(model: nnx.Module, batch: Batch) -> jax.Array:
-    """Runs the model on a batch dict; images [B, I, 3, S, S] are flattened to [B*I, 3, S, S]."""
-    kwargs = {"attention_mask": batch["attention_mask"]}
+    """Runs the model on a batch dict; images [B, I, 3, S, S] are flattened to [B*I, 3, S, S].
+
+    Training batches are right-padded, so plain causal attention with positions 0..T-1 is exact for every
+    real token (pads sit after them and carry no labels); leaving the mask out keeps the fused causal
+    attention kernels usable.
+    """
+    kwargs = {}
     if "pixel_values" in batch:
         pixels = batch["pixel_values"]
         kwargs["pixel_values"] = pixels.reshape((-1,) + pixels.shape[2:])
@@ -62,19 +71,28 @@ def split_microbatches(batch: Batch, num: int) -> Batch:
     return jax.tree.map(split, batch)
 
 
+def with_dropout(model: nnx.Module, key: jax.Array) -> nnx.Module:
+    """Switches the model's dropout on and reseeds every 'dropout' stream from `key` (in place)."""
+    model.train()
+    nnx.reseed(model, dropout=key, policy="match_shape")
+    return model
+
+
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, *,
-                    microbatches: int = 1, compute_dtype=jnp.bfloat16) -> Callable:
+                    microbatches: int = 1, compute_dtype=jnp.bfloat16, dropout_seed: int = 0) -> Callable:
     """Returns step(state, frozen, rest, batch) -> (state, metrics); jit it with donated `state`.
 
     Trainable parameters are cast to `compute_dtype` for the forward pass; gradients flow back to the
     float32 master copy. Frozen parameters are closed over and never differentiated. A step whose loss or
     gradient norm is not finite leaves parameters and optimizer state unchanged and is counted.
+    Dropout keys derive from `dropout_seed`, the step number and the microbatch index.
     """
+    dropout_key = jax.random.key(dropout_seed)
 
-    def loss_sum(trainable, frozen, rest, micro: Batch, total: jax.Array):
+    def loss_sum(trainable, frozen, rest, micro: Batch, total: jax.Array, key: jax.Array):
         compute = jax.tree.map(lambda x: x.astype(compute_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
                                trainable)
-        model = nnx.merge(graphdef, compute, frozen, rest)
+        model = with_dropout(nnx.merge(graphdef, compute, frozen, rest), key)
         ce_sum, count = token_cross_entropy(model_logits(model, micro), micro["labels"])
         return ce_sum / jnp.maximum(total, 1), (ce_sum, count)
 
@@ -84,13 +102,15 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
         total = supervised_count(batch["labels"])
         micro = split_microbatches(batch, microbatches)
         zeros = jax.tree.map(jnp.zeros_like, state.trainable)
+        keys = jax.random.split(jax.random.fold_in(dropout_key, state.step), microbatches)
 
-        def accumulate(carry, mb):
+        def accumulate(carry, micro_and_key):
             grads, loss = carry
-            (l, _), g = grad_fn(state.trainable, frozen, rest, mb, total)
+            mb, key = micro_and_key
+            (l, _), g = grad_fn(state.trainable, frozen, rest, mb, total, key)
             return (jax.tree.map(jnp.add, grads, g), loss + l), None
 
-        (grads, loss), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros((), jnp.float32)), micro)
+        (grads, loss), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros((), jnp.float32)), (micro, keys))
         grad_norm = optax.global_norm(grads)
         updates, new_opt = optimizer.update(grads, state.opt_state, state.trainable)
         new_params = optax.apply_updates(state.trainable, updates)
@@ -110,12 +130,14 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
 
 
 def make_eval_step(graphdef: nnx.GraphDef, compute_dtype=jnp.bfloat16) -> Callable:
-    """Returns eval(trainable, frozen, rest, batch) -> {"loss_sum", "count"} (sum these over batches)."""
+    """Returns eval(trainable, frozen, rest, batch) -> {"loss_sum", "count"} (sum these over batches).
+    Dropout is off."""
 
     def evaluate(trainable, frozen, rest, batch: Batch):
         compute = jax.tree.map(lambda x: x.astype(compute_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
                                trainable)
         model = nnx.merge(graphdef, compute, frozen, rest)
+        model.eval()
         ce_sum, count = token_cross_entropy(model_logits(model, batch), batch["labels"])
         return {"loss_sum": ce_sum, "count": count}
 
