@@ -32,12 +32,15 @@ _DECODER = json.JSONDecoder()
 
 def read_records(path: str | os.PathLike) -> Iterator[tuple[dict, str]]:
     """Yields (record, its JSON text) from a JSON list or JSONL file; errors name the file and the place."""
-    text = epath.Path(path).read_text(encoding="utf-8")
+    try:
+        text = epath.Path(path).read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 text ({e})") from e
     if text.lstrip().startswith("["):
         for index, (record, raw) in enumerate(_json_list_items(text, path)):
             yield _check_record(record, path, f"record {index}"), raw
         return
-    for line_number, line in enumerate(text.splitlines(), start=1):
+    for line_number, line in enumerate(text.split("\n"), start=1):  # text may hold U+2028, NEL, ...
         if not line.strip():
             continue
         try:

@@ -45,14 +45,15 @@ RECORDS = [
                        {"from": "gpt", "value": "Check that it is homogeneous, distinct and   sizable."}]},
     {"id": 2354786, "image": ["gqa/images/2354786.jpg", "vg/VG_100K/2.jpg"],  # integer id, image list
      "conversations": [{"from": "human", "value": "<image>\n<image>\nCompare the two pictures."},
-                       {"from": "gpt", "value": "Both show — naïvely — a street."}]},
+                       {"from": "gpt", "value": "Both show — naïvely — a street.\u2028\x85\r\nSee?"}]},
 ]
 
 
 def write_annotations(tmp_path, records, jsonl: bool = False):
     path = tmp_path / ("data.jsonl" if jsonl else "data.json")
-    if jsonl:
-        path.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\n", encoding="utf-8")
+    if jsonl:  # Windows line ends and a byte order mark, as some tools write them
+        text = "\r\n".join(json.dumps(r, ensure_ascii=False) for r in records) + "\r\n"
+        path.write_bytes(b"\xef\xbb\xbf" + text.encode("utf-8"))
     else:
         path.write_text(json.dumps(records, indent=2, ensure_ascii=False), encoding="utf-8")
     return path
