@@ -162,22 +162,24 @@ class LlavaForConditionalGeneration(nnx.Module):
         return self.multi_modal_projector(features.astype(c.text.dtype))
 
     def embed_inputs(self, input_ids: jax.Array, pixel_values: jax.Array | None = None,
-                     image_mask: jax.Array | None = None) -> jax.Array:
+                     image_mask: jax.Array | None = None, *, check_counts: bool = True) -> jax.Array:
         """Token embeddings with the image features merged in: input_ids [B, T] -> [B, T, D_text].
 
         pixel_values [N, 3, H, W] or None; image_mask bool [N] (False = padding image) or None (all real).
+        check_counts: raise when image tokens and images disagree (concrete inputs only). Without pixels,
+        every token keeps its own embedding (as in transformers' decoding steps).
         """
         c = self.config
+        num_images = 0 if pixel_values is None else (
+            pixel_values.shape[0] if image_mask is None else jnp.sum(image_mask))
+        if check_counts:
+            check_image_tokens(input_ids, c.image_token_index, c.image_seq_length, num_images)
+        if pixel_values is None:
+            return self.language_model.embed(input_ids)
         is_image = input_ids == c.image_token_index
         # The image token id may lie outside the vocabulary (e.g. the official -200): embed a valid id.
         embeds = self.language_model.embed(jnp.where(is_image, 0, input_ids))
-        if pixel_values is None:
-            check_image_tokens(input_ids, c.image_token_index, c.image_seq_length, 0)
-            return embeds
-        num_images = pixel_values.shape[0] if image_mask is None else jnp.sum(image_mask)
-        check_image_tokens(input_ids, c.image_token_index, c.image_seq_length, num_images)
-        features = self.get_image_features(pixel_values)
-        return merge_image_features(embeds, is_image, features, image_mask)
+        return merge_image_features(embeds, is_image, self.get_image_features(pixel_values), image_mask)
 
     def __call__(self, input_ids: jax.Array, pixel_values: jax.Array | None = None,
                  attention_mask: jax.Array | None = None, image_mask: jax.Array | None = None) -> jax.Array:
@@ -197,9 +199,10 @@ class LlavaForConditionalGeneration(nnx.Module):
                image_mask: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
         """Appends input_ids [B, T] to the cache: a prefill (with images) or a one-token step.
 
+        Token counts are checked only with pixel_values (a step may emit the image token id).
         Returns (logits float32 [B, T, V], updated cache).
         """
-        embeds = self.embed_inputs(input_ids, pixel_values, image_mask)
+        embeds = self.embed_inputs(input_ids, pixel_values, image_mask, check_counts=pixel_values is not None)
         return self.language_model.decode(cache, inputs_embeds=embeds, attention_mask=attention_mask)
 
 

@@ -189,7 +189,7 @@ def test_image_token_count_mismatch_raises(pair):
         ours(jnp.asarray(split), jnp.asarray(pixels(3)))
     # transformers refuses the same input.
     with pytest.raises(Exception, match="do not match"):
-        reference_logits(hf, np.asarray(ids), pixels(3))
+        reference_logits(hf, np.array(ids), pixels(3))
 
 
 @pytest.mark.parametrize("layers,strategy,projector", [((-2, -5), "default", "mlp2x_gelu"),
@@ -251,6 +251,28 @@ def test_greedy_generation_with_image_equals_transformers_generate(pair, greedy)
     ref = ref[:, ids.shape[1]:].numpy()
     np.testing.assert_array_equal(generated, ref)
     assert len(np.unique(ref)) > 3  # a real sequence, not one repeated token
+
+
+def test_decode_step_may_emit_the_image_token_id(pair):
+    # Decoding steps carry no pixels: an emitted image-token id keeps its own embedding, as in transformers.
+    hf, ours = pair
+    ids = np.random.default_rng(10).integers(3, IMAGE, size=(1, 6))
+    logits, cache = ours.decode(ours.init_cache(1, 8), jnp.asarray(ids))
+    step_logits, _ = ours.decode(cache, jnp.asarray([[IMAGE]]))
+    ref = reference_logits(hf, np.concatenate([ids, [[IMAGE]]], axis=1))
+    assert_logits_close(np.concatenate([logits, step_logits], axis=1), ref)
+
+
+def test_vision_tower_is_frozen_projector_and_llm_train(pair):
+    _, ours = pair
+    rng = np.random.default_rng(11)
+    ids, px = row(rng, 2, "img", 3)[None], pixels(1, seed=11)
+    graphdef, params = nnx.split(ours, nnx.Param)
+    loss = lambda p: jnp.sum(nnx.merge(graphdef, p)(jnp.asarray(ids), jnp.asarray(px))[0, -1] ** 2)
+    grads = jax.jit(jax.grad(loss))(params)
+    norm = lambda tree: float(sum(jnp.sum(jnp.abs(g)) for g in jax.tree.leaves(tree)))
+    assert norm(grads["vision_tower"]) == 0.0
+    assert norm(grads["multi_modal_projector"]) > 0 and norm(grads["language_model"]) > 0
 
 
 def test_tensor_names_of_every_layout(pair, tmp_path):
