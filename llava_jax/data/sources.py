@@ -140,8 +140,8 @@ class ImageZip:
     """Reads images from a .zip archive, opened lazily (again after a fork) in each process.
 
     A path is looked up as given, then below the archive's single top folder if it has one, then by
-    dropping its leading folders one at a time: "coco/train2017/1.jpg" finds "train2017/1.jpg" in
-    COCO's train2017.zip, "00000/1.jpg" finds "images/00000/1.jpg".
+    dropping its leading folders one at a time down to its own folder: "coco/train2017/1.jpg" finds
+    "train2017/1.jpg" in COCO's train2017.zip, "00000/1.jpg" finds "images/00000/1.jpg".
     """
 
     def __init__(self, archive: str):
@@ -169,7 +169,7 @@ class ImageZip:
         """The archive member holding `relative`, or None."""
         _, names, top = self._open()
         parts = relative.split("/")
-        for start in range(len(parts)):
+        for start in range(max(1, len(parts) - 1)):  # keep the file's own folder: never match a bare name
             suffix = "/".join(parts[start:])
             for candidate in (suffix, top + suffix):
                 if candidate in names:
@@ -188,8 +188,19 @@ class ImageZip:
 
 
 def image_store(image_root: str | os.PathLike) -> ImageFolder | ImageZip:
+    """The reader of a folder or a .zip archive; raises when it does not exist or is not a zip archive."""
     root = str(image_root)
-    return ImageZip(root) if root.lower().endswith(".zip") else ImageFolder(root)
+    path = epath.Path(root)
+    if root.lower().endswith(".zip") and not path.is_dir():
+        store = ImageZip(root)
+        try:
+            store.resolve("")  # opens the archive once: a missing or broken one fails here, not per sample
+        except (OSError, zipfile.BadZipFile) as e:
+            raise ValueError(f"image archive {root}: {e}") from e
+        return store
+    if not path.is_dir():
+        raise FileNotFoundError(f"image folder not found: {root}")
+    return ImageFolder(root)
 
 
 class LlavaJsonSource:

@@ -140,6 +140,26 @@ def test_missing_and_unsafe_image_paths(tmp_path):
             source[0]
 
 
+def test_a_bare_file_name_never_matches_another_folder(tmp_path):
+    annotations = write_annotations(tmp_path, [{"id": "v", "image": "VG_100K_2/2.jpg",
+                                                "conversations": RECORDS[0]["conversations"]}])
+    archive = write_zip(tmp_path / "vg.zip", {"vg/VG_100K/2.jpg": IMAGES["vg/VG_100K/2.jpg"]})
+    with pytest.raises(BadSample) as error:  # the archive only has VG_100K/2.jpg
+        LlavaJsonSource(annotations, archive)[0]
+    assert error.value.reason == "missing_image"
+
+
+def test_missing_or_broken_image_root_fails_at_construction(tmp_path):
+    annotations = write_annotations(tmp_path, RECORDS)
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        LlavaJsonSource(annotations, tmp_path / "nowhere")
+    (tmp_path / "broken.zip").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match="broken.zip"):
+        LlavaJsonSource(annotations, tmp_path / "broken.zip")
+    with pytest.raises(ValueError, match="absent.zip"):
+        LlavaJsonSource(annotations, tmp_path / "absent.zip")
+
+
 def test_malformed_annotation_files_name_file_and_place(tmp_path):
     bad_jsonl = tmp_path / "bad.jsonl"
     bad_jsonl.write_text(json.dumps(RECORDS[0]) + "\n{\"id\": 1,\n")
