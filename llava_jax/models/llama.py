@@ -343,7 +343,7 @@ class LlamaForCausalLM(nnx.Module):
         if self.lm_head is None:
             return self.model.embed_tokens.attend(hidden)
         dtype = self.config.dtype
-        return jnp.einsum("btd,vd->btv", hidden.astype(dtype), self.lm_head.weight.value.astype(dtype),
+        return jnp.einsum("btd,vd->btv", hidden.astype(dtype), self.lm_head.weight[...].astype(dtype),
                           preferred_element_type=jnp.float32)
 
     def _inputs(self, input_ids, inputs_embeds) -> jax.Array:
