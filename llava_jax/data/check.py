@@ -2,7 +2,7 @@
 
     python -m llava_jax.data.check --data llava_v1_5_mix665k.json --images playground/data \\
         [--tokenizer DIR] [--template v1] [--max-length 2048] [--image-seq-length 576] [--limit N] \\
-        [--workers N] [--aspect pad|resize] [--strict] [--json REPORT.json]
+        [--workers N] [--aspect pad|resize] [--max-images N] [--strict] [--json REPORT.json]
 
 Prints totals, bad samples by reason (with the first few sample ids and the first message), image and
 text-only counts, the modes of the image files, word counts and, with a tokenizer, token length
@@ -142,8 +142,10 @@ class SampleChecker:
     """Checks one sample of `source` the way the training pipeline reads it."""
 
     def __init__(self, source: LlavaJsonSource, *, tokenizer=None, template: str = "v1", max_length: int = 2048,
-                 image_seq_length: int = 576, max_pixels: int = DEFAULT_MAX_PIXELS, aspect: str = "pad"):
+                 image_seq_length: int = 576, max_pixels: int = DEFAULT_MAX_PIXELS, aspect: str = "pad",
+                 max_images: int | None = None):
         self.source = source
+        self.max_images = max_images
         self.image_config = ImageConfig(aspect=aspect)
         self.tokenizer = tokenizer
         self.template = get_template(template)
@@ -160,6 +162,9 @@ class SampleChecker:
         try:
             sample = self.source[index]
             sample_id = sample["id"]
+            if self.max_images is not None and len(sample["images"]) > self.max_images:
+                raise BadSample("too_many_images", f"{len(sample['images'])} images, at most {self.max_images} "
+                                "per sample", sample_id)
             for data, name in zip(sample["images"], sample["image_paths"]):
                 modes.append(_file_mode(data))
                 image = load_image(data, sample_id=sample_id, name=name, max_pixels=self.max_pixels)
@@ -215,7 +220,7 @@ def _check_in_worker(index: int) -> SampleCheck:
 def check_dataset(data: str | os.PathLike, images: str | os.PathLike | None, *, tokenizer: Any = None,
                   template: str = "v1", max_length: int = 2048, image_seq_length: int = 576,
                   limit: int | None = None, workers: int = 1, max_pixels: int = DEFAULT_MAX_PIXELS,
-                  aspect: str = "pad", examples_per_reason: int = 5) -> Report:
+                  aspect: str = "pad", max_images: int | None = None, examples_per_reason: int = 5) -> Report:
     """Scans the first `limit` samples (all by default) of an annotation file.
 
     Args:
@@ -225,6 +230,7 @@ def check_dataset(data: str | os.PathLike, images: str | os.PathLike | None, *, 
       template, max_length, image_seq_length: as in training (`tokenize_conversation`).
       max_pixels, aspect: as in training (`load_image`, `ImageConfig.aspect`: "resize" rejects extreme
         aspect ratios).
+      max_images: the image slots of a training row (the pipeline's `max_images_per_sample`); None: no cap.
       workers: processes (forked) that check samples; results keep the file's order.
     """
     source = LlavaJsonSource(data, images)
@@ -232,7 +238,8 @@ def check_dataset(data: str | os.PathLike, images: str | os.PathLike | None, *, 
         from transformers import AutoTokenizer
         tokenizer = AutoTokenizer.from_pretrained(tokenizer)
     checker = SampleChecker(source, tokenizer=tokenizer, template=template, max_length=max_length,
-                            image_seq_length=image_seq_length, max_pixels=max_pixels, aspect=aspect)
+                            image_seq_length=image_seq_length, max_pixels=max_pixels, aspect=aspect,
+                            max_images=max_images)
     count = len(source) if limit is None else min(limit, len(source))
     report = Report(data=str(data), images=None if images is None else str(images), total=len(source),
                     words=source.lengths()[:count], max_length=max_length if tokenizer is not None else None,
@@ -273,6 +280,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS)
     parser.add_argument("--aspect", choices=["pad", "resize"], default="pad",
                         help="image aspect mode of training (resize: stage 1)")
+    parser.add_argument("--max-images", type=int, help="most images per sample (the pipeline's slots)")
     parser.add_argument("--limit", type=int, help="check only the first N samples")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--strict", action="store_true", help="exit with code 1 when any sample is bad")
@@ -282,7 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         report = check_dataset(args.data, args.images, tokenizer=args.tokenizer, template=args.template,
                                max_length=args.max_length, image_seq_length=args.image_seq_length,
                                limit=args.limit, workers=args.workers, max_pixels=args.max_pixels,
-                               aspect=args.aspect)
+                               aspect=args.aspect, max_images=args.max_images)
     except (OSError, ValueError, KeyError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -84,6 +84,7 @@ def test_extreme_aspect_ratio_only_with_resize(tmp_path):
     data.write_text(json.dumps([{"id": "b", "image": "banner.png", "conversations": turns("<image>", "Tall.")}]))
     assert check_dataset(data, tmp_path).ok == 1
     assert check_dataset(data, tmp_path, aspect="resize").examples == {"extreme_aspect_ratio": ["b"]}
+    assert check_dataset(data, tmp_path, max_images=0).examples == {"too_many_images": ["b"]}
 
 
 def test_reads_zip_archives_and_workers_keep_the_order(dataset, tmp_path):
