@@ -43,9 +43,18 @@ ones: Initializer = jax.nn.initializers.ones
 class Linear(nnx.Module):
     """y = x @ weight.T + bias.   weight: [out, in], bias: [out].
 
+    An optional LoRA adapter (attached by `llava_jax.train.lora.add_adapters`, absent by default) adds
+    lora_scale * dropout(x) @ lora_a.T @ lora_b.T with lora_a [r, in], lora_b [out, r].
+
     Args:
       axes: logical names of (out, in), e.g. ("mlp", "embed").
     """
+
+    # LoRA adapter: class-level defaults, so a Linear without one carries nothing extra.
+    lora_a: nnx.Param | None = None
+    lora_b: nnx.Param | None = None
+    lora_scale: float = 0.0
+    lora_dropout: nnx.Dropout | None = None
 
     def __init__(self, in_features: int, out_features: int, *, axes: tuple[str | None, str | None],
                  use_bias: bool = False, dtype=jnp.float32, param_dtype=jnp.float32,
@@ -61,7 +70,18 @@ class Linear(nnx.Module):
                        preferred_element_type=jnp.float32)
         if self.bias is not None:
             y = y + self.bias[...].astype(jnp.float32)
+        if self.lora_a is not None:
+            y = y + self.lora_scale * self._lora_update(x)
         return y.astype(self.dtype)
+
+    def _lora_update(self, x: jax.Array) -> jax.Array:
+        """x [..., in] -> dropout(x) @ lora_a.T @ lora_b.T [..., out] in float32."""
+        if self.lora_dropout is not None:
+            x = self.lora_dropout(x)
+        low = jnp.einsum("...i,ri->...r", x, self.lora_a[...].astype(self.dtype),
+                         preferred_element_type=jnp.float32)
+        return jnp.einsum("...r,or->...o", low.astype(self.dtype), self.lora_b[...].astype(self.dtype),
+                          preferred_element_type=jnp.float32)
 
 
 class RMSNorm(nnx.Module):

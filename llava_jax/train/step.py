@@ -92,7 +92,8 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     def loss_sum(trainable, frozen, rest, micro: Batch, total: jax.Array, key: jax.Array):
         compute = jax.tree.map(lambda x: x.astype(compute_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
                                trainable)
-        model = with_dropout(nnx.merge(graphdef, compute, frozen, rest), key)
+        # copy=True: fresh Variables at this trace level, so reseeding may update them.
+        model = with_dropout(nnx.merge(graphdef, compute, frozen, rest, copy=True), key)
         ce_sum, count = token_cross_entropy(model_logits(model, micro), micro["labels"])
         return ce_sum / jnp.maximum(total, 1), (ce_sum, count)
 
