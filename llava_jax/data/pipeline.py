@@ -16,6 +16,9 @@ The order depends only on (seed, sources, global batch size, process count), nev
 workers. `TrainIterator.get_state()` / `set_state()` (and grain's Orbax `CheckpointSave` /
 `CheckpointRestore`) resume at the exact next batch, bad-sample counts included.
 
+Worker processes are spawned (grain `mp_prefetch`): a training script that sets `worker_count > 0`
+needs the usual `if __name__ == "__main__":` guard.
+
 A bad sample's slot is refilled by the next sample of the same process, so a process stream that met
 bad samples runs slightly ahead of the others. With finite `num_epochs` processes can therefore end a
 few batches apart: bound training by a step count.
@@ -36,10 +39,10 @@ import numpy as np
 
 from llava_jax.data.errors import BadSample
 from llava_jax.data.grouping import group_by_modality_length
+from llava_jax.data.tokenize import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 # Block count of a source stream that repeats forever (effectively infinite, safe for grain's lengths).
 _FOREVER_BLOCKS = 2**40
 

@@ -344,3 +344,13 @@ def test_real_llava_processing_matches_the_data_functions(tmp_path):
                        for _, p in expected[batch["input_ids"][row, :n].tobytes()])
     two_image_rows = sum(int(b["image_mask"].all(axis=1).sum()) for b in batches)
     assert two_image_rows == 4 * 3  # weights 2:1 -> every third global batch comes from the pairs
+
+
+def test_data_package_exports_resolve():
+    import llava_jax.data as data
+
+    for name in data.__all__:
+        assert getattr(data, name) is not None, name
+    assert data.make_train_iterator is make_train_iterator
+    with pytest.raises(AttributeError, match="no_such_name"):
+        data.no_such_name
