@@ -288,6 +288,9 @@ class PrepareSample:
         except BadSample as error:
             sample_id = error.sample_id if error.sample_id is not None else f"source{source_id}[{index}]"
             return Rejected(error.reason, str(error), sample_id)
+        except Exception as error:
+            error.add_note(f"while preparing record {index} of source {source_id} ({self.sources[source_id]!r})")
+            raise
         labels = example["labels"]
         if not np.any(labels != IGNORE_INDEX):
             return Rejected("no_supervised_tokens", f"sample {example['id']!r}: every label is ignored "
@@ -316,7 +319,9 @@ class BadSampleCounter:
         if not isinstance(element, Rejected):
             return True
         if self.strict:
-            raise BadSample(element.reason, element.message)
+            error = BadSample(element.reason, element.message, element.sample_id)
+            error.args = (element.message,)  # the text the worker's BadSample had, not wrapped twice
+            raise error
         self.counts[element.reason] += 1
         ids = self.first_ids.setdefault(element.reason, [])
         if len(ids) < self.log_first:

@@ -239,8 +239,20 @@ def test_bad_samples_are_skipped_counted_and_logged(caplog):
 
 def test_strict_mode_fails_fast_with_the_sample_message():
     source = ListSource(make_records(12), missing=frozenset({0, 1, 2, 3, 4, 5, 6}))
-    with pytest.raises(BadSample, match=r"src0-\d+.*image file .* not found.*\[missing_image\]"):
+    with pytest.raises(BadSample, match=r"^sample 'src0-\d+': image file 'img/\d+.png' not found \[missing_image\]") as error:
         list(iterator_for([source], strict=True))
+    assert error.value.reason == "missing_image" and error.value.sample_id.startswith("src0-")
+    assert str(error.value).count("missing_image") == 1
+
+
+def test_unexpected_errors_name_the_record():
+    class Broken(ListSource):
+        def __getitem__(self, index):
+            raise KeyError("conversations")
+
+    with pytest.raises(KeyError) as error:
+        next(iterator_for([Broken(make_records(6))]))
+    assert any("of source 0" in note for note in error.value.__notes__)
 
 
 def test_resume_from_state_gives_the_exact_next_batches():
