@@ -120,19 +120,19 @@ class TfdsLlavaSource:
     """grain RandomAccessDataSource over a built dataset: records as `LlavaJsonSource` gives them.
 
     `source[i]` is `{"id": str, "conversations": list, "images": list[bytes], "image_paths": list[str]}`.
+    `TfdsLlavaSource(data_dir, name)` opens `data_dir/llava_dataset/name/<latest version>`; with `name`
+    omitted, `data_dir` may also be that version folder, its config folder, or a data_dir holding a
+    single config.
     """
 
-    def __init__(self, data_dir: str | os.PathLike, name: str, *, split: str = SPLIT):
+    def __init__(self, data_dir: str | os.PathLike, name: str | None = None, *, split: str = SPLIT):
+        data_dir, name, version_dir = _locate(epath.Path(data_dir), name)
         self.data_dir = str(data_dir)
         self.name = name
         self.split = split
-        dataset_dir = epath.Path(data_dir) / BUILDER_NAME / name
-        versions = sorted(dataset_dir.glob("*.*.*")) if dataset_dir.exists() else []
-        if not versions:
-            raise FileNotFoundError(f"no built dataset {BUILDER_NAME}/{name} under {data_dir} "
-                                    f"(build it with python -m llava_jax.data.tfds_builder)")
-        self.version_dir = str(versions[-1])
-        self._source = tfds.data_source(f"{BUILDER_NAME}/{name}", data_dir=self.data_dir, split=split)
+        self.version_dir = str(version_dir)
+        self._source = tfds.data_source(f"{BUILDER_NAME}/{name}:{version_dir.name}", data_dir=self.data_dir,
+                                        split=split)
         self._length = len(self._source)
 
     def __len__(self) -> int:
@@ -159,6 +159,33 @@ class TfdsLlavaSource:
         """Samples left out at build time, by reason."""
         metadata = json.loads((epath.Path(self.version_dir) / "metadata.json").read_text())
         return dict(metadata.get("skipped", {}))
+
+
+def _versions(config_dir: epath.Path) -> list[epath.Path]:
+    if not config_dir.is_dir():
+        return []
+    found = [p for p in config_dir.iterdir() if re.fullmatch(r"\d+\.\d+\.\d+", p.name) and p.is_dir()]
+    return sorted(found, key=lambda p: tuple(int(x) for x in p.name.split(".")))
+
+
+def _locate(path: epath.Path, name: str | None) -> tuple[epath.Path, str, epath.Path]:
+    """(data_dir, config name, version folder) of a built dataset."""
+    if name is None:
+        if re.fullmatch(r"\d+\.\d+\.\d+", path.name) and path.parent.parent.name == BUILDER_NAME:
+            return path.parent.parent.parent, path.parent.name, path
+        if path.parent.name == BUILDER_NAME:
+            return _locate(path.parent.parent, path.name)
+        builder_dir = path / BUILDER_NAME
+        configs = sorted(p.name for p in builder_dir.iterdir() if p.is_dir()) if builder_dir.is_dir() else []
+        if len(configs) != 1:
+            raise FileNotFoundError(f"{path}: expected one built dataset under {builder_dir}, found "
+                                    f"{configs or 'none'}; pass its name (TfdsLlavaSource(data_dir, name))")
+        name = configs[0]
+    versions = _versions(path / BUILDER_NAME / name)
+    if not versions:
+        raise FileNotFoundError(f"no built dataset {BUILDER_NAME}/{name} under {path} "
+                                f"(build it with python -m llava_jax.data.tfds_builder)")
+    return path, name, versions[-1]
 
 
 def _text(value: bytes | str) -> str:

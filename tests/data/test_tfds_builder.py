@@ -82,9 +82,22 @@ def test_zip_archive_and_cli(built, tmp_path, capsys):
     assert [from_zip[i] for i in range(len(from_zip))] == [from_folder[i] for i in range(len(from_folder))]
 
 
-def test_missing_dataset_error_names_the_place(tmp_path):
+def test_open_by_data_dir_config_dir_or_version_dir(built):
+    root, *_, version_dir = built
+    by_name = TfdsLlavaSource(root / "out", "data")
+    for path in (root / "out", version_dir.parent, version_dir):
+        source = TfdsLlavaSource(path)
+        assert (source.name, source.version_dir) == ("data", str(version_dir))
+        assert [source[i] for i in range(len(source))] == [by_name[i] for i in range(len(by_name))]
+
+
+def test_missing_or_ambiguous_dataset_errors_name_the_place(tmp_path):
     with pytest.raises(FileNotFoundError, match="llava_dataset/nothing_here"):
         TfdsLlavaSource(tmp_path, "nothing_here")
+    for name in ("a", "b"):
+        (tmp_path / "llava_dataset" / name / "1.0.0").mkdir(parents=True)
+    with pytest.raises(FileNotFoundError, match=r"expected one built dataset .* found \['a', 'b'\]"):
+        TfdsLlavaSource(tmp_path)
 
 
 def test_config_name():
