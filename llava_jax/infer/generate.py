@@ -8,8 +8,8 @@ How a call runs:
   is tokenized piece by piece, BOS on the first piece only, as the official `tokenizer_image_token`) or
   token id lists already in that expanded form.
 - The batch is left padded to a bucketed length (`bucket_length`: powers of two up to 256, then multiples of
-  128), its rows to a power of two and its images to a power of two (padding images are masked out), so a
-  long evaluation compiles a handful of programs.
+  128), its rows to a power of two and its images to a power of two, at least one per row (padding images
+  are masked out), so a long evaluation compiles a handful of programs.
 - One jitted prefill runs the vision tower and the prompt through the cache and picks the first token; one
   jitted `jax.lax.while_loop` then decodes until every row has stopped or `max_new_tokens` are out. Both are
   pure functions of the `nnx.split` state.
@@ -21,12 +21,19 @@ How a call runs:
   key, prompts and batch give the same output.
 - `stream`: decodes step by step from the host and calls `stream(row, text_piece)` as text is produced
   (text that might begin a stop string is held back until it is resolved).
+- A generated image token id is embedded as an ordinary token (images enter at the prefill only), as in
+  transformers.
+
+Loading: `load_model(path)` reads a Hugging Face folder, our `convert.save` format or a finished training
+workdir (through its `export_hf` folder) and picks the template (`default_template`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import os
+from pathlib import Path
 from typing import Callable, NamedTuple, Sequence
 
 import jax
@@ -315,8 +322,10 @@ class Generator:
                              f"(3, {size}, {size})")
         return pixels
 
-    def make_batch(self, prompts: Sequence[Prompt], images: Sequence[Sequence] | None = None) -> Batch:
-        """Tokenizes, checks and pads prompts and their images (see the module docstring)."""
+    def make_batch(self, prompts: Sequence[Prompt], images: Sequence[Sequence] | None = None, *,
+                   min_rows: int = 1) -> Batch:
+        """Tokenizes, checks and pads prompts and their images (see the module docstring); the rows are padded
+        to a power of two, at least `min_rows` (a fixed batch size keeps a last, smaller batch compiled)."""
         if not prompts:
             raise ValueError("no prompts given")
         images = [[] for _ in prompts] if images is None else [list(i or []) for i in images]
@@ -338,7 +347,7 @@ class Generator:
                                  "were given")
             rows.append(ids)
             pixels += [self._pixels(image, f"{where}, image {k}") for k, image in enumerate(row_images)]
-        num_rows, width = next_power_of_two(len(rows)), self.bucket(max(r.size for r in rows))
+        num_rows, width = next_power_of_two(max(len(rows), min_rows)), self.bucket(max(r.size for r in rows))
         ids = np.full((num_rows, width), self.pad_id, np.int32)
         mask = np.zeros((num_rows, width), np.int32)
         for r in range(num_rows):
@@ -347,7 +356,7 @@ class Generator:
         done = np.arange(num_rows) >= len(rows)
         if not pixels:
             return Batch(ids, mask, None, None, done, len(rows))
-        n = next_power_of_two(len(pixels))
+        n = max(next_power_of_two(len(pixels)), num_rows)  # one image per row compiles once per row count
         stacked = np.zeros((n,) + pixels[0].shape, np.float32)
         stacked[:len(pixels)] = pixels
         return Batch(ids, mask, stacked, np.arange(n) < len(pixels), done, len(rows))
@@ -366,16 +375,16 @@ class Generator:
     def generate_tokens(self, prompts: Sequence[Prompt], images: Sequence[Sequence] | None = None, *,
                         max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                         rng: jax.Array | int | None = None, stop: Sequence[str] | None = None,
-                        stream: StreamCallback | None = None) -> list[np.ndarray]:
+                        stream: StreamCallback | None = None, min_rows: int = 1) -> list[np.ndarray]:
         """New token ids per prompt, int32 [n_i]; a row that stopped ends with its EOS / stop tokens."""
         tokens, lengths = self._run(prompts, images, max_new_tokens, Sampling(temperature, top_k, top_p), rng,
-                                    self._stops(stop), stream)
+                                    self._stops(stop), stream, min_rows)
         return [tokens[r, :lengths[r]] for r in range(len(prompts))]
 
     def generate(self, prompts: Sequence[Prompt], images: Sequence[Sequence] | None = None, *,
                  max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                  rng: jax.Array | int | None = None, stop: Sequence[str] | None = None,
-                 stream: StreamCallback | None = None) -> list[str]:
+                 stream: StreamCallback | None = None, min_rows: int = 1) -> list[str]:
         """Answers to a batch of prompts.
 
         Args:
@@ -386,12 +395,13 @@ class Generator:
           rng: a jax PRNG key or an int seed (default 0) for sampling.
           stop: strings that end an answer; default: the template's end-of-turn, none without a template.
           stream: called as `stream(row, text_piece)` while decoding (step by step from the host).
+          min_rows: pad the batch to at least this many rows (see `make_batch`).
         Returns:
           The decoded answers without the EOS and without the stop string and anything after it.
         """
         stop = self._stops(stop)
         tokens, lengths = self._run(prompts, images, max_new_tokens, Sampling(temperature, top_k, top_p), rng,
-                                    stop, stream)
+                                    stop, stream, min_rows)
         return [self.text_of(tokens[r, :lengths[r]], stop) for r in range(len(prompts))]
 
     def _stops(self, stop: Sequence[str] | None) -> tuple[str, ...]:
@@ -409,11 +419,11 @@ class Generator:
         return _cut_at_stop(text, stop)
 
     def _run(self, prompts, images, max_new_tokens, sampling: Sampling, rng, stop: tuple[str, ...],
-             stream: StreamCallback | None) -> tuple[np.ndarray, np.ndarray]:
+             stream: StreamCallback | None, min_rows: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """-> (tokens int32 [B, max_new_tokens], lengths int32 [B]) for the real rows."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        batch = self.make_batch(prompts, images)
+        batch = self.make_batch(prompts, images, min_rows=min_rows)
         key = jax.random.key(rng if rng is not None else 0) if rng is None or isinstance(rng, int) else rng
         static = _Static(self.graphdef, sampling.greedy, self.eos_token_ids, self._stop_ids(stop), self.pad_id)
         params = sampling.arrays()
@@ -443,6 +453,100 @@ class Generator:
         for streamer in streamers:
             streamer.flush()
         return carry
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+class ModelLoadError(ValueError):
+    """A model folder that cannot be used for generation; the message names the folder and what is wrong."""
+
+
+def default_template(name: str, tokenizer=None, text_model_type: str | None = None) -> str:
+    """The conversation template of a model, by the official CLI's rule on the model name, extended:
+
+    "llama-3" / "llama3" in the name or a tokenizer with `<|eot_id|>` -> llama_3; "llama-2" / "llama_2" ->
+    llama_2; "mistral" in the name or a Mistral text model -> mistral_instruct; otherwise llava_v1 (LLaVA v1 and
+    LLaVA-1.5 Vicuna models; the official CLI picks it for every name with "v1").
+    """
+    name = name.lower()
+    vocab = tokenizer.get_vocab() if tokenizer is not None else {}
+    if "llama-3" in name or "llama3" in name or "<|eot_id|>" in vocab:
+        return "llama_3"
+    if "llama-2" in name or "llama_2" in name:
+        return "llama_2"
+    if "mistral" in name or text_model_type == "mistral":
+        return "mistral_instruct"
+    return "llava_v1"
+
+
+def _workdir_export(path: Path) -> tuple[Path, str | None]:
+    """A training workdir -> (its Hugging Face export folder, its data template)."""
+    import json
+
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{path}: unreadable training config.json ({e})") from None
+    export = config.get("export_hf") or ""
+    if not export or not (Path(export) / "config.json").is_file():
+        raise ModelLoadError(f"{path}: a training workdir without a finished Hugging Face export (its config's "
+                             f"export_hf is {export!r}); load the exported folder, or finish the run with export_hf set")
+    return Path(export), (config.get("data") or {}).get("template")
+
+
+def load_model(path: str | os.PathLike, *, dtype=None, tokenizer: str | os.PathLike | None = None):
+    """Loads a model for generation -> (model, tokenizer, image_config, template name).
+
+    PATH is a Hugging Face LLaVA / LLaMA folder (config.json + weights; tokenizer and preprocessor_config.json
+    read from it), a folder in our format (`convert.save`: model.json + params/; the tokenizer from the same
+    folder or `tokenizer`), or a finished training workdir (config.json + checkpoints/): its `export_hf` folder.
+    The template is the workdir's `data.template` or `default_template(folder name)`.
+    Raises:
+      ModelLoadError naming the folder.
+    """
+    from transformers import AutoTokenizer
+
+    from llava_jax import convert
+
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelLoadError(f"model folder not found: {path}")
+    template = None
+    if (path / "checkpoints").is_dir() and (path / "config.json").is_file():
+        path, template = _workdir_export(path)
+    try:
+        if (path / "model.json").is_file():
+            model = convert.load(path, **({"dtype": dtype} if dtype else {}))
+        elif (path / "config.json").is_file():
+            model = convert.from_hf(path, dtype=dtype)
+        else:
+            raise ModelLoadError(f"{path}: not a model folder (no config.json or model.json)")
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer or path))
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ModelLoadError(f"{path}: cannot load the model or its tokenizer: {e}") from e
+    image_config = None
+    if hasattr(model, "embed_inputs"):
+        image_config = _image_config(path, model.config.vision.image_size)
+    text = model.config.text if hasattr(model.config, "text") else model.config
+    template = template or default_template(path.name, tokenizer, "mistral" if text.sliding_window else None)
+    return model, tokenizer, image_config, template
+
+
+def _image_config(path: Path, image_size: int) -> ImageConfig:
+    """The folder's preprocessor_config.json (LLaVA-1.5 "pad" aspect) or CLIP's defaults at the tower's size."""
+    if not (path / "preprocessor_config.json").is_file():
+        return ImageConfig(size=image_size, crop_size=image_size, aspect="pad")
+    try:
+        config = ImageConfig.from_hf(path, aspect="pad")
+    except (ValueError, TypeError) as e:
+        raise ModelLoadError(f"{path / 'preprocessor_config.json'}: {e}") from e
+    if config.crop_size != image_size:
+        raise ModelLoadError(f"{path / 'preprocessor_config.json'}: crop size {config.crop_size} differs from the "
+                             f"vision tower's image_size {image_size}")
+    return config
 
 
 def _cut_at_stop(text: str, stop: Sequence[str]) -> str:
@@ -484,4 +588,5 @@ def _held_back(text: str, stop: str) -> int:
     return 0
 
 
-__all__ = ["Generator", "Batch", "Sampling", "bucket_length", "filter_logits", "next_token"]
+__all__ = ["Generator", "Batch", "Sampling", "ModelLoadError", "bucket_length", "default_template", "filter_logits",
+           "load_model", "next_token"]

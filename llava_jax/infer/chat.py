@@ -1,0 +1,161 @@
+"""Terminal chat with a LLaVA model: `python -m llava_jax.chat --model PATH [--image FILE] ...`.
+
+Like the official `llava.serve.cli`: the image is attached to the first user turn (`<image>\\n` in front of
+it), every turn re-renders the whole conversation with the template and streams the answer, an empty line
+or end of input ends the chat. `--prompt TEXT` answers once and exits (the answer alone on stdout).
+
+The template is `--template`, else the training workdir's, else `default_template` of the model folder's name
+(llava_v1 for LLaVA-1.5 / v1 Vicuna models). Bad input (missing model folder, unreadable image, a conversation
+longer than the model's context) prints one `error: ...` line on stderr and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, Sequence, TextIO
+
+from llava_jax.data.conversation import IMAGE_TOKEN, generation_prompt, get_template
+from llava_jax.data.errors import BadSample
+
+EXIT_BAD_INPUT = 2
+
+
+class ChatError(Exception):
+    """Bad user input; the message is printed as one line."""
+
+
+class Chat:
+    """A multi-turn conversation over a `Generator`.
+
+    Args:
+      generator: the model's Generator (its template renders the turns).
+      image: a PIL image attached to the first user turn, or None.
+      max_new_tokens, temperature, top_p: generation settings of every answer.
+      seed: PRNG seed of sampling; each turn folds in its turn number.
+    """
+
+    def __init__(self, generator, image=None, *, max_new_tokens: int = 512, temperature: float = 0.2,
+                 top_p: float = 1.0, seed: int = 0):
+        if generator.template is None:
+            raise ChatError("the chat needs a conversation template")
+        self.generator, self.image = generator, image
+        self.max_new_tokens, self.temperature, self.top_p, self.seed = max_new_tokens, temperature, top_p, seed
+        self.messages: list[str] = []
+
+    def ask(self, text: str, stream: Callable[[str], None] | None = None) -> str:
+        """Answers one user message (streaming pieces of the answer to `stream`) and records the turn."""
+        import jax
+
+        text = text.replace(IMAGE_TOKEN, "").strip()  # images come from --image only
+        if not text:
+            raise ChatError("empty message")
+        if not self.messages and self.image is not None:
+            text = IMAGE_TOKEN + "\n" + text
+        gen = self.generator
+        prompt = generation_prompt(gen.template, [*self.messages, text])
+        length = gen.encode(prompt).size
+        room = gen.context_length - length
+        if room < 1:
+            raise ChatError(f"the conversation is {length} tokens long, the model's context is "
+                            f"{gen.context_length} tokens")
+        images = [[self.image]] if self.image is not None else None
+        try:
+            answer = gen.generate([prompt], images, max_new_tokens=min(self.max_new_tokens, room),
+                                  temperature=self.temperature, top_p=self.top_p,
+                                  rng=jax.random.fold_in(jax.random.key(self.seed), len(self.messages)),
+                                  stream=(lambda _, piece: stream(piece)) if stream else None)[0]
+        except ValueError as e:
+            raise ChatError(str(e)) from None
+        self.messages += [text, answer.strip()]
+        return answer.strip()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m llava_jax.chat", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True,
+                        help="a Hugging Face LLaVA folder, a llava_jax folder (convert.save) or a training workdir")
+    parser.add_argument("--image", help="image file attached to the first turn")
+    parser.add_argument("--template", help="conversation template (default: chosen from the model)")
+    parser.add_argument("--prompt", help="answer this one message and exit")
+    parser.add_argument("--max-new-tokens", type=int, default=512)
+    parser.add_argument("--temperature", type=float, default=0.2, help="0 = greedy (official CLI default 0.2)")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                        help="compute and storage dtype (default: the checkpoint's)")
+    parser.add_argument("--tokenizer", help="tokenizer folder (default: the model folder)")
+    return parser
+
+
+def _open_chat(args) -> Chat:
+    from llava_jax.data.images import load_image
+    from llava_jax.infer.generate import Generator, ModelLoadError, load_model
+
+    image = None
+    if args.image is not None:
+        try:
+            image = load_image(args.image, exif_transpose=True)
+        except BadSample as e:
+            raise ChatError(str(e)) from None
+    try:
+        template = get_template(args.template) if args.template else None
+    except KeyError as e:
+        raise ChatError(e.args[0]) from None
+    try:
+        model, tokenizer, image_config, default = load_model(args.model, dtype=args.dtype, tokenizer=args.tokenizer)
+    except (ModelLoadError, FileNotFoundError) as e:
+        raise ChatError(str(e)) from None
+    generator = Generator(model, tokenizer, image_config=image_config, template=template or default)
+    if image is not None and not generator.is_llava:
+        raise ChatError(f"{args.model} is a text-only model; it cannot take --image")
+    return Chat(generator, image, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                top_p=args.top_p, seed=args.seed)
+
+
+def _write(out: TextIO) -> Callable[[str], None]:
+    def write(piece: str) -> None:
+        out.write(piece)
+        out.flush()
+
+    return write
+
+
+def interact(chat: Chat, stdin: TextIO, stdout: TextIO) -> None:
+    """The interactive loop: `USER: ` prompt, streamed `ASSISTANT: ` answer; ends at an empty line or EOF."""
+    user, assistant = chat.generator.template.roles
+    user, assistant = (user or "USER").strip(), (assistant or "ASSISTANT").strip()
+    while True:
+        stdout.write(f"{user}: ")
+        stdout.flush()
+        line = stdin.readline()
+        if not line or not line.strip():
+            stdout.write("\n")
+            return
+        stdout.write(f"{assistant}: ")
+        chat.ask(line.strip(), stream=_write(stdout))
+        stdout.write("\n")
+        stdout.flush()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.max_new_tokens < 1:
+        print("error: --max-new-tokens must be >= 1", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        chat = _open_chat(args)
+        if args.prompt is not None:
+            chat.ask(args.prompt, stream=_write(sys.stdout))
+            sys.stdout.write("\n")
+        else:
+            interact(chat, sys.stdin, sys.stdout)
+    except ChatError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        sys.stdout.write("\n")
+    return 0
+
+
+__all__ = ["Chat", "ChatError", "interact", "main", "build_parser"]

@@ -1,0 +1,142 @@
+"""Answering a benchmark's question file: `evaluate()` and `python -m llava_jax.eval`.
+
+Questions are in the official `model_vqa` JSONL format and are asked as the official `model_vqa_loader`
+asks them (the LLaVA-1.5 evaluation scripts): `<image>\\n` + question as the only user turn of the template
+(vicuna_v1 by default), the image padded to a square with the mean colour and CLIP-preprocessed, greedy
+decoding, the answer stripped. Batching, the progress bar, resuming after a crash and sharding over JAX
+processes come from `questions.run_questions`; with several processes, process 0 merges the shards.
+
+    python -m llava_jax.eval --model PATH --questions Q.jsonl --images DIR --answers OUT.jsonl \\
+        [--template vicuna_v1] [--batch-size 8] [--max-new-tokens 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from PIL import Image
+
+from llava_jax.data.errors import BadSample
+from llava_jax.data.images import ImageConfig, load_image
+from llava_jax.infer import questions as questions_lib
+from llava_jax.infer.generate import Generator
+
+DEFAULT_TEMPLATE = "vicuna_v1"  # the official LLaVA-1.5 evaluation scripts' --conv-mode
+
+
+def answer_batch_fn(generator: Generator, image_root: str | os.PathLike, *, max_new_tokens: int,
+                    temperature: float = 0.0, batch_size: int = 1,
+                    image_transform: Callable[[Image.Image], Image.Image] | None = None
+                    ) -> Callable[[list[dict]], list[str]]:
+    """The `answer_batch` of `run_questions`: question dicts -> stripped answers, in one generate call (rows
+    padded to `batch_size`, so the last batch reuses the compiled programs).
+
+    Raises BadSample naming the question id when an image is missing or unreadable.
+    """
+    image_root = Path(image_root)
+
+    def image_of(question: dict) -> list[Image.Image]:
+        if "image" not in question:
+            return []
+        image = load_image(image_root / question["image"], sample_id=str(question["question_id"]))
+        return [image_transform(image) if image_transform else image]
+
+    def answer(batch: list[dict]) -> list[str]:
+        images = [image_of(q) for q in batch]
+        prompts = [generator.prompt(q["text"], num_images=len(i)) for q, i in zip(batch, images)]
+        texts = generator.generate(prompts, images, max_new_tokens=max_new_tokens, temperature=temperature,
+                                   min_rows=batch_size)
+        return [t.strip() for t in texts]
+
+    return answer
+
+
+def evaluate(model, tokenizer, questions_path: str | os.PathLike, image_root: str | os.PathLike,
+             answers_path: str | os.PathLike, *, template: str = DEFAULT_TEMPLATE,
+             image_config: ImageConfig | None = None, batch_size: int = 8, max_new_tokens: int = 128,
+             model_id: str = "llava_jax", image_transform: Callable[[Image.Image], Image.Image] | None = None,
+             temperature: float = 0.0, process_index: int | None = None, process_count: int | None = None,
+             progress: bool = True) -> Path:
+    """Answers every question of a `model_vqa` file into an answer file; returns `answers_path`.
+
+    Args:
+      model, tokenizer: a LLaVA model and its Hugging Face tokenizer.
+      questions_path: JSONL of {"question_id", "text", "image" (relative to image_root, optional), "category"}.
+      image_root: the folder the questions' image paths are relative to.
+      answers_path: the answer JSONL; answers already in it (after a crash) are kept and not asked again.
+      template: conversation template name.
+      image_config: image preprocessing (default: the tower's size, aspect "pad").
+      batch_size, max_new_tokens, temperature: generation.
+      model_id: written into every answer.
+      image_transform: PIL image -> PIL image applied to every image (e.g. a blank image for a no-image baseline).
+      process_index, process_count: this process's shard (default: jax.process_index() / process_count());
+        process 0 merges the shards once every process is done.
+      progress: show a progress bar.
+    """
+    import jax
+
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    questions = questions_lib.load_questions(questions_path)
+    generator = Generator(model, tokenizer, image_config=image_config, template=template)
+    answer = answer_batch_fn(generator, image_root, max_new_tokens=max_new_tokens, temperature=temperature,
+                             batch_size=batch_size, image_transform=image_transform)
+    questions_lib.run_questions(questions, answer, answers_path, batch_size=batch_size, model_id=model_id,
+                                process_index=process_index, process_count=process_count,
+                                progress=progress and process_index == 0)
+    if process_count > 1 and jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("llava_jax.eval: all shards answered")
+    if process_count > 1 and process_index == 0 and jax.process_count() > 1:
+        questions_lib.merge_answers(answers_path, questions)
+    return Path(answers_path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m llava_jax.eval", description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, help="a Hugging Face LLaVA folder, a llava_jax folder or a "
+                        "finished training workdir")
+    parser.add_argument("--questions", required=True, help="model_vqa question JSONL")
+    parser.add_argument("--images", required=True, help="folder the questions' image paths are relative to")
+    parser.add_argument("--answers", required=True, help="answer JSONL to write (resumed when it exists)")
+    parser.add_argument("--template", default=DEFAULT_TEMPLATE, help="conversation template (default %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--model-id", help="written into every answer (default: the model folder's name)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--tokenizer", help="tokenizer folder (default: the model folder)")
+    parser.add_argument("--no-progress", action="store_true")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from llava_jax.data.conversation import get_template
+    from llava_jax.infer.generate import ModelLoadError, load_model
+
+    args = build_parser().parse_args(argv)
+    try:
+        get_template(args.template)
+        if not Path(args.questions).is_file():
+            raise FileNotFoundError(f"question file not found: {args.questions}")
+        if not Path(args.images).is_dir():
+            raise FileNotFoundError(f"image folder not found: {args.images}")
+        model, tokenizer, image_config, _ = load_model(args.model, dtype=args.dtype, tokenizer=args.tokenizer)
+        evaluate(model, tokenizer, args.questions, args.images, args.answers, template=args.template,
+                 image_config=image_config, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                 temperature=args.temperature, model_id=args.model_id or Path(args.model).resolve().name,
+                 progress=not args.no_progress)
+    except (ModelLoadError, FileNotFoundError, BadSample, KeyError, ValueError) as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    print(f"answers written to {args.answers}", file=sys.stderr)
+    return 0
+
+
+__all__ = ["evaluate", "answer_batch_fn", "main", "DEFAULT_TEMPLATE"]
