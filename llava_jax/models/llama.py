@@ -247,15 +247,15 @@ class LlamaMLP(nnx.Module):
 class LlamaDecoderLayer(nnx.Module):
     """Pre-norm block: x + attn(norm(x)), then h + mlp(norm(h))."""
 
-    def __init__(self, config: LlamaConfig, rngs: nnx.Rngs):
-        c = config
-        kw = dict(dtype=c.dtype, param_dtype=c.param_dtype, rngs=rngs)
-        self.self_attn = LlamaAttention(c.hidden_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
-                                        qkv_bias=c.attention_bias, o_bias=c.o_proj_bias,
-                                        implementation=c.attention_impl, **kw)
-        self.mlp = LlamaMLP(c.hidden_size, c.intermediate_size, use_bias=c.mlp_bias, **kw)
-        self.input_layernorm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, **kw)
-        self.post_attention_layernorm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, **kw)
+    def __init__(self, hidden_size: int, intermediate_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                 *, rms_norm_eps: float, qkv_bias: bool, o_bias: bool, mlp_bias: bool,
+                 attention_impl: str | None, dtype, param_dtype, rngs: nnx.Rngs):
+        kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.self_attn = LlamaAttention(hidden_size, num_heads, num_kv_heads, head_dim, qkv_bias=qkv_bias,
+                                        o_bias=o_bias, implementation=attention_impl, **kw)
+        self.mlp = LlamaMLP(hidden_size, intermediate_size, use_bias=mlp_bias, **kw)
+        self.input_layernorm = RMSNorm(hidden_size, eps=rms_norm_eps, **kw)
+        self.post_attention_layernorm = RMSNorm(hidden_size, eps=rms_norm_eps, **kw)
 
     def __call__(self, x, cos, sin, mask, *, kv=None, index=None):
         """x [B, T, D] -> (x [B, T, D], (key, value)); see LlamaAttention for mask / kv / index."""
@@ -298,10 +298,14 @@ class LlamaModel(nnx.Module):
         c = config
         self.embed_tokens = Embedding(c.vocab_size, c.hidden_size, dtype=c.dtype, param_dtype=c.param_dtype,
                                       rngs=rngs)
-        self.layers = layers.make_stack(lambda r: LlamaDecoderLayer(c, r), c.num_hidden_layers, rngs)
+        layer = lambda r: LlamaDecoderLayer(
+            c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
+            rms_norm_eps=c.rms_norm_eps, qkv_bias=c.attention_bias, o_bias=c.o_proj_bias, mlp_bias=c.mlp_bias,
+            attention_impl=c.attention_impl, dtype=c.dtype, param_dtype=c.param_dtype, rngs=r)
+        self.layers = layers.make_stack(layer, c.num_hidden_layers, rngs)
         self.norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, dtype=c.dtype, param_dtype=c.param_dtype,
                             rngs=rngs)
-        self.rope, self.dtype, self.sliding_window = c.rope, c.dtype, c.sliding_window
+        self.rope, self.dtype = c.rope, c.dtype
         self.scan_layers, self.remat = c.scan_layers, c.remat
 
     def __call__(self, inputs_embeds: jax.Array, positions: jax.Array, mask: jax.Array | None, *,
