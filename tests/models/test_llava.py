@@ -275,6 +275,23 @@ def test_vision_tower_is_frozen_projector_and_llm_train(pair):
     assert norm(grads["multi_modal_projector"]) > 0 and norm(grads["language_model"]) > 0
 
 
+def test_bfloat16_stays_close_to_float32_reference(pair):
+    hf, ours = pair
+    bf16 = dict(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    cfg = dataclasses.replace(ours.config, vision=dataclasses.replace(ours.config.vision, **bf16),
+                              text=dataclasses.replace(ours.config.text, **bf16))
+    model = loaded_model(lambda: LlavaForConditionalGeneration(cfg), state_dict(ours), "bf16 LLaVA")
+    assert model.multi_modal_projector.linear_1.weight.dtype == jnp.bfloat16
+    rng = np.random.default_rng(12)
+    ids, px = row(rng, 5, "img", 9)[None], pixels(1, seed=12)
+    got = np.asarray(jax.jit(lambda i, x: model(i, x))(jnp.asarray(ids), jnp.asarray(px)))
+    ref = reference_logits(hf, ids, px)
+    # bfloat16 keeps 8 significant bits (relative step 2^-8 = 0.4%); rounding the weights and every
+    # activation through 3 + 2 layers compounds to a few steps, so 3% of the logit scale bounds it while a
+    # wrong merge or a missing layer moves logits by far more.
+    np.testing.assert_allclose(got, ref, rtol=0, atol=3e-2 * np.abs(ref).max())
+
+
 def test_tensor_names_of_every_layout(pair, tmp_path):
     hf, ours = pair
     ours_names = set(state_dict(ours))
