@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
+import transformers
+
 from llava_jax.models.clip_vit import CLIPVisionConfig
 
 _VISION_MODULES = ("embeddings.", "pre_layrnorm.", "encoder.", "post_layernorm.")
@@ -20,8 +22,16 @@ _CHECKPOINT_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "
                       "image_size", "patch_size", "num_channels", "layer_norm_eps", "hidden_act")
 
 
-def _as_dict(hf_config: Any) -> dict:
-    return dict(hf_config) if isinstance(hf_config, Mapping) else hf_config.to_dict()
+def _vision_config(hf_config: Any) -> transformers.CLIPVisionConfig:
+    """A CLIPVisionConfig / CLIPConfig (object or dict) -> transformers' CLIPVisionConfig, so missing fields
+    get transformers' defaults (not ours)."""
+    d = dict(hf_config) if isinstance(hf_config, Mapping) else hf_config.to_dict()
+    model_type = d.get("model_type", "clip_vision_model")
+    if model_type == "clip":
+        return _vision_config(d.get("vision_config") or {})
+    if model_type != "clip_vision_model":
+        raise ValueError(f"vision config: unsupported model_type {model_type!r} (expected 'clip_vision_model')")
+    return transformers.CLIPVisionConfig(**{k: v for k, v in d.items() if k != "model_type"})
 
 
 def clip_config_from_hf(hf_config: Any, **runtime) -> CLIPVisionConfig:
@@ -30,16 +40,8 @@ def clip_config_from_hf(hf_config: Any, **runtime) -> CLIPVisionConfig:
     Args:
       runtime: dtype, param_dtype, scan_layers, remat.
     """
-    d = _as_dict(hf_config)
-    model_type = d.get("model_type", "clip_vision_model")
-    if model_type == "clip":
-        d = _as_dict(d["vision_config"])
-        model_type = d.get("model_type", "clip_vision_model")
-    if model_type != "clip_vision_model":
-        raise ValueError(f"vision config: unsupported model_type {model_type!r} (expected 'clip_vision_model')")
-    defaults = CLIPVisionConfig()
-    fields = {k: d.get(k, getattr(defaults, k)) for k in _CHECKPOINT_FIELDS}
-    return CLIPVisionConfig(**fields, **runtime)
+    hf = _vision_config(hf_config)
+    return CLIPVisionConfig(**{k: getattr(hf, k) for k in _CHECKPOINT_FIELDS}, **runtime)
 
 
 def clip_config_to_hf(cfg: CLIPVisionConfig) -> dict:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from typing import Any, Mapping
 
+import transformers
+
 from llava_jax.convert.hf_clip import clip_config_from_hf, clip_config_to_hf, clip_tensor_name_to_ours
 from llava_jax.convert.hf_llama import llama_config_from_hf, llama_config_to_hf
 from llava_jax.models.llava import LlavaConfig
@@ -81,7 +83,15 @@ def llava_tensors_to_ours(tensors: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _as_dict(hf_config: Any) -> dict:
-    return dict(hf_config) if isinstance(hf_config, Mapping) else hf_config.to_dict()
+    """A LlavaConfig (object or dict) -> dict, with missing fields filled in by transformers' LlavaConfig."""
+    if isinstance(hf_config, Mapping):
+        if hf_config.get("model_type", "llava") != "llava":
+            raise ValueError(f"llava config: unsupported model_type {hf_config.get('model_type')!r} "
+                             f"(expected 'llava')")
+        hf_config = transformers.LlavaConfig(**{k: v for k, v in hf_config.items() if k != "model_type"})
+    elif hf_config.model_type != "llava":
+        raise ValueError(f"llava config: unsupported model_type {hf_config.model_type!r} (expected 'llava')")
+    return hf_config.to_dict()
 
 
 def _projector_type(d: dict) -> str:
@@ -104,9 +114,7 @@ def llava_config_from_hf(hf_config: Any, *, vision_runtime: Mapping[str, Any] | 
     vision_runtime / text_runtime: runtime fields (dtype, param_dtype, scan_layers, remat) per tower.
     """
     d = _as_dict(hf_config)
-    if d.get("model_type", "llava") != "llava":
-        raise ValueError(f"llava config: unsupported model_type {d.get('model_type')!r} (expected 'llava')")
-    text = _as_dict(d["text_config"])
+    text = dict(d["text_config"])
     if d.get("tie_word_embeddings"):
         text["tie_word_embeddings"] = True
     layer = d.get("vision_feature_layer", -2)

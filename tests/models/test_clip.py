@@ -143,6 +143,10 @@ def test_config_round_trip_through_transformers():
     assert hf_clip.clip_config_from_hf(hf_cfg) == cfg
     assert hf_clip.clip_config_from_hf(hf_cfg.to_dict(), scan_layers=False) == dataclasses.replace(
         cfg, scan_layers=False)
+    # Missing fields take transformers' defaults (ViT-B/32), not ours (ViT-L/14).
+    default, got = transformers.CLIPVisionConfig(), hf_clip.clip_config_from_hf({"model_type": "clip_vision_model"})
+    assert (got.hidden_size, got.patch_size, got.image_size) == (default.hidden_size, default.patch_size,
+                                                                 default.image_size)
     with pytest.raises(ValueError, match="siglip_vision_model"):
         hf_clip.clip_config_from_hf({"model_type": "siglip_vision_model"})
 

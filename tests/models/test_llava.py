@@ -333,6 +333,14 @@ def test_config_round_trip_through_transformers(pair):
     assert d["projector_type"] == "linear" and d["vision_feature_layer"] == [-1, -3]
     assert hf_llava.llava_config_from_hf(transformers.LlavaConfig(
         **{k: v for k, v in d.items() if k != "model_type"})) == linear
+    # A sparse config.json (as llava-hf writes) is completed with transformers' defaults.
+    sparse = hf_llava.llava_config_from_hf({"model_type": "llava", "text_config": {"model_type": "llama"}})
+    full = transformers.LlavaConfig()
+    assert (sparse.vision.hidden_size, sparse.vision.image_size, sparse.text.hidden_size) == (
+        full.vision_config.hidden_size, full.vision_config.image_size, full.text_config.hidden_size)
+    assert sparse.image_seq_length == full.image_seq_length and sparse.image_token_index == full.image_token_id
+    with pytest.raises(ValueError, match="'llava_next'"):
+        hf_llava.llava_config_from_hf({"model_type": "llava_next"})
     with pytest.raises(ValueError, match="image_seq_length 576 differs from the 25 tokens"):
         dataclasses.replace(ours.config, image_seq_length=576)
     with pytest.raises(ValueError, match="vision_feature_layer -5"):
