@@ -1,4 +1,9 @@
-"""python -m llava_jax.train --config=configs/stage2.py[:variant] [--workdir=DIR] [--config.field=value ...]"""
+"""python -m llava_jax.train --config=configs/stage2.py[:variant] [--workdir=DIR] [--config.field=value ...]
+
+Exit status: 0 done (or preempted after saving a checkpoint), 2 invalid config or missing weights/data,
+3 stopped after train.max_nonfinite non-finite steps in a row. Library INFO logs (absl, Orbax) are off unless
+--verbosity=0 is given.
+"""
 
 import sys
 
@@ -12,8 +17,21 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, log
                                "workdirs/<config>_<variant>.")
 
 
+def quiet_library_logs() -> None:
+    """Only warnings from absl/Orbax/grain unless the user asked for a verbosity."""
+    import logging
+
+    from absl import logging as absl_logging
+
+    if not flags.FLAGS["verbosity"].present:
+        absl_logging.set_verbosity(absl_logging.WARNING)
+        for name in ("orbax", "grain", "jax._src.xla_bridge"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def main(argv):
     del argv
+    quiet_library_logs()
     from llava_jax.train import loop, model_init
 
     config = _CONFIG.value
@@ -25,6 +43,9 @@ def main(argv):
     except model_init.MissingInputs as e:
         print(e, file=sys.stderr)
         sys.exit(2)
+    except loop.NonFiniteError as e:
+        print(f"training stopped: {e}", file=sys.stderr)
+        sys.exit(3)
     except ValueError as e:
         if str(e).startswith("config."):
             print(f"invalid config: {e}", file=sys.stderr)

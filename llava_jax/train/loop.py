@@ -143,18 +143,31 @@ def restore_stage1_projector(model: nnx.Module, stage1_workdir: str) -> None:
 
 
 class Preemption:
-    """Turns SIGTERM into a flag the loop checks after each step (save, then exit cleanly)."""
+    """SIGTERM -> save a checkpoint after the current step, then exit cleanly.
+
+    One process: our own SIGTERM handler sets a flag. Several processes: JAX's preemption service (started by
+    jax.distributed.initialize) spreads the notice and picks the same step on every process.
+    """
 
     def __init__(self):
         self.requested = False
-        self._previous = signal.signal(signal.SIGTERM, self._handle)
+        self._multihost = jax.process_count() > 1
+        self._previous = None if self._multihost else signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame):
         logger.warning("SIGTERM: saving a checkpoint after this step, then exiting")
         self.requested = True
 
+    def reached(self, step: int) -> bool:
+        """Whether to save and stop after `step` (call once per step, on every process)."""
+        if self._multihost:
+            from jax.experimental import multihost_utils
+            self.requested = multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
+
     def restore(self):
-        signal.signal(signal.SIGTERM, self._previous)
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
 
 
 def to_global(batch: dict, mesh) -> dict:
@@ -163,20 +176,60 @@ def to_global(batch: dict, mesh) -> dict:
             for k, v in batch.items()}
 
 
+def common_length(local: dict, pad_token_id: int) -> dict:
+    """Right-pads every process's token arrays [b, T] to the longest T of all processes (each process picks
+    its length bucket from its own rows; the global batch needs one)."""
+    if jax.process_count() == 1:
+        return local
+    from jax.experimental import multihost_utils
+
+    length = local["input_ids"].shape[1]
+    target = int(np.max(multihost_utils.process_allgather(np.int32(length))))
+    if target == length:
+        return local
+    fill = {"input_ids": pad_token_id, "labels": step_lib.IGNORE_INDEX, "attention_mask": 0}
+    return {k: np.pad(v, ((0, 0), (0, target - length)), constant_values=fill[k]) if k in fill else v
+            for k, v in local.items()}
+
+
+def check_batch_layout(c: mlc.ConfigDict, mesh) -> None:
+    """The global batch must split evenly over processes, batch shards and microbatches."""
+    shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    for name, n in (("processes", jax.process_count()), ("data*fsdp batch shards", shards),
+                    ("train.microbatches * data*fsdp shards", c.train.microbatches * shards)):
+        if c.train.global_batch_size % n:
+            raise ValueError(f"config.train.global_batch_size: {c.train.global_batch_size} is not divisible by "
+                             f"{n} ({name})")
+
+
+def make_run_mesh(c: mlc.ConfigDict):
+    try:
+        return sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
+    except ValueError as e:
+        raise ValueError(f"config.{e}") from None
+
+
 def run(c: mlc.ConfigDict, workdir: str | os.PathLike, *, config_name: str = "config") -> dict:
-    """Trains per `c` in `workdir` (resuming from its latest checkpoint). Returns final metrics."""
+    """Trains per `c` in `workdir` (resuming from its latest checkpoint).
+
+    Writes `<workdir>/metrics.jsonl` (one line per step: loss, grad_norm, supervised_tokens, skipped),
+    TensorBoard logs, checkpoints and `result.json`. Returns {"step", "history" (the logged lines),
+    "bad_samples", "model" (the final model, when training completed)}.
+    Raises ValueError("config.<field>: ...") on bad settings, MissingInputs, NonFiniteError.
+    """
     recipes.validate(c)
     problems = model_init.missing_inputs(c, config_name)
     if problems:
         raise model_init.MissingInputs(model_init.explain_missing(problems, config_name, c.stage))
     maybe_initialize_distributed(c)
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     is_main = jax.process_index() == 0
+    mesh = make_run_mesh(c)
+    check_batch_layout(c, mesh)
+    workdir.mkdir(parents=True, exist_ok=True)
     if is_main:
         (workdir / "config.json").write_text(c.to_json_best_effort(indent=2))
 
-    mesh = sharding.make_mesh(c.mesh.data, c.mesh.fsdp, c.mesh.tensor)
     demo_paths = prepare_demo_data(c, workdir) if c.model.preset == "demo" else None
     tokenizer = model_init.load_tokenizer(c, demo_paths.tokenizer if demo_paths else None)
     model = model_init.build_model(c, mesh, vocab_size=len(tokenizer),
@@ -193,6 +246,7 @@ def run(c: mlc.ConfigDict, workdir: str | os.PathLike, *, config_name: str = "co
     if is_main:
         print(opt.group_table(nnx.state(model, nnx.Param), groups), flush=True)
     graphdef, trainable, frozen, rest = opt.split_model(model, groups)
+    del model
     trainable = jax.tree.map(lambda x: x.astype(model_init.DTYPES[c.model.param_dtype]), trainable)
     frozen = jax.tree.map(lambda x: x.astype(model_init.DTYPES[c.model.frozen_dtype])
                           if jnp.issubdtype(x.dtype, jnp.floating) else x, frozen)
@@ -208,7 +262,8 @@ def run(c: mlc.ConfigDict, workdir: str | os.PathLike, *, config_name: str = "co
     checkpointer = ckpt_lib.Checkpointer(workdir, keep=c.keep_checkpoints)
     start = checkpointer.latest_step() or 0
     if start:
-        state, meta = checkpointer.restore(start, ckpt_lib.abstract_like(state), data_iterator=data.iterator)
+        state, meta = checkpointer.restore(start, ckpt_lib.abstract_like(state), data_iterator=data.iterator,
+                                           global_batch_size=c.train.global_batch_size)
         if is_main:
             print(f"resumed from {workdir}/checkpoints step {start}", flush=True)
 
@@ -223,17 +278,34 @@ def run(c: mlc.ConfigDict, workdir: str | os.PathLike, *, config_name: str = "co
     reporter = metrics_lib.Reporter(total_steps=steps, start_step=start, every=c.log_every, writer=writer,
                                     peak_flops=metrics_lib.device_peak_flops(c.peak_tflops),
                                     num_devices=jax.device_count(), is_main=is_main)
-    preemption = Preemption()
+    step_log = metrics_lib.StepLog(workdir / "metrics.jsonl", start_step=start, enabled=is_main)
+    monitor = NonFiniteMonitor(int(state.nonfinite_streak), c.train.max_nonfinite, checkpointer)
     history = []
+
+    def record(step: int, device_metrics) -> None:
+        """Host-side bookkeeping of a finished step (runs one step behind the device)."""
+        host = jax.device_get(device_metrics)
+        values = {"loss": float(host["loss"]), "grad_norm": float(host["grad_norm"])}
+        step_log.write({"step": step, **values, "supervised_tokens": int(host["supervised_tokens"]),
+                        "skipped": not bool(host["finite"])})
+        if reporter.due(step) or step == steps:
+            lrs = opt.learning_rates({g: specs[g] for g in set(groups.values()) if g},
+                                     step - 1, total_steps=steps, warmup_ratio=c.optim.warmup_ratio)
+            history.append({"step": step, **reporter.emit(step, {**values, **{f"lr/{g}": v for g, v in
+                                                                             sorted(lrs.items())}})})
+        monitor.check(step, bool(host["finite"]))
+
+    preemption = Preemption()
+    pad_token_id = _pad_token_id(tokenizer)
+    pending = None
     step = start
     try:
         with jax.set_mesh(mesh):
             while step < steps:
                 t_wait = time.perf_counter()
-                local = next(data.iterator)
+                local = common_length(next(data.iterator), pad_token_id)
                 data_wait = time.perf_counter() - t_wait
-                batch = to_global(local, mesh)
-                state, m = train_step(state, frozen, rest, batch)
+                state, m = train_step(state, frozen, rest, to_global(local, mesh))
                 step += 1
                 lengths = local["attention_mask"].sum(axis=1)
                 images = int(local["image_mask"].sum()) * jax.process_count()
@@ -241,43 +313,41 @@ def run(c: mlc.ConfigDict, workdir: str | os.PathLike, *, config_name: str = "co
                              flops=flop_model.step_flops(lengths, images // jax.process_count(),
                                                          data.image_seq_length) * jax.process_count(),
                              data_wait=data_wait)
-                if reporter.due(step) or step == steps:
-                    host = jax.device_get(m)
-                    lrs = opt.learning_rates({g: specs[g] for g in set(groups.values()) if g},
-                                             step - 1, total_steps=steps, warmup_ratio=c.optim.warmup_ratio)
-                    values = {"loss": float(host["loss"]), "grad_norm": float(host["grad_norm"]),
-                              **{f"lr/{g}": v for g, v in sorted(lrs.items())}}
-                    history.append({"step": step, **reporter.emit(step, values)})
-                streak = int(state.nonfinite_streak)
-                if streak:
-                    logger.warning("step %d: non-finite loss or gradients, update skipped (%d in a row)",
-                                   step, streak)
-                    if streak >= c.train.max_nonfinite:
-                        raise NonFiniteError(
-                            f"step {step}: {streak} non-finite steps in a row (train.max_nonfinite="
-                            f"{c.train.max_nonfinite}); last good checkpoint: {checkpointer.latest_step()}")
-                if step % c.checkpoint_every == 0 or step == steps or preemption.requested:
+                if pending is not None:
+                    record(*pending)
+                pending = (step, m)
+                preempted = preemption.reached(step)
+                if step % c.checkpoint_every == 0 or step == steps or preempted:
+                    record(*pending)
+                    pending = None
                     checkpointer.save(step, state, data_iterator=data.iterator,
                                       meta={"step": step, "bad_samples": data.iterator.bad_sample_counts()})
-                if preemption.requested:
+                if preempted:
                     checkpointer.wait()
                     if is_main:
                         print(f"preempted: checkpoint saved at step {step}; rerun the same command to resume",
                               flush=True)
                     break
+            if pending is not None:
+                record(*pending)
     finally:
         preemption.restore()
         reporter.close()
+        step_log.close()
         checkpointer.close()
         if writer is not None:
             writer.close()
 
-    result = {"step": step, "history": history, "bad_samples": data.iterator.bad_sample_counts()}
+    result = {"step": step, "history": history, "bad_samples": data.iterator.bad_sample_counts(),
+              "nonfinite_steps": int(state.nonfinite_total)}
+    if is_main:
+        write_result(workdir, result)
     if step >= steps:
         final = nnx.merge(graphdef, state.trainable, frozen, rest)
         if c.lora.enabled:
             from llava_jax.train import lora
             final = lora.merged(final)
+        result["model"] = final
         if c.export_hf and is_main:
             from llava_jax import convert
             convert.to_hf(final, c.export_hf, tokenizer=tokenizer)
@@ -285,7 +355,36 @@ def run(c: mlc.ConfigDict, workdir: str | os.PathLike, *, config_name: str = "co
         if c.model.preset == "demo" and c.demo.evaluate:
             from llava_jax.train import demo
             result["demo_eval"] = demo.evaluate(final, tokenizer, data.demo_paths, c, workdir)
-    if is_main:
-        (workdir / "result.json").write_text(json.dumps({k: v for k, v in result.items() if k != "history"},
-                                                        indent=2, default=str))
+            if is_main:
+                write_result(workdir, result)
     return result
+
+
+def write_result(workdir: Path, result: dict) -> None:
+    summary = {k: v for k, v in result.items() if k not in ("history", "model")}
+    (workdir / "result.json").write_text(json.dumps(summary, indent=2, default=str))
+
+
+class NonFiniteMonitor:
+    """Counts consecutive steps whose update was skipped (non-finite loss or gradients) and stops the run
+    after `limit` in a row."""
+
+    def __init__(self, streak: int, limit: int, checkpointer: ckpt_lib.Checkpointer):
+        self.streak, self.limit, self.checkpointer = streak, limit, checkpointer
+
+    def check(self, step: int, finite: bool) -> None:
+        self.streak = 0 if finite else self.streak + 1
+        if finite:
+            return
+        logger.warning("step %d: non-finite loss or gradients, update skipped (%d in a row)", step, self.streak)
+        if self.streak >= self.limit:
+            raise NonFiniteError(
+                f"step {step}: {self.streak} non-finite steps in a row (train.max_nonfinite={self.limit}); "
+                f"stopping. The parameters are those before the first skipped step; last checkpoint: step "
+                f"{self.checkpointer.latest_step()}. Lower optim.lr, check the data, or use float32 "
+                f"(--config.model.dtype=float32)")
+
+
+def _pad_token_id(tokenizer) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id
+    return 0 if pad is None else int(pad)

@@ -14,11 +14,13 @@ MFU = model FLOPs per second / (number of devices * peak bf16 FLOP/s of one devi
 from __future__ import annotations
 
 import dataclasses
+import json
 import sys
 import time
 
 import jax
 import numpy as np
+from etils import epath
 
 # Dense bf16 peaks (FLOP/s) by device kind.
 PEAK_FLOPS = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "v4": 275e12, "v5 lite": 197e12, "v5e": 197e12,
@@ -139,3 +141,42 @@ def _fmt(key: str, value: float) -> str:
     if key in ("tokens_per_s", "images_per_s"):
         return f"{key} {value:,.0f}"
     return f"{key} {value:.4f}" if isinstance(value, float) else f"{key} {value}"
+
+
+class StepLog:
+    """`<workdir>/metrics.jsonl`: one JSON line per training step ({"step", "loss", ...}).
+
+    On resume from `start_step` the lines of later steps (written before an interruption, then recomputed)
+    are dropped first, so the file always holds each step once.
+    """
+
+    def __init__(self, path, *, start_step: int = 0, enabled: bool = True):
+        self.path = epath.Path(path)
+        self.file = None
+        if not enabled:
+            return
+        kept = [line for line in read_step_log(self.path) if line["step"] <= start_step] \
+            if self.path.exists() else []
+        self.path.write_text("".join(json.dumps(line) + "\n" for line in kept))
+        self.file = self.path.open("a")
+
+    def write(self, record: dict) -> None:
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+def read_step_log(path) -> list[dict]:
+    """The records of a metrics.jsonl (a torn last line, from a killed run, is ignored)."""
+    records = []
+    for line in epath.Path(path).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
