@@ -199,7 +199,18 @@ def loss_and_grads(variant, ids, **runtime):
     return float(loss), grads
 
 
+def layer_structure(model: LlamaForCausalLM) -> tuple[int, int]:
+    """(scan loops, rematerialized blocks) in the forward jaxpr."""
+    graphdef, state = nnx.split(model)
+    jaxpr = str(jax.make_jaxpr(lambda s: nnx.merge(graphdef, s)(jnp.zeros((1, 4), jnp.int32)))(state))
+    return jaxpr.count("scan["), jaxpr.count("remat")
+
+
 def test_scan_loop_and_remat_agree():
+    # The runtime fields really change the program: one scan or an unrolled loop, remat per layer.
+    assert layer_structure(ours("gqa")) == (1, 0)
+    assert layer_structure(ours("gqa", scan_layers=False, remat="full")) == (0, 3)
+    assert layer_structure(ours("gqa", remat="dots")) == (1, 1)
     ids = jnp.asarray(random_ids(2, 13))
     loss, grads = loss_and_grads("gqa", ids)
     for runtime in (dict(scan_layers=False, remat="full"), dict(scan_layers=True, remat="dots")):
