@@ -10,6 +10,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
+import transformers
 from safetensors.numpy import save_file
 
 import llava_jax.convert as convert
@@ -165,3 +166,18 @@ def test_missing_and_unexpected_tensors(llama_bf16, tmp_path):
                lambda t: t.update({"model.layers.0.extra.weight": t["model.norm.weight"]}))
     with pytest.raises(convert.CheckpointError, match=r"extra.*unexpected.*model\.layers\.0\.extra\.weight"):
         convert.from_hf(tmp_path / "extra")
+
+
+def test_llama_export_loads_in_transformers_bitwise(llama_bf16, tmp_path):
+    path, hf = llama_bf16
+    out = convert.to_hf(convert.from_hf(path), tmp_path / "out", max_shard_size="40KB")
+    reloaded, info = transformers.LlamaForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    assert (out / io.SAFE_INDEX).is_file() and json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    for name, tensor in hf.state_dict().items():
+        got = reloaded.state_dict()[name]
+        assert got.dtype == torch.bfloat16 and torch.equal(_bits_t(got), _bits_t(tensor)), name
+
+
+def _bits_t(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int16)

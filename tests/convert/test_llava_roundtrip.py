@@ -18,6 +18,9 @@ from llava_jax.convert.params import state_dict
 from tests.convert import helpers
 
 IMAGE = helpers.VOCAB - 1
+CHAT_TEMPLATE = ("{% for m in messages %}{{ m['role'].upper() }}: {% for c in m['content'] %}"
+                 "{% if c['type'] == 'image' %}<image>\n{% else %}{{ c['text'] }}{% endif %}{% endfor %} "
+                 "{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +30,8 @@ def exported(tmp_path_factory):
     hf = helpers.save_tiny_llava(root / "hf", max_shard_size="100KB")
     tokenizer = helpers.save_tiny_tokenizer(root / "tok", size=IMAGE)  # <image> will get id IMAGE.
     model = convert.from_hf(root / "hf")
-    out = convert.to_hf(model, root / "export", tokenizer=tokenizer, max_shard_size="150KB")
+    out = convert.to_hf(model, root / "export", tokenizer=tokenizer, max_shard_size="150KB",
+                        chat_template=CHAT_TEMPLATE)
     return root / "hf", hf, model, out
 
 
@@ -93,6 +97,9 @@ def test_transformers_loads_export_and_processor(exported):
     assert inputs["pixel_values"].shape == (1, 3, helpers.IMAGE_SIZE, helpers.IMAGE_SIZE)
     # The official CLIP preprocessing: normalized with OpenAI CLIP statistics.
     assert processor.image_processor.image_mean == pytest.approx(list(convert.CLIP_MEAN))
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "w5 w6"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    assert prompt == "USER: <image>\nw5 w6 ASSISTANT:"
     ref = _torch_logits(reloaded.eval(), ids, inputs["pixel_values"])
     np.testing.assert_allclose(_ours_logits(model, ids, inputs["pixel_values"]), ref, atol=1e-4 * np.abs(ref).max())
 
