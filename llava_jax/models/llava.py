@@ -11,7 +11,6 @@ count check (tokens vs images) runs when the inputs are concrete.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp

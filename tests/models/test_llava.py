@@ -12,7 +12,7 @@ from flax import nnx
 from safetensors.numpy import load_file
 
 from llava_jax.convert import hf_llava
-from llava_jax.convert.params import load_state_dict, state_dict
+from llava_jax.convert.params import state_dict
 from llava_jax.models.llava import PRESETS, LlavaConfig, LlavaForConditionalGeneration, count_params
 from tests.models.test_clip import loaded_model
 
