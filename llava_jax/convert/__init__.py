@@ -12,6 +12,8 @@ Export: `to_hf(model, path, tokenizer=None)` writes a folder that transformers' 
 
 dtypes: `param_dtype` is the storage dtype (default: the checkpoint's), `dtype` the compute dtype
 (default: `param_dtype`); `from_hf(path, dtype=jnp.float32)` also stores float32 when `param_dtype` is None.
+Sharding: every importer and `load` take `mesh=`; each parameter then goes straight into its sharding
+(logical axis rules of `llava_jax.train.sharding`) as it is read.
 """
 
 from __future__ import annotations
@@ -52,7 +54,7 @@ def _ignore_tied_head(name: str) -> bool:
     return name.endswith("lm_head.weight")
 
 
-def from_hf(path: str | os.PathLike, dtype=None, param_dtype=None, **runtime) -> nnx.Module:
+def from_hf(path: str | os.PathLike, dtype=None, param_dtype=None, mesh=None, **runtime) -> nnx.Module:
     """Imports a Hugging Face checkpoint folder, detecting what it holds from config.json.
 
     - model_type 'llava' -> LlavaForConditionalGeneration (classic, 4.52+ and 5.x tensor layouts);
@@ -61,20 +63,22 @@ def from_hf(path: str | os.PathLike, dtype=None, param_dtype=None, **runtime) ->
     - a LLaMA-family causal LM -> LlamaForCausalLM.
     Args:
       dtype, param_dtype: see the module docstring. runtime: scan_layers, remat.
+      mesh: a `jax.sharding.Mesh`; each parameter is placed directly in its sharding (logical axis rules of
+        `llava_jax.train.sharding`) as it is read, so no device holds the whole unsharded model.
     Raises:
       FileNotFoundError / CheckpointError / ValueError naming the file (and tensor) on bad input.
     """
     path = Path(path)
     config = read_config(path)
     if hf_original.is_original_llava(config):
-        return from_original_llava(path, dtype=dtype, param_dtype=param_dtype, **runtime)
+        return from_original_llava(path, dtype=dtype, param_dtype=param_dtype, mesh=mesh, **runtime)
     model_type = config.get("model_type")
     if model_type == "llava":
-        return _import_llava(path, config, dtype, param_dtype, runtime)
+        return _import_llava(path, config, dtype, param_dtype, mesh, runtime)
     if model_type in ("clip", "clip_vision_model"):
-        return _import_clip(path, config, dtype, param_dtype, runtime)
+        return _import_clip(path, config, dtype, param_dtype, mesh, runtime)
     if model_type in _LLAMA_TYPES or any(a.endswith("ForCausalLM") for a in config.get("architectures") or ()):
-        return _import_llama(path, config, dtype, param_dtype, runtime)
+        return _import_llama(path, config, dtype, param_dtype, mesh, runtime)
     raise CheckpointError(f"{path / 'config.json'}: unknown model_type {model_type!r} / architectures "
                           f"{config.get('architectures')}; expected a LLaVA, CLIP or LLaMA-family checkpoint")
 
@@ -98,21 +102,21 @@ def _clip_config(path: Path, config: dict, **runtime):
         raise CheckpointError(f"{path / 'config.json'}: {e}") from e
 
 
-def _import_llama(path, config, dtype, param_dtype, runtime):
+def _import_llama(path, config, dtype, param_dtype, mesh, runtime):
     from llava_jax.models.llama import LlamaForCausalLM
 
     with CheckpointReader(path) as reader:
         cfg = _llama_config(path, config, **_dtypes(reader, dtype, param_dtype), **runtime)
         create = lambda: LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))
         sources = plan_sources(nnx.eval_shape(create), reader, _skip_buffers, ignore=_ignore_tied_head)
-        return load_params(create, sources)
+        return load_params(create, sources, mesh=mesh)
 
 
 def _skip_buffers(name: str) -> str | None:
     return None if name.endswith(".rotary_emb.inv_freq") else name
 
 
-def _import_clip(path, config, dtype, param_dtype, runtime):
+def _import_clip(path, config, dtype, param_dtype, mesh, runtime):
     from llava_jax.convert.hf_clip import clip_tensor_name_to_ours
     from llava_jax.models.clip_vit import CLIPVisionModel
 
@@ -120,7 +124,7 @@ def _import_clip(path, config, dtype, param_dtype, runtime):
         cfg = _clip_config(path, config, **_dtypes(reader, dtype, param_dtype), **runtime)
         create = lambda: CLIPVisionModel(cfg, rngs=nnx.Rngs(0))
         sources = plan_sources(nnx.eval_shape(create), reader, _checked(reader, clip_tensor_name_to_ours))
-        return load_params(create, sources)
+        return load_params(create, sources, mesh=mesh)
 
 
 def _checked(reader: CheckpointReader, rename: Callable[[str], str | None]) -> Callable[[str], str | None]:
@@ -135,7 +139,7 @@ def _checked(reader: CheckpointReader, rename: Callable[[str], str | None]) -> C
     return wrapped
 
 
-def _import_llava(path, config, dtype, param_dtype, runtime):
+def _import_llava(path, config, dtype, param_dtype, mesh, runtime):
     from llava_jax.convert.hf_llava import llava_config_from_hf, llava_tensor_name_to_ours
     from llava_jax.models.llava import LlavaForConditionalGeneration
 
@@ -148,7 +152,7 @@ def _import_llava(path, config, dtype, param_dtype, runtime):
         create = lambda: LlavaForConditionalGeneration(cfg, rngs=nnx.Rngs(0))
         sources = plan_sources(nnx.eval_shape(create), reader, _checked(reader, _skip(llava_tensor_name_to_ours)),
                                ignore=_ignore_tied_head)
-        return load_params(create, sources)
+        return load_params(create, sources, mesh=mesh)
 
 
 def _skip(rename):
@@ -200,7 +204,7 @@ def _make_llava_config(vision, text, *, projector: str, image_token_index: int, 
 def from_clip_and_llm(clip_path: str | os.PathLike, llm_path: str | os.PathLike, projector: str = "mlp2x_gelu",
                       vision_feature_layer: int | list[int] = -2, vision_feature_select_strategy: str = "default",
                       image_token_index: int | None = None, pad_vocab_to_multiple_of: int | None = None,
-                      dtype=None, param_dtype=None, seed: int = 0, **runtime) -> nnx.Module:
+                      dtype=None, param_dtype=None, seed: int = 0, mesh=None, **runtime) -> nnx.Module:
     """LLaVA from a CLIP checkpoint (CLIPVisionModel or full CLIPModel: vision part only) and a LLaMA-family
     causal LM checkpoint, with a freshly initialized projector (how stage 1 starts).
 
@@ -228,12 +232,13 @@ def from_clip_and_llm(clip_path: str | os.PathLike, llm_path: str | os.PathLike,
         sources = {**plan_sources(abstract, clip, _checked(clip, clip_tensor_name_to_ours), prefix="vision_tower."),
                    **plan_sources(abstract, llm, _skip_buffers, prefix="language_model.", ignore=_ignore_tied_head)}
         return load_params(create, sources, fresh=lambda n: n.startswith("multi_modal_projector."),
-                           transform=_vocab_transforms("language_model.", grow, text.tie_word_embeddings))
+                           transform=_vocab_transforms("language_model.", grow, text.tie_word_embeddings),
+                           mesh=mesh)
 
 
 def from_original_llava(path: str | os.PathLike, clip_path: str | os.PathLike | None = None,
                         image_token_index: int | None = None, pad_vocab_to_multiple_of: int | None = 64,
-                        dtype=None, param_dtype=None, **runtime) -> nnx.Module:
+                        dtype=None, param_dtype=None, mesh=None, **runtime) -> nnx.Module:
     """LLaVA from an original checkpoint (`model.mm_projector.*`, `LlavaLlamaForCausalLM` config).
 
     The vision tower comes from the checkpoint when it holds `model.vision_tower.*`, otherwise from the CLIP
@@ -280,9 +285,9 @@ def from_original_llava(path: str | os.PathLike, clip_path: str | os.PathLike | 
             with CheckpointReader(clip_path) as clip:
                 sources.update(plan_sources(abstract, clip, _checked(clip, clip_tensor_name_to_ours),
                                             prefix="vision_tower."))
-                return load_params(create, sources,
+                return load_params(create, sources, mesh=mesh,
                                    transform=_vocab_transforms("language_model.", grow, text.tie_word_embeddings))
-        return load_params(create, sources,
+        return load_params(create, sources, mesh=mesh,
                            transform=_vocab_transforms("language_model.", grow, text.tie_word_embeddings))
 
 

@@ -293,9 +293,24 @@ def _short(names: Sequence[str], n: int = 8) -> str:
     return ", ".join(f"'{x}'" for x in names[:n]) + (f" ... ({len(names)} in all)" if len(names) > n else "")
 
 
+def leaf_shardings(model: nnx.Module, mesh: jax.sharding.Mesh | None) -> dict[tuple, jax.sharding.Sharding]:
+    """{leaf path: NamedSharding} from the logical axis names of an (abstract) model; {} without a mesh."""
+    if mesh is None:
+        return {}
+    from llava_jax.train.sharding import state_shardings
+
+    shardings = state_shardings(nnx.state(model), mesh)
+    return {tuple(str(k) for k in p): v.get_value() for p, v in nnx.to_flat_state(shardings)}
+
+
+def _place(value, sharding: jax.sharding.Sharding | None) -> jax.Array:
+    return jnp.asarray(value) if sharding is None else jax.device_put(value, sharding)
+
+
 def load_params(create: Callable[[], nnx.Module], sources: Mapping[str, tuple], *,
                 fresh: Callable[[str], bool] | None = None,
-                transform: Mapping[str, Callable[[np.ndarray], np.ndarray]] | None = None) -> nnx.Module:
+                transform: Mapping[str, Callable[[np.ndarray], np.ndarray]] | None = None,
+                mesh: jax.sharding.Mesh | None = None) -> nnx.Module:
     """Builds `create()` abstractly and fills its parameters from checkpoint tensors, leaf by leaf.
 
     Args:
@@ -303,6 +318,7 @@ def load_params(create: Callable[[], nnx.Module], sources: Mapping[str, tuple], 
       sources: {our tensor name: (CheckpointReader, checkpoint name)}, from `plan_sources`.
       fresh: our names that get their freshly initialized value instead (e.g. a new projector).
       transform: {our tensor name: fn} applied to the stored tensor before the shape check.
+      mesh: place every leaf directly in its sharding (from its logical axis names) on this mesh.
     Returns:
       The model with every parameter loaded (cast to the model's param dtype); non-parameter state
       (e.g. rng counters) and `fresh` parameters take their initial values.
@@ -317,6 +333,7 @@ def load_params(create: Callable[[], nnx.Module], sources: Mapping[str, tuple], 
         raise CheckpointError(f"{', '.join(where)}: missing tensors required by the model: {_short(missing)}")
     transform = transform or {}
     leaves = _leaves(model)
+    shardings = leaf_shardings(model, mesh)
     by_leaf: dict[tuple, list[tuple[int | None, str]]] = {}
     for name, (path, layer) in expected.items():
         if name in sources:
@@ -330,11 +347,11 @@ def load_params(create: Callable[[], nnx.Module], sources: Mapping[str, tuple], 
             value = np.empty(spec.shape, spec.dtype)
             for layer, name in items:
                 value[layer] = _read(sources, name, spec.shape[1:], spec.dtype, transform)
-        var.set_value(jnp.asarray(value))
+        var.set_value(_place(value, shardings.get(path)))
         del value
     rest = [p for p, v in leaves.items() if _is_abstract(v)]
     for path, value in fresh_leaves(create, rest).items():
-        leaves[path].set_value(value)
+        leaves[path].set_value(_place(value, shardings.get(path)))
     return model
 
 
@@ -522,10 +539,10 @@ def save(model: nnx.Module, out_dir: str | os.PathLike) -> Path:
     return out_dir
 
 
-def load(path: str | os.PathLike, **runtime) -> nnx.Module:
+def load(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None, **runtime) -> nnx.Module:
     """Reads a model written by `save`; `runtime` overrides config fields (dtype, param_dtype, scan_layers,
     remat) of the model and of its nested sub-configs that have them. Parameters restored into a different
-    `param_dtype` are cast by Orbax."""
+    `param_dtype` are cast by Orbax. With `mesh`, each parameter is restored directly into its sharding."""
     import orbax.checkpoint as ocp
 
     path = Path(path).absolute()
@@ -541,14 +558,20 @@ def load(path: str | os.PathLike, **runtime) -> nnx.Module:
 
     abstract = nnx.eval_shape(create)
     targets = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
+    if mesh is not None:
+        from llava_jax.train.sharding import state_shardings
+
+        shardings = nnx.to_pure_dict(state_shardings(nnx.state(abstract, nnx.Param), mesh))
+        targets = jax.tree.map(lambda t, s: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=s), targets, shardings)
     with ocp.StandardCheckpointer() as checkpointer:
         restored = checkpointer.restore(path / PARAMS_DIR, targets)
     leaves = _leaves(abstract)
     for path_, value in _flat(restored):
         leaves[path_].set_value(value)
     rest = [p for p, v in leaves.items() if _is_abstract(v)]
+    shardings = leaf_shardings(abstract, mesh) if rest else {}
     for path_, value in fresh_leaves(create, rest).items():
-        leaves[path_].set_value(value)
+        leaves[path_].set_value(_place(value, shardings.get(path_)))
     return abstract
 
 
