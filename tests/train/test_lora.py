@@ -181,87 +181,82 @@ def test_fresh_adapters_initialize_like_peft(tmp_path):
     assert model.lm_head.lora_a is None
 
 
-def lm_batch(seed=0, batch=4, length=11, vocab=helpers.VOCAB):
-    rng = np.random.default_rng(seed)
-    ids = rng.integers(3, vocab, (batch, length))
-    labels = ids.copy()
-    labels[:, :4] = -100
-    return {"input_ids": jnp.asarray(ids, jnp.int32), "labels": jnp.asarray(labels, jnp.int32),
-            "attention_mask": jnp.ones((batch, length), jnp.int32)}
-
-
-def test_stage2_lora_rules_train_only_adapters_and_projector(llava):
-    _, source, _ = llava
-    model = nnx.clone(source)
+@pytest.fixture(scope="module")
+def training(llava):
+    """Stage-2 LoRA training of our LLaVA (adapters as in `llava`, dropout 0.5): the split state, optimizer,
+    jitted train step and a batch with one image per row."""
+    _, trained, path = llava
+    model = lora.add_adapters(convert.from_hf(path, dtype=jnp.float32), rank=RANK, alpha=ALPHA, dropout=0.5,
+                              rngs=nnx.Rngs(3))
+    for (_, linear), (_, source) in zip(lora.adapted_linears(model), lora.adapted_linears(trained)):
+        linear.lora_a.set_value(source.lora_a[...])
+        linear.lora_b.set_value(source.lora_b[...])
     groups = opt.resolve_groups(nnx.state(model, nnx.Param), recipes.STAGE2_LORA_RULES)
+    graphdef, trainable, frozen, rest = opt.split_model(model, groups)
+    tx = opt.make_optimizer(groups, {"lora": opt.GroupSpec(1e-2), "projector": opt.GroupSpec(1e-2)},
+                            total_steps=3, warmup_ratio=0.0)
+    ids = np.concatenate([helpers.image_ids([5], [7, 8, 9, 4], IMAGE), helpers.image_ids([6, 2], [3, 1, 9], IMAGE)])
+    batch = {"input_ids": jnp.asarray(ids), "labels": jnp.asarray(np.where(ids == IMAGE, -100, ids)),
+             "attention_mask": jnp.ones(ids.shape, jnp.int32),
+             "pixel_values": jnp.asarray(helpers.pixels(2)).reshape(2, 1, 3, helpers.IMAGE_SIZE, -1),
+             "image_mask": jnp.ones((2, 1), bool)}
+    step_fn = jax.jit(train_step.make_train_step(graphdef, tx, compute_dtype=jnp.float32))
+    return dict(model=model, groups=groups, split=(graphdef, trainable, frozen, rest), tx=tx, batch=batch,
+                step_fn=step_fn)
+
+
+def test_stage2_lora_rules_train_only_adapters_and_projector(training):
+    model, groups, tx = training["model"], training["groups"], training["tx"]
+    graphdef, trainable, frozen, rest = training["split"]
     trained = {name: group for name, group in groups.items() if group is not None}
     adapters = {f"language_model/{p}/{leaf}" for p, _ in lora.adapted_linears(model) for leaf in ("lora_a", "lora_b")}
     assert {n for n, g in trained.items() if g == "lora"} == adapters
     assert {n for n, g in trained.items() if g == "projector"} == {
         n for n in groups if n.startswith("multi_modal_projector/")}
-    graphdef, trainable, frozen, rest = opt.split_model(model, groups)
-    tx = opt.make_optimizer(groups, {"lora": opt.GroupSpec(1e-2), "projector": opt.GroupSpec(1e-2)},
-                            total_steps=3, warmup_ratio=0.0)
     state = train_step.init_state(trainable, tx)
     # Adam keeps two moments per trainable value and nothing for the frozen weights.
     trainable_size = sum(x.size for x in jax.tree.leaves(trainable))
     assert sum(x.size for x in jax.tree.leaves(state.opt_state) if x.ndim) == 2 * trainable_size
     assert trainable_size < sum(x.size for x in jax.tree.leaves(frozen)) / 5
 
-    ids = np.concatenate([helpers.image_ids([5], [7, 8, 9, 4], IMAGE)] * 2)
-    labels = np.where(ids == IMAGE, -100, ids)
-    batch = {"input_ids": jnp.asarray(ids), "labels": jnp.asarray(labels),
-             "attention_mask": jnp.ones(ids.shape, jnp.int32),
-             "pixel_values": jnp.asarray(helpers.pixels(2)).reshape(2, 1, 3, helpers.IMAGE_SIZE, -1),
-             "image_mask": jnp.ones((2, 1), bool)}
-    step_fn = jax.jit(train_step.make_train_step(graphdef, tx, compute_dtype=jnp.float32))
     new = state
     for _ in range(3):
-        new, metrics = step_fn(new, frozen, rest, batch)
+        new, metrics = training["step_fn"](new, frozen, rest, training["batch"])
         assert bool(metrics["finite"])
-    flat_old, flat_new = nnx.to_flat_state(trainable), nnx.to_flat_state(new.trainable)
-    for (path, old), (_, value) in zip(flat_old, flat_new):
+    for (path, old), (_, value) in zip(nnx.to_flat_state(trainable), nnx.to_flat_state(new.trainable)):
         assert not np.array_equal(old.get_value(), value.get_value()), path
     after = nnx.merge(graphdef, new.trainable, frozen, rest)
-    for (path, old), (_, value) in zip(nnx.to_flat_state(nnx.state(source, nnx.Param)),
+    for (path, old), (_, value) in zip(nnx.to_flat_state(nnx.state(model, nnx.Param)),
                                        nnx.to_flat_state(nnx.state(after, nnx.Param))):
         if groups[opt.path_str(path)] is None:
             np.testing.assert_array_equal(value.get_value(), old.get_value())
 
 
-def test_dropout_differs_per_step_and_is_off_in_eval(llama):
-    _, source, path = llama
-    rules = [("model/.*/lora_[ab]", "lora"), ("(?!.*/lora_[ab]$).*", None)]
-    batch = lm_batch()
-
-    def losses(model):
-        groups = opt.resolve_groups(nnx.state(model, nnx.Param), rules)
-        graphdef, trainable, frozen, rest = opt.split_model(model, groups)
-        tx = opt.make_optimizer(groups, {"lora": opt.GroupSpec(1e-3)}, total_steps=3, warmup_ratio=0.0)
-        fn = jax.jit(train_step.make_train_step(graphdef, tx, compute_dtype=jnp.float32))
-        state = train_step.init_state(trainable, tx)
-        at = lambda step: float(fn(dataclasses.replace(state, step=jnp.int32(step)), frozen, rest, batch)[1]["loss"])
-        evaluated = train_step.make_eval_step(graphdef, compute_dtype=jnp.float32)(trainable, frozen, rest, batch)
-        return at(0), at(0), at(1), float(evaluated["loss_sum"] / evaluated["count"])
-
-    dropped = lora.add_adapters(convert.from_hf(path, dtype=jnp.float32), rank=RANK, alpha=ALPHA, dropout=0.5,
-                                rngs=nnx.Rngs(3))
-    for (_, linear), (_, trained) in zip(lora.adapted_linears(dropped), lora.adapted_linears(source)):
-        linear.lora_a.set_value(trained.lora_a[...])
-        linear.lora_b.set_value(trained.lora_b[...])
-    step0, again, step1, evaluated = losses(dropped)
+def test_dropout_differs_per_step_and_is_off_in_eval(training, llava):
+    _, without_dropout, _ = llava  # same weights, dropout 0: no Dropout module at all
+    assert all(linear.lora_dropout is None for _, linear in lora.adapted_linears(without_dropout))
+    graphdef, trainable, frozen, rest = training["split"]
+    batch, model = training["batch"], training["model"]
+    state = train_step.init_state(trainable, training["tx"])
+    loss_at = lambda step: float(training["step_fn"](dataclasses.replace(state, step=jnp.int32(step)), frozen,
+                                                     rest, batch)[1]["loss"])
+    step0, again, step1 = loss_at(0), loss_at(0), loss_at(1)
     assert step0 == again and step0 != step1  # a fresh dropout mask per step, reproducible
-    no_dropout = losses(source)
-    assert no_dropout[0] == no_dropout[2] == pytest.approx(no_dropout[3], rel=1e-6)
-    assert evaluated == pytest.approx(no_dropout[3], rel=1e-6)  # eval: dropout off
-    assert abs(step0 - evaluated) > 1e-3
+
+    pixels = batch["pixel_values"].reshape(2, 3, helpers.IMAGE_SIZE, -1)
+    logits = without_dropout(batch["input_ids"], pixels)
+    loss_sum, count = train_step.token_cross_entropy(logits, batch["labels"])
+    evaluated = train_step.make_eval_step(graphdef, compute_dtype=jnp.float32)(trainable, frozen, rest, batch)
+    assert float(evaluated["loss_sum"]) == pytest.approx(float(loss_sum), rel=1e-5)  # eval: dropout off
+    assert abs(step0 - float(loss_sum / count)) > 1e-3
     # Direct calls (generation) never drop; model.train() switches dropout on for them.
-    ids = batch["input_ids"]
-    np.testing.assert_allclose(np.asarray(dropped(ids)), np.asarray(source(ids)), rtol=1e-5, atol=1e-5)
-    dropped.train()
-    assert not np.allclose(np.asarray(dropped(ids)), np.asarray(source(ids)), atol=1e-3)
-    dropped.eval()
-    np.testing.assert_allclose(np.asarray(dropped(ids)), np.asarray(source(ids)), rtol=1e-5, atol=1e-5)
+    text = jnp.where(batch["input_ids"] == IMAGE, 4, batch["input_ids"])
+    reference = np.asarray(without_dropout(text))
+    np.testing.assert_allclose(np.asarray(model(text)), reference, rtol=1e-5, atol=1e-5)
+    model.train()
+    assert not np.allclose(np.asarray(model(text)), reference, atol=1e-3)
+    model.eval()
+    np.testing.assert_allclose(np.asarray(model(text)), reference, rtol=1e-5, atol=1e-5)
 
 
 def test_bad_arguments_are_named(llama):
