@@ -244,7 +244,7 @@ class Generator:
 
     Args:
       model: `LlavaForConditionalGeneration` or `LlamaForCausalLM`.
-      tokenizer: a Hugging Face tokenizer of the model.
+      tokenizer: a Hugging Face tokenizer of the model (None: token id prompts only, no text output).
       image_config: how PIL images become pixels; default: the tower's size, `aspect="pad"` (LLaVA-1.5).
       template: a conversation template (name or Template); only used for its default stop strings and by
         `prompt()`.
@@ -264,9 +264,10 @@ class Generator:
         self.image_config = image_config or _default_image_config(model)
         self.template = get_template(template) if isinstance(template, str) else template
         if eos_token_ids is None:
-            eos_token_ids = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+            eos = getattr(tokenizer, "eos_token_id", None)
+            eos_token_ids = [] if eos is None else [eos]
         self.eos_token_ids = tuple(int(i) for i in eos_token_ids)
-        pad = tokenizer.pad_token_id
+        pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_id = int(pad if pad is not None else (self.eos_token_ids or (0,))[0])
         self.bucket = bucket
         self.graphdef, self.state = nnx.split(model)
