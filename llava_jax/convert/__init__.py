@@ -38,7 +38,6 @@ IMAGE_TOKEN = "<image>"
 # OpenAI CLIP normalization (CLIPImageProcessor defaults, REFERENCE.md).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-_LLAMA_TYPES = ("llama", "mistral", "qwen2")
 
 
 # ------------------------------------------------------------------------------------------------- import
@@ -77,7 +76,9 @@ def from_hf(path: str | os.PathLike, dtype=None, param_dtype=None, mesh=None, **
         return _import_llava(path, config, dtype, param_dtype, mesh, runtime)
     if model_type in ("clip", "clip_vision_model"):
         return _import_clip(path, config, dtype, param_dtype, mesh, runtime)
-    if model_type in _LLAMA_TYPES or any(a.endswith("ForCausalLM") for a in config.get("architectures") or ()):
+    from llava_jax.convert.hf_llama import SUPPORTED_MODEL_TYPES
+
+    if model_type in SUPPORTED_MODEL_TYPES or any(a.endswith("ForCausalLM") for a in config.get("architectures") or ()):
         return _import_llama(path, config, dtype, param_dtype, mesh, runtime)
     raise CheckpointError(f"{path / 'config.json'}: unknown model_type {model_type!r} / architectures "
                           f"{config.get('architectures')}; expected a LLaVA, CLIP or LLaMA-family checkpoint")

@@ -584,16 +584,33 @@ def _flat(tree: dict, prefix: tuple = ()) -> Iterator[tuple[tuple, object]]:
 
 
 def with_runtime(config, **runtime):
-    """Returns `config` with runtime fields replaced, recursing into nested config dataclasses."""
+    """Returns `config` with runtime fields (dtype, param_dtype, scan_layers, remat, ...) replaced, recursing
+    into nested config dataclasses; None values are left alone. Raises TypeError for unknown fields."""
+    runtime = {k: v for k, v in runtime.items() if v is not None}
+    unknown = set(runtime) - _field_names(config)
+    if unknown:
+        raise TypeError(f"{type(config).__name__}: unknown config fields {sorted(unknown)}")
+    return _replace_fields(config, runtime)
+
+
+def _field_names(config) -> set[str]:
     import dataclasses
 
-    if not runtime:
-        return config
+    names = set()
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        names |= _field_names(value) if dataclasses.is_dataclass(value) else {f.name}
+    return names
+
+
+def _replace_fields(config, runtime: dict):
+    import dataclasses
+
     changes = {}
     for f in dataclasses.fields(config):
         value = getattr(config, f.name)
         if dataclasses.is_dataclass(value):
-            changes[f.name] = with_runtime(value, **runtime)
-        elif f.name in runtime and runtime[f.name] is not None:
+            changes[f.name] = _replace_fields(value, runtime)
+        elif f.name in runtime:
             changes[f.name] = runtime[f.name]
-    return dataclasses.replace(config, **changes)
+    return dataclasses.replace(config, **changes) if changes else config
