@@ -162,6 +162,7 @@ def _demo_overrides(c: mlc.ConfigDict) -> None:
     c.eval_every = 0
     c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.demo = mlc.ConfigDict(dict(num_stage1=4000, num_stage2=4000, num_eval=400, image_size=32, seed=0,
+                                 eval_batch_size=50,
                                  evaluate=c.stage == 2))
 
 
