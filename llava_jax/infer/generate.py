@@ -492,7 +492,8 @@ def _workdir_export(path: Path) -> tuple[Path, str | None]:
     export = config.get("export_hf") or ""
     if not export or not (Path(export) / "config.json").is_file():
         raise ModelLoadError(f"{path}: a training workdir without a finished Hugging Face export (its config's "
-                             f"export_hf is {export!r}); load the exported folder, or finish the run with export_hf set")
+                             f"export_hf is {export!r}); load the exported folder, or finish the run with "
+                             "export_hf set")
     return Path(export), (config.get("data") or {}).get("template")
 
 

@@ -115,6 +115,31 @@ def test_bad_image_and_too_long_prompt(model_dir, tmp_path, capsys):
     assert "unknown conversation template 'nope'" in capsys.readouterr().err
 
 
+def test_load_model_reads_our_format_and_training_workdirs(model_dir, generator, tmp_path):
+    import json
+    import shutil
+
+    from llava_jax import convert
+    from llava_jax.models.llava import LlavaForConditionalGeneration
+
+    ours = tmp_path / "ours"
+    convert.save(generator.model, ours)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(model_dir / name, ours / name)
+    model, tokenizer, _, template = load_model(ours)
+    assert isinstance(model, LlavaForConditionalGeneration) and template == "llava_v1"
+    ids = np.arange(5, 40)[None]
+    np.testing.assert_array_equal(np.asarray(model(ids)), np.asarray(generator.model(ids)))
+
+    workdir = tmp_path / "run"
+    (workdir / "checkpoints").mkdir(parents=True)
+    (workdir / "config.json").write_text(json.dumps({"export_hf": str(model_dir), "data": {"template": "plain"}}))
+    assert load_model(workdir)[3] == "plain"
+    (workdir / "config.json").write_text(json.dumps({"export_hf": "", "data": {"template": "v1"}}))
+    with pytest.raises(ValueError, match="training workdir without a finished Hugging Face export"):
+        load_model(workdir)
+
+
 def test_default_template_rule():
     assert default_template("llava-v1.5-7b-hf") == "llava_v1"
     assert default_template("llava-v1.6-mistral-7b") == "mistral_instruct"
