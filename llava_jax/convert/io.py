@@ -94,8 +94,8 @@ class CheckpointReader:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        self._handles: dict[Path, _SafetensorsFile | _TorchFile] = {}
         self._files = self._weight_map()
-        self._handles: dict[Path, object] = {}
 
     # Locating files.
     def _weight_map(self) -> dict[str, Path]:
@@ -126,7 +126,7 @@ class CheckpointReader:
         return files
 
     def _open(self, file: Path):
-        if file in getattr(self, "_handles", {}):
+        if file in self._handles:
             return self._handles[file]
         if file.suffix == ".safetensors":
             try:
@@ -137,8 +137,7 @@ class CheckpointReader:
             handle = _SafetensorsFile(file, handle)
         else:
             handle = _TorchFile(file)
-        if hasattr(self, "_handles"):
-            self._handles[file] = handle
+        self._handles[file] = handle
         return handle
 
     # Access.
