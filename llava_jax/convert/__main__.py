@@ -18,8 +18,8 @@ DESCRIPTION = """\
 Convert checkpoints between Hugging Face folders and the llava_jax format.
 
 The llava_jax format is a folder with model.json (model class and config) and params/ (an Orbax
-checkpoint of the parameters). Read it in Python with `llava_jax.convert.load(dir)`; training and
-inference accept it directly. Nothing is downloaded: every input is a local folder.
+checkpoint of the parameters). Read it in Python with `llava_jax.convert.load(dir)`. Nothing is
+downloaded: every input is a local folder. `COMMAND --help` describes each command.
 
 Typical flows:
   LLaVA-1.5 from Hugging Face (e.g. a local copy of llava-hf/llava-1.5-7b-hf):
