@@ -253,3 +253,20 @@ def test_fast_torchvision_processor_is_close():
         fast = processor(image, return_tensors="pt")["pixel_values"][0].numpy()
         difference = np.abs(preprocess(image, cfg) - fast)
         assert difference.mean() < 2e-3 and difference.max() < 3 / 255 / min(CLIP_STD), name
+
+
+@pytest.mark.slow
+def test_random_sizes_sweep(expand2square):
+    """300 random sizes and aspect ratios (JPEG, both aspects) against the official path."""
+    processor = hf_processor()
+    rng = np.random.default_rng(11)
+    for trial in range(300):
+        width, height = (int(v) for v in rng.integers(1, 1500, 2))
+        if trial % 4 == 0:
+            height = int(rng.integers(1, 12))
+        data = encode(Image.fromarray(photo(width, height, trial)), "JPEG", quality=85)
+        for aspect in ("pad", "resize"):
+            cfg = ImageConfig(aspect=aspect, max_aspect_ratio=2000)
+            np.testing.assert_allclose(preprocess(load_image(data), cfg),
+                                       reference(data, processor, aspect, expand2square),
+                                       atol=1e-5, rtol=0, err_msg=f"{width}x{height} {aspect}")
