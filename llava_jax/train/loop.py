@@ -131,15 +131,31 @@ def group_specs(c: mlc.ConfigDict) -> dict[str, opt.GroupSpec]:
 def restore_stage1_projector(model: nnx.Module, stage1_workdir: str) -> None:
     """Copies the projector of the latest stage-1 checkpoint into `model` (stage 2 start)."""
     checkpointer = ckpt_lib.Checkpointer(stage1_workdir)
-    step = checkpointer.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"{stage1_workdir}/checkpoints: no stage-1 checkpoint to start from")
-    restored = checkpointer.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    projector = restored["state"]["trainable"]["multi_modal_projector"]
+    try:
+        step = checkpointer.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"{stage1_workdir}/checkpoints: no stage-1 checkpoint to start from")
+        restored = checkpointer.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    finally:
+        checkpointer.close()
+    saved = restored["state"]["trainable"].get("multi_modal_projector")
+    if saved is None:
+        raise ValueError(f"{stage1_workdir}/checkpoints/{step}: the stage-1 run did not train the projector")
+    current = nnx.to_pure_dict(nnx.state(model.multi_modal_projector))
+    saved = _without_value_keys(saved)
+    if jax.tree.structure(saved) != jax.tree.structure(current):
+        raise ValueError(f"{stage1_workdir}/checkpoints/{step}: projector {jax.tree.map(np.shape, saved)} does "
+                         f"not match this model's {jax.tree.map(np.shape, current)}")
     nnx.update(model.multi_modal_projector, jax.tree.map(
-        lambda old, new: jax.device_put(jnp.asarray(new, old.dtype), old.sharding),
-        nnx.to_pure_dict(nnx.state(model.multi_modal_projector)), projector))
-    checkpointer.close()
+        lambda old, new: jax.device_put(jnp.asarray(new, old.dtype), old.sharding), current, saved))
+
+
+def _without_value_keys(tree):
+    """Saved nnx states nest each array as {"value": array}; pure dicts hold the array itself."""
+    if isinstance(tree, dict):
+        return _without_value_keys(tree["value"]) if set(tree) == {"value"} else \
+            {k: _without_value_keys(v) for k, v in tree.items()}
+    return tree
 
 
 class Preemption:
