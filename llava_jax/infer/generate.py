@@ -183,7 +183,7 @@ class _Carry(NamedTuple):
 
 
 def _step(static: _Static, model, carry: _Carry, key, sampling) -> _Carry:
-    """Feeds the last token of every row and writes the next one at column carry['step']."""
+    """Feeds every row's last token and writes the next one at column `carry.step`."""
     step, tokens, done = carry.step, carry.tokens, carry.done
     last = jax.lax.dynamic_index_in_dim(tokens, step - 1, axis=1, keepdims=True)  # [B, 1]
     logits, cache = _language_model(model).decode(carry.cache, last)
@@ -231,12 +231,6 @@ def _default_image_config(model) -> ImageConfig | None:
     if vision is None:
         return None
     return ImageConfig(size=vision.image_size, crop_size=vision.image_size, aspect="pad")
-
-
-def _runs(ids: np.ndarray, value: int) -> int:
-    """Number of maximal runs of `value` in ids [T]."""
-    hit = np.asarray(ids) == value
-    return int(np.sum(hit[1:] & ~hit[:-1]) + (hit[0] if hit.size else 0))
 
 
 class Generator:
@@ -425,7 +419,7 @@ class Generator:
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         batch = self.make_batch(prompts, images, min_rows=min_rows)
-        key = jax.random.key(rng if rng is not None else 0) if rng is None or isinstance(rng, int) else rng
+        key = rng if isinstance(rng, jax.Array) else jax.random.key(0 if rng is None else int(rng))
         static = _Static(self.graphdef, sampling.greedy, self.eos_token_ids, self._stop_ids(stop), self.pad_id)
         params = sampling.arrays()
         carry = _prefill(self.state, batch.ids, batch.mask, batch.pixels, batch.image_mask, batch.done, key, params,

@@ -220,3 +220,18 @@ def test_bad_inputs_name_the_prompt(tiny, tmp_path):
 def tmp_path_factory_model(path):
     save_tiny_llava(path, max_positions=32)
     return path
+
+
+def test_text_only_causal_lm_padded_batch_equals_transformers(tmp_path):
+    torch.manual_seed(7)
+    config = transformers.LlamaConfig(vocab_size=97, hidden_size=56, intermediate_size=73, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, bos_token_id=1,
+                                      eos_token_id=EOS, pad_token_id=PAD)
+    hf = transformers.LlamaForCausalLM(config).eval()
+    with torch.no_grad():
+        hf.lm_head.weight.mul_(8.0)
+    hf.save_pretrained(tmp_path)
+    gen = Generator(from_hf(tmp_path), None, eos_token_ids=[EOS])
+    rng = np.random.default_rng(8)
+    rows = [np.concatenate([[1], rng.integers(5, 97, n)]) for n in (3, 11)]
+    assert_same_tokens(gen.generate_tokens(rows, max_new_tokens=MAX_NEW), reference_generate(hf, rows, None))
