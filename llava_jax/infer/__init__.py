@@ -1,1 +1,4 @@
-"""llava_jax."""
+"""Inference: KV-cache generation (`generate.Generator`, `generate.load_model`), the terminal chat (`chat`,
+`python -m llava_jax.chat`), the evaluation runner (`evaluate.evaluate`, `python -m llava_jax.eval`), question
+and answer files (`questions`), benchmark scorers (`scorers`, `python -m llava_jax.infer.score`) and the
+generation benchmark (`bench`, `python -m llava_jax.bench generate`)."""
