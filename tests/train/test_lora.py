@@ -5,7 +5,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -271,3 +276,44 @@ def test_bad_arguments_are_named(llama):
     with pytest.raises(ValueError, match="dropout"):
         lora.add_adapters(plain, rank=RANK, alpha=ALPHA, dropout=1.0, rngs=nnx.Rngs(0))
     assert not list(lora.adapted_linears(plain))
+
+
+SHARDED_SCRIPT = textwrap.dedent("""
+    import json, os
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+    import jax, jax.numpy as jnp, numpy as np
+    from flax import nnx
+    from llava_jax.models.llama import LlamaConfig, LlamaForCausalLM
+    from llava_jax.train import lora, sharding
+
+    config = LlamaConfig(vocab_size=67, hidden_size=24, intermediate_size=44, num_hidden_layers=2,
+                         num_attention_heads=2)
+    mesh = sharding.make_mesh(data=1, fsdp=2, tensor=2)
+    model = sharding.create_sharded(lambda: LlamaForCausalLM(config, rngs=nnx.Rngs(0)), mesh)
+    lora.add_adapters(model, rank=3, alpha=6.0, rngs=nnx.Rngs(1))
+    for path, linear in lora.adapted_linears(model):
+        w, a, b = (tuple(v[...].sharding.spec) for v in (linear.weight, linear.lora_a, linear.lora_b))
+        print(json.dumps([path, w, a, b]))
+        linear.lora_b.set_value(jax.device_put(jnp.full(linear.lora_b.shape, 0.1), linear.lora_b[...].sharding))
+    ids = jnp.arange(14, dtype=jnp.int32).reshape(2, 7)
+    graphdef, state = nnx.split(model)
+    with jax.set_mesh(mesh):
+        sharded = jax.jit(lambda s: nnx.merge(graphdef, s)(ids))(state)
+    local = jax.device_get(state)
+    unsharded = nnx.merge(graphdef, local)(ids)
+    print("same_logits", bool(np.allclose(sharded, unsharded, atol=1e-5)))
+""")
+
+
+def test_adapters_follow_the_base_weight_shardings():
+    out = subprocess.run([sys.executable, "-c", SHARDED_SCRIPT], capture_output=True, text=True, timeout=300,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.strip().splitlines()
+    assert lines[-1] == "same_logits True"
+    specs = [json.loads(line) for line in lines[:-1]]
+    assert len(specs) == len(TARGET_NAMES)
+    for path, weight, lora_a, lora_b in specs:
+        # [L, out, in] / [L, r, in] / [L, out, r]: in- and out-dimensions split as in the base weight.
+        assert lora_a == [weight[0], None, weight[2]] and lora_b == [weight[0], weight[1], None], path
+        assert "fsdp" in weight and "tensor" in weight, path
