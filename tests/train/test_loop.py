@@ -110,11 +110,12 @@ def initial_demo_params(tokenizer_dir: Path) -> dict:
     return flat_params(model_init.build_model(c, mesh, vocab_size=len(tokenizer), image_size=c.demo.image_size))
 
 
-def demo_config(stage: int):
+def demo_config(stage: int, variant: str | None = "demo"):
+    """configs/stage{stage}.py:variant as a ConfigDict."""
     spec = importlib.util.spec_from_file_location(f"stage{stage}_config", REPO / "configs" / f"stage{stage}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.get_config("demo")
+    return module.get_config(variant)
 
 
 def flat_params(model) -> dict:
