@@ -396,9 +396,13 @@ class NonFiniteMonitor:
         if self.streak >= self.limit:
             raise NonFiniteError(
                 f"step {step}: {self.streak} non-finite steps in a row (train.max_nonfinite={self.limit}); "
-                f"stopping. The parameters are those before the first skipped step; last checkpoint: step "
-                f"{self.checkpointer.latest_step()}. Lower optim.lr, check the data, or use float32 "
+                f"stopping. Skipped steps leave the parameters unchanged; last checkpoint: "
+                f"{self._last_checkpoint()}. Lower optim.lr, check the data, or compute in float32 "
                 f"(--config.model.dtype=float32)")
+
+    def _last_checkpoint(self) -> str:
+        step = self.checkpointer.latest_step()
+        return "none" if step is None else f"step {step} ({self.checkpointer.directory / str(step)})"
 
 
 def _pad_token_id(tokenizer) -> int:

@@ -122,7 +122,8 @@ class Reporter:
             print(line, flush=True)
         if self.writer is not None:
             for k, v in out.items():
-                self.writer.add_scalar(f"train/{k}", v, step)
+                if np.isfinite(v):  # Non-finite steps are in metrics.jsonl and the warnings.
+                    self.writer.add_scalar(f"train/{k}", v, step)
             self.writer.flush()
         return out
 

@@ -159,6 +159,14 @@ def array_leaves(tree, prefix=()) -> dict[tuple, tuple]:
     return {path: shape for k, v in items for path, shape in array_leaves(v, prefix + (k,)).items()}
 
 
+def flat_arrays(tree, prefix=()) -> dict[tuple, np.ndarray]:
+    """{path: array} of a nested dict / list tree."""
+    if isinstance(tree, (dict, list, tuple)):
+        items = tree.items() if isinstance(tree, dict) else enumerate(tree)
+        return {path: a for k, v in items for path, a in flat_arrays(v, prefix + (k,)).items()}
+    return {} if tree is None else {prefix: np.asarray(tree)}
+
+
 def parameter_key(path: tuple) -> str:
     """The parameter a (possibly optimizer-state) path refers to: from the top-level module on."""
     tops = [i for i, k in enumerate(path) if k in ("vision_tower", "multi_modal_projector", "language_model")]
@@ -232,3 +240,27 @@ def test_stage2_starts_from_the_stage1_projector(tmp_path, stage1_run, demo_data
     projector = [n for n in stage1 if n.startswith("multi_modal_projector/")]
     assert all(np.array_equal(stage2[n], stage1[n]) for n in projector)
     assert not all(np.array_equal(stage2[n], initial[n]) for n in projector)
+
+
+def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path, demo_data, jax_cache):
+    # A huge learning rate (no warmup) makes step 1's update overflow the model: every later loss is NaN.
+    workdir = tmp_path / "run"
+    done = run_cli(2, workdir, {"train.num_steps": 10, "optim.lr": 1e30, "optim.warmup_ratio": 0.0,
+                                "train.max_nonfinite": 3, "checkpoint_every": 1, "keep_checkpoints": 10},
+                   demo_data=demo_data, jax_cache=jax_cache, check=False)
+    assert done.returncode == 3, done.stderr[-3000:]
+    assert "training stopped: step 4: 3 non-finite steps in a row (train.max_nonfinite=3)" in done.stderr
+    assert "last checkpoint: step 3" in done.stderr
+    assert "Traceback" not in done.stderr
+    records = step_records(workdir)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert [r["skipped"] for r in records] == [False, True, True, True]
+    assert np.isfinite(records[0]["loss"]) and not any(np.isfinite(r["loss"]) for r in records[1:])
+    # Skipped steps leave parameters and optimizer state as they were after step 1, and are counted.
+    after_1, after_3 = checkpoint_tree(workdir, 1), checkpoint_tree(workdir, 3)
+    for name in ("trainable", "opt_state"):
+        first, last = flat_arrays(after_1[name]), flat_arrays(after_3[name])
+        assert first.keys() == last.keys()
+        assert all(np.array_equal(first[k], last[k]) for k in first), name
+    assert int(after_3["nonfinite_streak"]) == 2 and int(after_3["nonfinite_total"]) == 2
+    assert int(after_3["step"]) == 3
