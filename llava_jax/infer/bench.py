@@ -140,7 +140,7 @@ def time_ours(model, rows, pixels, images: int, new_tokens: int, repeats: int) -
     gen = gen_lib.Generator(model, None, eos_token_ids=())
     per_row = [[pixels[r * images + k] for k in range(images)] for r in range(len(rows))]
     batch = gen.make_batch(rows, per_row)
-    static = gen_lib._Static(gen.graphdef, True, (), (), gen.pad_id)
+    static = gen.static(batch, greedy=True)
     params = gen_lib.Sampling().arrays()
     key = jax.random.key(0)
 

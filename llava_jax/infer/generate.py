@@ -130,6 +130,7 @@ class _Static:
     eos_ids: tuple[int, ...]
     stop_ids: tuple[tuple[int, ...], ...]
     pad_id: int
+    split_prefill: bool = False  # prefill all but the last column, then the last (a text token in every row)
 
 
 def _decode(model, cache, ids, mask=None, pixels=None, image_mask=None):
@@ -163,7 +164,11 @@ def _prefill(state, ids, mask, pixels, image_mask, done, key, sampling, *, stati
     """Prompt ids [B, P] (left padded, mask [B, P]) -> (Carry after the first new token)."""
     model = nnx.merge(static.graphdef, state)
     cache = model.init_cache(ids.shape[0], cache_length)
-    logits, cache = _decode(model, cache, ids, mask, pixels, image_mask)
+    if static.split_prefill:  # the logits of all but the last position are never computed (dead code)
+        _, cache = _decode(model, cache, ids[:, :-1], mask[:, :-1], pixels, image_mask)
+        logits, cache = _language_model(model).decode(cache, ids[:, -1:], attention_mask=mask[:, -1:])
+    else:
+        logits, cache = _decode(model, cache, ids, mask, pixels, image_mask)
     token = next_token(logits[:, -1], jax.random.fold_in(key, 0), sampling, static.greedy)
     token = jnp.where(done, static.pad_id, token)
     tokens = jnp.full((ids.shape[0], max_new_tokens), static.pad_id, jnp.int32).at[:, 0].set(token)
@@ -413,6 +418,12 @@ class Generator:
         text = self.tokenizer.decode(tokens.tolist(), skip_special_tokens=True)
         return _cut_at_stop(text, stop)
 
+    def static(self, batch: Batch, greedy: bool, stop_ids: tuple = ()) -> _Static:
+        """The compile-time settings of a batch's programs."""
+        last_is_text = self.image_token_index is None or not (batch.ids[:, -1] == self.image_token_index).any()
+        return _Static(self.graphdef, greedy, self.eos_token_ids, stop_ids, self.pad_id,
+                       split_prefill=last_is_text and batch.ids.shape[1] > 1)
+
     def _run(self, prompts, images, max_new_tokens, sampling: Sampling, rng, stop: tuple[str, ...],
              stream: StreamCallback | None, min_rows: int = 1) -> tuple[np.ndarray, np.ndarray]:
         """-> (tokens int32 [B, max_new_tokens], lengths int32 [B]) for the real rows."""
@@ -420,7 +431,7 @@ class Generator:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         batch = self.make_batch(prompts, images, min_rows=min_rows)
         key = rng if isinstance(rng, jax.Array) else jax.random.key(0 if rng is None else int(rng))
-        static = _Static(self.graphdef, sampling.greedy, self.eos_token_ids, self._stop_ids(stop), self.pad_id)
+        static = self.static(batch, sampling.greedy, self._stop_ids(stop))
         params = sampling.arrays()
         carry = _prefill(self.state, batch.ids, batch.mask, batch.pixels, batch.image_mask, batch.done, key, params,
                          static=static, cache_length=batch.ids.shape[1] + max_new_tokens,
