@@ -323,15 +323,15 @@ def run(c: mlc.ConfigDict, workdir: str | os.PathLike, *, config_name: str = "co
                 data_wait = time.perf_counter() - t_wait
                 state, m = train_step(state, frozen, rest, to_global(local, mesh))
                 step += 1
+                if pending is not None:  # The previous step, while this one runs.
+                    record(*pending)
+                pending = (step, m)
                 lengths = local["attention_mask"].sum(axis=1)
                 images = int(local["image_mask"].sum()) * jax.process_count()
                 reporter.add(tokens=int(lengths.sum()) * jax.process_count(), images=images,
                              flops=flop_model.step_flops(lengths, images // jax.process_count(),
                                                          data.image_seq_length) * jax.process_count(),
                              data_wait=data_wait)
-                if pending is not None:
-                    record(*pending)
-                pending = (step, m)
                 preempted = preemption.reached(step)
                 if step % c.checkpoint_every == 0 or step == steps or preempted:
                     record(*pending)
