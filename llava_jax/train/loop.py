@@ -31,10 +31,13 @@ class NonFiniteError(RuntimeError):
 
 
 def maybe_initialize_distributed(c: mlc.ConfigDict) -> None:
-    """jax.distributed.initialize when several processes run: explicit flags, or automatic on TPU pods and
-    SLURM jobs."""
+    """jax.distributed.initialize when several processes run: explicit flags (`distributed.coordinator=
+    HOST:PORT`, `num_processes`, `process_id`), or auto-detection (`coordinator=auto`, and by default on SLURM
+    jobs with several tasks and on TPU pods)."""
     d = c.distributed
-    if d.coordinator:
+    if d.coordinator == "auto":
+        jax.distributed.initialize()
+    elif d.coordinator:
         jax.distributed.initialize(d.coordinator, num_processes=d.num_processes, process_id=d.process_id)
     elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
         jax.distributed.initialize()
