@@ -154,10 +154,11 @@ def test_llava_logits_match_peft_and_merged_export_loads_in_transformers(llava, 
                                atol=2e-5 * np.abs(expected).max())
     reference_merged = copy.deepcopy(reference).merge_and_unload().state_dict()
     ours = state_dict(lora.merged(model))
-    for name, value in reference_merged.items():
-        ours_name = llava_tensor_name_to_ours(name)
-        if ours_name is not None and ".layers." in name and "language_model" in name:
-            np.testing.assert_allclose(ours[ours_name], value.numpy(), rtol=1e-6, atol=1e-7, err_msg=name)
+    merged_names = [n for n in reference_merged if "language_model" in n and n.endswith("_proj.weight")]
+    assert len(merged_names) == len(TARGET_NAMES) * reference.config.text_config.num_hidden_layers
+    for name in merged_names:
+        np.testing.assert_allclose(ours[llava_tensor_name_to_ours(name)], reference_merged[name].numpy(),
+                                   rtol=1e-6, atol=1e-7, err_msg=name)
 
 
 def test_fresh_adapters_initialize_like_peft(tmp_path):
