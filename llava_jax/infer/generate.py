@@ -362,11 +362,12 @@ class Generator:
         return Batch(ids, mask, stacked, np.arange(n) < len(pixels), done, len(rows))
 
     def _stop_ids(self, stop: Sequence[str]) -> tuple[tuple[int, ...], ...]:
-        """Token sequences of the stop strings that tokenize to something decoding back to themselves."""
+        """Token sequences of the stop strings that tokenize to something decoding back to exactly themselves
+        (ending a row on them is then safe: the decoded text holds the stop string and is cut there)."""
         out = []
         for s in stop:
             ids = self.tokenizer(s, add_special_tokens=False).input_ids
-            if ids and self.tokenizer.decode(ids).strip() == s.strip():
+            if ids and self.tokenizer.decode(ids) == s:
                 out.append(tuple(int(i) for i in ids))
         return tuple(out)
 
