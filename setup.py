@@ -34,6 +34,8 @@ setup(
             "pytest>=9,<10",
             # CPU build of PyTorch: the reference implementation in parity tests.
             "torch==2.13.0",
+            # LoRA reference (the official LLaVA trains LoRA with peft).
+            "peft>=0.21.2,<0.22",
         ],
     },
 )

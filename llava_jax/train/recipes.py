@@ -153,7 +153,7 @@ def stage_config(stage: int, arg: str | None) -> mlc.ConfigDict:
 def _demo_overrides(c: mlc.ConfigDict) -> None:
     """A tiny model on the embedded synthetic data that learns on a 2-core CPU in minutes."""
     c.train.global_batch_size = 32
-    c.train.num_epochs = 3
+    c.train.num_epochs = 5
     c.optim.lr = 2e-3 if c.stage == 1 else 1e-3
     c.optim.warmup_ratio = 0.05
     c.optim.weight_decay = 0.0
@@ -161,6 +161,7 @@ def _demo_overrides(c: mlc.ConfigDict) -> None:
     c.checkpoint_every = 200
     c.eval_every = 0
     c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+    c.lora.rank, c.lora.alpha = 8, 16.0     # rank 128 would outweigh the tiny demo model
     c.demo = mlc.ConfigDict(dict(num_stage1=4000, num_stage2=4000, num_eval=400, image_size=32, seed=0,
                                  eval_batch_size=50,
                                  evaluate=c.stage == 2))
