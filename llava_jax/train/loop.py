@@ -301,9 +301,10 @@ def run(c: mlc.ConfigDict, workdir: str | os.PathLike, *, config_name: str = "co
     monitor = NonFiniteMonitor(int(state.nonfinite_streak), c.train.max_nonfinite, checkpointer)
     history = []
 
-    def record(step: int, device_metrics) -> None:
+    def record(step: int, device_metrics, counts: dict) -> None:
         """Host-side bookkeeping of a finished step (runs one step behind the device)."""
         host = jax.device_get(device_metrics)
+        reporter.add(**counts)
         values = {"loss": float(host["loss"]), "grad_norm": float(host["grad_norm"])}
         step_log.write({"step": step, **values, "supervised_tokens": int(host["supervised_tokens"]),
                         "skipped": not bool(host["finite"])})
@@ -328,13 +329,12 @@ def run(c: mlc.ConfigDict, workdir: str | os.PathLike, *, config_name: str = "co
                 step += 1
                 if pending is not None:  # The previous step, while this one runs.
                     record(*pending)
-                pending = (step, m)
                 lengths = local["attention_mask"].sum(axis=1)
                 images = int(local["image_mask"].sum()) * jax.process_count()
-                reporter.add(tokens=int(lengths.sum()) * jax.process_count(), images=images,
-                             flops=flop_model.step_flops(lengths, images // jax.process_count(),
-                                                         data.image_seq_length) * jax.process_count(),
-                             data_wait=data_wait)
+                pending = (step, m, dict(
+                    tokens=int(lengths.sum()) * jax.process_count(), images=images, data_wait=data_wait,
+                    flops=flop_model.step_flops(lengths, images // jax.process_count(),
+                                                data.image_seq_length) * jax.process_count()))
                 preempted = preemption.reached(step)
                 if step % c.checkpoint_every == 0 or step == steps or preempted:
                     record(*pending)
