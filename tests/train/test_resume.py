@@ -10,8 +10,8 @@ from pathlib import Path
 
 from tests.train.test_loop import demo_data, jax_cache, run_cli, start_cli, step_records  # noqa: F401
 
-STEPS = 8
-RUN = {"train.num_steps": STEPS, "checkpoint_every": 2, "keep_checkpoints": 10}
+STEPS = 16
+RUN = {"train.num_steps": STEPS, "checkpoint_every": 2, "keep_checkpoints": 20}
 
 
 def finished_checkpoints(workdir: Path) -> list[int]:
@@ -37,18 +37,20 @@ def test_kill_and_sigterm_resume_match_an_uninterrupted_run(tmp_path, demo_data,
     expected = step_records(reference)
     assert [r["step"] for r in expected] == list(range(1, STEPS + 1))
 
-    # 1. SIGKILL as soon as the first checkpoint is complete (Orbax renames it into place when done).
+    # 1. SIGKILL once step 3 is done: after the step-2 checkpoint was started (its asynchronous write may
+    # be complete or not; an incomplete one must be ignored).
     workdir = tmp_path / "interrupted"
     process = start_cli(1, workdir, RUN, demo_data=demo_data, jax_cache=jax_cache)
-    wait_until(lambda: finished_checkpoints(workdir), process, "the first checkpoint")
+    wait_until(lambda: (workdir / "metrics.jsonl").is_file() and
+               max([0] + [r["step"] for r in step_records(workdir)]) >= 3, process, "step 3")
     process.send_signal(signal.SIGKILL)
     process.communicate()
     assert process.returncode == -signal.SIGKILL
-    killed_at = finished_checkpoints(workdir)[-1]
+    killed_at = (finished_checkpoints(workdir) or [0])[-1]
     assert killed_at < STEPS
 
     # 2. Resume; SIGTERM once it has gone one step past the checkpoint: it saves after the current step.
-    last_step = lambda: max(r["step"] for r in step_records(workdir))
+    last_step = lambda: max([0] + [r["step"] for r in step_records(workdir)])
     logged_past_checkpoint = last_step() > killed_at
     process = start_cli(1, workdir, RUN, demo_data=demo_data, jax_cache=jax_cache)
     if logged_past_checkpoint:  # The resumed run drops the lines of steps after its checkpoint first.
@@ -57,7 +59,7 @@ def test_kill_and_sigterm_resume_match_an_uninterrupted_run(tmp_path, demo_data,
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=300)
     assert process.returncode == 0, err[-4000:]
-    assert f"resumed from {workdir}/checkpoints step {killed_at}" in out
+    assert (f"resumed from {workdir}/checkpoints step {killed_at}" in out) == (killed_at > 0)
     preempted = re.search(r"preempted: checkpoint saved at step (\d+)", out)
     assert preempted, out
     stopped_at = int(preempted.group(1))
