@@ -35,12 +35,24 @@ def maybe_initialize_distributed(c: mlc.ConfigDict) -> None:
     HOST:PORT`, `num_processes`, `process_id`), or auto-detection (`coordinator=auto`, and by default on SLURM
     jobs with several tasks and on TPU pods)."""
     d = c.distributed
+    check_distributed(d)
     if d.coordinator == "auto":
         jax.distributed.initialize()
     elif d.coordinator:
         jax.distributed.initialize(d.coordinator, num_processes=d.num_processes, process_id=d.process_id)
     elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "," in os.environ.get("TPU_WORKER_HOSTNAMES", ""):
         jax.distributed.initialize()
+
+
+def check_distributed(d: mlc.ConfigDict) -> None:
+    """An explicit coordinator needs the process count and this process's id."""
+    if not d.coordinator or d.coordinator == "auto":
+        return
+    if d.num_processes < 1:
+        raise ValueError(f"config.distributed.num_processes: set it (>= 1) with distributed.coordinator="
+                         f"{d.coordinator!r}, got {d.num_processes}")
+    if not 0 <= d.process_id < d.num_processes:
+        raise ValueError(f"config.distributed.process_id: must be in [0, {d.num_processes}), got {d.process_id}")
 
 
 @dataclasses.dataclass

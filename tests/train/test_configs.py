@@ -50,6 +50,9 @@ def with_values(stage: int, values: dict):
     ({"model.llava_path": "/ckpt/llava", "model.stage1_workdir": "/runs/stage1"}, "config.model.llava_path"),
     ({"mesh.data": -1, "mesh.fsdp": -1}, "config.mesh"),
     ({"train.num_steps": -1, "train.num_epochs": 0}, "config.train.num_epochs"),
+    ({"distributed.coordinator": "127.0.0.1:1234"}, "config.distributed.num_processes"),
+    ({"distributed.coordinator": "127.0.0.1:1234", "distributed.num_processes": 2,
+      "distributed.process_id": 2}, "config.distributed.process_id"),
 ])
 def test_invalid_values_fail_before_device_work_naming_the_field(tmp_path, no_device_work, values, field):
     from llava_jax.train import loop
