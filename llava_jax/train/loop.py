@@ -129,6 +129,32 @@ def make_data(c: mlc.ConfigDict, tokenizer, model_cfg, demo_paths, seed_offset: 
                      model_cfg.image_seq_length, demo_paths)
 
 
+class HeldOut:
+    """The held-out loss: token-weighted cross entropy over the first `data.eval_batches` batches of
+    `data.eval_json` (images under `data.images`), the same batches every time."""
+
+    def __init__(self, c: mlc.ConfigDict, tokenizer, model_cfg, demo_paths, graphdef, pad_token_id: int):
+        import itertools
+
+        from llava_jax.data.pipeline import PipelineConfig, make_train_iterator
+        from llava_jax.data.sources import LlavaJsonSource
+
+        images = demo_paths.images if demo_paths is not None else c.data.images
+        pc = PipelineConfig(sources=(LlavaJsonSource(c.data.eval_json, images),), template=c.data.template,
+                            max_length=c.data.max_length, length_buckets=tuple(c.data.length_buckets),
+                            global_batch_size=c.train.global_batch_size, seed=c.train.seed, num_epochs=None,
+                            image_config=image_config(c, model_cfg), image_seq_length=model_cfg.image_seq_length,
+                            image_token_id=model_cfg.image_token_index, worker_count=0, report_every=0)
+        iterator = make_train_iterator(pc, tokenizer)
+        self.batches = [common_length(b, pad_token_id) for b in itertools.islice(iterator, c.data.eval_batches)]
+        self.step = jax.jit(step_lib.make_eval_step(graphdef, model_init.DTYPES[c.model.dtype]))
+
+    def loss(self, trainable, frozen, rest, mesh) -> float:
+        sums = [self.step(trainable, frozen, rest, to_global(b, mesh)) for b in self.batches]
+        total = sum(float(s["loss_sum"]) for s in sums)
+        return total / max(sum(int(s["count"]) for s in sums), 1)
+
+
 def total_steps(c: mlc.ConfigDict, num_samples: int) -> int:
     if c.train.num_steps > 0:
         return int(c.train.num_steps)
@@ -243,7 +269,8 @@ def make_run_mesh(c: mlc.ConfigDict):
 def run(c: mlc.ConfigDict, workdir: str | os.PathLike, *, config_name: str = "config") -> dict:
     """Trains per `c` in `workdir` (resuming from its latest checkpoint).
 
-    Writes `<workdir>/metrics.jsonl` (one line per step: loss, grad_norm, supervised_tokens, skipped),
+    Writes `<workdir>/metrics.jsonl` (one line per step: loss, grad_norm, supervised_tokens, skipped; and
+    {"step", "eval_loss"} lines every `eval_every` steps when `data.eval_json` is set),
     TensorBoard logs, checkpoints and `result.json`. Returns {"step", "history" (the logged lines),
     "bad_samples", "model" (the final model, when training completed)}.
     Raises ValueError("config.<field>: ...") on bad settings, MissingInputs, NonFiniteError.
@@ -301,6 +328,9 @@ def run(c: mlc.ConfigDict, workdir: str | os.PathLike, *, config_name: str = "co
     compute_dtype = model_init.DTYPES[c.model.dtype]
     train_step = jax.jit(step_lib.make_train_step(graphdef, tx, microbatches=c.train.microbatches,
                                                   compute_dtype=compute_dtype), donate_argnums=(0,))
+    pad_token_id = _pad_token_id(tokenizer)
+    held_out = HeldOut(c, tokenizer, model_cfg, demo_paths, graphdef, pad_token_id) \
+        if c.data.eval_json and c.eval_every > 0 else None
     flop_model = metrics_lib.FlopModel.of(model_cfg, llm_trained=any(g in ("llm", "lora") for g in groups.values()))
     writer = None
     if is_main:
@@ -327,8 +357,12 @@ def run(c: mlc.ConfigDict, workdir: str | os.PathLike, *, config_name: str = "co
                                                                              sorted(lrs.items())}})})
         monitor.check(step, bool(host["finite"]))
 
+    def evaluate(step: int) -> None:
+        loss = held_out.loss(state.trainable, frozen, rest, mesh)
+        step_log.write({"step": step, "eval_loss": loss})
+        history.append({"step": step, **reporter.emit_eval(step, {"loss": loss})})
+
     preemption = Preemption()
-    pad_token_id = _pad_token_id(tokenizer)
     pending = None
     step = start
     try:
@@ -347,10 +381,15 @@ def run(c: mlc.ConfigDict, workdir: str | os.PathLike, *, config_name: str = "co
                     tokens=int(lengths.sum()) * jax.process_count(), images=images, data_wait=data_wait,
                     flops=flop_model.step_flops(lengths, images // jax.process_count(),
                                                 data.image_seq_length) * jax.process_count()))
-                preempted = preemption.reached(step)
-                if step % c.checkpoint_every == 0 or step == steps or preempted:
+                if held_out is not None and (step % c.eval_every == 0 or step == steps):
                     record(*pending)
                     pending = None
+                    evaluate(step)
+                preempted = preemption.reached(step)
+                if step % c.checkpoint_every == 0 or step == steps or preempted:
+                    if pending is not None:
+                        record(*pending)
+                        pending = None
                     checkpointer.save(step, state, data_iterator=data.iterator,
                                       meta={"step": step, "bad_samples": data.iterator.bad_sample_counts()})
                 if preempted:

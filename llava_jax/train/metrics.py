@@ -127,6 +127,18 @@ class Reporter:
             self.writer.flush()
         return out
 
+    def emit_eval(self, step: int, values: dict) -> dict:
+        """Held-out metrics (e.g. loss): a line, TensorBoard `eval/*`. Returns {"eval_<name>": value}."""
+        out = {f"eval_{k}": v for k, v in values.items()}
+        if self.is_main:
+            line = f"step {step}: " + ", ".join(_fmt(k, v) for k, v in out.items())
+            self.bar.write(line) if self.bar is not None else print(line, flush=True)
+            if self.writer is not None:
+                for k, v in values.items():
+                    self.writer.add_scalar(f"eval/{k}", v, step)
+                self.writer.flush()
+        return out
+
     def close(self):
         if self.bar is not None:
             self.bar.close()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -264,3 +265,18 @@ def test_nonfinite_steps_are_skipped_counted_and_stop_the_run(tmp_path, demo_dat
         assert all(np.array_equal(first[k], last[k]) for k in first), name
     assert int(after_3["nonfinite_streak"]) == 2 and int(after_3["nonfinite_total"]) == 2
     assert int(after_3["step"]) == 3
+
+
+def test_held_out_loss_every_eval_every_steps(tmp_path, demo_data, jax_cache):
+    # The held-out set is the training set here, read in the same order (stage 1 does not group), one batch:
+    # after step 1, whose learning rate is 0 (warmup starts at 0), the held-out loss is step 1's training loss.
+    workdir = tmp_path / "run"
+    done = run_cli(1, workdir, {"train.num_steps": 2, "eval_every": 1, "data.eval_batches": 1,
+                                "data.eval_json": demo_data / "stage1.json"}, demo_data=demo_data, jax_cache=jax_cache)
+    records = step_records(workdir)
+    train = {r["step"]: r["loss"] for r in records if "loss" in r}
+    held_out = {r["step"]: r["eval_loss"] for r in records if "eval_loss" in r}
+    assert sorted(train) == sorted(held_out) == [1, 2]
+    np.testing.assert_allclose(held_out[1], train[1], rtol=1e-6)
+    assert held_out[2] < held_out[1]  # Step 2 (learning rate 2e-3) trained on part of it.
+    assert re.search(r"^step 2: eval_loss \d", done.stdout, re.M)
