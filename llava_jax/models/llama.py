@@ -187,13 +187,31 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 class KVCache(NamedTuple):
-    """Decoding state. key/value: [L, B, S, K, head_dim]; mask: bool [B, S] (slot holds a real token);
-    index: int32 [] (next slot to write)."""
+    """Decoding state. key/value: [L, B, K, S, head_dim] (per head, the slots are contiguous: a decode step
+    reads them as one [S, head_dim] matrix); mask: bool [B, S] (slot holds a real token); index: int32 []
+    (next slot to write)."""
 
     key: jax.Array
     value: jax.Array
     mask: jax.Array
     index: jax.Array
+
+
+def cached_attention(q: jax.Array, key: jax.Array, value: jax.Array, mask: jax.Array) -> jax.Array:
+    """Attention of a few new queries over cache slots, on the cache's own layout (no relayout, no copy).
+
+    q [B, T, N, head_dim]; key/value [B, K, S, head_dim] (K divides N); mask bool [B|1, 1, T, S].
+    Scores and softmax in float32. Returns [B, T, N, head_dim] in q's dtype.
+    """
+    b, t, n, d = q.shape
+    k = key.shape[1]
+    q = q.reshape(b, t, k, n // k, d)
+    scores = jnp.einsum("btkgd,bksd->bkgts", q, key.astype(q.dtype), preferred_element_type=jnp.float32)
+    scores = scores / np.sqrt(d).astype(np.float32)
+    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)  # [B, 1, 1, T, S] over [B, K, G, T, S]
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    out = jnp.einsum("bkgts,bksd->btkgd", probs, value.astype(q.dtype), preferred_element_type=jnp.float32)
+    return out.astype(q.dtype).reshape(b, t, n, d)
 
 
 class LlamaAttention(nnx.Module):
@@ -210,23 +228,42 @@ class LlamaAttention(nnx.Module):
         self.o_proj = Linear(num_heads * head_dim, hidden_size, axes=("embed", "heads"), use_bias=o_bias, **kw)
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array | None, *,
-                 kv: tuple[jax.Array, jax.Array] | None = None, index: jax.Array | None = None):
-        """x [B, T, D]; mask bool [B, 1, T, S] or None (plain causal).
+                 cache: tuple[jax.Array, jax.Array] | None = None, layer: jax.Array | None = None,
+                 index: jax.Array | None = None):
+        """x [B, T, D]; mask bool [B|1, 1, T, S] or None (plain causal).
 
-        With kv = (key, value) cache rows [B, S, K, head_dim], the new keys/values are written at slots
-        index..index+T-1 and attention runs over all S slots.
-        Returns (out [B, T, D], (key, value) [B, S, K, head_dim]).
+        With cache = (key, value) of all layers [L, B, K, S, head_dim], this layer's new keys/values are
+        written in place at [layer, :, :, index:index + T] and attention runs over all S slots of the layer:
+        one-token steps read the cache where it lies (`cached_attention`), longer inputs (prefill) use
+        `jax.nn.dot_product_attention`.
+        Returns (out [B, T, D], updated cache or None).
         """
         b, t, _ = x.shape
         q = apply_rope(self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim), cos, sin)
         k = apply_rope(self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim), cos, sin)
         v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-        if kv is not None:
-            k = jax.lax.dynamic_update_slice_in_dim(kv[0], k.astype(kv[0].dtype), index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(kv[1], v.astype(kv[1].dtype), index, axis=1)
-        out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask,
-                                           is_causal=mask is None, implementation=self.implementation)
-        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), (k, v)
+        if cache is None:
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=mask is None,
+                                               implementation=self.implementation)
+        else:
+            key, value = (_write_layer(c, new, layer, index) for c, new in zip(cache, (k, v)))
+            layer_k, layer_v = (jax.lax.dynamic_index_in_dim(c, layer, 0, keepdims=False) for c in (key, value))
+            if t == 1:
+                out = cached_attention(q, layer_k, layer_v, mask)
+            else:
+                layer_k, layer_v = (c.swapaxes(1, 2).astype(q.dtype) for c in (layer_k, layer_v))
+                out = jax.nn.dot_product_attention(q, layer_k, layer_v, mask=mask,
+                                                   implementation=self.implementation)
+            cache = (key, value)
+        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), cache
+
+
+def _write_layer(cache: jax.Array, new: jax.Array, layer: jax.Array, index: jax.Array) -> jax.Array:
+    """cache [L, B, K, S, head_dim] with new [B, T, K, head_dim] written at [layer, :, :, index:index + T]."""
+    update = new.swapaxes(1, 2)[None].astype(cache.dtype)
+    zero = jnp.zeros((), jnp.int32)
+    return jax.lax.dynamic_update_slice(cache, update, (layer.astype(jnp.int32), zero, zero,
+                                                        jnp.asarray(index, jnp.int32), zero))
 
 
 class LlamaMLP(nnx.Module):
@@ -257,11 +294,12 @@ class LlamaDecoderLayer(nnx.Module):
         self.input_layernorm = RMSNorm(hidden_size, eps=rms_norm_eps, **kw)
         self.post_attention_layernorm = RMSNorm(hidden_size, eps=rms_norm_eps, **kw)
 
-    def __call__(self, x, cos, sin, mask, *, kv=None, index=None):
-        """x [B, T, D] -> (x [B, T, D], (key, value)); see LlamaAttention for mask / kv / index."""
-        attn, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv=kv, index=index)
+    def __call__(self, x, cos, sin, mask, *, cache=None, layer=None, index=None):
+        """x [B, T, D] -> (x [B, T, D], cache); see LlamaAttention for mask / cache / layer / index."""
+        attn, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache=cache, layer=layer,
+                                     index=index)
         x = x + attn
-        return x + self.mlp(self.post_attention_layernorm(x)), kv
+        return x + self.mlp(self.post_attention_layernorm(x)), cache
 
 
 def attention_mask_4d(key_valid: jax.Array | None, num_queries: int, query_start, num_keys: int,
@@ -312,18 +350,28 @@ class LlamaModel(nnx.Module):
                  cache: tuple[jax.Array, jax.Array] | None = None, index: jax.Array | None = None):
         """inputs_embeds [B, T, D], positions int [B, T], mask bool [B|1, 1, T, S] or None.
 
-        cache: (key, value) [L, B, S, K, head_dim] to write at slots index.. (see LlamaAttention).
+        cache: (key, value) [L, B, K, S, head_dim] to write at slots index.. (see LlamaAttention). The
+          cache rides in the layer loop's carry, so each layer updates its slots in place (no per-step copy
+          of the cache when the caller donates it).
         Returns (hidden [B, T, D] after the final norm, updated (key, value) or None).
         """
         cos, sin = rope_cos_sin(positions, self.rope, self.dtype)
+        x = inputs_embeds.astype(self.dtype)
+        if cache is None:
+            def step(layer, x, _):
+                return layer(x, cos, sin, mask)[0], None
 
-        def step(layer, x, kv):
-            x, kv = layer(x, cos, sin, mask, kv=kv, index=index)
-            return x, (kv if cache is not None else None)
+            x, _ = layers.run_stack(self.layers, step, x, scan=self.scan_layers, remat=self.remat)
+            return self.norm(x), None
 
-        x, new_cache = layers.run_stack(self.layers, step, inputs_embeds.astype(self.dtype), cache,
-                                        scan=self.scan_layers, remat="none" if cache is not None else self.remat)
-        return self.norm(x), new_cache
+        def cached_step(layer, carry, layer_index):
+            x, kv = carry
+            return layer(x, cos, sin, mask, cache=kv, layer=layer_index, index=index), None
+
+        num_layers = cache[0].shape[0]
+        (x, cache), _ = layers.run_stack(self.layers, cached_step, (x, tuple(cache)),
+                                         jnp.arange(num_layers, dtype=jnp.int32), scan=self.scan_layers)
+        return self.norm(x), cache
 
 
 class LlamaForCausalLM(nnx.Module):
@@ -382,7 +430,7 @@ class LlamaForCausalLM(nnx.Module):
     def init_cache(self, batch: int, max_length: int, dtype=None) -> KVCache:
         """Empty cache for `batch` rows of up to `max_length` tokens (prompt + generated)."""
         c = self.config
-        shape = (c.num_hidden_layers, batch, max_length, c.num_key_value_heads, c.head_dim)
+        shape = (c.num_hidden_layers, batch, c.num_key_value_heads, max_length, c.head_dim)
         dtype = dtype or c.dtype
         return KVCache(key=jnp.zeros(shape, dtype), value=jnp.zeros(shape, dtype),
                        mask=jnp.zeros((batch, max_length), bool), index=jnp.zeros((), jnp.int32))
