@@ -10,8 +10,8 @@ from pathlib import Path
 
 from tests.train.test_loop import demo_data, jax_cache, run_cli, start_cli, step_records  # noqa: F401
 
-STEPS = 16
-RUN = {"train.num_steps": STEPS, "checkpoint_every": 2, "keep_checkpoints": 20}
+STEPS = 24
+RUN = {"train.num_steps": STEPS, "checkpoint_every": 2, "keep_checkpoints": 30}
 
 
 def finished_checkpoints(workdir: Path) -> list[int]:
