@@ -127,8 +127,8 @@ def make_optimizer(groups: Mapping[str, str | None], specs: Mapping[str, GroupSp
 
     Apply it to the trainable parameters only: frozen ones never reach the optimizer.
     """
-    used = {g for g in groups.values() if g is not None}
-    missing = sorted(used - set(specs))
+    used = sorted({g for g in groups.values() if g is not None})  # sorted: same program on every host
+    missing = sorted(set(used) - set(specs))
     if missing:
         raise ValueError(f"optimizer: no learning rate configured for groups {missing}")
     labels = functools.partial(map_with_names, lambda name, _: groups[name])

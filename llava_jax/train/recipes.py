@@ -114,9 +114,9 @@ def stage_config(stage: int, arg: str | None) -> mlc.ConfigDict:
     c.data = _data(name, stage)
 
     c.lora = mlc.ConfigDict(dict(enabled=lora, rank=128, alpha=256.0, dropout=0.05))
-    c.trainable = [list(r) for r in (STAGE1_RULES if stage == 1 else
-                                      STAGE2_LORA_RULES if lora else
-                                      DEMO_STAGE2_RULES if name == "demo" else STAGE2_RULES)]
+    # A tuple of (regex, group) pairs, so `--config.trainable="(('.*', 'llm'),)"` works on the command line.
+    c.trainable = tuple(STAGE1_RULES if stage == 1 else STAGE2_LORA_RULES if lora else
+                        DEMO_STAGE2_RULES if name == "demo" else STAGE2_RULES)
 
     c.optim = mlc.ConfigDict()
     c.optim.lr = {1: 1e-3, 2: 2e-4 if lora else 2e-5}[stage]
