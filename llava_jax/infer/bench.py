@@ -96,31 +96,57 @@ def _median_time(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
-def build_models(cfg: LlavaConfig, dtype, compare: bool, seed: int = 0):
+def build_models(cfg: LlavaConfig, dtype, compare: bool, seed: int = 0, scan_layers: bool = True):
     """(our model, transformers model or None) with the same random weights.
 
     With `compare` the weights are drawn by transformers, saved and imported with `convert.from_hf`;
-    otherwise our own initialization draws them directly in `dtype`.
+    otherwise our own initialization draws them directly in `dtype`. On a CUDA machine the transformers
+    model is drawn on the GPU with its own random weights (same architecture and work per token; a 7B
+    save / import round trip through the host would dominate the run).
     """
-    if not compare:
-        cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, dtype=dtype, param_dtype=dtype),
+    text = dataclasses.replace(cfg.text, scan_layers=scan_layers)
+    if not compare or _torch_cuda():
+        cfg = dataclasses.replace(cfg, text=dataclasses.replace(text, dtype=dtype, param_dtype=dtype),
                                   vision=dataclasses.replace(cfg.vision, dtype=dtype, param_dtype=dtype))
-        return LlavaForConditionalGeneration(cfg, rngs=nnx.Rngs(seed)), None
+        ours = LlavaForConditionalGeneration(cfg, rngs=nnx.Rngs(seed))
+        return ours, (_transformers_model(cfg, dtype, seed, "cuda") if compare else None)
+    from llava_jax import convert
+
+    cfg = dataclasses.replace(cfg, text=text)
+    hf = _transformers_model(cfg, dtype, seed, "cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        hf.save_pretrained(tmp)
+        ours = convert.from_hf(tmp, dtype=dtype, scan_layers=scan_layers)
+    return ours, hf
+
+
+def _torch_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def _transformers_model(cfg: LlavaConfig, dtype, seed: int, device: str):
+    """A random transformers LLaVA of `cfg`'s architecture in `dtype` on `device` (eval mode)."""
     import torch
     import transformers
 
-    from llava_jax import convert
     from llava_jax.convert.hf_llava import llava_config_to_hf
 
     hf_dict = llava_config_to_hf(cfg)
     torch.manual_seed(seed)
     hf_config = transformers.AutoConfig.for_model(hf_dict.pop("model_type"), **hf_dict)
     torch_dtype = {jnp.float32: torch.float32, jnp.bfloat16: torch.bfloat16, jnp.float16: torch.float16}[dtype]
-    hf = transformers.LlavaForConditionalGeneration(hf_config).to(torch_dtype).eval()
-    with tempfile.TemporaryDirectory() as tmp:
-        hf.save_pretrained(tmp)
-        ours = convert.from_hf(tmp, dtype=dtype)
-    return ours, hf
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch_dtype)  # drawn directly in the compute dtype
+    try:
+        with torch.device(device):
+            hf = transformers.LlavaForConditionalGeneration(hf_config)
+    finally:
+        torch.set_default_dtype(default)
+    return hf.to(torch_dtype).eval()
 
 
 def make_inputs(cfg: LlavaConfig, batch: int, prompt_len: int, images: int, seed: int = 0):
@@ -187,10 +213,10 @@ def time_transformers(hf, rows, pixels, new_tokens: int, repeats: int) -> Timing
     """transformers' greedy generate; a streamer clocks the first token (TTFT from the call) and the rest."""
     import torch
 
-    ids = torch.from_numpy(np.stack(rows).astype(np.int64))
+    ids = torch.from_numpy(np.stack(rows).astype(np.int64)).to(hf.device)
     inputs = dict(input_ids=ids, attention_mask=torch.ones_like(ids))
     if pixels.size:
-        inputs["pixel_values"] = torch.from_numpy(pixels).to(hf.dtype)
+        inputs["pixel_values"] = torch.from_numpy(pixels).to(hf.device, hf.dtype)
 
     def run() -> tuple[float, float]:
         clock = _TokenClock()
@@ -219,7 +245,7 @@ def decode_weight_bytes(model) -> int:
 def run_generate(args) -> list[dict]:
     cfg = PRESETS[args.preset]
     dtype = DTYPES[args.dtype]
-    model, hf = build_models(cfg, dtype, args.compare_transformers)
+    model, hf = build_models(cfg, dtype, args.compare_transformers, scan_layers=not args.unroll_layers)
     device = jax.devices()[0]
     bandwidth = args.bandwidth_gbs * 1e9 if args.bandwidth_gbs else (
         device_bandwidth(device.device_kind) if device.platform != "cpu" else None)
@@ -227,7 +253,8 @@ def run_generate(args) -> list[dict]:
     n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
     print(f"preset {args.preset}: {n_params / 1e6:.1f}M parameters ({weight_bytes / 2**20:.0f} MiB read per decode "
           f"step), {args.dtype}, prompt {args.images} x {cfg.image_seq_length} image + {args.prompt_len} text "
-          f"tokens, {args.new_tokens} new tokens, {device.device_kind} ({device.platform})")
+          f"tokens, {args.new_tokens} new tokens, {device.device_kind} ({device.platform}), layers "
+          f"{'unrolled' if args.unroll_layers else 'scanned'}" + (f", bandwidth {bandwidth / 1e12:.2f} TB/s" if bandwidth else ""))
     header = f"{'batch':>5} {'impl':>12} {'compile_s':>9} {'ttft_ms':>9} {'decode_tok/s':>12} {'step_ms':>8}"
     print(header + ("  bw_bound" if bandwidth else "") + ("  ratio(ours/hf)" if hf is not None else ""))
     results = []
@@ -271,6 +298,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--repeats", type=int, default=3)
     g.add_argument("--compare-transformers", action="store_true",
                    help="also time transformers' generate on the same weights")
+    g.add_argument("--unroll-layers", action="store_true",
+                   help="a Python loop over the decoder layers instead of jax.lax.scan")
     g.add_argument("--bandwidth-gbs", type=float, help="memory bandwidth for the bound (default: by device kind)")
     g.add_argument("--json", help="write the results here")
     return parser
