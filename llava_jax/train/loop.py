@@ -116,7 +116,7 @@ def make_data(c: mlc.ConfigDict, tokenizer, model_cfg, demo_paths, seed_offset: 
     image_token = tokenizer.convert_tokens_to_ids("<image>")
     if image_token != model_cfg.image_token_index:
         raise ValueError(f"the tokenizer's <image> id {image_token} differs from the model's image_token_index "
-                         f"{model_cfg.image_token_index} (config.model.image_token_index / data.tokenizer)")
+                         f"{model_cfg.image_token_index} (check config.data.tokenizer)")
     pc = PipelineConfig(sources=tuple(sources), weights=tuple(weights) if len(sources) > 1 else None,
                         template=c.data.template, max_length=c.data.max_length,
                         length_buckets=tuple(c.data.length_buckets), global_batch_size=c.train.global_batch_size,
@@ -290,7 +290,8 @@ def run(c: mlc.ConfigDict, workdir: str | os.PathLike, *, config_name: str = "co
 
     demo_paths = prepare_demo_data(c, workdir) if c.model.preset == "demo" else None
     tokenizer = model_init.load_tokenizer(c, demo_paths.tokenizer if demo_paths else None)
-    model = model_init.build_model(c, mesh, vocab_size=len(tokenizer),
+    model = model_init.build_model(c, mesh, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+                                   vocab_size=len(tokenizer),
                                    image_size=c.demo.image_size if demo_paths else None)
     if c.stage == 2 and c.model.stage1_workdir:
         restore_stage1_projector(model, c.model.stage1_workdir)
@@ -327,7 +328,8 @@ def run(c: mlc.ConfigDict, workdir: str | os.PathLike, *, config_name: str = "co
 
     compute_dtype = model_init.DTYPES[c.model.dtype]
     train_step = jax.jit(step_lib.make_train_step(graphdef, tx, microbatches=c.train.microbatches,
-                                                  compute_dtype=compute_dtype), donate_argnums=(0,))
+                                                  compute_dtype=compute_dtype, dropout_seed=c.train.seed),
+                         donate_argnums=(0,))
     pad_token_id = _pad_token_id(tokenizer)
     held_out = HeldOut(c, tokenizer, model_cfg, demo_paths, graphdef, pad_token_id) \
         if c.data.eval_json and c.eval_every > 0 else None

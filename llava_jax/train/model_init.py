@@ -85,31 +85,29 @@ def with_runtime(cfg: LlavaConfig, c: mlc.ConfigDict) -> LlavaConfig:
     return dataclasses.replace(cfg, vision=vision, text=text)
 
 
-def shard_model(model: nnx.Module, mesh) -> nnx.Module:
-    """Moves a host-loaded model into its shardings, leaf by leaf."""
-    graphdef, state = nnx.split(model)
-    shardings = sharding.state_shardings(state, mesh)
-    state = jax.tree.map(lambda x, s: jax.device_put(x, s), state, shardings)
-    return nnx.merge(graphdef, state)
-
-
-def build_model(c: mlc.ConfigDict, mesh, *, vocab_size: int | None = None,
+def build_model(c: mlc.ConfigDict, mesh, *, image_token_index: int, vocab_size: int | None = None,
                 image_size: int | None = None) -> LlavaForConditionalGeneration:
-    """The run's initial model, sharded over `mesh` (before any stage-1 projector is restored)."""
+    """The run's initial model, sharded over `mesh` (before any stage-1 projector is restored).
+
+    image_token_index: the tokenizer's `<image>` id; an LLM whose vocabulary lacks it grows by a row.
+    """
     from llava_jax import convert
 
     rt = runtime_fields(c)
     if c.model.preset == "demo":
-        cfg = with_runtime(demo_model_config(vocab_size, image_size, c.model.image_token_index), c)
+        cfg = with_runtime(demo_model_config(vocab_size, image_size, image_token_index), c)
         return sharding.create_sharded(lambda: LlavaForConditionalGeneration(cfg, rngs=nnx.Rngs(c.train.seed)),
                                        mesh)
+    # Each tensor streams from the checkpoint straight into its sharding over `mesh`.
     if c.model.llava_path:
-        model = convert.from_hf(c.model.llava_path, **rt)
-    else:
-        model = convert.from_clip_and_llm(c.model.clip_path, c.model.llm_path, projector=c.model.projector,
-                                          vision_feature_layer=c.model.vision_feature_layer,
-                                          seed=c.train.seed, **rt)
-    return shard_model(model, mesh)
+        model = convert.from_hf(c.model.llava_path, mesh=mesh, **rt)
+        if model.config.image_token_index != image_token_index:
+            raise ValueError(f"{c.model.llava_path}: image_token_index {model.config.image_token_index} differs "
+                             f"from the tokenizer's <image> id {image_token_index}")
+        return model
+    return convert.from_clip_and_llm(c.model.clip_path, c.model.llm_path, projector=c.model.projector,
+                                     vision_feature_layer=c.model.vision_feature_layer,
+                                     image_token_index=image_token_index, seed=c.train.seed, mesh=mesh, **rt)
 
 
 def load_tokenizer(c: mlc.ConfigDict, fallback: str | os.PathLike | None = None):

@@ -37,10 +37,9 @@ DEMO_STAGE2_RULES = (
 )
 
 _LLM = {
-    "vicuna7b": dict(llm_path="lmsys/vicuna-7b-v1.5", preset="llava_1_5_7b", image_token_index=32000),
-    "vicuna13b": dict(llm_path="lmsys/vicuna-13b-v1.5", preset="llava_1_5_13b", image_token_index=32000),
-    "llama3_8b": dict(llm_path="meta-llama/Llama-3.1-8B-Instruct", preset="llava_llama3_8b",
-                      image_token_index=128256),
+    "vicuna7b": dict(llm_path="lmsys/vicuna-7b-v1.5", preset="llava_1_5_7b"),
+    "vicuna13b": dict(llm_path="lmsys/vicuna-13b-v1.5", preset="llava_1_5_13b"),
+    "llama3_8b": dict(llm_path="meta-llama/Llama-3.1-8B-Instruct", preset="llava_llama3_8b"),
 }
 
 
@@ -67,7 +66,6 @@ def _model(name: str) -> mlc.ConfigDict:
     m.stage1_workdir = ""        # stage 2: the stage-1 run whose projector to start from
     m.projector = "mlp2x_gelu"
     m.vision_feature_layer = -2
-    m.image_token_index = 4 if name == "demo" else _LLM[name]["image_token_index"]
     m.dtype = "float32" if name == "demo" else "bfloat16"          # compute
     m.param_dtype = "float32"                                       # trainable master copy
     m.frozen_dtype = "float32" if name == "demo" else "bfloat16"   # storage of frozen parameters

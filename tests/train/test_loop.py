@@ -73,10 +73,11 @@ def start_cli(stage: int | str, workdir: Path, overrides: dict, *, demo_data: Pa
 
 
 def run_cli(stage: int | str, workdir: Path, overrides: dict, *, demo_data: Path | None, jax_cache: Path,
-            devices: int = 1, check: bool = True, timeout: float = 400) -> subprocess.CompletedProcess:
+            devices: int = 1, check: bool = True, timeout: float = 400,
+            variant: str = "demo") -> subprocess.CompletedProcess:
     if demo_data is not None:
         link_data(workdir, demo_data)
-    done = subprocess.run(cli_command(stage, workdir, overrides), cwd=REPO, env=cli_env(jax_cache, devices),
+    done = subprocess.run(cli_command(stage, workdir, overrides, variant), cwd=REPO, env=cli_env(jax_cache, devices),
                           capture_output=True, text=True, timeout=timeout)
     if check and done.returncode != 0:
         raise AssertionError(f"training CLI failed ({done.returncode}):\n{done.stdout[-3000:]}\n"
@@ -108,7 +109,8 @@ def initial_demo_params(tokenizer_dir: Path) -> dict:
     c = demo_config(1)
     tokenizer = model_init.load_tokenizer(c, tokenizer_dir)
     mesh = sharding.make_mesh(-1, 1, 1, devices=jax.devices()[:1])
-    return flat_params(model_init.build_model(c, mesh, vocab_size=len(tokenizer), image_size=c.demo.image_size))
+    return flat_params(model_init.build_model(c, mesh, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+                                              vocab_size=len(tokenizer), image_size=c.demo.image_size))
 
 
 def demo_config(stage: int, variant: str | None = "demo"):
