@@ -51,6 +51,7 @@ PRESETS: dict[str, LlavaConfig] = {
     "llava_1_5_7b": LLAVA_PRESETS["llava_1_5_7b"],
 }
 
+LAYER_MODES = ("scan", "loop", "unstacked")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 # Peak memory bandwidth in bytes/s by device kind (substring of jax's device_kind, first match wins).
@@ -245,7 +246,9 @@ def decode_weight_bytes(model) -> int:
 def run_generate(args) -> list[dict]:
     cfg = PRESETS[args.preset]
     dtype = DTYPES[args.dtype]
-    model, hf = build_models(cfg, dtype, args.compare_transformers, scan_layers=not args.unroll_layers)
+    model, hf = build_models(cfg, dtype, args.compare_transformers, scan_layers=args.layers == "scan")
+    if args.layers == "unstacked":
+        model.language_model.model.unstack_layers()
     device = jax.devices()[0]
     bandwidth = args.bandwidth_gbs * 1e9 if args.bandwidth_gbs else (
         device_bandwidth(device.device_kind) if device.platform != "cpu" else None)
@@ -254,7 +257,7 @@ def run_generate(args) -> list[dict]:
     print(f"preset {args.preset}: {n_params / 1e6:.1f}M parameters ({weight_bytes / 2**20:.0f} MiB read per decode "
           f"step), {args.dtype}, prompt {args.images} x {cfg.image_seq_length} image + {args.prompt_len} text "
           f"tokens, {args.new_tokens} new tokens, {device.device_kind} ({device.platform}), layers "
-          f"{'unrolled' if args.unroll_layers else 'scanned'}" + (f", bandwidth {bandwidth / 1e12:.2f} TB/s" if bandwidth else ""))
+          f"{args.layers}" + (f", bandwidth {bandwidth / 1e12:.2f} TB/s" if bandwidth else ""))
     header = f"{'batch':>5} {'impl':>12} {'compile_s':>9} {'ttft_ms':>9} {'decode_tok/s':>12} {'step_ms':>8}"
     print(header + ("  bw_bound" if bandwidth else "") + ("  ratio(ours/hf)" if hf is not None else ""))
     results = []
@@ -298,8 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--repeats", type=int, default=3)
     g.add_argument("--compare-transformers", action="store_true",
                    help="also time transformers' generate on the same weights")
-    g.add_argument("--unroll-layers", action="store_true",
-                   help="a Python loop over the decoder layers instead of jax.lax.scan")
+    g.add_argument("--layers", choices=LAYER_MODES, default="scan",
+                   help="decoder layers: jax.lax.scan over the stack, a Python loop over the stack, or a loop over "
+                        "unstacked per-layer weights (LlamaModel.unstack_layers)")
     g.add_argument("--bandwidth-gbs", type=float, help="memory bandwidth for the bound (default: by device kind)")
     g.add_argument("--json", help="write the results here")
     return parser

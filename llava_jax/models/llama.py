@@ -357,6 +357,10 @@ class LlamaModel(nnx.Module):
         """
         cos, sin = rope_cos_sin(positions, self.rope, self.dtype)
         x = inputs_embeds.astype(self.dtype)
+        if isinstance(self.layers, nnx.List):  # unstacked (`unstack_layers`): each layer reads its own buffers
+            for i, layer in enumerate(self.layers):
+                x, cache = layer(x, cos, sin, mask, cache=cache, layer=jnp.int32(i), index=index)
+            return self.norm(x), cache
         if cache is None:
             def step(layer, x, _):
                 return layer(x, cos, sin, mask)[0], None
@@ -372,6 +376,21 @@ class LlamaModel(nnx.Module):
         (x, cache), _ = layers.run_stack(self.layers, cached_step, (x, tuple(cache)),
                                          jnp.arange(num_layers, dtype=jnp.int32), scan=self.scan_layers)
         return self.norm(x), cache
+
+
+    def unstack_layers(self) -> None:
+        """Replaces the stacked layers by a list of per-layer modules (one device buffer per weight), in place.
+
+        For decoding on GPUs: a layer loop over stacked weights slices each layer's weights out of the stack
+        every step (a copy on XLA:GPU / CPU), which doubles the bytes a memory-bound step moves. The parameter
+        names change (`layers.0...`), so convert / save the model before, not after.
+        """
+        if isinstance(self.layers, nnx.List):
+            return
+        graphdef, state = nnx.split(self.layers)
+        count = jax.tree.leaves(state)[0].shape[0]
+        self.layers = nnx.List([nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
+                                for i in range(count)])
 
 
 class LlamaForCausalLM(nnx.Module):
