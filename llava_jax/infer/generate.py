@@ -249,11 +249,15 @@ class Generator:
         `prompt()`.
       eos_token_ids: ids that end a row; default the tokenizer's eos_token_id.
       bucket: prompt length -> padded length (default `bucket_length`).
+      unstack_layers: decode with one buffer per layer weight (`LlamaModel.unstack_layers`, on a copy: the
+        given model keeps its stacked weights, so the decoder's weights are held twice). A layer loop over
+        stacked weights copies each layer's slice every step; unstacked, a memory-bound GPU decode step
+        moves about half the bytes (H100, 7B bf16, batch 1: 15.9 -> 6.4 ms). Compiles take longer.
     """
 
     def __init__(self, model: nnx.Module, tokenizer, *, image_config: ImageConfig | None = None,
                  template: str | Template | None = None, eos_token_ids: Sequence[int] | None = None,
-                 bucket: Callable[[int], int] = bucket_length):
+                 bucket: Callable[[int], int] = bucket_length, unstack_layers: bool = False):
         self.model, self.tokenizer = model, tokenizer
         self.is_llava = hasattr(model, "embed_inputs")
         config = model.config
@@ -270,6 +274,10 @@ class Generator:
         self.pad_id = int(pad if pad is not None else (self.eos_token_ids or (0,))[0])
         self.bucket = bucket
         self.graphdef, self.state = nnx.split(model)
+        if unstack_layers:
+            decoder = nnx.merge(self.graphdef, self.state)  # new modules over the same arrays
+            _language_model(decoder).model.unstack_layers()
+            self.graphdef, self.state = nnx.split(decoder)
 
     @property
     def context_length(self) -> int:

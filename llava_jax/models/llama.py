@@ -391,6 +391,10 @@ class LlamaModel(nnx.Module):
         count = jax.tree.leaves(state)[0].shape[0]
         self.layers = nnx.List([nnx.merge(graphdef, jax.tree.map(lambda a, i=i: a[i], state))
                                 for i in range(count)])
+        for _, variable in nnx.iter_graph(self.layers):  # drop the `layers` logical axis from the metadata
+            if isinstance(variable, nnx.Variable) and variable.get_metadata().get("out_sharding", ())[:1] == (
+                    "layers",):
+                variable.set_metadata("out_sharding", variable.get_metadata()["out_sharding"][1:])
 
 
 class LlamaForCausalLM(nnx.Module):

@@ -105,6 +105,20 @@ def test_greedy_padded_batch_with_images_equals_transformers(tiny):
     assert max(len(r) for r in ref) > 5
 
 
+def test_unstacked_layers_generate_what_transformers_generates(tiny):
+    """Generator(unstack_layers=True) decodes from per-layer weight buffers; the given model is untouched."""
+    hf, gen, _ = tiny
+    fast = Generator(gen.model, gen.tokenizer, template="llava_v1", unstack_layers=True)
+    layer_0 = fast.state["language_model"]["model"]["layers"][0]
+    assert layer_0["self_attn"]["q_proj"]["weight"].get_metadata()["out_sharding"] == ("heads", "embed")
+    rng = np.random.default_rng(1)
+    rows = [ids_row(rng, 5, "img", 7), ids_row(rng, "img", 3, "img", 2), ids_row(rng, 12)]
+    px = pixels(3, 1)
+    ours = fast.generate_tokens(rows, [[px[0]], [px[1], px[2]], []], max_new_tokens=MAX_NEW)
+    assert_same_tokens(ours, reference_generate(hf, rows, px))
+    assert gen.model.language_model.model.layers.self_attn.q_proj.weight.shape[0] == 2  # still stacked
+
+
 def test_string_prompts_and_images_go_through_the_official_paths(tiny):
     """String prompts: the official model_vqa prompt + tokenizer_image_token, CLIP pixels of the image
     processor saved with the model; the answer equals transformers' on those inputs."""
