@@ -23,10 +23,11 @@ class MissingInputs(SystemExit):
     """The run cannot start: weights or data are not on this machine (message says what to do)."""
 
 
-def demo_model_config(vocab_size: int, image_size: int, image_token_index: int) -> LlavaConfig:
-    """A tiny LLaVA for the CPU demo: 4x4 patches of 8 px, hidden 128, 3 decoder layers."""
+def demo_model_config(vocab_size: int, image_size: int, image_token_index: int,
+                      patch_size: int = 8) -> LlavaConfig:
+    """A tiny LLaVA for the CPU demo: a 3-layer tower of width 64, hidden 128, 3 decoder layers."""
     vision = clip_vit.CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                                       num_attention_heads=4, image_size=image_size, patch_size=8)
+                                       num_attention_heads=4, image_size=image_size, patch_size=patch_size)
     text = llama.LlamaConfig(vocab_size=vocab_size, hidden_size=128, intermediate_size=256, num_hidden_layers=3,
                              num_attention_heads=4, num_key_value_heads=4, head_dim=32,
                              max_position_embeddings=512, rms_norm_eps=1e-5)
@@ -95,7 +96,7 @@ def build_model(c: mlc.ConfigDict, mesh, *, image_token_index: int, vocab_size: 
 
     rt = runtime_fields(c)
     if c.model.preset == "demo":
-        cfg = with_runtime(demo_model_config(vocab_size, image_size, image_token_index), c)
+        cfg = with_runtime(demo_model_config(vocab_size, image_size, image_token_index, c.demo.patch_size), c)
         return sharding.create_sharded(lambda: LlavaForConditionalGeneration(cfg, rngs=nnx.Rngs(c.train.seed)),
                                        mesh)
     # Each tensor streams from the checkpoint straight into its sharding over `mesh`.
