@@ -7,6 +7,11 @@ the same weights run through transformers' `generate` (PyTorch) in the same proc
 printed. On a GPU / TPU the decode step is also compared with its memory-bandwidth bound: the bytes of the
 weights one step reads (language model) divided by the device's memory bandwidth.
 
+--layers picks how the decoder layers run: `scan` (jax.lax.scan over the stacked weights), `loop` (a Python loop
+over the stack) or `unstacked` (one buffer per layer weight, `LlamaModel.unstack_layers`; the fastest decode on
+GPU, where slicing a layer out of the stack every step copies its weights). On CUDA, --compare-transformers draws
+the transformers model's own random weights on the GPU (same architecture, same work per token).
+
 Timings are medians over --repeats runs after a warm-up run (whose time, compilation included, is reported
 as compile_s). Ours: the prefill and the decode loop are timed apart. transformers: a streamer notes when
 the first and the last new token arrive within one `generate` call.

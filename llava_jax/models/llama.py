@@ -11,6 +11,9 @@ Two entry points, both pure functions of the `nnx.split` state under `jax.jit`:
 - `model(input_ids, attention_mask=...)`: full causal forward (training, scoring).
 - `model.init_cache(...)` + `model.decode(cache, ...)`: KV-cache prefill and one-token steps. Cache slots
   are written in order; `cache.mask` marks the slots that hold real tokens, so left-padded batches work.
+  The cache [L, B, K, S, head_dim] rides in the layer loop's carry and each layer writes its new slots in place;
+  a one-token step attends on the cache layout directly, so a donated step costs one read of the weights and
+  the cache. `LlamaModel.unstack_layers()` gives each layer its own weight buffers (fastest GPU decoding).
 Positions are `cumsum(attention_mask) - 1` (what transformers' `generate` uses), so a padded row gives
 the logits its unpadded sequence would get.
 """
