@@ -146,6 +146,14 @@ def _language_model(model):
     return getattr(model, "language_model", model)
 
 
+def unstack_for_decoding(model):
+    """Gives each decoder layer its own weight buffers, in place (`LlamaModel.unstack_layers`): the fast
+    decode layout for a model that is only used to generate (it can no longer be converted or saved).
+    Returns the model."""
+    _language_model(model).model.unstack_layers()
+    return model
+
+
 def _stopped(static: _Static, tokens: jax.Array, step: jax.Array) -> jax.Array:
     """Whether each row ends at `step`: tokens int32 [B, N] (step = the last written column) -> bool [B]."""
     last = tokens[:, step]
