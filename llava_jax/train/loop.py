@@ -266,6 +266,19 @@ def make_run_mesh(c: mlc.ConfigDict):
         raise ValueError(f"config.{e}") from None
 
 
+def gather_to_host(model: nnx.Module) -> nnx.Module:
+    """The model with parameters sharded across processes gathered onto every host (a collective on
+    several hosts; a no-op where this process can read every shard)."""
+    if jax.process_count() == 1:
+        return model
+    from jax.experimental import multihost_utils
+
+    graphdef, state = nnx.split(model)
+    gather = lambda x: (multihost_utils.process_allgather(x, tiled=True)
+                        if isinstance(x, jax.Array) and not x.is_fully_addressable else x)
+    return nnx.merge(graphdef, jax.tree.map(gather, state))
+
+
 def run(c: mlc.ConfigDict, workdir: str | os.PathLike, *, config_name: str = "config") -> dict:
     """Trains per `c` in `workdir` (resuming from its latest checkpoint).
 
@@ -420,10 +433,12 @@ def run(c: mlc.ConfigDict, workdir: str | os.PathLike, *, config_name: str = "co
             from llava_jax.train import lora
             final = lora.merged(final)
         result["model"] = final
-        if c.export_hf and is_main:
-            from llava_jax import convert
-            convert.to_hf(final, c.export_hf, tokenizer=tokenizer)
-            print(f"exported Hugging Face LLaVA to {c.export_hf}", flush=True)
+        if c.export_hf:
+            gathered = gather_to_host(final)  # every process takes part; process 0 writes
+            if is_main:
+                from llava_jax import convert
+                convert.to_hf(gathered, c.export_hf, tokenizer=tokenizer)
+                print(f"exported Hugging Face LLaVA to {c.export_hf}", flush=True)
         if c.model.preset == "demo" and c.demo.evaluate:
             from llava_jax.train import demo
             result["demo_eval"] = demo.evaluate(final, tokenizer, data.demo_paths, c, workdir)
