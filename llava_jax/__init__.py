@@ -1,1 +1,35 @@
-"""llava_jax: LLaVA and LLaVA-1.5 in JAX / Flax NNX."""
+"""llava_jax: LLaVA and LLaVA-1.5 in JAX / Flax NNX.
+
+    import llava_jax as lj
+
+    model = lj.from_hf("llava-1.5-7b-hf")                 # or lj.from_clip_and_llm(clip, llm)
+    logits = model(input_ids, pixel_values=pixels, attention_mask=mask)
+    generator = lj.Generator(model, tokenizer, template="llava_v1")
+    lj.to_hf(model, "out/llava-hf", tokenizer=tokenizer)
+
+Names are imported lazily on first use, so `python -m llava_jax.<tool>` and data worker processes stay
+cheap to start.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "llava_jax.models": ("CLIPVisionConfig", "CLIPVisionModel", "LlamaConfig", "LlamaForCausalLM", "LlavaConfig",
+                         "LlavaForConditionalGeneration", "PRESETS"),
+    "llava_jax.convert": ("from_hf", "from_clip_and_llm", "from_original_llava", "to_hf", "save", "load"),
+    "llava_jax.infer.generate": ("Generator",),
+    "llava_jax.infer.evaluate": ("evaluate",),
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_MODULE_OF[name]), name)
+    globals()[name] = value
+    return value
