@@ -315,6 +315,9 @@ def run(c: mlc.ConfigDict, workdir: str | os.PathLike, *, config_name: str = "co
     model_cfg = model.config
 
     groups = opt.resolve_groups(nnx.state(model, nnx.Param), [tuple(r) for r in c.trainable])
+    # The tower's output is cut from the gradient only when no rule trains the tower.
+    vision_trained = any(g is not None for path, g in groups.items() if path.startswith("vision_tower/"))
+    model.config = dataclasses.replace(model.config, freeze_vision_tower=not vision_trained)
     if is_main:
         print(opt.group_table(nnx.state(model, nnx.Param), groups), flush=True)
     graphdef, trainable, frozen, rest = opt.split_model(model, groups)
@@ -346,7 +349,8 @@ def run(c: mlc.ConfigDict, workdir: str | os.PathLike, *, config_name: str = "co
     pad_token_id = _pad_token_id(tokenizer)
     held_out = HeldOut(c, tokenizer, model_cfg, demo_paths, graphdef, pad_token_id) \
         if c.data.eval_json and c.eval_every > 0 else None
-    flop_model = metrics_lib.FlopModel.of(model_cfg, llm_trained=any(g in ("llm", "lora") for g in groups.values()))
+    flop_model = metrics_lib.FlopModel.of(model_cfg, llm_trained=any(g in ("llm", "lora") for g in groups.values()),
+                                          vision_trained=vision_trained)
     writer = None
     if is_main:
         from tensorboardX import SummaryWriter

@@ -47,9 +47,10 @@ class FlopModel:
     projector_params: int
     vision_flops_per_image: float
     llm_trained: bool
+    vision_trained: bool = False
 
     @classmethod
-    def of(cls, cfg, llm_trained: bool) -> "FlopModel":
+    def of(cls, cfg, llm_trained: bool, vision_trained: bool = False) -> "FlopModel":
         t, v = cfg.text, cfg.vision
         attn = t.hidden_size * t.head_dim * (2 * t.num_attention_heads + 2 * t.num_key_value_heads)
         mlp = 3 * t.hidden_size * t.intermediate_size
@@ -61,7 +62,7 @@ class FlopModel:
         proj_in = v.hidden_size * len(cfg.feature_layers)
         projector = proj_in * t.hidden_size + (t.hidden_size ** 2 if cfg.projector != "linear" else 0)
         return cls(llm, t.num_hidden_layers, t.num_attention_heads * t.head_dim, projector, float(vision),
-                   llm_trained)
+                   llm_trained, vision_trained)
 
     def step_flops(self, lengths: np.ndarray, num_images: int, image_seq_length: int) -> float:
         """lengths: real tokens of each row of the global batch."""
@@ -70,7 +71,7 @@ class FlopModel:
         forward = 2.0 * self.llm_matmul_params * tokens + attention
         llm = forward * (3.0 if self.llm_trained else 2.0)
         return llm + 6.0 * self.projector_params * num_images * image_seq_length + \
-            self.vision_flops_per_image * num_images
+            self.vision_flops_per_image * num_images * (3.0 if self.vision_trained else 1.0)
 
 
 class Reporter:

@@ -282,3 +282,15 @@ def test_held_out_loss_every_eval_every_steps(tmp_path, demo_data, jax_cache):
     np.testing.assert_allclose(held_out[1], train[1], rtol=1e-6)
     assert held_out[2] < held_out[1]  # Step 2 (learning rate 2e-3) trained on part of it.
     assert re.search(r"^step 2: eval_loss \d", done.stdout, re.M)
+
+
+def test_demo_rules_train_the_vision_tower_too(tmp_path, demo_data, jax_cache):
+    """A rule that trains the tower lets gradients through it (the tower is cut off only when frozen)."""
+    workdir = tmp_path / "demo_stage2"
+    run_cli(2, workdir, {"train.num_steps": 2, "export_hf": workdir / "hf"}, demo_data=demo_data,
+            jax_cache=jax_cache)
+    initial, final = initial_demo_params(workdir / "data" / "tokenizer"), exported_params(workdir / "hf")
+    changed, _ = changed_groups(initial, final)
+    assert changed == {"vision_tower", "multi_modal_projector", "language_model"}
+    patches = "vision_tower/vision_model/embeddings/patch_embedding/weight"
+    assert not np.array_equal(initial[patches], final[patches])
