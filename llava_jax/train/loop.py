@@ -312,14 +312,14 @@ def run(c: mlc.ConfigDict, workdir: str | os.PathLike, *, config_name: str = "co
         from llava_jax.train import lora
         lora.add_adapters(model, rank=c.lora.rank, alpha=c.lora.alpha, dropout=c.lora.dropout,
                           rngs=nnx.Rngs(c.train.seed + 1))
-    model_cfg = model.config
-
-    groups = opt.resolve_groups(nnx.state(model, nnx.Param), [tuple(r) for r in c.trainable])
+    params = nnx.state(model, nnx.Param)
+    groups = opt.resolve_groups(params, [tuple(r) for r in c.trainable])
     # The tower's output is cut from the gradient only when no rule trains the tower.
     vision_trained = any(g is not None for path, g in groups.items() if path.startswith("vision_tower/"))
-    model.config = dataclasses.replace(model.config, freeze_vision_tower=not vision_trained)
+    model.config = model_cfg = dataclasses.replace(model.config, freeze_vision_tower=not vision_trained)
     if is_main:
-        print(opt.group_table(nnx.state(model, nnx.Param), groups), flush=True)
+        print(opt.group_table(params, groups), flush=True)
+    del params
     graphdef, trainable, frozen, rest = opt.split_model(model, groups)
     del model
     trainable = jax.tree.map(lambda x: x.astype(model_init.DTYPES[c.model.param_dtype]), trainable)

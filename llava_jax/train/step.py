@@ -78,6 +78,11 @@ def with_dropout(model: nnx.Module, key: jax.Array) -> nnx.Module:
     return model
 
 
+def in_compute_dtype(params, dtype):
+    """Floating-point leaves cast to the compute dtype (gradients flow back to the master copy)."""
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+
+
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, *,
                     microbatches: int = 1, compute_dtype=jnp.bfloat16, dropout_seed: int = 0) -> Callable:
     """Returns step(state, frozen, rest, batch) -> (state, metrics); jit it with donated `state`.
@@ -90,8 +95,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     dropout_key = jax.random.key(dropout_seed)
 
     def loss_sum(trainable, frozen, rest, micro: Batch, total: jax.Array, key: jax.Array):
-        compute = jax.tree.map(lambda x: x.astype(compute_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
-                               trainable)
+        compute = in_compute_dtype(trainable, compute_dtype)
         # copy=True: fresh Variables at this trace level, so reseeding may update them.
         model = with_dropout(nnx.merge(graphdef, compute, frozen, rest, copy=True), key)
         ce_sum, count = token_cross_entropy(model_logits(model, micro), micro["labels"])
@@ -135,8 +139,7 @@ def make_eval_step(graphdef: nnx.GraphDef, compute_dtype=jnp.bfloat16) -> Callab
     Dropout is off."""
 
     def evaluate(trainable, frozen, rest, batch: Batch):
-        compute = jax.tree.map(lambda x: x.astype(compute_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
-                               trainable)
+        compute = in_compute_dtype(trainable, compute_dtype)
         model = nnx.merge(graphdef, compute, frozen, rest)
         model.eval()
         ce_sum, count = token_cross_entropy(model_logits(model, batch), batch["labels"])
