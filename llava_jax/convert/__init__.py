@@ -13,7 +13,7 @@ Export: `to_hf(model, path, tokenizer=None)` writes a folder that transformers' 
 dtypes: `param_dtype` is the storage dtype (default: the checkpoint's), `dtype` the compute dtype
 (default: `param_dtype`); `from_hf(path, dtype=jnp.float32)` also stores float32 when `param_dtype` is None.
 Sharding: every importer and `load` take `mesh=`; each parameter then goes straight into its sharding
-(logical axis rules of `llava_jax.train.sharding`) as it is read.
+(logical axis rules of `llava_jax.sharding`) as it is read.
 """
 
 from __future__ import annotations
@@ -63,7 +63,7 @@ def from_hf(path: str | os.PathLike, dtype=None, param_dtype=None, mesh=None, **
     Args:
       dtype, param_dtype: see the module docstring. runtime: scan_layers, remat.
       mesh: a `jax.sharding.Mesh`; each parameter is placed directly in its sharding (logical axis rules of
-        `llava_jax.train.sharding`) as it is read, so no device holds the whole unsharded model.
+        `llava_jax.sharding`) as it is read, so no device holds the whole unsharded model.
     Raises:
       FileNotFoundError / CheckpointError / ValueError naming the file (and tensor) on bad input.
     """

@@ -296,7 +296,7 @@ def leaf_shardings(model: nnx.Module, mesh: jax.sharding.Mesh | None) -> dict[tu
     """{leaf path: NamedSharding} from the logical axis names of an (abstract) model; {} without a mesh."""
     if mesh is None:
         return {}
-    from llava_jax.train.sharding import state_shardings
+    from llava_jax.sharding import state_shardings
 
     shardings = state_shardings(nnx.state(model), mesh)
     return {tuple(str(k) for k in p): v.get_value() for p, v in nnx.to_flat_state(shardings)}
@@ -558,7 +558,7 @@ def load(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None, **runti
     abstract = nnx.eval_shape(create)
     targets = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))
     if mesh is not None:
-        from llava_jax.train.sharding import state_shardings
+        from llava_jax.sharding import state_shardings
 
         shardings = nnx.to_pure_dict(state_shardings(nnx.state(abstract, nnx.Param), mesh))
         targets = jax.tree.map(lambda t, s: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=s), targets, shardings)

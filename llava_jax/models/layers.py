@@ -4,7 +4,7 @@ Conventions (the whole project relies on them):
 - Parameter leaves use Hugging Face names and orientations: `Linear.weight` is [out, in], norms have
   `weight` (and `bias`), embeddings have `weight` [vocab, embed]. Conversion is then a renaming table.
 - Every `nnx.Param` carries its logical axis names in the metadata field `out_sharding` (one name or
-  None per dimension), created with `eager_sharding=False`; `llava_jax.train.sharding` maps the names to
+  None per dimension), created with `eager_sharding=False`; `llava_jax.sharding` maps the names to
   mesh axes with one rules table.
 - Repeated layers are stored stacked: each leaf gets a leading `layers` axis of size num_layers
   (`make_stack`), and `run_stack` applies them with `jax.lax.scan` or a Python loop, optionally

@@ -17,9 +17,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from llava_jax import sharding
 from llava_jax.train import checkpoint as ckpt_lib
 from llava_jax.train import metrics as metrics_lib
-from llava_jax.train import model_init, recipes, sharding
+from llava_jax.train import model_init, recipes
 from llava_jax.train import optimizer as opt
 from llava_jax.train import step as step_lib
 

@@ -84,7 +84,7 @@ def _attach(linear: Linear, rank: int, scale: float, dropout: float, rngs: nnx.R
 
 def _place_like_base(llm: nnx.Module) -> None:
     """Shards the new adapter parameters by their logical axes on the mesh the base weights live on."""
-    from llava_jax.train import sharding
+    from llava_jax import sharding
 
     weight = next(linear.weight[...] for _, linear in adapted_linears(llm))
     mesh = getattr(weight.sharding, "mesh", None)

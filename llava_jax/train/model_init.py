@@ -14,7 +14,7 @@ from flax import nnx
 
 from llava_jax.models import clip_vit, llama
 from llava_jax.models.llava import LlavaConfig, LlavaForConditionalGeneration
-from llava_jax.train import sharding
+from llava_jax import sharding
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 

@@ -191,7 +191,7 @@ SHARDED_LOAD = """
 import sys, numpy as np, jax
 import llava_jax.convert as convert
 from llava_jax.convert.params import state_dict
-from llava_jax.train.sharding import make_mesh
+from llava_jax.sharding import make_mesh
 src, ours = sys.argv[1], sys.argv[2]
 mesh = make_mesh(data=1, fsdp=2, tensor=2)
 reference = state_dict(convert.load(ours))

@@ -17,7 +17,8 @@ def no_device_work(monkeypatch):
     """Any use of the devices or of jax.distributed fails the test."""
     import jax
 
-    from llava_jax.train import model_init, sharding
+    from llava_jax import sharding
+    from llava_jax.train import model_init
 
     def forbidden(*args, **kwargs):
         raise AssertionError("device work before the config was checked")

@@ -104,7 +104,8 @@ def initial_demo_params(tokenizer_dir: Path) -> dict:
     stages: seed and config do not depend on the stage)."""
     import jax
 
-    from llava_jax.train import model_init, sharding
+    from llava_jax import sharding
+    from llava_jax.train import model_init
 
     c = demo_config(1)
     tokenizer = model_init.load_tokenizer(c, tokenizer_dir)

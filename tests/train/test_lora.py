@@ -285,7 +285,8 @@ SHARDED_SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from flax import nnx
     from llava_jax.models.llama import LlamaConfig, LlamaForCausalLM
-    from llava_jax.train import lora, sharding
+    from llava_jax import sharding
+    from llava_jax.train import lora
 
     config = LlamaConfig(vocab_size=67, hidden_size=24, intermediate_size=44, num_hidden_layers=2,
                          num_attention_heads=2)

@@ -5,14 +5,14 @@ import textwrap
 
 import pytest
 
-from llava_jax.train import sharding
+from llava_jax import sharding
 
 SCRIPT = textwrap.dedent("""
     import os
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     import jax
     from flax import nnx
-    from llava_jax.train import sharding
+    from llava_jax import sharding
     from tests.train.toy import ToyLM
 
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
@@ -31,7 +31,7 @@ SCRIPT = textwrap.dedent("""
 
 def test_parameters_are_sharded_per_rules_on_8_devices():
     out = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, timeout=300,
-                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert out.returncode == 0, out.stderr[-3000:]
     lines = dict(line.split(" ", 1) for line in out.stdout.strip().splitlines())
     # embed [vocab 18, embed 8]: vocab -> tensor, embed -> fsdp; each device holds a [9, 4] block.
