@@ -7,6 +7,8 @@ setup(
     version="0.1.0",
     description="JAX/Flax reimplementation of LLaVA and LLaVA-1.5 (visual instruction tuning).",
     packages=find_packages(include=["llava_jax", "llava_jax.*"]),
+    # Few-shot prompts of the instruction-data generator and the judges' default rules.
+    package_data={"llava_jax.data": ["prompts/*/*.txt"], "llava_jax.infer": ["judge_rules.json"]},
     python_requires=">=3.11",
     install_requires=[
         "jax>=0.10.2,<0.11",
@@ -30,7 +32,11 @@ setup(
         "tqdm>=4.70",
     ],
     extras_require={
+        # GPT-assisted data generation and judged benchmarks (any OpenAI-compatible endpoint).
+        "judge": ["openai>=2,<4", "openpyxl>=3.1,<4"],
         "test": [
+            "openai>=2,<4",
+            "openpyxl>=3.1,<4",
             "pytest>=9,<10",
             # CPU build of PyTorch: the reference implementation in parity tests.
             "torch==2.13.0",

@@ -20,9 +20,10 @@ _EXPORTS = {
     "grouping": ("group_by_modality_length", "padding_fraction"),
     "pipeline": ("PipelineConfig", "TrainIterator", "LlavaSampleProcessor", "make_train_iterator"),
     "tfds_builder": ("LlavaDataset", "TfdsLlavaSource"),
-    "synthetic": ("SyntheticPaths", "build_tokenizer", "generate"),
+    "synthetic": ("SyntheticPaths", "build_tokenizer"),
 }
-_ALIASES = {"build_tfds_dataset": ("tfds_builder", "build")}
+# `llava_jax.data.generate` is the instruction-data generator module; the demo data generator is an alias.
+_ALIASES = {"build_tfds_dataset": ("tfds_builder", "build"), "generate_synthetic": ("synthetic", "generate")}
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 
 __all__ = sorted([*_MODULE_OF, *_ALIASES])
@@ -53,7 +54,8 @@ if TYPE_CHECKING:
     from llava_jax.data.images import ImageConfig, expand_to_square, load_image, preprocess
     from llava_jax.data.pipeline import LlavaSampleProcessor, PipelineConfig, TrainIterator, make_train_iterator
     from llava_jax.data.sources import LlavaJsonSource
-    from llava_jax.data.synthetic import SyntheticPaths, build_tokenizer, generate
+    from llava_jax.data.synthetic import SyntheticPaths, build_tokenizer
+    from llava_jax.data.synthetic import generate as generate_synthetic
     from llava_jax.data.tfds_builder import LlavaDataset, TfdsLlavaSource
     from llava_jax.data.tfds_builder import build as build_tfds_dataset
     from llava_jax.data.tokenize import (IGNORE_INDEX, TokenizedSample, add_image_token, tokenize_conversation,
