@@ -37,6 +37,8 @@ setup(
         "test": [
             "openai>=2,<4",
             "openpyxl>=3.1,<4",
+            # Runs the official MMBench runner and submission conversion side by side.
+            "pandas>=2",
             "pytest>=9,<10",
             # CPU build of PyTorch: the reference implementation in parity tests.
             "torch==2.13.0",

@@ -11,6 +11,10 @@ upload file to `--upload`). Examples:
   python -m llava_jax.infer.score textvqa --answers ans.jsonl --annotations TextVQA_0.5.1_val.json
   python -m llava_jax.infer.score gqa --answers ans.jsonl --questions testdev_balanced_questions.json
   python -m llava_jax.infer.score mme --answers ans.jsonl --benchmark-dir MME_Benchmark_release_version/
+  python -m llava_jax.infer.score mmbench --answers ans.jsonl --tsv mmbench_dev_20230712.tsv --upload up.xlsx
+  python -m llava_jax.infer.score seed --answers ans.jsonl --annotations SEED-Bench.json --upload up.jsonl
+  python -m llava_jax.infer.score mm-vet-results --answers ans.jsonl --results llava-mm-vet-results.json
+  python -m llava_jax.infer.score llava-bench --answers reviews.jsonl      (a review file of llava_jax.infer.judge)
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import sys
 from collections.abc import Sequence
 
 from llava_jax.infer import scorers
+from llava_jax.infer.questions import read_jsonl
 
 
 def _scienceqa(args) -> dict:
@@ -56,6 +61,40 @@ def _mme(args) -> dict:
     return scorers.score_mme_files(args.answers, args.benchmark_dir)
 
 
+def _mmbench(args) -> dict:
+    from llava_jax.infer import mmbench
+
+    columns, rows = mmbench.read_tsv(args.tsv)
+    answers = read_jsonl(args.answers, {"question_id": (int, str), "text": (str,), "prompt": (str,)})
+    result = {}
+    if args.upload:
+        header, table = mmbench.submission(columns, rows, answers, args.lang)
+        mmbench.write_submission(args.upload, header, table)
+        result = {"upload": args.upload, "questions": len(table), "unanswered": sum(r[6] is None for r in table)}
+    if "answer" in columns:
+        result.update(mmbench.score_mmbench(rows, answers, args.lang))
+    return result
+
+
+def _seed(args) -> dict:
+    return scorers.score_seed_files(args.answers, args.annotations, args.upload)
+
+
+def _mm_vet_results(args) -> dict:
+    from llava_jax.data.llm_client import write_json_atomically
+    from llava_jax.infer.judge import mmvet_results
+
+    results = mmvet_results(read_jsonl(args.answers, {"question_id": (int, str), "text": (str,)}))
+    write_json_atomically(args.results, results)
+    return {"results": args.results, "answers": len(results)}
+
+
+def _llava_bench(args) -> dict:
+    from llava_jax.infer.judge import summarize_review_file
+
+    return summarize_review_file(args.answers)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m llava_jax.infer.score",
                                      description="Scores an answer file against a benchmark's annotations.",
@@ -89,6 +128,16 @@ def build_parser() -> argparse.ArgumentParser:
     gqa.add_argument("--questions", required=True, help="GQA questions JSON ({id: {answer, ...}}) or JSONL")
     mme = command("mme", _mme, "MME accuracy and accuracy+ per category, perception / cognition totals")
     mme.add_argument("--benchmark-dir", required=True, help="MME_Benchmark_release_version folder")
+    mmb = command("mmbench", _mmbench, "MMBench / MMBench-CN upload file; accuracy and circular accuracy (dev)")
+    mmb.add_argument("--tsv", required=True, help="the MMBench TSV the questions came from")
+    mmb.add_argument("--upload", help="submission file to write (.xlsx as the official upload, or .tsv)")
+    mmb.add_argument("--lang", default="en", choices=("en", "cn"), help="the --lang the questions were built with")
+    seed = command("seed", _seed, "SEED-Bench accuracy per question type, image / video; upload JSONL")
+    seed.add_argument("--annotations", required=True, help="SEED-Bench.json")
+    seed.add_argument("--upload", help="submission JSONL to write")
+    mmvet = command("mm-vet-results", _mm_vet_results, "MM-Vet result JSON for the official grader")
+    mmvet.add_argument("--results", required=True, help="where to write {v1_<id>: answer}")
+    command("llava-bench", _llava_bench, "LLaVA-Bench relative scores of a review file (--answers: the reviews)")
     return parser
 
 

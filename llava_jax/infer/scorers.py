@@ -549,3 +549,56 @@ def _mme_question(prompt: str, category: str, qa_file: str, ground_truth: Mappin
 
 def score_mme_files(answers_path: PathLike, benchmark_dir: PathLike) -> dict:
     return score_mme(mme_records(load_answers(answers_path), load_mme_ground_truth(benchmark_dir)))
+
+
+# ---------------------------------------------------------------- SEED-Bench
+
+
+def load_seed_annotations(path: PathLike) -> tuple[list[dict], dict[int, str]]:
+    """(questions, question_type_id -> name) of `SEED-Bench.json`."""
+    data = load_json(path)
+    if not isinstance(data, dict) or not isinstance(data.get("questions"), list) \
+            or not isinstance(data.get("question_type"), dict):
+        raise ValueError(f"{path}: expected SEED-Bench.json ({{'questions': [...], 'question_type': {{...}}}})")
+    for index, question in enumerate(data["questions"]):
+        if not all(k in question for k in ("question_id", "answer", "data_type", "question_type_id")):
+            raise ValueError(f"{path}: question #{index + 1} needs question_id, answer, data_type and question_type_id")
+    return data["questions"], {type_id: name for name, type_id in data["question_type"].items()}
+
+
+def score_seed(predictions: Mapping[str, str], questions: Sequence[dict], type_names: Mapping[int, str]) -> dict:
+    """SEED-Bench accuracy as `convert_seed_for_submission.py`: the answer text must equal the gold letter.
+
+    Returns {"accuracy" (all questions), "image_accuracy", "video_accuracy", "by_type": {name: accuracy}
+    (all data types), "count", "missing"}; a question without an answer counts as wrong.
+    """
+    by_type: dict[int, list[bool]] = defaultdict(list)
+    by_data: dict[str, list[bool]] = defaultdict(list)
+    for question in questions:
+        qid = str(question["question_id"])
+        hit = qid in predictions and predictions[qid] == question["answer"]
+        by_type[question["question_type_id"]].append(hit)
+        by_data[question["data_type"]].append(hit)
+    hits = [h for v in by_type.values() for h in v]
+    return {"accuracy": _fraction(sum(hits), len(hits)),
+            "image_accuracy": _fraction(sum(by_data["image"]), len(by_data["image"])),
+            "video_accuracy": _fraction(sum(by_data["video"]), len(by_data["video"])),
+            "by_type": {type_names.get(t, str(t)): _fraction(sum(v), len(v)) for t, v in sorted(by_type.items())},
+            "count": len(hits), "missing": sum(str(q["question_id"]) not in predictions for q in questions)}
+
+
+def seed_submission(predictions: Mapping[str, str], questions: Sequence[dict]) -> list[dict]:
+    """The upload lines `{"question_id", "prediction"}` in annotation order, for the answered questions."""
+    return [{"question_id": q["question_id"], "prediction": predictions[str(q["question_id"])]}
+            for q in questions if str(q["question_id"]) in predictions]
+
+
+def score_seed_files(answers_path: PathLike, annotation_path: PathLike, upload_path: PathLike | None = None) -> dict:
+    questions, type_names = load_seed_annotations(annotation_path)
+    predictions = predictions_by_id(load_answers(answers_path), answers_path)
+    result = score_seed(predictions, questions, type_names)
+    if upload_path:
+        lines = seed_submission(predictions, questions)
+        Path(upload_path).write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+        result["upload"], result["uploaded"] = str(upload_path), len(lines)
+    return result
