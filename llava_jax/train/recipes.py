@@ -2,7 +2,8 @@
 
 `configs/stage1.py` and `configs/stage2.py` call `stage_config(stage, arg)`. The config string `arg` is a
 comma-separated list of variants: one model (`vicuna7b` (default), `vicuna13b`, `llama3_8b`, `demo`) and
-optionally `lora` (stage 2), e.g. `configs/stage2.py:vicuna13b,lora`.
+optionally `lora` (stage 2) and `scienceqa` (stage 2: the ScienceQA fine-tuning of the paper), e.g.
+`configs/stage2.py:vicuna13b,lora` or `configs/stage2.py:scienceqa`.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import ml_collections as mlc
 
 MODELS = ("vicuna7b", "vicuna13b", "llama3_8b", "demo")
+DATA_VARIANTS = ("scienceqa",)
 
 # Trainable rules per stage: (regex over parameter paths, learning-rate group or None = frozen).
 STAGE1_RULES = (
@@ -46,10 +48,10 @@ _LLM = {
 def parse_variants(arg: str | None) -> tuple[str, bool]:
     """'vicuna13b,lora' -> ('vicuna13b', True). Unknown words raise, naming the valid ones."""
     words = [w.strip() for w in (arg or "").split(",") if w.strip()]
-    unknown = [w for w in words if w not in MODELS + ("lora",)]
+    unknown = [w for w in words if w not in MODELS + ("lora",) + DATA_VARIANTS]
     if unknown:
         raise ValueError(f"config string {arg!r}: unknown variant(s) {unknown}; choose one of {MODELS}, "
-                         f"optionally with 'lora' (e.g. 'vicuna13b,lora')")
+                         f"optionally with 'lora' and {DATA_VARIANTS} (e.g. 'vicuna13b,lora')")
     models = [w for w in words if w in MODELS]
     if len(models) > 1:
         raise ValueError(f"config string {arg!r}: more than one model {models}")
@@ -145,7 +147,24 @@ def stage_config(stage: int, arg: str | None) -> mlc.ConfigDict:
 
     if name == "demo":
         _demo_overrides(c)
+    if "scienceqa" in (arg or "").replace(" ", "").split(","):
+        if stage != 2 or name == "demo":
+            raise ValueError("config string: 'scienceqa' is a stage-2 variant of a real model")
+        _scienceqa_overrides(c)
     return c
+
+
+def _scienceqa_overrides(c: mlc.ConfigDict) -> None:
+    """Fine-tuning on ScienceQA as the paper (official `scripts/finetune_sqa.sh`): the training split converted
+    with `python -m llava_jax.data.scienceqa` (QCM-LEA), 12 epochs, lr 2e-5, global batch 128, images
+    resized (no padding), no modality grouping. The paper's run used LLaVA v1 (CLIP-224, linear projector,
+    Vicuna-13B v1.3): set `model.clip_path`, `model.projector` and `model.llm_path` to reproduce it."""
+    c.variant += ",scienceqa"
+    c.data.json = "data/scienceqa/llava_train_QCM-LEA.json"
+    c.data.images = "data/scienceqa/images/train"
+    c.data.image_aspect = "resize"
+    c.data.group_by_modality_length = False
+    c.train.num_epochs = 12
 
 
 def _demo_overrides(c: mlc.ConfigDict) -> None:
