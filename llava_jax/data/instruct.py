@@ -116,6 +116,8 @@ def parse_response(family: FamilyPrompt, response: str | None, finish_reason: st
         raise MalformedResponse("empty response")
     if finish_reason == "length":
         raise MalformedResponse("response cut at max_tokens")
+    if IMAGE_TOKEN in response:
+        raise MalformedResponse(f"response contains {IMAGE_TOKEN}")
     if family.name == "detail_description":
         if _MARKER.search(response):
             raise MalformedResponse("a description with 'Question:' / 'Answer:' turns")

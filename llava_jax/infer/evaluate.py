@@ -81,7 +81,7 @@ def evaluate(model, tokenizer, questions_path: str | os.PathLike, image_root: st
 
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
-    questions = questions_lib.load_questions(questions_path)
+    questions = questions_lib.load_question_file(questions_path)
     generator = Generator(model, tokenizer, image_config=image_config, template=template)
     answer = answer_batch_fn(generator, image_root, max_new_tokens=max_new_tokens, temperature=temperature,
                              batch_size=batch_size, image_transform=image_transform)
@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m llava_jax.eval", description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="a Hugging Face LLaVA folder, a llava_jax folder or a "
                         "finished training workdir")
-    parser.add_argument("--questions", required=True, help="model_vqa question JSONL")
+    parser.add_argument("--questions", required=True, help="model_vqa question JSONL (or the official ScienceQA "
+                        "llava_test_CQM-A.json)")
     parser.add_argument("--images", required=True, help="folder the questions' image paths are relative to")
     parser.add_argument("--answers", required=True, help="answer JSONL to write (resumed when it exists)")
     parser.add_argument("--template", default=DEFAULT_TEMPLATE, help="conversation template (default %(default)s)")

@@ -125,6 +125,11 @@ def load_scienceqa_questions(path: str | os.PathLike, single_pred_prompt: bool =
     return questions
 
 
+def load_question_file(path: str | os.PathLike) -> list[dict]:
+    """A `model_vqa` JSONL, or the official ScienceQA JSON (`.json`, asked as `model_vqa_science` asks)."""
+    return load_scienceqa_questions(path) if Path(path).suffix == ".json" else load_questions(path)
+
+
 def answered_ids(answers_path: str | os.PathLike) -> set:
     """The question ids already in an answer file (empty when the file does not exist).
 

@@ -13,6 +13,7 @@ import pytest
 
 from llava_jax.data import coco_context, generate, instruct
 from llava_jax.data.llm_client import ChatClient, request_key
+from llava_jax.data.tokenize import validate_conversations
 from tests.llm_stub import StubLLM
 
 REPO = Path(__file__).resolve().parents[2]
@@ -145,6 +146,8 @@ def test_parse_response_per_family():
         instruct.parse_response(detail, " \n")
     with pytest.raises(instruct.MalformedResponse, match="cut at max_tokens"):
         instruct.parse_response(detail, "A dog on a", finish_reason="length")
+    with pytest.raises(instruct.MalformedResponse, match="contains <image>"):
+        instruct.parse_response(conv, "Question:\nWhat is in <image>?\n===\nAnswer:\nA dog.")
 
 
 def test_build_sample_places_image_at_random_with_a_seed(tmp_path):
@@ -218,6 +221,9 @@ def test_generate_retries_counts_malformed_and_reruns_from_the_cache(tmp_path):
         assert report[name]["samples"] == 4 and report[name]["malformed"] == 1
         assert list(report[name]["malformed_examples"]) == ["COCO_train2014_000000000003"]
         assert [s["id"] for s in outputs[name]] == [f"COCO_train2014_{i:012d}" for i in (1, 2, 4, 5)]
+    for name in instruct.FAMILIES:  # samples the training pipeline accepts
+        for sample in outputs[name]:
+            validate_conversations(sample["conversations"], sample["id"])
     conv = outputs["conversation"][1]
     assert conv["conversations"][1] == {"from": "gpt", "value": "Image 2 caption 0. SERVER_ERROR"}
     assert outputs["detail_description"][0]["conversations"][1]["value"].startswith("A detailed description of")

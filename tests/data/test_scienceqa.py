@@ -76,3 +76,17 @@ def test_scienceqa_config_variant_resolves_and_validates():
     assert module.get_config("vicuna13b,scienceqa").model.llm_path == "lmsys/vicuna-13b-v1.5"
     with pytest.raises(ValueError, match="'scienceqa' is a stage-2 variant"):
         recipes.stage_config(1, "scienceqa")
+
+
+def test_converted_test_split_is_asked_as_model_vqa_science(tmp_path):
+    """The CQM-A file of our converter feeds `python -m llava_jax.eval` (question = human turn, no <image>, letter
+    instruction), as `model_vqa_science.py --single-pred-prompt` asks it."""
+    from llava_jax.infer.questions import SCIENCEQA_LETTER_PROMPT, load_question_file
+
+    path = tmp_path / "llava_test_CQM-A.json"
+    path.write_text(json.dumps(scienceqa.convert(PROBLEMS, ["2", "1"], "CQM-A")))
+    questions = load_question_file(path)
+    assert questions[0] == {"question_id": "2", "image": "2/image.png", "text":
+                            "Context: N/A\nQuestion: What is the capital of Utah?\nOptions: (A) Salt Lake City "
+                            "(B) Provo (C) Denver\n" + SCIENCEQA_LETTER_PROMPT}
+    assert "image" not in questions[1] and questions[1]["text"].endswith("(B) apostrophe\n" + SCIENCEQA_LETTER_PROMPT)
