@@ -97,8 +97,12 @@ def llava_bench_requests(client: ChatClient, questions: Sequence[dict], contexts
         category = ("" if coco else "llava_bench_") + question["category"]
         if category not in rules:
             raise ValueError(f"question {qid!r}: category {category!r} not in the rule file (has {sorted(rules)})")
-        content = review_content(context_text(by_image[question["image"]], coco), question["text"], ans1["text"],
-                                 ans2["text"], rules[category])
+        try:
+            context = context_text(by_image[question["image"]], coco)
+        except (KeyError, TypeError):
+            needs = "'captions' and 'instances' ({category, bbox})" if coco else "'caption'"
+            raise ValueError(f"context of image {question['image']!r}: needs {needs}") from None
+        content = review_content(context, question["text"], ans1["text"], ans2["text"], rules[category])
         review = {"id": index + 1, "question_id": qid, "answer1_id": ans1.get("answer_id", ans1["question_id"]),
                   "answer2_id": ans2.get("answer_id", ans2["question_id"]), "category": category}
         messages = [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": content}]

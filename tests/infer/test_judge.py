@@ -135,6 +135,18 @@ def test_llava_bench_input_errors_name_the_question(tmp_path):
                                    read["answers"][:6], json.loads(judge.default_rules_path().read_text()))
 
 
+def test_cli_bad_input_exits_2_naming_the_record(tmp_path, capsys):
+    paths = bench_files(tmp_path, coco=False)
+    args = ["llava-bench", "--questions", str(paths["questions"]), "--context", str(paths["context"]),
+            "--reference", str(paths["reference"]), "--answers", str(paths["answers"]), "--reviews",
+            str(tmp_path / "r.jsonl"), "--base-url", "http://127.0.0.1:9/v1", "--coco"]
+    assert judge.main(args) == 2
+    assert "context of image 'a.jpg': needs 'captions' and 'instances'" in capsys.readouterr().err
+    write_jsonl(paths["answers"], [{"question_id": 0, "text": "x"}, {"question_id": 0, "text": "y"}])
+    assert judge.main(args[:-1]) == 2
+    assert "answers: a question_id appears more than once" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- MM-Vet
 
 
