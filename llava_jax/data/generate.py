@@ -10,7 +10,7 @@ prompts of each family (`instruct`); the answers become `<out-dir>/<family>.json
 format, ready for stage 2 (`--config.data.json`, or several through `data.extra_sources`). Every reply is
 stored in `<out-dir>/cache.sqlite` as it arrives: rerunning the same command after a kill or a failure
 makes only the calls still missing, and a finished run reruns without a call. Output files are replaced
-atomically. Malformed answers are counted and skipped, with the image id, in `<out-dir>/report.json`
+atomically. Malformed answers are counted and skipped, with their image ids, in `<out-dir>/report.json`
 (with tokens and cost). Exit status 1 when some requests failed after their retries (rerun to retry
 them), 2 on bad input.
 """
@@ -26,7 +26,7 @@ from llava_jax.data import instruct
 from llava_jax.data.coco_context import ImageContext, file_stem, load_coco
 from llava_jax.data.llm_client import ChatClient, add_client_arguments, client_from_args, write_json_atomically
 
-EXAMPLES_IN_REPORT = 20
+EXAMPLES_PRINTED = 5
 
 
 def generate_family(family: instruct.FamilyPrompt, images: Sequence[ImageContext], client: ChatClient,
@@ -52,12 +52,8 @@ def generate_family(family: instruct.FamilyPrompt, images: Sequence[ImageContext
     kept = [s for s in samples if s is not None]
     write_json_atomically(out_path, kept)
     return {"output": str(out_path), "images": len(images), "samples": len(kept),
-            "malformed": len(malformed), "malformed_examples": _first(malformed),
-            "failed": len(failed), "failed_examples": _first(failed)}
-
-
-def _first(by_id: dict) -> dict:
-    return dict(sorted(by_id.items())[:EXAMPLES_IN_REPORT])
+            "malformed": len(malformed), "malformed_ids": dict(sorted(malformed.items())),
+            "failed": len(failed), "failed_ids": dict(sorted(failed.items()))}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,6 +101,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         r = report[name]
         print(f"{name}: {r['samples']} samples of {r['images']} images -> {r['output']} "
               f"({r['malformed']} malformed, {r['failed']} failed)", file=sys.stderr)
+        for image_id, reason in list(r["malformed_ids"].items())[:EXAMPLES_PRINTED]:
+            print(f"  malformed answer for image {image_id}: {reason}", file=sys.stderr)
     u = report["usage"]
     print(f"calls {u['calls']}, cached {u['cached']}, failed {u['failed']}; tokens in {u['prompt_tokens']} "
           f"out {u['completion_tokens']}; cost {u['cost']}", file=sys.stderr)

@@ -219,7 +219,7 @@ def test_generate_retries_counts_malformed_and_reruns_from_the_cache(tmp_path):
         rerun = json.loads((tmp_path / "out" / "report.json").read_text())
     for name in instruct.FAMILIES:
         assert report[name]["samples"] == 4 and report[name]["malformed"] == 1
-        assert list(report[name]["malformed_examples"]) == ["COCO_train2014_000000000003"]
+        assert list(report[name]["malformed_ids"]) == ["COCO_train2014_000000000003"]
         assert [s["id"] for s in outputs[name]] == [f"COCO_train2014_{i:012d}" for i in (1, 2, 4, 5)]
     for name in instruct.FAMILIES:  # samples the training pipeline accepts
         for sample in outputs[name]:
