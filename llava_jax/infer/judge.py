@@ -290,7 +290,8 @@ def _mm_vet(args, client: ChatClient) -> tuple[dict, int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m llava_jax.infer.judge", description=__doc__.split("\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m llava_jax.judge",
+                                     description="GPT-judged LLaVA-Bench and MM-Vet through an OpenAI-compatible endpoint.",
                                      epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="benchmark", required=True)
     bench = commands.add_parser("llava-bench", help="LLaVA-Bench (In-the-Wild, or COCO with --coco)")
