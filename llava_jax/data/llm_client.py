@@ -137,13 +137,17 @@ class ChatClient:
 
     def complete(self, request: dict) -> Reply:
         """The reply to one request: from the cache, else from the endpoint (then stored)."""
+        reply = self._complete(request)
+        self.usage.add(reply)
+        return reply
+
+    def _complete(self, request: dict) -> Reply:
         key = request_key(request)
         reply = self.cache.get(key)
         if reply is None:
             reply = self._call(request)
             if reply.error is None:
                 self.cache.put(key, request, reply)
-        self.usage.add(reply)
         return reply
 
     def complete_all(self, tagged: Iterable[tuple[Any, dict]], *, desc: str = "requests",
@@ -157,7 +161,7 @@ class ChatClient:
                 tqdm(total=total, desc=desc, unit="req", disable=not progress) as bar:
             pending: dict[futures.Future, Any] = {}
             for tag, request in tagged:
-                pending[pool.submit(self.complete, request)] = tag
+                pending[pool.submit(self._complete, request)] = tag
                 if len(pending) >= window:
                     yield from _drain(pending, bar, self.usage, futures.FIRST_COMPLETED)
             yield from _drain(pending, bar, self.usage, futures.ALL_COMPLETED)
@@ -180,9 +184,11 @@ class ChatClient:
 
 
 def _drain(pending: dict, bar, usage: Usage, return_when) -> Iterator[tuple[Any, Reply]]:
+    """Collects finished requests; usage is counted here, in the caller's thread."""
     done, _ = futures.wait(pending, return_when=return_when)
     for future in done:
         tag = pending.pop(future)
+        usage.add(future.result())
         bar.update(1)
         bar.set_postfix(calls=usage.calls, cached=usage.cached, failed=usage.failed,
                         tokens=usage.prompt_tokens + usage.completion_tokens, refresh=False)
