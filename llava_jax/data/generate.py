@@ -24,7 +24,8 @@ from pathlib import Path
 
 from llava_jax.data import instruct
 from llava_jax.data.coco_context import ImageContext, file_stem, load_coco
-from llava_jax.data.llm_client import ChatClient, add_client_arguments, client_from_args, write_json_atomically
+from llava_jax.data.files import write_json_atomically
+from llava_jax.data.llm_client import ChatClient, add_client_arguments, client_from_args
 
 EXAMPLES_PRINTED = 5
 

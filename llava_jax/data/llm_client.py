@@ -226,18 +226,5 @@ def client_from_args(args, default_cache: str | os.PathLike) -> ChatClient:
                       concurrency=args.concurrency, max_retries=args.max_retries, timeout=args.timeout)
 
 
-def write_json_atomically(path: str | os.PathLike, value: Any, indent: int | None = 2) -> None:
-    """Writes JSON to `path` through a temporary file and a rename: readers see the old or the new file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(value, f, indent=indent, ensure_ascii=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 __all__ = ["ChatClient", "Reply", "ResponseCache", "Usage", "request_key", "add_client_arguments",
-           "client_from_args", "write_json_atomically"]
+           "client_from_args"]

@@ -21,7 +21,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from llava_jax.data.llm_client import write_json_atomically
+from llava_jax.data.files import write_json_atomically
 
 OPTIONS = ("A", "B", "C", "D", "E")
 

@@ -36,7 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
-from llava_jax.data.llm_client import ChatClient, add_client_arguments, client_from_args, write_json_atomically
+from llava_jax.data.files import write_json_atomically, write_jsonl_atomically
+from llava_jax.data.llm_client import ChatClient, add_client_arguments, client_from_args
 from llava_jax.infer.questions import read_jsonl
 
 JUDGE_SYSTEM = "You are a helpful and precise assistant for checking the quality of the answer."
@@ -129,16 +130,8 @@ def judge_llava_bench(client: ChatClient, items: Sequence[tuple[dict, dict]], re
             continue
         reviews[index] = {**items[index][0], "content": reply.content, "tuple": parse_score(reply.content or "")}
     kept = [r for r in reviews if r is not None]
-    _write_jsonl_atomically(reviews_path, kept)
+    write_jsonl_atomically(reviews_path, kept)
     return kept, failed
-
-
-def _write_jsonl_atomically(path: PathLike, records: Sequence[dict]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def summarize_reviews(reviews: Sequence[Mapping]) -> dict:

@@ -27,7 +27,6 @@ import base64
 import binascii
 import csv
 import io
-import json
 import os
 import sys
 from collections import defaultdict
@@ -35,6 +34,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from PIL import Image
+
+from llava_jax.data.files import write_jsonl_atomically
 
 OPTIONS = ("A", "B", "C", "D")
 INSTRUCTION = {"en": "Answer with the option's letter from the given choices directly.", "cn": "请直接回答选项字母。"}
@@ -103,9 +104,7 @@ def build_questions(tsv: PathLike, out_dir: PathLike, *, all_rounds: bool = Fals
         for round_id, text in rounds(row, all_rounds, lang):
             lines.append({"question_id": int(row["index"]), "text": text, "image": image, "round_id": round_id,
                           "category": row.get("category") or ""})
-    tmp = out_dir / "questions.jsonl.tmp"
-    tmp.write_text("".join(json.dumps(q, ensure_ascii=False) + "\n" for q in lines), encoding="utf-8")
-    os.replace(tmp, out_dir / "questions.jsonl")
+    write_jsonl_atomically(out_dir / "questions.jsonl", lines)
     return len(lines)
 
 

@@ -81,7 +81,7 @@ def _seed(args) -> dict:
 
 
 def _mm_vet_results(args) -> dict:
-    from llava_jax.data.llm_client import write_json_atomically
+    from llava_jax.data.files import write_json_atomically
     from llava_jax.infer.judge import mmvet_results
 
     results = mmvet_results(read_jsonl(args.answers, {"question_id": (int, str), "text": (str,)}))

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from llava_jax.infer import mmbench, scorers
+from llava_jax.infer import mmbench
 from llava_jax.infer.questions import answer_record, load_questions
 from tests.infer.test_scorers import official_module, run_cli, run_official, write_jsonl
 
