@@ -65,6 +65,8 @@ def _mmbench(args) -> dict:
     from llava_jax.infer import mmbench
 
     columns, rows = mmbench.read_tsv(args.tsv)
+    if not args.upload and "answer" not in columns:
+        raise ValueError(f"{args.tsv} has no answers (a test split): pass --upload to write the submission")
     answers = read_jsonl(args.answers, {"question_id": (int, str), "text": (str,), "prompt": (str,)})
     result = {}
     if args.upload:

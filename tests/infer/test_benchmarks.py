@@ -179,6 +179,9 @@ def test_mmbench_upload_equals_the_official_conversion(tmp_path, with_answer):
     ours, official = pd.read_excel(tmp_path / "up.xlsx"), pd.read_excel(tmp_path / "official.xlsx")
     pd.testing.assert_frame_equal(ours, official)
     assert list(ours.columns)[6] == "prediction"
+    if not with_answer:
+        with pytest.raises(SystemExit, match="no answers \\(a test split\\): pass --upload"):
+            run_cli(["mmbench", "--answers", str(answers), "--tsv", str(tsv)])
 
 
 # ---------------------------------------------------------------- SEED-Bench
