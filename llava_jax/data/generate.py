@@ -3,7 +3,7 @@
     python -m llava_jax.data.generate --captions annotations/captions_train2014.json \\
         --instances annotations/instances_train2014.json --out-dir data/instruct \\
         --model gpt-4o-mini [--base-url http://127.0.0.1:8000/v1] [--families conversation ...] \\
-        [--prompts DIR] [--max-images N] [--concurrency 8] [--seed 0]
+        [--prompts DIR] [--image-ids FILE] [--max-images N] [--concurrency 8] [--seed 0]
 
 A text-only LLM sees each image through its captions and boxes (`coco_context`) and answers the few-shot
 prompts of each family (`instruct`); the answers become `<out-dir>/<family>.json` in the LLaVA training
@@ -57,6 +57,22 @@ def generate_family(family: instruct.FamilyPrompt, images: Sequence[ImageContext
             "failed": len(failed), "failed_ids": dict(sorted(failed.items()))}
 
 
+def select_images(images: Sequence[ImageContext], ids_path: str | Path) -> list[ImageContext]:
+    """The images listed in `ids_path` (one COCO image id per line), in image-id order."""
+    wanted = {}
+    for line_no, line in enumerate(Path(ids_path).read_text(encoding="utf-8").splitlines(), start=1):
+        if line.strip():
+            if not line.strip().isdigit():
+                raise ValueError(f"{ids_path}:{line_no}: expected a COCO image id, got {line.strip()!r}")
+            wanted[int(line)] = line_no
+    known = {image.image_id for image in images}
+    unknown = [i for i in wanted if i not in known]
+    if unknown:
+        raise ValueError(f"{ids_path}:{wanted[unknown[0]]}: image id {unknown[0]} has no captions "
+                         f"({len(unknown)} such ids)")
+    return [image for image in images if image.image_id in wanted]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m llava_jax.data.generate", description=__doc__.split("\n")[0],
                                      epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -66,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--families", nargs="+", default=list(instruct.FAMILIES), choices=instruct.FAMILIES)
     parser.add_argument("--prompts", help="prompts folder in the playground/data/prompts layout "
                         "(default: the packaged prompts)")
+    parser.add_argument("--image-ids", help="text file of COCO image ids (one per line): only those images")
     parser.add_argument("--max-images", type=int, help="only the first N images (by image id)")
     parser.add_argument("--seed", type=int, default=0, help="<image> placement and description questions")
     parser.add_argument("--temperature", type=float, default=0.7)
@@ -77,7 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args) -> dict:
     prompts_dir = args.prompts or instruct.default_prompts_dir()
     families = [instruct.load_family(prompts_dir, name) for name in args.families]
-    images = load_coco(args.captions, args.instances)[:args.max_images]
+    images = load_coco(args.captions, args.instances)
+    if args.image_ids:
+        images = select_images(images, args.image_ids)
+    images = images[:args.max_images]
     out_dir = Path(args.out_dir)
     client = client_from_args(args, out_dir / "cache.sqlite")
     try:

@@ -291,6 +291,21 @@ def test_cli_bad_input_exits_2(tmp_path, capsys):
     assert "captions.json: not a COCO captions file" in capsys.readouterr().err
 
 
+def test_image_ids_select_the_images(tmp_path, capsys):
+    cap, inst = coco_files(tmp_path, n=4)
+    ids = tmp_path / "ids.txt"
+    ids.write_text("3\n1\n")
+    images = coco_context.load_coco(cap, inst)
+    assert [i.image_id for i in generate.select_images(images, ids)] == [1, 3]
+    ids.write_text("3\n\n9\n")
+    with pytest.raises(ValueError, match=r"ids.txt:3: image id 9 has no captions"):
+        generate.select_images(images, ids)
+    ids.write_text("COCO_1\n")
+    assert generate.main(generate_args(cap, inst, tmp_path / "out", "http://127.0.0.1:9/v1", "--image-ids",
+                                       str(ids))) == 2
+    assert "ids.txt:1: expected a COCO image id, got 'COCO_1'" in capsys.readouterr().err
+
+
 def test_cache_key_and_client_concurrency_against_the_server(tmp_path):
     with StubLLM(lambda r: r["messages"][-1]["content"].upper(), delay=0.01) as stub:
         client = ChatClient("m", tmp_path / "c.sqlite", base_url=stub.url, concurrency=4)
