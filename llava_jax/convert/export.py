@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax import nnx
 import transformers
 
+from llava_jax.atomic_files import replaced_directory
 from llava_jax.convert.build import model_tensors, tensor_specs, vocab_transforms
 from llava_jax.convert.checkpoint_io import write_safetensors
 from llava_jax.convert.hf_clip import clip_config_to_hf
@@ -63,7 +64,7 @@ def _write_hf_config(hf_config: dict, path: Path) -> None:
 
 def _load_tokenizer(tokenizer):
     if isinstance(tokenizer, (str, os.PathLike)):
-        return transformers.AutoTokenizer.from_pretrained(str(tokenizer))
+        return transformers.AutoTokenizer.from_pretrained(str(tokenizer), trust_remote_code=False)
     return copy.deepcopy(tokenizer)  # The caller's tokenizer is left unchanged.
 
 
@@ -99,7 +100,8 @@ def _load_image_processor(image_processor, vision_cfg):
     if image_processor is None:
         return _default_image_processor(vision_cfg)
     if isinstance(image_processor, (str, os.PathLike)):
-        image_processor = transformers.AutoImageProcessor.from_pretrained(str(image_processor))
+        image_processor = transformers.AutoImageProcessor.from_pretrained(str(image_processor),
+                                                                           trust_remote_code=False)
     crop = getattr(image_processor, "crop_size", None) or {}
     if crop and (crop.get("height"), crop.get("width")) != (vision_cfg.image_size,) * 2:
         raise ValueError(f"image processor: crop size {crop} does not match the vision tower's image_size "
@@ -126,7 +128,9 @@ def to_hf(model: nnx.Module, path: str | os.PathLike, tokenizer=None, image_proc
       max_shard_size: bytes or a string like '5GB' / '500MB'.
       chat_template: a Jinja chat template stored with the tokenizer / processor, or None.
     Returns:
-      The output folder.
+      The output folder. It is written as a temporary sibling and renamed into place: an export already
+      there is replaced whole, and stays intact when this one fails. A non-empty folder that is not an
+      export is refused (FileExistsError).
     """
     path = Path(path)
     kind = _model_kind(model)
@@ -147,10 +151,10 @@ def to_hf(model: nnx.Module, path: str | os.PathLike, tokenizer=None, image_proc
                 shape = specs[name].shape
                 specs[name] = type(specs[name])((shape[0] + grow,) + tuple(shape[1:]), specs[name].dtype)
             text["vocab_size"] = len(tok)
-    path.mkdir(parents=True, exist_ok=True)
-    write_safetensors(tensors, specs, path, max_shard_size=max_shard_size)
-    _write_hf_config(hf_config, path)
-    _write_preprocessing(model, kind, path, tok, image_processor, chat_template)
+    with replaced_directory(path) as tmp:  # a previous export at `path` is replaced whole, or left intact
+        write_safetensors(tensors, specs, tmp, max_shard_size=max_shard_size)
+        _write_hf_config(hf_config, tmp)
+        _write_preprocessing(model, kind, tmp, tok, image_processor, chat_template)
     return path
 
 

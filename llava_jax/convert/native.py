@@ -1,4 +1,7 @@
-"""Our own model folder format: `model.json` (model class and config as plain JSON) and `params/` (Orbax)."""
+"""Our own model folder format: `model.json` (model type and config as plain JSON) and `params/` (Orbax).
+
+Reading a folder never imports or calls anything the file names: the model and config types come from
+fixed allow-lists of our own classes, everything else is plain data."""
 
 from __future__ import annotations
 
@@ -12,30 +15,41 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from llava_jax.atomic_files import replaced_directory
+from llava_jax.convert.checkpoint_io import CheckpointError
 from llava_jax.convert.build import _flat, _is_abstract, _leaves, _place, fresh_leaves, leaf_shardings, with_runtime
+from llava_jax.models.clip_vit import CLIPVisionConfig, CLIPVisionModel
+from llava_jax.models.llama import LlamaConfig, LlamaForCausalLM
+from llava_jax.models.llava import LlavaConfig, LlavaForConditionalGeneration
 from llava_jax.sharding import state_shardings
 
 MODEL_JSON = "model.json"
 PARAMS_DIR = "params"
+
+# The only types model.json may name (by "module:qualname", as `save` writes them); nothing named by the
+# file is ever imported or called.
+MODEL_TYPES = {f"{c.__module__}:{c.__qualname__}": c
+               for c in (LlavaForConditionalGeneration, LlamaForCausalLM, CLIPVisionModel)}
+CONFIG_TYPES = {f"{c.__module__}:{c.__qualname__}": c for c in (LlavaConfig, LlamaConfig, CLIPVisionConfig)}
+_CONFIG_OF = {LlavaForConditionalGeneration: LlavaConfig, LlamaForCausalLM: LlamaConfig,
+              CLIPVisionModel: CLIPVisionConfig}
+DTYPES = ("float32", "bfloat16", "float16", "float64", "int8", "int16", "int32", "int64", "uint8", "bool")
+
+
+class FormatError(CheckpointError):
+    """A model.json that names something outside the allow-lists or is not our format."""
 
 
 def _qualname(obj) -> str:
     return f"{obj.__module__}:{obj.__qualname__}"
 
 
-def _import(qualname: str):
-    import importlib
-
-    module, name = qualname.split(":")
-    obj = importlib.import_module(module)
-    for part in name.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def config_to_json(value):
     """A config dataclass (nested dataclasses, dtypes, tuples) -> JSON-able data that `config_from_json` reads."""
     if dataclasses.is_dataclass(value):
+        if _qualname(type(value)) not in CONFIG_TYPES:
+            raise TypeError(f"{type(value).__name__} is not one of the config types our format stores "
+                            f"({', '.join(sorted(CONFIG_TYPES))})")
         fields = {f.name: config_to_json(getattr(value, f.name)) for f in dataclasses.fields(value)}
         return {"__dataclass__": _qualname(type(value)), **fields}
     if isinstance(value, (list, tuple)):
@@ -51,33 +65,68 @@ def config_to_json(value):
         raise TypeError(f"config value {value!r} of type {type(value).__name__} cannot be stored as JSON") from None
 
 
-def config_from_json(data):
+def config_from_json(data, where: str = MODEL_JSON):
+    """Plain JSON -> config: dataclasses only from `CONFIG_TYPES`, dtypes only from `DTYPES`.
+    Raises FormatError naming `where` for anything else."""
     if isinstance(data, list):
-        return [config_from_json(v) for v in data]
+        return [config_from_json(v, where) for v in data]
     if not isinstance(data, dict):
         return data
     if "__dtype__" in data:
-        return jnp.dtype(data["__dtype__"])
+        return jnp.dtype(_allowed(DTYPES, data["__dtype__"], "dtype", where))
     if "__tuple__" in data:
-        return tuple(config_from_json(v) for v in data["__tuple__"])
+        return tuple(config_from_json(v, where) for v in data["__tuple__"])
     if "__dataclass__" in data:
-        cls = _import(data["__dataclass__"])
-        return cls(**{k: config_from_json(v) for k, v in data.items() if k != "__dataclass__"})
-    return {k: config_from_json(v) for k, v in data.items()}
+        cls = _allowed(CONFIG_TYPES, data["__dataclass__"], "config type", where)
+        fields = {k: config_from_json(v, where) for k, v in data.items() if k != "__dataclass__"}
+        unknown = set(fields) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise FormatError(f"{where}: {cls.__name__} has no fields {sorted(unknown)}")
+        return cls(**fields)
+    return {k: config_from_json(v, where) for k, v in data.items()}
+
+
+def _allowed(table, name, what: str, where: str):
+    if not isinstance(name, str) or name not in table:
+        raise FormatError(f"{where}: {what} {name!r} is not one of ours ({', '.join(sorted(table))})")
+    return table[name] if isinstance(table, dict) else name
+
+
+def read_meta(path: Path) -> tuple[type, object]:
+    """(model class, config) of a folder in our format, from its model.json, through the allow-lists only."""
+    meta_file = path / MODEL_JSON
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"{meta_file}: not a llava_jax checkpoint folder (no {MODEL_JSON})")
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise FormatError(f"{meta_file}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
+        raise FormatError(f"{meta_file}: expected {{\"model\": ..., \"config\": {{...}}}}")
+    cls = _allowed(MODEL_TYPES, meta.get("model"), "model type", str(meta_file))
+    config = config_from_json(meta["config"], str(meta_file))
+    if not isinstance(config, _CONFIG_OF[cls]):
+        raise FormatError(f"{meta_file}: a {cls.__name__} needs a {_CONFIG_OF[cls].__name__}, got "
+                          f"{type(config).__name__}")
+    return cls, config
 
 
 def save(model: nnx.Module, out_dir: str | os.PathLike) -> Path:
-    """Writes our format: `model.json` (model class + config) and `params/` (an Orbax checkpoint).
+    """Writes our format: `model.json` (model type + config as plain JSON) and `params/` (an Orbax checkpoint).
 
-    The model class must be constructible as `cls(config, rngs=...)` and expose `model.config`.
+    The model must be one of `MODEL_TYPES`. The folder is written as a temporary sibling and renamed into
+    place: a previous save there is replaced whole, or left intact when this one fails.
     """
     out_dir = Path(out_dir).absolute()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"model": _qualname(type(model)), "config": config_to_json(model.config)}
+    name = _qualname(type(model))
+    if name not in MODEL_TYPES:
+        raise TypeError(f"save: {type(model).__name__} is not one of {', '.join(sorted(MODEL_TYPES))}")
+    meta = {"model": name, "config": config_to_json(model.config)}
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-    with ocp.StandardCheckpointer() as checkpointer:
-        checkpointer.save(out_dir / PARAMS_DIR, params, force=True)
-    (out_dir / MODEL_JSON).write_text(json.dumps(meta, indent=2) + "\n")
+    with replaced_directory(out_dir) as tmp:
+        with ocp.StandardCheckpointer() as checkpointer:
+            checkpointer.save(tmp / PARAMS_DIR, params, force=True)
+        (tmp / MODEL_JSON).write_text(json.dumps(meta, indent=2) + "\n")
     return out_dir
 
 
@@ -86,12 +135,8 @@ def load(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None, **runti
     remat) of the model and of its nested sub-configs that have them. Parameters restored into a different
     `param_dtype` are cast by Orbax. With `mesh`, each parameter is restored directly into its sharding."""
     path = Path(path).absolute()
-    meta_file = path / MODEL_JSON
-    if not meta_file.is_file():
-        raise FileNotFoundError(f"{meta_file}: not a llava_jax checkpoint folder (no {MODEL_JSON})")
-    meta = json.loads(meta_file.read_text())
-    cls = _import(meta["model"])
-    config = with_runtime(config_from_json(meta["config"]), **runtime)
+    cls, config = read_meta(path)
+    config = with_runtime(config, **runtime)
 
     def create():
         return cls(config, rngs=nnx.Rngs(0))

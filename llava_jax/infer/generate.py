@@ -512,12 +512,16 @@ def _workdir_export(path: Path) -> tuple[Path, str | None]:
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"{path}: unreadable training config.json ({e})") from None
-    export = config.get("export_hf") or ""
+    data = config.get("data") if isinstance(config, dict) else None
+    export = config.get("export_hf") if isinstance(config, dict) else None
+    template = data.get("template") if isinstance(data, dict) else None
+    if not isinstance(template, (str, type(None))) or not isinstance(export, (str, type(None))):
+        raise ModelLoadError(f"{path / 'config.json'}: export_hf and data.template must be strings")
     if not export or not (Path(export) / "config.json").is_file():
         raise ModelLoadError(f"{path}: a training workdir without a finished Hugging Face export (its config's "
                              f"export_hf is {export!r}); load the exported folder, or finish the run with "
                              "export_hf set")
-    return Path(export), (config.get("data") or {}).get("template")
+    return Path(export), template
 
 
 def load_model(path: str | os.PathLike, *, dtype=None, tokenizer: str | os.PathLike | None = None):
@@ -548,7 +552,7 @@ def load_model(path: str | os.PathLike, *, dtype=None, tokenizer: str | os.PathL
             model = convert.from_hf(path, dtype=dtype)
         else:
             raise ModelLoadError(f"{path}: not a model folder (no config.json or model.json)")
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer or path))
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer or path), trust_remote_code=False)
     except ModelLoadError:
         raise
     except (OSError, ValueError, KeyError, TypeError) as e:
