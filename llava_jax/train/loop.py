@@ -21,7 +21,7 @@ import jax
 import ml_collections as mlc
 from flax import nnx
 
-from llava_jax import convert
+from llava_jax import atomic_files, convert
 from llava_jax.train import checkpoint as ckpt_lib
 from llava_jax.train import demo, distributed, lora
 from llava_jax.train import metrics as metrics_lib
@@ -202,7 +202,7 @@ def export(r: Run, final: nnx.Module) -> None:
 
 def write_result(workdir: Path, result: dict) -> None:
     summary = {k: v for k, v in result.items() if k not in ("history", "model")}
-    (workdir / "result.json").write_text(json.dumps(summary, indent=2, default=str))
+    atomic_files.write_text(workdir / "result.json", json.dumps(summary, indent=2, default=str))
 
 
 class NonFiniteMonitor:
