@@ -223,3 +223,13 @@ def vocab_transforms(prefix: str, grow: int, tied: bool) -> dict:
         return {}
     names = [prefix + "model.embed_tokens.weight"] + ([] if tied else [prefix + "lm_head.weight"])
     return {n: pad_rows(grow) for n in names}
+
+
+def check_stacked(model: nnx.Module, what: str) -> None:
+    """Raises TypeError when the model's repeated layers are unstacked (the decode layout of `load_model` and
+    `Generator`), whose parameter names no conversion table knows."""
+    for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        keys = [str(k) for k in path]
+        if "layers" in keys[:-1] and keys[keys.index("layers") + 1].isdigit():
+            raise TypeError(f"{what}: the model has per-layer weight buffers (the decode layout of load_model / "
+                            "Generator); export a model from convert (from_hf, load, ...) or from training")

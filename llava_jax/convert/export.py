@@ -12,7 +12,7 @@ from flax import nnx
 import transformers
 
 from llava_jax.atomic_files import replaced_directory
-from llava_jax.convert.build import model_tensors, tensor_specs, vocab_transforms
+from llava_jax.convert.build import check_stacked, model_tensors, tensor_specs, vocab_transforms
 from llava_jax.convert.checkpoint_io import write_safetensors
 from llava_jax.convert.hf_clip import clip_config_to_hf
 from llava_jax.convert.hf_llama import llama_config_to_hf
@@ -134,6 +134,7 @@ def to_hf(model: nnx.Module, path: str | os.PathLike, tokenizer=None, image_proc
     """
     path = Path(path)
     kind = _model_kind(model)
+    check_stacked(model, "to_hf")
     hf_config = _hf_config(model, kind)
     tensors, specs = model_tensors(model), tensor_specs(model)
     tok = _load_tokenizer(tokenizer) if tokenizer is not None else None

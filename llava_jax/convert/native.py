@@ -17,7 +17,8 @@ from flax import nnx
 
 from llava_jax.atomic_files import replaced_directory
 from llava_jax.convert.checkpoint_io import CheckpointError
-from llava_jax.convert.build import _flat, _is_abstract, _leaves, _place, fresh_leaves, leaf_shardings, with_runtime
+from llava_jax.convert.build import (_flat, _is_abstract, _leaves, _place, check_stacked, fresh_leaves, leaf_shardings,
+                                     with_runtime)
 from llava_jax.models.clip_vit import CLIPVisionConfig, CLIPVisionModel
 from llava_jax.models.llama import LlamaConfig, LlamaForCausalLM
 from llava_jax.models.llava import LlavaConfig, LlavaForConditionalGeneration
@@ -121,6 +122,7 @@ def save(model: nnx.Module, out_dir: str | os.PathLike) -> Path:
     name = _qualname(type(model))
     if name not in MODEL_TYPES:
         raise TypeError(f"save: {type(model).__name__} is not one of {', '.join(sorted(MODEL_TYPES))}")
+    check_stacked(model, "save")
     meta = {"model": name, "config": config_to_json(model.config)}
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     with replaced_directory(out_dir) as tmp:

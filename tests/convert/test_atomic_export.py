@@ -115,6 +115,16 @@ def test_a_folder_that_is_not_an_export_is_never_replaced(two_models, tmp_path):
         convert.save(a, tmp_path / "file")
 
 
+def test_a_model_in_the_decode_layout_is_not_exported(two_models, tmp_path):
+    from llava_jax.infer.generate import decoding_layout
+
+    decoder = decoding_layout(two_models[0])
+    for export in (lambda: convert.to_hf(decoder, tmp_path / "hf"), lambda: convert.save(decoder, tmp_path / "ours")):
+        with pytest.raises(TypeError, match="per-layer weight buffers"):
+            export()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_write_text_keeps_the_old_file_when_interrupted(tmp_path, monkeypatch):
     path = tmp_path / "result.json"
     atomic_files.write_text(path, json.dumps({"step": 1}))
