@@ -34,6 +34,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from llava_jax import convert
+from llava_jax.convert.hf_llava import llava_config_to_hf
+from llava_jax.infer import generate as gen_lib
 from llava_jax.models import clip_vit, llama
 from llava_jax.models.llava import PRESETS as LLAVA_PRESETS
 from llava_jax.models.llava import LlavaConfig, LlavaForConditionalGeneration
@@ -114,8 +117,6 @@ def build_models(cfg: LlavaConfig, dtype, compare: bool, seed: int = 0):
                                   vision=dataclasses.replace(cfg.vision, dtype=dtype, param_dtype=dtype))
         ours = LlavaForConditionalGeneration(cfg, rngs=nnx.Rngs(seed))
         return ours, (_transformers_model(cfg, dtype, seed, "cuda") if compare else None)
-    from llava_jax import convert
-
     hf = _transformers_model(cfg, dtype, seed, "cpu")
     with tempfile.TemporaryDirectory() as tmp:
         hf.save_pretrained(tmp)
@@ -135,8 +136,6 @@ def _transformers_model(cfg: LlavaConfig, dtype, seed: int, device: str):
     """A random transformers LLaVA of `cfg`'s architecture in `dtype` on `device` (eval mode)."""
     import torch
     import transformers
-
-    from llava_jax.convert.hf_llava import llava_config_to_hf
 
     hf_dict = llava_config_to_hf(cfg)
     torch.manual_seed(seed)
@@ -165,8 +164,6 @@ def make_inputs(cfg: LlavaConfig, batch: int, prompt_len: int, images: int, seed
 
 
 def time_ours(model, rows, pixels, images: int, new_tokens: int, repeats: int) -> Timing:
-    from llava_jax.infer import generate as gen_lib
-
     gen = gen_lib.Generator(model, None, eos_token_ids=())
     per_row = [[pixels[r * images + k] for k in range(images)] for r in range(len(rows))]
     batch = gen.make_batch(rows, per_row)
@@ -248,9 +245,7 @@ def decode_weight_bytes(model) -> int:
 def bench_models(args):
     """(our model, transformers model or None): a checkpoint from `load_model`, or a preset's random weights."""
     if args.model:
-        from llava_jax.infer.generate import load_model
-
-        return load_model(args.model, dtype=DTYPES[args.dtype])[0], None
+        return gen_lib.load_model(args.model, dtype=DTYPES[args.dtype])[0], None
     return build_models(PRESETS[args.preset], DTYPES[args.dtype], args.compare_transformers)
 
 
