@@ -34,6 +34,7 @@ class Run:
     model_cfg: object
     groups: dict                    # parameter path -> optimizer group name (None: frozen)
     specs: dict                     # group name -> opt.GroupSpec
+    tx: optax.GradientTransformation
     graphdef: nnx.GraphDef
     state: step_lib.TrainState
     frozen: object
@@ -85,7 +86,7 @@ def setup(c: mlc.ConfigDict, workdir, *, config_name: str = "config") -> Run:
     held_out = inputs.HeldOut(c, tokenizer, parts.model_cfg, demo_paths, parts.graphdef, pad_id) \
         if c.data.eval_json and c.eval_every > 0 else None
     return Run(c=c, workdir=workdir, is_main=is_main, mesh=mesh, tokenizer=tokenizer, model_cfg=parts.model_cfg,
-               groups=parts.groups, specs=specs, graphdef=parts.graphdef, state=state, frozen=parts.frozen,
+               groups=parts.groups, specs=specs, tx=tx, graphdef=parts.graphdef, state=state, frozen=parts.frozen,
                rest=parts.rest, data=data, steps=steps, start=start, checkpointer=checkpointer,
                train_step=compile_step(c, parts.graphdef, tx), held_out=held_out,
                flop_model=flop_model(parts), pad_token_id=pad_id)
