@@ -47,9 +47,12 @@ def read_config(path: str | os.PathLike) -> dict:
     if not file.is_file():
         raise FileNotFoundError(f"{file}: no config.json in the checkpoint folder {path}")
     try:
-        return json.loads(file.read_text())
-    except json.JSONDecodeError as e:
+        config = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{file}: not valid JSON ({e})") from e
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{file}: expected a JSON object, got {type(config).__name__}")
+    return config
 
 
 def _truncation_detail(file: Path) -> str:

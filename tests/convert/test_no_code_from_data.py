@@ -137,6 +137,9 @@ def test_hf_config_naming_custom_code_is_refused(tmp_path, hostile):
         convert.from_hf(path)
     with pytest.raises(ModelLoadError, match=r"config\.json"):
         load_model(path)
+    (path / "config.json").write_text(json.dumps(["hostile_mod.Boom"]))
+    with pytest.raises(convert.CheckpointError, match=r"config\.json: expected a JSON object"):
+        convert.from_hf(path)
 
 
 def test_saving_refuses_types_outside_the_allow_lists(tmp_path):
