@@ -1,6 +1,5 @@
 """Data: LLaVA sources, images, prompts and labels, the grain training pipeline, TFDS shards, demo data,
-GPT-assisted instruction data (`generate`, `instruct`, `coco_context`, `llm_client`), ScienceQA conversion and
-atomic output files (`files`).
+GPT-assisted instruction data (`generate`, `instruct`, `coco_context`, `llm_client`) and ScienceQA conversion.
 
 Public names are imported lazily from their modules on first use, so that `import llava_jax.data` (and
 every grain worker process) stays cheap.

@@ -18,13 +18,14 @@ them), 2 on bad input.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from llava_jax.data import instruct
 from llava_jax.data.coco_context import ImageContext, file_stem, load_coco
-from llava_jax.data.files import write_json_atomically
+from llava_jax.atomic_files import write_text
 from llava_jax.data.llm_client import ChatClient, add_client_arguments, client_from_args
 
 EXAMPLES_PRINTED = 5
@@ -51,7 +52,7 @@ def generate_family(family: instruct.FamilyPrompt, images: Sequence[ImageContext
             continue
         samples[index] = instruct.build_sample(family, images[index], pairs, seed)
     kept = [s for s in samples if s is not None]
-    write_json_atomically(out_path, kept)
+    write_text(out_path, json.dumps(kept, indent=2, ensure_ascii=False) + "\n")
     return {"output": str(out_path), "images": len(images), "samples": len(kept),
             "malformed": len(malformed), "malformed_ids": dict(sorted(malformed.items())),
             "failed": len(failed), "failed_ids": dict(sorted(failed.items()))}
@@ -99,6 +100,7 @@ def run(args) -> dict:
         images = select_images(images, args.image_ids)
     images = images[:args.max_images]
     out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
     client = client_from_args(args, out_dir / "cache.sqlite")
     try:
         report = {f.name: generate_family(f, images, client, out_dir / f"{f.name}.json", seed=args.seed,
@@ -107,7 +109,7 @@ def run(args) -> dict:
     finally:
         client.close()
     report["usage"] = client.usage.report(args.input_price, args.output_price)
-    write_json_atomically(out_dir / "report.json", report)
+    write_text(out_dir / "report.json", json.dumps(report, indent=2) + "\n")
     return report
 
 

@@ -21,7 +21,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from llava_jax.data.files import write_json_atomically
+from llava_jax.atomic_files import write_text
 
 OPTIONS = ("A", "B", "C", "D", "E")
 
@@ -139,8 +139,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError, json.JSONDecodeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = args.out or Path(args.base_dir) / f"llava_{args.split}_{args.prompt_format}.json"
-    write_json_atomically(out, samples)
+    out = Path(args.out or Path(args.base_dir) / f"llava_{args.split}_{args.prompt_format}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_text(out, json.dumps(samples, indent=2, ensure_ascii=False) + "\n")
     print(f"{len(samples)} samples -> {out}", file=sys.stderr)
     return 0
 

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from llava_jax.data.files import write_json_atomically, write_jsonl_atomically
+from llava_jax.atomic_files import write_text
 from llava_jax.data.llm_client import ChatClient, add_client_arguments, client_from_args
 from llava_jax.infer.questions import read_jsonl
 
@@ -130,7 +130,7 @@ def judge_llava_bench(client: ChatClient, items: Sequence[tuple[dict, dict]], re
             continue
         reviews[index] = {**items[index][0], "content": reply.content, "tuple": parse_score(reply.content or "")}
     kept = [r for r in reviews if r is not None]
-    write_jsonl_atomically(reviews_path, kept)
+    write_text(reviews_path, "".join(json.dumps(r) + "\n" for r in kept))
     return kept, failed
 
 
@@ -278,7 +278,7 @@ def _mm_vet(args, client: ChatClient) -> tuple[dict, int]:
     answers = read_jsonl(args.answers, {"question_id": (int, str), "text": (str,)})
     prompt = Path(args.grader_prompt).read_text(encoding="utf-8") if args.grader_prompt else MMVET_GRADER_PROMPT
     grades, failed = grade_mmvet(client, data, mmvet_results(answers), prompt=prompt, progress=not args.no_progress)
-    write_json_atomically(args.grades, grades, indent=4)
+    write_text(args.grades, json.dumps(grades, indent=4) + "\n")
     return score_mmvet(data, grades), failed
 
 

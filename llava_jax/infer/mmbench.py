@@ -27,6 +27,7 @@ import base64
 import binascii
 import csv
 import io
+import json
 import os
 import sys
 from collections import defaultdict
@@ -35,7 +36,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from llava_jax.data.files import write_jsonl_atomically
+from llava_jax.atomic_files import write_text
 
 OPTIONS = ("A", "B", "C", "D")
 INSTRUCTION = {"en": "Answer with the option's letter from the given choices directly.", "cn": "请直接回答选项字母。"}
@@ -104,7 +105,7 @@ def build_questions(tsv: PathLike, out_dir: PathLike, *, all_rounds: bool = Fals
         for round_id, text in rounds(row, all_rounds, lang):
             lines.append({"question_id": int(row["index"]), "text": text, "image": image, "round_id": round_id,
                           "category": row.get("category") or ""})
-    write_jsonl_atomically(out_dir / "questions.jsonl", lines)
+    write_text(out_dir / "questions.jsonl", "".join(json.dumps(q, ensure_ascii=False) + "\n" for q in lines))
     return len(lines)
 
 
@@ -184,7 +185,7 @@ def submission(columns: Sequence[str], rows: Sequence[dict], answers: Sequence[d
 
 
 def write_submission(path: PathLike, header: Sequence[str], table: Sequence[Sequence]) -> None:
-    """`.xlsx` (openpyxl, one sheet, header row) or `.tsv`."""
+    """`.xlsx` (openpyxl, one sheet, header row) or `.tsv`, replaced atomically."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".xlsx":
@@ -195,12 +196,15 @@ def write_submission(path: PathLike, header: Sequence[str], table: Sequence[Sequ
         sheet.append(list(header))
         for values in table:
             sheet.append(list(values))
-        book.save(path)
+        tmp = path.with_name(f".{path.name}.tmp")
+        book.save(tmp)
+        os.replace(tmp, path)
     elif path.suffix == ".tsv":
-        with open(path, "w", encoding="utf-8", newline="") as f:
-            writer = csv.writer(f, delimiter="\t", lineterminator="\n")
-            writer.writerow(header)
-            writer.writerows([["" if v is None else v for v in values] for values in table])
+        text = io.StringIO()
+        writer = csv.writer(text, delimiter="\t", lineterminator="\n")
+        writer.writerow(header)
+        writer.writerows([["" if v is None else v for v in values] for values in table])
+        write_text(path, text.getvalue())
     else:
         raise ValueError(f"{path}: the upload must end in .xlsx or .tsv")
 

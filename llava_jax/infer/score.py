@@ -24,6 +24,7 @@ import json
 import sys
 from collections.abc import Sequence
 
+from llava_jax import atomic_files
 from llava_jax.infer import scorers
 from llava_jax.infer.questions import read_jsonl
 
@@ -48,8 +49,7 @@ def _textvqa(args) -> dict:
 
 def _vqa_submission(args) -> dict:
     upload = scorers.vqa_submission(args.answers, args.questions, args.style)
-    with open(args.upload, "w", encoding="utf-8") as f:
-        json.dump(upload, f)
+    atomic_files.write_text(args.upload, json.dumps(upload))
     return {"upload": args.upload, "questions": len(upload), "empty_answers": sum(not u["answer"] for u in upload)}
 
 
@@ -83,11 +83,10 @@ def _seed(args) -> dict:
 
 
 def _mm_vet_results(args) -> dict:
-    from llava_jax.data.files import write_json_atomically
     from llava_jax.infer.judge import mmvet_results
 
     results = mmvet_results(read_jsonl(args.answers, {"question_id": (int, str), "text": (str,)}))
-    write_json_atomically(args.results, results)
+    atomic_files.write_text(args.results, json.dumps(results, indent=2) + "\n")
     return {"results": args.results, "answers": len(results)}
 
 
@@ -152,8 +151,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     text = json.dumps(result, indent=2)
     print(text)
     if args.output:
-        with open(args.output, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
+        atomic_files.write_text(args.output, text + "\n")
     return result
 
 
