@@ -33,9 +33,9 @@ setup(
     ],
     extras_require={
         # GPT-assisted data generation and judged benchmarks (any OpenAI-compatible endpoint).
-        "judge": ["openai>=2,<4", "openpyxl>=3.1,<4"],
+        "judge": ["openai>=1.40,<4", "openpyxl>=3.1,<4"],
         "test": [
-            "openai>=2,<4",
+            "openai>=1.40,<4",
             "openpyxl>=3.1,<4",
             # Runs the official MMBench runner and submission conversion side by side.
             "pandas>=2",
