@@ -3,7 +3,9 @@
 Answers `POST /v1/chat/completions` with `respond(request)` (deterministic in the request), counts attempts
 and successful answers per request, and fails on demand: `fail(request, attempt)` returns an HTTP status
 (429, 500, ...) to send instead of an answer. Its load is bounded: it stops after `max_requests` requests
-(later ones get 503 and are counted) and every handler finishes within its `delay`.
+(later ones get 503 and are counted) and every handler finishes within its `delay`. With `hold_after=N`
+it answers N requests, then holds every later one until `release()`, which fails them with 503 (so a
+client can be killed at a known point, with nothing answered that it has not received).
 """
 
 from __future__ import annotations
@@ -20,8 +22,11 @@ from llava_jax.data.llm_client import request_key
 
 class StubLLM:
     def __init__(self, respond: Callable[[dict], str], *, fail: Callable[[dict, int], int | None] | None = None,
-                 delay: float = 0.0, max_requests: int = 2000):
+                 delay: float = 0.0, max_requests: int = 2000, hold_after: int | None = None):
         self.respond, self.fail, self.delay, self.max_requests = respond, fail, delay, max_requests
+        self.hold_after = hold_after
+        self._reserved = 0
+        self._gate = threading.Event()
         self.attempts: Counter = Counter()
         self.answered: Counter = Counter()
         self.requests: dict[str, dict] = {}
@@ -42,7 +47,14 @@ class StubLLM:
         self._thread.start()
         return self
 
+    def release(self) -> None:
+        """Fails the held requests (503) and answers every later one."""
+        with self._lock:
+            self.hold_after = None
+        self._gate.set()
+
     def __exit__(self, *exc) -> None:
+        self._gate.set()
         self._server.shutdown()
         self._server.server_close()
 
@@ -57,6 +69,12 @@ class StubLLM:
         status = self.fail(request, attempt) if self.fail else None
         if status:
             return status, {"error": {"message": f"stub failure {status}", "type": "stub"}}
+        with self._lock:
+            held = self.hold_after is not None and self._reserved >= self.hold_after
+            self._reserved += not held
+        if held:
+            self._gate.wait(timeout=120)
+            return 503, {"error": {"message": "stub held this request, then failed it"}}
         time.sleep(self.delay)
         content = self.respond(request)
         with self._lock:
@@ -81,12 +99,15 @@ class StubLLM:
                 else:
                     status, payload = stub._reply(json.loads(body))
                 data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.send_header("retry-after-ms", "5")
-                self.end_headers()
-                self.wfile.write(data)
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.send_header("retry-after-ms", "5")
+                    self.end_headers()
+                    self.wfile.write(data)
+                except OSError:
+                    pass  # the client is gone (killed)
 
             def log_message(self, *args):
                 pass
