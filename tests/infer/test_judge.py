@@ -10,7 +10,7 @@ import types
 import pytest
 
 from llava_jax.infer import judge
-from tests.infer.test_scorers import run_official, write_jsonl
+from tests.infer.test_scorers import run_cli, run_official, write_jsonl
 from tests.llm_stub import StubLLM
 
 MODEL = "gpt-4-0314"  # the official review script's judge
@@ -108,6 +108,7 @@ def test_llava_bench_reviews_and_summary_equal_the_official_scripts(tmp_path, mo
     for category, row in official.items():
         assert {k: summary[category][k] for k in row} == row
     assert summary["all"]["count"] == 7 and summary["all"]["unparsed"] == 1
+    assert run_cli(["llava-bench", "--answers", str(ours)]) == summary  # python -m llava_jax.infer.score
 
 
 def test_parse_score_matches_the_official_function():
