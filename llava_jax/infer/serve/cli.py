@@ -9,11 +9,15 @@ training workdir; the same template rule) and answers through one batching engin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import socket
 import sys
+import threading
+import time
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 EXIT_BAD_INPUT = 2
 
@@ -97,6 +101,30 @@ def build_app(args, engine):
     return app
 
 
+@contextlib.contextmanager
+def serve_in_background(app, host: str = "127.0.0.1", port: int = 0, timeout_s: float = 60.0) -> Iterator[str]:
+    """Runs `app` with uvicorn on a thread (port 0: a free port) -> its base URL; stops it on exit."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout_s
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"the server did not start on {host}:{sock.getsockname()[1]}")
+        time.sleep(0.02)
+    try:
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout_s)
+        sock.close()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     import uvicorn
 
@@ -115,4 +143,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["build_parser", "build_engine", "build_app", "main"]
+__all__ = ["build_parser", "build_engine", "build_app", "serve_in_background", "main"]
