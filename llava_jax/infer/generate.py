@@ -442,13 +442,15 @@ class Generator:
                        split_prefill=last_is_text and batch.ids.shape[1] > 1)
 
     def _start(self, prompts, images, max_new_tokens, sampling: Sampling, rng, stop: tuple[str, ...],
-               min_rows: int = 1):
+               min_rows: int = 1, ignore_eos: bool = False):
         """Batches the prompts and runs the prefill -> (carry, key, sampling arrays, static, real rows)."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         batch = self.make_batch(prompts, images, min_rows=min_rows)
         key = rng if isinstance(rng, jax.Array) else jax.random.key(0 if rng is None else int(rng))
         static = self.static(batch, sampling.greedy, self._stop_ids(stop))
+        if ignore_eos:
+            static = dataclasses.replace(static, eos_ids=())
         params = sampling.arrays()
         carry = _prefill(self.state, batch.ids, batch.mask, batch.pixels, batch.image_mask, batch.done, key, params,
                          static=static, cache_length=batch.ids.shape[1] + max_new_tokens,
@@ -469,21 +471,21 @@ class Generator:
 
     def decode_steps(self, prompts: Sequence[Prompt], images: Sequence[Sequence] | None = None, *,
                      max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-                     rng: jax.Array | int | None = None, stop: Sequence[str] | None = None, min_rows: int = 1
-                     ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+                     rng: jax.Array | int | None = None, stop: Sequence[str] | None = None, min_rows: int = 1,
+                     ignore_eos: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Decodes one step at a time, driven from the host (streaming, serving).
 
-        Same arguments as `generate`. Yields `(tokens int32 [R, max_new_tokens], lengths int32 [R], done bool [R])`
+        Same arguments as `generate`; `ignore_eos`: rows go on past an EOS (benchmarks). Yields `(tokens int32 [R, max_new_tokens], lengths int32 [R], done bool [R])`
         of the R real rows after the prefill and after every decode step, until every row is done (EOS or a stop
         string's tokens) or the token buffer is full. A caller that needs no more steps stops iterating.
         """
         return self._steps(prompts, images, max_new_tokens, Sampling(temperature, top_k, top_p), rng,
-                           self._stops(stop), min_rows)
+                           self._stops(stop), min_rows, ignore_eos)
 
     def _steps(self, prompts, images, max_new_tokens, sampling: Sampling, rng, stop: tuple[str, ...],
-               min_rows: int = 1) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+               min_rows: int = 1, ignore_eos: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         carry, key, params, static, num_rows = self._start(prompts, images, max_new_tokens, sampling, rng, stop,
-                                                           min_rows)
+                                                           min_rows, ignore_eos)
         limit = carry.tokens.shape[1]
         while True:
             tokens, lengths, done = jax.device_get((carry.tokens, carry.lengths, carry.done))

@@ -9,6 +9,7 @@ import concurrent.futures
 import functools
 import http.server
 import io
+import itertools
 import os
 import subprocess
 import sys
@@ -231,7 +232,8 @@ def test_concurrent_valid_and_malformed_requests(server, media, image_file):
         error = response.json()["error"]
         assert text in error["message"] and error["type"], (i, error)
     assert engine.batches - batches < len(valid) * 3  # concurrent requests were batched together
-    assert httpx.get(url + "/health", timeout=TIMEOUT).json() == {"status": "ok"}
+    health = httpx.get(url + "/health", timeout=TIMEOUT).json()
+    assert health["status"] == "ok" and health["waiting"] == 0 and health["rows"] >= len(valid) * 4
 
 
 def answer(response: httpx.Response) -> str:
@@ -276,15 +278,18 @@ def test_remote_images_only_when_allowed(server, engine, model_dir):
 
 
 def test_full_queue_is_429_and_a_stopped_engine_503(model_dir, engine):
-    # The first request waits out a long batching window in the queue of one; the others find it full.
-    slow = Engine(engine.generator, max_batch=8, max_queue=1, batch_window_s=8.0).start()
+    slow = Engine(engine.generator, max_batch=8, max_queue=1, batch_window_s=60.0).start()
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "temperature": 0}
     try:
-        with start(slow, model_dir) as url:
-            with concurrent.futures.ThreadPoolExecutor(3) as pool:
-                responses = list(pool.map(lambda _: post(url, body, key=None), range(3)))
-            assert sorted(r.status_code for r in responses) == [200, 429, 429]
-            assert all("busy" in r.json()["error"]["message"] for r in responses if r.status_code == 429)
+        with start(slow, model_dir) as url, concurrent.futures.ThreadPoolExecutor(3) as pool:
+            # While a request is "on its way", the first waits in the queue of one; the others find it full.
+            with slow.arriving():
+                futures = [pool.submit(post, url, body, key=None) for _ in range(3)]
+                first_two = itertools.islice(concurrent.futures.as_completed(futures, TIMEOUT), 2)
+                done = [f.result() for f in first_two]
+                assert [r.status_code for r in done] == [429, 429]
+                assert all("busy" in r.json()["error"]["message"] for r in done)
+            assert sorted(f.result(TIMEOUT).status_code for f in futures) == [200, 429, 429]
             slow.close()
             assert post(url, body, key=None).status_code == 503
             assert httpx.get(url + "/health", timeout=TIMEOUT).status_code == 503

@@ -2,7 +2,7 @@
 
     POST /v1/chat/completions   text and image_url parts, stream (server-sent events), usage
     GET  /v1/models             the one served model
-    GET  /health                200 while the engine runs, else 503
+    GET  /health                200 while the engine runs (with queue and batch counts), else 503
 
 Errors are OpenAI-style JSON (`{"error": {"message", "type", "param", "code"}}`): 400 for a bad field (named
 in the message), 401 without the API key, 413 for an oversized body or image, 429 when the queue is full,
@@ -49,7 +49,7 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     async def health():
         if not engine.alive:
             raise ApiError(503, "the engine is not running")
-        return {"status": "ok"}
+        return {"status": "ok", "waiting": engine.waiting, "batches": engine.batches, "rows": engine.rows}
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -60,11 +60,12 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         _authorize(request, config)
-        body = parse_request(await _read_body(request, config.max_request_bytes))
-        prepared = await run_in_threadpool(prepare, body, engine.generator, config.limits,
-                                           app.state.tokenizer_lock)
         events: asyncio.Queue = asyncio.Queue()
-        job = submit(engine, prepared, _emitter(events))
+        with engine.arriving():
+            body = parse_request(await _read_body(request, config.max_request_bytes))
+            prepared = await run_in_threadpool(prepare, body, engine.generator, config.limits,
+                                               app.state.tokenizer_lock)
+            job = submit(engine, prepared, _emitter(events), stream=body.stream)
         completion = _Completion(config.model_name, prepared.ids.size)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -75,10 +76,11 @@ def create_app(engine: Engine, config: ServerConfig) -> FastAPI:
     return app
 
 
-def submit(engine: Engine, prepared: Prepared, emit) -> Job:
+def submit(engine: Engine, prepared: Prepared, emit, stream: bool = True) -> Job:
     """Queues a prepared request; ApiError 429 when the queue is full, 503 when the engine is not running."""
-    job = Job(prepared.ids, prepared.pixels, prepared.max_tokens, emit, temperature=prepared.temperature,
-              top_p=prepared.top_p, seed=prepared.seed, stop=prepared.stop)
+    job = Job(prepared.ids, prepared.pixels, prepared.max_tokens, emit, stream=stream,
+              temperature=prepared.temperature, top_p=prepared.top_p, seed=prepared.seed, stop=prepared.stop,
+              ignore_eos=prepared.ignore_eos)
     try:
         return engine.submit(job)
     except QueueFull as e:

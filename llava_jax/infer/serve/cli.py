@@ -34,8 +34,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="tokenizer folder (default: the model folder)")
     p.add_argument("--max-batch", type=int, default=16, help="most requests decoded together")
     p.add_argument("--max-queue", type=int, default=256, help="most waiting requests; more get 429")
-    p.add_argument("--batch-window-ms", type=float, default=10.0,
-                   help="how long a request waits for others to batch with")
+    p.add_argument("--batch-window-ms", type=float, default=50.0,
+                   help="how long a request may wait for others already on their way (a lone one never waits)")
     p.add_argument("--api-key", default=os.environ.get("LLAVA_JAX_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $LLAVA_JAX_API_KEY; none: no key)")
     p.add_argument("--allowed-media-dir", help="accept file:// image URLs of files under this folder")
@@ -50,18 +50,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-class _BadArgs(Exception):
-    pass
+class BadArgs(Exception):
+    """A bad argument or model folder; the message is printed as one line."""
 
 
 def _check(args) -> None:
     if not 0 < args.port < 65536:
-        raise _BadArgs(f"--port {args.port} is not a port number")
+        raise BadArgs(f"--port {args.port} is not a port number")
     for name in ("max_batch", "max_queue", "max_image_bytes", "max_request_bytes", "max_image_pixels", "max_tokens"):
         if getattr(args, name) < 1:
-            raise _BadArgs(f"--{name.replace('_', '-')} must be >= 1")
+            raise BadArgs(f"--{name.replace('_', '-')} must be >= 1")
     if args.allowed_media_dir is not None and not Path(args.allowed_media_dir).is_dir():
-        raise _BadArgs(f"--allowed-media-dir: folder not found: {args.allowed_media_dir}")
+        raise BadArgs(f"--allowed-media-dir: folder not found: {args.allowed_media_dir}")
 
 
 def build_engine(args):
@@ -74,9 +74,9 @@ def build_engine(args):
         template = get_template(args.template) if args.template else None
         model, tokenizer, image_config, default = load_model(args.model, dtype=args.dtype, tokenizer=args.tokenizer)
     except (ModelLoadError, FileNotFoundError) as e:
-        raise _BadArgs(str(e)) from None
+        raise BadArgs(str(e)) from None
     except KeyError as e:
-        raise _BadArgs(e.args[0]) from None
+        raise BadArgs(e.args[0]) from None
     generator = Generator(unstack_for_decoding(model), tokenizer, image_config=image_config,
                           template=template or default)
     return Engine(generator, max_batch=args.max_batch, max_queue=args.max_queue,
@@ -132,7 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         _check(args)
         engine = build_engine(args)
-    except _BadArgs as e:
+    except BadArgs as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     logging.basicConfig(level=args.log_level.upper())
@@ -143,4 +143,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["build_parser", "build_engine", "build_app", "serve_in_background", "main"]
+__all__ = ["BadArgs", "build_parser", "build_engine", "build_app", "serve_in_background", "main"]

@@ -1,9 +1,10 @@
 """The serving engine: one thread owns the model and answers queued requests in batches.
 
 Requests (`Job`s: prompt token ids, pixel values, settings, an `emit` callback) wait in a bounded queue.
-The engine takes the oldest job and, once it has waited `batch_window_s` (or `max_batch` compatible jobs are
-waiting), every waiting job with the same sampling settings, up to `max_batch`, and decodes them together with
-`Generator.decode_steps`. Each row is followed on the host: its text is streamed through its own
+The engine takes the oldest job and every waiting job with the same sampling settings, up to `max_batch`, and
+decodes them together with `Generator.decode_steps`. It takes them at once when `max_batch` are waiting or no
+request is on its way (callers wrap a request's preparation in `arriving()`); otherwise it waits for those on
+their way, at most `batch_window_s` after the oldest job was queued. A lone request never waits. Each row is followed on the host: its text is streamed through its own
 `TextStreamer` (the template's stop strings and the request's), and it finishes at its own stop, EOS or
 `max_tokens`; its answer is sent as soon as it finishes, and the batch ends when every row has.
 
@@ -15,6 +16,7 @@ with a seed runs alone (its output then depends only on its seed). `emit` is cal
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import itertools
 import logging
@@ -69,13 +71,15 @@ class Job:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    stream: bool = True  # text pieces as they come (else the whole text at the end)
+    ignore_eos: bool = False  # go on past EOS and the template's end of turn (benchmarks; vLLM's extension)
     cancelled: bool = False  # set by the caller (client gone): the row is dropped at the next step
     queued_at: float = dataclasses.field(default_factory=time.monotonic)
 
     def batch_key(self) -> tuple:
         if self.temperature == 0:
-            return ("greedy",)
-        return ("sample", self.temperature, self.top_p, id(self) if self.seed is not None else None)
+            return ("greedy", self.ignore_eos)
+        return ("sample", self.ignore_eos, self.temperature, self.top_p, id(self) if self.seed is not None else None)
 
 
 class Engine:
@@ -85,12 +89,12 @@ class Engine:
       generator: the model's Generator (its template's stop strings end every answer).
       max_batch: most rows decoded together.
       max_queue: most jobs waiting; `submit` raises QueueFull beyond.
-      batch_window_s: how long the oldest waiting job waits for others to batch with.
+      batch_window_s: how long the oldest waiting job may wait for requests on their way.
       seed: base of the sampling keys of jobs without a seed.
     """
 
     def __init__(self, generator: Generator, *, max_batch: int = 16, max_queue: int = 64,
-                 batch_window_s: float = 0.01, seed: int = 0):
+                 batch_window_s: float = 0.05, seed: int = 0):
         if max_batch < 1 or max_queue < 1:
             raise ValueError(f"max_batch and max_queue must be >= 1, got {max_batch} and {max_queue}")
         self.generator, self.max_batch, self.max_queue = generator, max_batch, max_queue
@@ -99,9 +103,10 @@ class Engine:
         self._waiting: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
         self._closed = False
+        self._arriving = 0
         self._keys = itertools.count(seed)
         self._thread = threading.Thread(target=self._loop, name="llava-engine", daemon=True)
-        self.batches = 0  # batches run so far (for tests and logs)
+        self.batches = self.rows = 0  # batches and rows run so far (GET /health)
 
     def start(self) -> "Engine":
         self._thread.start()
@@ -115,8 +120,24 @@ class Engine:
             self._thread.join(timeout)
 
     @property
+    def waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
     def alive(self) -> bool:
         return self._thread.is_alive() and not self._closed
+
+    @contextlib.contextmanager
+    def arriving(self):
+        """Marks a request on its way (being read and prepared): batches wait for it, within the window."""
+        with self._cond:
+            self._arriving += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._arriving -= 1
+                self._cond.notify_all()
 
     def submit(self, job: Job) -> Job:
         with self._cond:
@@ -153,7 +174,7 @@ class Engine:
                     key = oldest.batch_key()
                     same = [j for j in self._waiting if j.batch_key() == key][:self.max_batch]
                     wait = oldest.queued_at + self.batch_window_s - time.monotonic()
-                    if len(same) >= self.max_batch or wait <= 0:
+                    if len(same) >= self.max_batch or wait <= 0 or not self._arriving:
                         for job in same:
                             self._waiting.remove(job)
                         return [j for j in same if not j.cancelled]
@@ -165,15 +186,17 @@ class Engine:
         if not batch:
             return
         self.batches += 1
+        self.rows += len(batch)
         first = batch[0]
         seed = first.seed if first.seed is not None else next(self._keys)
         # Token buffers in powers of two: few compiled programs; rows end at their own max_tokens.
         buffer = min(next_power_of_two(max(j.max_tokens for j in batch)),
                      self.generator.context_length - min(j.ids.size for j in batch))
+        stops = () if first.ignore_eos else self.template_stops
         steps = self.generator.decode_steps([j.ids for j in batch], [list(j.pixels) for j in batch],
                                             max_new_tokens=max(buffer, 1), temperature=first.temperature,
-                                            top_p=first.top_p, rng=seed, stop=self.template_stops)
-        rows = [_Row(self.generator, job, self.template_stops) for job in batch]
+                                            top_p=first.top_p, rng=seed, stop=stops, ignore_eos=first.ignore_eos)
+        rows = [_Row(self.generator, job, stops) for job in batch]
         try:
             for tokens, lengths, done in steps:
                 for r, row in enumerate(rows):
@@ -187,12 +210,15 @@ class Engine:
 
 
 class _Row:
-    """One job's row of a batch: streams its new text, ends it at its stop, EOS or max_tokens."""
+    """One job's row of a batch: streams its new text, ends it at its stop, EOS or max_tokens.
+
+    The text is decoded every step when it is streamed or a request's stop string may end the row; otherwise
+    once, at the end (the device ends rows at EOS and at the template's stop tokens)."""
 
     def __init__(self, generator: Generator, job: Job, template_stops: tuple[str, ...]):
-        self.job, self.generator, self.finished = job, generator, False
+        self.job, self.finished, self.count, self.tokens = job, False, 0, None
         self.streamer = TextStreamer(generator, template_stops + job.stop, lambda piece: _send(job, Delta(piece)))
-        self.count = 0
+        self.follow = job.stream or bool(job.stop)
 
     def advance(self, tokens: np.ndarray, length: int, done: bool) -> None:
         if self.finished:
@@ -200,8 +226,9 @@ class _Row:
         if self.job.cancelled:
             self.finished = True
             return
-        self.count = min(length, self.job.max_tokens)
-        self.streamer.update(tokens[:self.count])
+        self.count, self.tokens = min(length, self.job.max_tokens), tokens
+        if self.follow:
+            self.streamer.update(tokens[:self.count])
         if self.streamer.stopped or (done and length <= self.job.max_tokens):
             self.finish("stop")
         elif self.count >= self.job.max_tokens:
@@ -211,6 +238,9 @@ class _Row:
         if self.finished:
             return
         self.finished = True
+        if self.tokens is not None:
+            self.streamer.update(self.tokens[:self.count])
+            reason = "stop" if self.streamer.stopped else reason
         self.streamer.flush()
         _send(self.job, Finished(reason, self.count))
 

@@ -96,6 +96,7 @@ class ChatRequest(_Model):
     seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
+    ignore_eos: bool = False  # vLLM's extension: generate max_tokens tokens (benchmarks)
 
 
 def parse_request(body: bytes) -> ChatRequest:
@@ -286,6 +287,7 @@ class Prepared:
     top_p: float
     seed: int | None
     stop: tuple[str, ...]
+    ignore_eos: bool = False
 
 
 def prepare(request: ChatRequest, generator: Generator, limits: Limits,
@@ -313,7 +315,8 @@ def prepare(request: ChatRequest, generator: Generator, limits: Limits,
                        f"{generator.image_seq_length}), over the limit of {limit}", "messages")
     temperature = 1.0 if request.temperature is None else request.temperature
     return Prepared(ids, pixels, min(max_tokens or limits.max_tokens, room), temperature,
-                    1.0 if request.top_p is None else request.top_p, request.seed, tuple(s for s in stop if s))
+                    1.0 if request.top_p is None else request.top_p, request.seed, tuple(s for s in stop if s),
+                    request.ignore_eos)
 
 
 __all__ = ["ApiError", "ChatRequest", "Conversation", "ImagePolicy", "Limits", "Prepared", "conversation",
