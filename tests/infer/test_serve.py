@@ -10,6 +10,7 @@ import functools
 import http.server
 import io
 import itertools
+import json
 import os
 import subprocess
 import sys
@@ -241,8 +242,6 @@ def answer(response: httpx.Response) -> str:
     assert response.status_code == 200, response.text
     if not response.headers["content-type"].startswith("text/event-stream"):
         return response.json()["choices"][0]["message"]["content"]
-    import json
-
     events = [line.removeprefix("data: ") for line in response.text.split("\n\n") if line]
     assert events[-1] == "[DONE]"
     chunks = [json.loads(e) for e in events[:-1]]
@@ -302,3 +301,32 @@ def test_bad_command_line_is_one_line_and_status_2(tmp_path, capsys):
     assert capsys.readouterr().err == f"error: model folder not found: {tmp_path / 'nowhere'}\n"
     assert cli.main(["--model", str(tmp_path), "--allowed-media-dir", str(tmp_path / "none")]) == 2
     assert "--allowed-media-dir: folder not found" in capsys.readouterr().err
+
+
+def test_evaluation_through_the_server_equals_llava_jax_eval(server, client, engine, tmp_path):
+    """lmms-eval's OpenAI-compatible protocol (text part, then the image as a PNG data: URL, greedy, concurrent
+    requests) over demo questions: the same answers and accuracy as `llava_jax.eval` + the GQA scorer."""
+    from llava_jax.data import synthetic
+    from llava_jax.infer import scorers
+    from llava_jax.infer.evaluate import evaluate
+
+    paths = synthetic.generate(tmp_path / "data", num_stage1=0, num_stage2=0, num_eval=8)
+    questions = [json.loads(line) for line in paths.eval_questions.read_text().splitlines()]
+    gold = scorers.load_gqa_questions(paths.eval_answers)
+    generator = engine.generator
+    ours = evaluate(generator.model, generator.tokenizer, paths.eval_questions, paths.images, tmp_path / "ours.jsonl",
+                    template=generator.template, image_config=generator.image_config, batch_size=4,
+                    max_new_tokens=MAX_NEW, progress=False)
+
+    def ask(question: dict) -> str:
+        image = data_url((paths.images / question["image"]).read_bytes())
+        content = [{"type": "text", "text": question["text"]}, {"type": "image_url", "image_url": {"url": image}}]
+        reply = client.chat.completions.create(model="m", messages=[{"role": "user", "content": content}],
+                                               max_tokens=MAX_NEW, temperature=0)
+        return reply.choices[0].message.content.strip()
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        served = dict(zip((str(q["question_id"]) for q in questions), pool.map(ask, questions)))
+    expected = scorers.predictions_by_id(scorers.load_answers(ours), ours)
+    assert served == expected
+    assert scorers.score_gqa(served, gold)["accuracy"] == scorers.score_gqa_files(ours, paths.eval_answers)["accuracy"]
