@@ -88,7 +88,7 @@ def build_ui(engine: Engine, config: ServerConfig, tokenizer_lock):
         with gr.Row():
             with gr.Column(scale=2):
                 image = gr.Image(type="filepath", label="Image (upload or drop)", sources=["upload", "clipboard"],
-                                 elem_id="image")
+                                 height=260, elem_id="image")
                 temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature (0 = greedy)",
                                         elem_id="temperature")
                 top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top P", elem_id="top_p")
@@ -96,8 +96,8 @@ def build_ui(engine: Engine, config: ServerConfig, tokenizer_lock):
                                        label="Max output tokens", elem_id="max_tokens")
             with gr.Column(scale=5):
                 chatbot = gr.Chatbot(label="Conversation", height=420, elem_id="chatbot")
-                text = gr.Textbox(placeholder="Ask about the image and press Enter", show_label=False,
-                                  elem_id="question")
+                text = gr.Textbox(placeholder="Ask about the image and press Enter", label="Question",
+                                  show_label=False, elem_id="question")
                 with gr.Row():
                     send = gr.Button("Send", variant="primary", elem_id="send")
                     again = gr.Button("Regenerate", elem_id="regenerate")
