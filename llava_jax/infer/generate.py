@@ -475,9 +475,10 @@ class Generator:
                      ignore_eos: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Decodes one step at a time, driven from the host (streaming, serving).
 
-        Same arguments as `generate`; `ignore_eos`: rows go on past an EOS (benchmarks). Yields `(tokens int32 [R, max_new_tokens], lengths int32 [R], done bool [R])`
-        of the R real rows after the prefill and after every decode step, until every row is done (EOS or a stop
-        string's tokens) or the token buffer is full. A caller that needs no more steps stops iterating.
+        Same arguments as `generate`; `ignore_eos`: rows go on past an EOS (benchmarks). Yields
+        `(tokens int32 [R, max_new_tokens], lengths int32 [R], done bool [R])` of the R real rows after the
+        prefill and after every decode step, until every row is done (EOS or a stop string's tokens) or the
+        token buffer is full. A caller that needs no more steps stops iterating.
         """
         return self._steps(prompts, images, max_new_tokens, Sampling(temperature, top_k, top_p), rng,
                            self._stops(stop), min_rows, ignore_eos)

@@ -26,8 +26,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from llava_jax.infer.serve.engine import Delta, Engine, EngineStopped, Failed, Finished, Job, QueueFull
-from llava_jax.infer.serve.protocol import ApiError, ChatRequest, Limits, Prepared, parse_request, prepare
+from llava_jax.infer.serve.engine import Delta, Engine, EngineStopped, Failed, Job, QueueFull
+from llava_jax.infer.serve.protocol import ApiError, Limits, Prepared, parse_request, prepare
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,9 +4,11 @@ Requests (`Job`s: prompt token ids, pixel values, settings, an `emit` callback) 
 The engine takes the oldest job and every waiting job with the same sampling settings, up to `max_batch`, and
 decodes them together with `Generator.decode_steps`. It takes them at once when `max_batch` are waiting or no
 request is on its way (callers wrap a request's preparation in `arriving()`); otherwise it waits for those on
-their way, at most `batch_window_s` after the oldest job was queued. A lone request never waits. Each row is followed on the host: its text is streamed through its own
-`TextStreamer` (the template's stop strings and the request's), and it finishes at its own stop, EOS or
-`max_tokens`; its answer is sent as soon as it finishes, and the batch ends when every row has.
+their way, at most `batch_window_s` after the oldest job was queued. A lone request never waits.
+
+Each row is followed on the host: its text goes through its own `TextStreamer` (the template's stop strings
+and the request's), and it finishes at its own stop, EOS or `max_tokens`; its answer is sent as soon as it
+finishes, and the batch ends when every row has.
 
 Jobs batch together when they decode greedily, or sample with the same temperature and top-p; a sampled job
 with a seed runs alone (its output then depends only on its seed). `emit` is called on the engine thread with

@@ -47,29 +47,38 @@ def mount_ui(app, engine: Engine, config: ServerConfig, path: str = "/ui"):
                                ssr_mode=False, footer_links=[])
 
 
-def build_ui(engine: Engine, config: ServerConfig, tokenizer_lock):
-    import gradio as gr
+class _Handlers:
+    """The page's event handlers: each turn is an API request through `prepare` and the engine."""
 
-    def ask(history, image, text, temperature, top_p, max_tokens) -> Iterator:
+    def __init__(self, engine: Engine, config: ServerConfig, tokenizer_lock):
+        self.engine, self.config, self.tokenizer_lock = engine, config, tokenizer_lock
+
+    def ask(self, history, image, text, temperature, top_p, max_tokens) -> Iterator:
+        import gradio as gr
+
         text = (text or "").strip()
         if not text:
             raise gr.Error("Type a question first.")
         history = [*history, {"role": "user", "content": text}]
-        for update in _answer(history, image, temperature, top_p, max_tokens):
+        for update in self.answer(history, image, temperature, top_p, max_tokens):
             yield update, ""
 
-    def regenerate(history, image, temperature, top_p, max_tokens) -> Iterator:
+    def regenerate(self, history, image, temperature, top_p, max_tokens) -> Iterator:
         while history and history[-1]["role"] == "assistant":
             history = history[:-1]
         if history:
-            yield from _answer(history, image, temperature, top_p, max_tokens)
+            yield from self.answer(history, image, temperature, top_p, max_tokens)
 
-    def _answer(history, image, temperature, top_p, max_tokens):
+    def answer(self, history, image, temperature, top_p, max_tokens) -> Iterator:
+        """Streams the answer to the conversation: yields the history with the answer so far."""
+        import gradio as gr
+
         request = ChatRequest(messages=to_messages(history, image), temperature=temperature, top_p=top_p,
                               max_tokens=int(max_tokens), stream=True)
         events: queue.Queue = queue.Queue()
         try:
-            job = submit(engine, prepare(request, engine.generator, config.limits, tokenizer_lock), events.put)
+            prepared = prepare(request, self.engine.generator, self.config.limits, self.tokenizer_lock)
+            job = submit(self.engine, prepared, events.put)
         except ApiError as e:
             raise gr.Error(e.message) from None
         reply = {"role": "assistant", "content": ""}
@@ -83,6 +92,11 @@ def build_ui(engine: Engine, config: ServerConfig, tokenizer_lock):
         finally:
             job.cancelled = True  # the page went away mid-answer: the row is dropped
 
+
+def build_ui(engine: Engine, config: ServerConfig, tokenizer_lock):
+    import gradio as gr
+
+    handlers = _Handlers(engine, config, tokenizer_lock)
     with gr.Blocks(title="llava_jax chat", analytics_enabled=False) as ui:
         gr.Markdown(f"### llava_jax · `{config.model_name}`")
         with gr.Row():
@@ -105,8 +119,8 @@ def build_ui(engine: Engine, config: ServerConfig, tokenizer_lock):
         gr.Examples(example_files(), inputs=[image, text])
         settings = [temperature, top_p, max_tokens]
         for trigger in (send.click, text.submit):
-            trigger(ask, [chatbot, image, text, *settings], [chatbot, text])
-        again.click(regenerate, [chatbot, image, *settings], [chatbot])
+            trigger(handlers.ask, [chatbot, image, text, *settings], [chatbot, text])
+        again.click(handlers.regenerate, [chatbot, image, *settings], [chatbot])
         clear.click(lambda: ([], None, ""), None, [chatbot, image, text])
     return ui
 
