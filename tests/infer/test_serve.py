@@ -330,3 +330,31 @@ def test_evaluation_through_the_server_equals_llava_jax_eval(server, client, eng
     expected = scorers.predictions_by_id(scorers.load_answers(ours), ours)
     assert served == expected
     assert scorers.score_gqa(served, gold)["accuracy"] == scorers.score_gqa_files(ours, paths.eval_answers)["accuracy"]
+
+
+def test_a_cancelled_row_stops_and_the_others_finish(engine):
+    """A client that goes away mid-answer: its row is dropped at the next step; its batch-mate finishes."""
+    from llava_jax.infer.serve.engine import Delta, Finished, Job
+
+    ids = engine.generator.encode(engine.generator.prompt(QUESTIONS[0]))
+    events = {"gone": [], "stays": []}
+    finished = threading.Event()
+
+    def gone(event):
+        events["gone"].append(event)
+        if len(events["gone"]) == 2:
+            jobs[0].cancelled = True
+
+    def stays(event):
+        events["stays"].append(event)
+        if isinstance(event, Finished):
+            finished.set()
+
+    jobs = [Job(ids, [], 32, gone, ignore_eos=True), Job(ids, [], 32, stays, ignore_eos=True)]
+    with engine.arriving():  # both are queued before the engine takes a batch
+        for job in jobs:
+            engine.submit(job)
+    assert finished.wait(TIMEOUT)
+    assert events["stays"][-1] == Finished("length", 32)
+    assert len(events["gone"]) <= 3 and not any(isinstance(e, Finished) for e in events["gone"])
+    assert all(isinstance(e, Delta) for e in events["gone"])

@@ -136,6 +136,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     logging.basicConfig(level=args.log_level.upper())
+    if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        logging.warning("serving on %s without --api-key: anyone who reaches this address can use the model",
+                        args.host)
     try:
         uvicorn.run(build_app(args, engine), host=args.host, port=args.port, log_level=args.log_level)
     finally:
