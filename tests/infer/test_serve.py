@@ -233,6 +233,8 @@ def test_concurrent_valid_and_malformed_requests(server, media, image_file):
         error = response.json()["error"]
         assert text in error["message"] and error["type"], (i, error)
     assert engine.batches - batches < len(valid) * 3  # concurrent requests were batched together
+    wrong_method = httpx.get(url + "/v1/chat/completions", timeout=TIMEOUT)
+    assert wrong_method.status_code == 405 and wrong_method.json()["error"]["type"] == "invalid_request_error"
     health = httpx.get(url + "/health", timeout=TIMEOUT).json()
     assert health["status"] == "ok" and health["waiting"] == 0 and health["rows"] >= len(valid) * 4
 
