@@ -67,7 +67,7 @@ def _check(args) -> None:
 def build_engine(args):
     """Loads the model as the chat CLI does -> a started Engine."""
     from llava_jax.data.conversation import get_template
-    from llava_jax.infer.generate import Generator, ModelLoadError, load_model, unstack_for_decoding
+    from llava_jax.infer.generate import Generator, ModelLoadError, load_model
     from llava_jax.infer.serve.engine import Engine
 
     try:
@@ -77,8 +77,7 @@ def build_engine(args):
         raise BadArgs(str(e)) from None
     except KeyError as e:
         raise BadArgs(e.args[0]) from None
-    generator = Generator(unstack_for_decoding(model), tokenizer, image_config=image_config,
-                          template=template or default)
+    generator = Generator(model, tokenizer, image_config=image_config, template=template or default)
     return Engine(generator, max_batch=args.max_batch, max_queue=args.max_queue,
                   batch_window_s=args.batch_window_ms / 1000).start()
 
