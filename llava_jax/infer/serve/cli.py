@@ -124,11 +124,19 @@ def serve_in_background(app, host: str = "127.0.0.1", port: int = 0, timeout_s: 
         sock.close()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    import uvicorn
+def _check_installed(ui: bool) -> None:
+    import importlib.util
 
+    missing = [m for m in ("fastapi", "uvicorn", "httpx") + (("gradio",) if ui else ())
+               if importlib.util.find_spec(m) is None]
+    if missing:
+        raise BadArgs(f"{', '.join(missing)} not installed: pip install -e '.[serve]'")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _check_installed(args.ui)
         _check(args)
         engine = build_engine(args)
     except BadArgs as e:
@@ -138,6 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         logging.warning("serving on %s without --api-key: anyone who reaches this address can use the model",
                         args.host)
+    import uvicorn
+
     try:
         uvicorn.run(build_app(args, engine), host=args.host, port=args.port, log_level=args.log_level)
     finally:
