@@ -2,8 +2,8 @@
 
     python -m llava_jax.infer.serve.bench --model DIR [--clients 16] [--requests 64] [--max-tokens 16]
 
-Starts `python -m llava_jax.serve` in its own process on 127.0.0.1 (a free port), warms up (both passes once,
-so compiles are not timed), then sends `--requests` chat completions (a demo scene as a data: URL and a demo
+Starts `python -m llava_jax.serve` in its own process on 127.0.0.1 (a free port), warms up (every batch size,
+then both passes once, so compiles are not timed), then sends `--requests` chat completions (a demo scene as a data: URL and a demo
 question each, greedy) one at a time, and the same requests from `--clients` threads. Prints completion
 tokens/s, requests/s and p50 / p95 latency of both, and their ratio. `--ignore-eos` makes every answer
 `--max-tokens` long (vLLM's extension).
@@ -73,7 +73,11 @@ def run(url: str, requests: list[dict], clients: int) -> dict:
 
 
 def warm_up(url: str, requests: list[dict], clients: int) -> None:
-    """Both passes once: compiles the programs of the row counts and prompt lengths the measured passes form."""
+    """Compiles before timing: groups of 1, 2, 4, ... concurrent requests (each batch size), then both passes."""
+    size = 1
+    while size < clients:
+        run(url, requests[:size], size)
+        size *= 2
     run(url, requests, 1)
     run(url, requests, clients)
 

@@ -2,9 +2,10 @@
 
 Requests (`Job`s: prompt token ids, pixel values, settings, an `emit` callback) wait in a bounded queue.
 The engine takes the oldest job and every waiting job with the same sampling settings, up to `max_batch`, and
-decodes them together with `Generator.decode_steps`. It takes them at once when `max_batch` are waiting or no
-request is on its way (callers wrap a request's preparation in `arriving()`); otherwise it waits for those on
-their way, at most `batch_window_s` after the oldest job was queued. A lone request never waits.
+decodes them together with `Generator.decode_steps`. It takes them at once when `max_batch` are waiting, or
+when no request is on its way (callers wrap a request's preparation in `arriving()`) and at least as many are
+waiting as the last batch had (clients of a batch come back together); otherwise it waits, at most
+`batch_window_s` after the oldest job was queued or the last batch ended. A lone client never waits.
 
 Each row is followed on the host: its text goes through its own `TextStreamer` (the template's stop strings
 and the request's), and it finishes at its own stop, EOS or `max_tokens`; its answer is sent as soon as it
@@ -106,6 +107,7 @@ class Engine:
         self._cond = threading.Condition()
         self._closed = False
         self._arriving = 0
+        self._last_rows, self._idle_since = 1, time.monotonic()  # the last batch's size and end
         self._keys = itertools.count(seed)
         self._thread = threading.Thread(target=self._loop, name="llava-engine", daemon=True)
         self.batches = self.rows = 0  # batches and rows run so far (GET /health)
@@ -175,8 +177,9 @@ class Engine:
                     oldest = self._waiting[0]
                     key = oldest.batch_key()
                     same = [j for j in self._waiting if j.batch_key() == key][:self.max_batch]
-                    wait = oldest.queued_at + self.batch_window_s - time.monotonic()
-                    if len(same) >= self.max_batch or wait <= 0 or not self._arriving:
+                    wait = max(oldest.queued_at, self._idle_since) + self.batch_window_s - time.monotonic()
+                    settled = not self._arriving and len(same) >= self._last_rows
+                    if len(same) >= self.max_batch or wait <= 0 or settled:
                         for job in same:
                             self._waiting.remove(job)
                         return [j for j in same if not j.cancelled]
@@ -199,6 +202,7 @@ class Engine:
                                             max_new_tokens=max(buffer, 1), temperature=first.temperature,
                                             top_p=first.top_p, rng=seed, stop=stops, ignore_eos=first.ignore_eos)
         rows = [_Row(self.generator, job, stops) for job in batch]
+        self._last_rows = len(batch)
         try:
             for tokens, lengths, done in steps:
                 for r, row in enumerate(rows):
@@ -209,6 +213,7 @@ class Engine:
             steps.close()
             for row in rows:  # the buffer ran out before a row's max_tokens: it ends by length
                 row.finish("length")
+            self._idle_since = time.monotonic()
 
 
 class _Row:
