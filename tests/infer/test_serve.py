@@ -181,6 +181,7 @@ def malformed(url: str, media) -> list[tuple[object, int, str, dict]]:
     """(body, expected status, text the error message names, extra post arguments)."""
     ok = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
     bomb = png_bytes(5, size=(400, 400), solid=True)  # a small file of 160,000 pixels, over the server's 90,000
+    tiny = png_bytes(6, size=(1, 1))  # 82 of them: 82 x 25 image tokens, over the context of 2048
     inside, outside = media
     return [
         (b"{not json", 400, "not valid JSON", {}),
@@ -201,6 +202,7 @@ def malformed(url: str, media) -> list[tuple[object, int, str, dict]]:
         ({"messages": [user("q", "file:///etc/passwd")]}, 400, "not a file under", {}),
         ({"messages": [user("q", "x" * 300_000)]}, 413, "request body", {}),
         ({"messages": [user("word " * 3000)]}, 400, "messages: the prompt is", {}),
+        ({"messages": [user("q", *[data_url(tiny)] * 82)]}, 400, "the model's context holds at most 81", {}),
         (ok, 401, "API key", {"key": "wrong"}),
         (ok, 401, "API key", {"key": None}),
     ]

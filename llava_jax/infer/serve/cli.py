@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-remote-images", action="store_true", help="fetch http(s):// image URLs")
     p.add_argument("--max-image-bytes", type=int, default=20 << 20)
     p.add_argument("--max-request-bytes", type=int, default=64 << 20, help="largest request body")
-    p.add_argument("--max-image-pixels", type=int, default=40_000_000, help="width x height, checked before decoding")
+    p.add_argument("--max-image-pixels", type=int, default=4096 * 4096,
+                   help="width x height, checked before decoding")
     p.add_argument("--max-prompt-tokens", type=int, help="default: the model's context")
     p.add_argument("--max-tokens", type=int, default=1024, help="the largest max_tokens a request may ask for")
     p.add_argument("--ui", action="store_true", help="serve the web chat at /ui")

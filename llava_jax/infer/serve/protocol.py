@@ -135,7 +135,7 @@ class ImagePolicy:
     """Where images may come from and how large they may be."""
 
     max_bytes: int = 20 << 20
-    max_pixels: int = 40_000_000
+    max_pixels: int = 4096 * 4096
     media_dir: Path | None = None       # file:// URLs under this folder
     allow_remote: bool = False          # http(s):// URLs
     fetch_timeout_s: float = 10.0
@@ -305,6 +305,10 @@ def prepare(request: ChatRequest, generator: Generator, limits: Limits,
     chat = conversation(request)
     if chat.images and not generator.is_llava:
         raise ApiError(400, f"{chat.images[0][0]}: the model is text-only and takes no images", chat.images[0][0])
+    most = (generator.context_length - 1) // max(generator.image_seq_length, 1)
+    if len(chat.images) > most:  # checked before any image is read
+        raise ApiError(400, f"messages: {len(chat.images)} images; the model's context holds at most {most} (of "
+                       f"{generator.image_seq_length} tokens each)", "messages")
     pixels = [preprocess(read_image(url, field, limits.images), generator.image_config) for field, url in chat.images]
     with tokenizer_lock:
         ids = generator.encode(chat.prompt(generator.template))
