@@ -3,10 +3,10 @@
     python -m llava_jax.infer.serve.bench --model DIR [--clients 16] [--requests 64] [--max-tokens 16]
 
 Starts `python -m llava_jax.serve` in its own process on 127.0.0.1 (a free port), warms up (every batch size,
-then both passes once, so compiles are not timed), then sends `--requests` chat completions (a demo scene as a data: URL and a demo
-question each, greedy) one at a time, and the same requests from `--clients` threads. Prints completion
-tokens/s, requests/s and p50 / p95 latency of both, and their ratio. `--ignore-eos` makes every answer
-`--max-tokens` long (vLLM's extension).
+then both passes once, so compiles are not timed), then sends `--requests` chat completions (a demo scene as
+a data: URL and a demo question each, greedy) one at a time, and the same requests from `--clients` threads.
+Prints completion tokens/s, requests/s and p50 / p95 latency of both, and their ratio. `--ignore-eos` makes
+every answer `--max-tokens` long (vLLM's extension).
 """
 
 from __future__ import annotations
