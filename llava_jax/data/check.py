@@ -28,7 +28,7 @@ from PIL import Image
 
 from llava_jax.data.conversation import IMAGE_TOKEN, get_template
 from llava_jax.data.errors import BadSample
-from llava_jax.data.images import DEFAULT_MAX_PIXELS, ImageConfig, check_aspect_ratio, load_image
+from llava_jax.data.images import DEFAULT_MAX_PIXELS, ImageConfig, check_image_size, load_image
 from llava_jax.data.sources import LlavaJsonSource
 from llava_jax.data.tokenize import add_image_token, tokenize_conversation, validate_conversations
 
@@ -146,7 +146,7 @@ class SampleChecker:
                  max_images: int | None = None):
         self.source = source
         self.max_images = max_images
-        self.image_config = ImageConfig(aspect=aspect)
+        self.image_config = ImageConfig(aspect=aspect, max_pixels=max_pixels)
         self.tokenizer = tokenizer
         self.template = get_template(template)
         self.max_length = max_length
@@ -156,8 +156,8 @@ class SampleChecker:
 
     def __call__(self, index: int) -> SampleCheck:
         record = self.source.record(index)
-        has_image = "image" in record
-        sample_id = str(record.get("id", index))
+        has_image = isinstance(record, dict) and "image" in record
+        sample_id = str(record.get("id", index)) if isinstance(record, dict) else str(index)
         modes: list[str] = []
         try:
             sample = self.source[index]
@@ -168,7 +168,7 @@ class SampleChecker:
             for data, name in zip(sample["images"], sample["image_paths"]):
                 modes.append(_file_mode(data))
                 image = load_image(data, sample_id=sample_id, name=name, max_pixels=self.max_pixels)
-                check_aspect_ratio(image.size, self.image_config, sample_id=sample_id, name=name)
+                check_image_size(image.size, self.image_config, sample_id=sample_id, name=name)
             token_length = self._check_text(sample)
         except BadSample as error:
             sample_id = sample_id if error.sample_id is None else error.sample_id
