@@ -87,13 +87,14 @@ class LlavaDataset(tfds.core.GeneratorBasedBuilder):
 
         source = LlavaJsonSource(self.builder_config.data, self.builder_config.images)
         all_lengths = source.lengths()
-        lengths, skipped = [], collections.Counter()
+        lengths, skipped, skipped_ids = [], collections.Counter(), {}
         for index in range(len(source)):
             try:
                 record = source[index]
             except BadSample as error:
                 skipped[error.reason] += 1
                 if skipped[error.reason] <= _LOG_FIRST_SKIPPED:
+                    skipped_ids.setdefault(error.reason, []).append(str(error.sample_id))
                     logger.warning("skipping sample %d of %s: %s", index, self.builder_config.data, error)
                 continue
             lengths.append(int(all_lengths[index]))
@@ -105,6 +106,7 @@ class LlavaDataset(tfds.core.GeneratorBasedBuilder):
             }
         self.info.metadata["modality_lengths"] = lengths
         self.info.metadata["skipped"] = dict(skipped)
+        self.info.metadata["skipped_ids"] = skipped_ids
 
 
 def build(data: str | os.PathLike, images: str | os.PathLike | None, out_dir: str | os.PathLike, *,
@@ -159,6 +161,11 @@ class TfdsLlavaSource:
         """Samples left out at build time, by reason."""
         metadata = json.loads((epath.Path(self.version_dir) / "metadata.json").read_text())
         return dict(metadata.get("skipped", {}))
+
+    def skipped_ids(self) -> dict[str, list[str]]:
+        """The first few ids of the samples left out at build time, by reason."""
+        metadata = json.loads((epath.Path(self.version_dir) / "metadata.json").read_text())
+        return dict(metadata.get("skipped_ids", {}))
 
 
 def _versions(config_dir: epath.Path) -> list[epath.Path]:
