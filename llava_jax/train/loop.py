@@ -336,10 +336,11 @@ def run(c: mlc.ConfigDict, workdir: str | os.PathLike, *, config_name: str = "co
         state = jax.jit(lambda t: step_lib.init_state(t, tx))(trainable)
 
     checkpointer = ckpt_lib.Checkpointer(workdir, keep=c.keep_checkpoints)
-    start = checkpointer.latest_step() or 0
-    if start:
-        state, meta = checkpointer.restore(start, ckpt_lib.abstract_like(state), data_iterator=data.iterator,
+    restored = checkpointer.restore_latest(ckpt_lib.abstract_like(state), data_iterator=data.iterator,
                                            global_batch_size=c.train.global_batch_size)
+    start = 0 if restored is None else restored[0]
+    if restored is not None:
+        state = restored[1]
         if is_main:
             print(f"resumed from {workdir}/checkpoints step {start}", flush=True)
 

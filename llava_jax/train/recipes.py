@@ -191,6 +191,9 @@ def validate(c: mlc.ConfigDict) -> None:
     need(c.model.remat in ("none", "full", "dots", "dots_no_batch"), "model.remat",
          f"unknown policy {c.model.remat!r}")
     need(c.checkpoint_every > 0, "checkpoint_every", "must be positive")
+    need(isinstance(c.keep_checkpoints, int) and c.keep_checkpoints >= 1, "keep_checkpoints",
+         f"must be an integer >= 1 (the checkpoints a rerun resumes from), got {c.keep_checkpoints!r}")
+    need(c.train.max_nonfinite >= 1, "train.max_nonfinite", f"must be >= 1, got {c.train.max_nonfinite}")
     need(c.log_every > 0, "log_every", "must be positive")
     need(not (c.model.llava_path and c.model.stage1_workdir), "model.llava_path",
          "set either model.llava_path or model.stage1_workdir, not both")
