@@ -68,15 +68,12 @@ def prepare_demo_data(c: mlc.ConfigDict, workdir: Path):
     from llava_jax.data import synthetic
 
     root = workdir / "data"
-    if not (root / "info.json").is_file():
+    if not synthetic.is_complete(root):  # absent, or a generation killed halfway: (re)generate
         if jax.process_index() == 0:
             synthetic.generate(root, num_stage1=c.demo.num_stage1, num_stage2=c.demo.num_stage2,
                                num_eval=c.demo.num_eval, image_size=c.demo.image_size, seed=c.demo.seed)
         _barrier("demo-data")
-    return synthetic.SyntheticPaths(root=root, images=root / "images", stage1=root / "stage1.json",
-                                    stage2=root / "stage2.json", eval_questions=root / "eval_questions.jsonl",
-                                    eval_answers=root / "eval_answers.jsonl", info=root / "info.json",
-                                    tokenizer=root / "tokenizer")
+    return synthetic.paths_of(root)
 
 
 def _barrier(name: str) -> None:
