@@ -15,6 +15,7 @@ import jax
 import ml_collections as mlc
 
 from llava_jax.data import synthetic
+from llava_jax.data.paths import atomic_write_text
 from llava_jax.infer import scorers
 
 
@@ -47,7 +48,7 @@ def evaluate(model, tokenizer, paths: synthetic.SyntheticPaths, c: mlc.ConfigDic
             results[name] = {"accuracy": overall, **per_category(answers, paths.eval_answers)}
     if jax.process_index() == 0:
         print(format_table(results), flush=True)
-        (Path(workdir) / "demo_eval.json").write_text(json.dumps(results, indent=2))
+        atomic_write_text(Path(workdir) / "demo_eval.json", json.dumps(results, indent=2))
     return results
 
 
