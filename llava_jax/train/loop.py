@@ -329,6 +329,7 @@ def run(c: mlc.ConfigDict, workdir: str | os.PathLike, *, config_name: str = "co
     specs = group_specs(c)
     tx = opt.make_optimizer(groups, specs, total_steps=steps, warmup_ratio=c.optim.warmup_ratio,
                             clip_norm=c.optim.clip_norm, b1=c.optim.b1, b2=c.optim.b2, eps=c.optim.eps)
+    tx = step_lib.maybe_spike_guard(tx, c.train.spike_guard)
     with jax.set_mesh(mesh):
         state = jax.jit(lambda t: step_lib.init_state(t, tx))(trainable)
 
@@ -367,7 +368,10 @@ def run(c: mlc.ConfigDict, workdir: str | os.PathLike, *, config_name: str = "co
         reporter.add(**counts)
         values = {"loss": float(host["loss"]), "grad_norm": float(host["grad_norm"])}
         step_log.write({"step": step, **values, "supervised_tokens": int(host["supervised_tokens"]),
-                        "skipped": not bool(host["finite"])})
+                        "skipped": not bool(host["finite"]),
+                        **({"spike_skipped": bool(host["spike_skipped"])} if "spike_skipped" in host else {})})
+        if host.get("spike_skipped", False):
+            logger.warning("step %d: loss, gradient or update spike (train.spike_guard), update skipped", step)
         if reporter.due(step) or step == steps:
             lrs = opt.learning_rates({g: specs[g] for g in set(groups.values()) if g},
                                      step - 1, total_steps=steps, warmup_ratio=c.optim.warmup_ratio)
@@ -427,7 +431,7 @@ def run(c: mlc.ConfigDict, workdir: str | os.PathLike, *, config_name: str = "co
             writer.close()
 
     result = {"step": step, "history": history, "bad_samples": data.iterator.bad_sample_counts(),
-              "nonfinite_steps": int(state.nonfinite_total)}
+              "nonfinite_steps": int(state.nonfinite_total), **step_lib.spike_counts(state.opt_state)}
     if is_main:
         write_result(workdir, result)
     if step >= steps:
