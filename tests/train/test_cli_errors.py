@@ -6,7 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-from tests.train.test_loop import REPO, cli_env, jax_cache  # noqa: F401
+from tests.train.test_loop import REPO, cli_env, demo_data, jax_cache  # noqa: F401
 
 CONFIG = f"{REPO}/configs/stage2.py:demo"
 
@@ -41,3 +41,24 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path, jax_cache):
         assert err.count("\n") == 1 and "Traceback" not in err, (name, err)
         assert expected in err, (name, err)
     assert not (tmp_path / "run").exists()
+
+
+def test_strict_mode_stops_training_with_one_line_naming_the_sample(tmp_path, demo_data, jax_cache):
+    """A corrupt image in the demo data with data.strict: exit 2, one line naming the sample and the reason."""
+    import json
+    import shutil
+
+    from tests.train.test_loop import cli_command
+
+    workdir = tmp_path / "run"
+    shutil.copytree(demo_data, workdir / "data")
+    first = json.loads((workdir / "data" / "stage1.json").read_text())[0]
+    image = workdir / "data" / "images" / first["image"]
+    image.write_bytes(image.read_bytes()[:40])  # truncated PNG
+    done = subprocess.run(cli_command(1, workdir, {"data.strict": True, "train.num_steps": 12}), cwd=REPO,
+                          env=cli_env(jax_cache), capture_output=True, text=True, timeout=400)
+    assert done.returncode == 2, done.stderr[-3000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in done.stderr
+    assert last.startswith("bad sample (data.strict is set): sample ") and "[corrupt_image]" in last
+    assert f"sample {str(first['id'])!r}" in last
