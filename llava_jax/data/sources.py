@@ -22,7 +22,7 @@ from typing import Any, Iterator
 import numpy as np
 from etils import epath
 
-from llava_jax.data.errors import BadSample
+from llava_jax.data.errors import BadSample, DataFileError
 from llava_jax.data.images import DEFAULT_MAX_IMAGE_BYTES
 from llava_jax.data.paths import resolve_inside, safe_relative_path
 
@@ -39,7 +39,7 @@ def read_records(path: str | os.PathLike) -> Iterator[tuple[Any, str]]:
     try:
         text = epath.Path(path).read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e})") from e
+        raise DataFileError(f"{path}: not UTF-8 text ({e})") from e
     if text.lstrip().startswith("["):
         for index, (record, raw) in enumerate(_json_list_items(text, path)):
             yield record, raw
@@ -50,7 +50,7 @@ def read_records(path: str | os.PathLike) -> Iterator[tuple[Any, str]]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: invalid JSON on line {line_number} column {e.colno}: {e.msg}") from e
+            raise DataFileError(f"{path}: invalid JSON on line {line_number} column {e.colno}: {e.msg}") from e
         yield record, line
 
 
@@ -71,17 +71,17 @@ def _json_list_items(text: str, path) -> Iterator[tuple[Any, str]]:
         try:
             item, end = _DECODER.raw_decode(text, position)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
+            raise DataFileError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
         yield item, text[position:end]
         position, expect_item = end, False
     if text[position + 1:].strip():
         raise _error(path, text, position + 1, "extra data after the list")
 
 
-def _error(path, text: str, position: int, message: str) -> ValueError:
+def _error(path, text: str, position: int, message: str) -> DataFileError:
     line = text.count("\n", 0, position) + 1
     column = position - text.rfind("\n", 0, position)
-    return ValueError(f"{path}: invalid JSON at line {line} column {column}: {message}")
+    return DataFileError(f"{path}: invalid JSON at line {line} column {column}: {message}")
 
 
 def modality_length(record: Any) -> int:
@@ -206,7 +206,7 @@ def image_store(image_root: str | os.PathLike, *,
         try:
             store.resolve("")  # opens the archive once: a missing or broken one fails here, not per sample
         except (OSError, zipfile.BadZipFile) as e:
-            raise ValueError(f"image archive {root}: {e}") from e
+            raise DataFileError(f"image archive {root}: {e}") from e
         return store
     if not path.is_dir():
         raise FileNotFoundError(f"image folder not found: {root}")

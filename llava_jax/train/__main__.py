@@ -76,7 +76,7 @@ def check_workdir(workdir: str) -> None:
 def main(argv):
     del argv
     quiet_library_logs()
-    from llava_jax.data.errors import BadSample
+    from llava_jax.data.errors import BadSample, DataFileError
     from llava_jax.train import checkpoint, loop, model_init
 
     config = _CONFIG.value
@@ -93,6 +93,8 @@ def main(argv):
         fail(f"cannot resume: {e}")
     except BadSample as e:
         fail(f"bad sample (data.strict is set): {e}")
+    except DataFileError as e:
+        fail(f"error: {e}")
     except loop.NonFiniteError as e:
         print(f"training stopped: {e}", file=sys.stderr)
         sys.exit(3)

@@ -22,6 +22,7 @@ from typing import Any
 
 import grain
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
@@ -92,8 +93,11 @@ class Checkpointer:
             try:
                 state, meta = self.restore(step, abstract_state, data_iterator=data_iterator,
                                            global_batch_size=global_batch_size)
+                reason = None
             except Exception as error:  # noqa: BLE001 - any failure to read a checkpoint back is damage
                 reason = _one_line(error)
+            reason = _agreed(reason)
+            if reason is not None:
                 logging.warning("checkpoint %s is damaged and cannot be restored (%s); trying an older one",
                                 self.directory / str(step), reason)
                 failures.append((step, reason))
@@ -170,6 +174,15 @@ def _one_line(error: BaseException, limit: int = 300) -> str:
     text = " ".join(str(error).split()) or type(error).__name__
     text = f"{type(error).__name__}: {text}"
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _agreed(reason: str | None) -> str | None:
+    """A restore failed on any process fails on all (every process resumes from the same step)."""
+    if jax.process_count() == 1:
+        return reason
+    from jax.experimental import multihost_utils
+    failed = multihost_utils.process_allgather(np.int32(reason is not None))
+    return reason or ("restored here but not on every process" if np.any(failed) else None)
 
 
 def _barrier(name: str) -> None:
