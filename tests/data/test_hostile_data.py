@@ -218,3 +218,15 @@ def test_peak_memory_stays_bounded_on_image_and_archive_bombs(tmp_path, tokenize
     assert result["bad"] == {"image_too_large": 9}  # 3 epochs x (bomb, strip, wide)
     assert result["batches"] == 1  # 3 good samples over 3 epochs: one batch of 2
     assert result["peak_mb"] < 1500, result
+
+
+def test_an_unreadable_annotation_file_is_one_data_file_error(tmp_path):
+    from llava_jax.data.errors import DataFileError
+
+    (tmp_path / "cut.jsonl").write_text(json.dumps({"id": "a", "conversations": turns(False)}) + "\n{\"id\": ")
+    with pytest.raises(DataFileError, match=r"cut.jsonl: invalid JSON on line 2"):
+        LlavaJsonSource(tmp_path / "cut.jsonl", None)
+    (tmp_path / "ok.jsonl").write_text(json.dumps({"id": "a", "conversations": turns(False)}) + "\n")
+    (tmp_path / "bad.zip").write_bytes(b"PK not really")
+    with pytest.raises(DataFileError, match="bad.zip"):
+        LlavaJsonSource(tmp_path / "ok.jsonl", tmp_path / "bad.zip")
