@@ -336,9 +336,9 @@ def run(c: mlc.ConfigDict, workdir: str | os.PathLike, *, config_name: str = "co
     checkpointer = ckpt_lib.Checkpointer(workdir, keep=c.keep_checkpoints)
     restored = checkpointer.restore_latest(ckpt_lib.abstract_like(state), data_iterator=data.iterator,
                                            global_batch_size=c.train.global_batch_size)
-    start = 0 if restored is None else restored[0]
+    start = 0
     if restored is not None:
-        state = restored[1]
+        start, state, _ = restored
         if is_main:
             print(f"resumed from {workdir}/checkpoints step {start}", flush=True)
 

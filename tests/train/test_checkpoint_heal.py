@@ -111,7 +111,8 @@ def test_keep_nothing_is_refused():
         Checkpointer("/nonexistent", keep=0)
 
 
-RUN = {"checkpoint_every": 2, "keep_checkpoints": 10}
+# The spike guard watches (its warm-up outlasts the run): its statistics go through the checkpoints too.
+RUN = {"checkpoint_every": 2, "keep_checkpoints": 10, "train.spike_guard.enabled": True}
 
 
 def test_cli_resumes_past_a_damaged_checkpoint_and_stops_when_none_is_intact(tmp_path, demo_data, jax_cache):
@@ -128,7 +129,10 @@ def test_cli_resumes_past_a_damaged_checkpoint_and_stops_when_none_is_intact(tmp
     assert (workdir / "checkpoints.damaged" / "4").is_dir()
     again = losses(workdir)
     assert sorted(again) == [1, 2, 3, 4, 5, 6] and again[3] == first[3]
-    assert json.loads((workdir / "result.json").read_text())["step"] == 6
+    result = json.loads((workdir / "result.json").read_text())
+    assert result["step"] == 6 and result["spike_skipped_steps"] == 0
+    from llava_jax.train.metrics import read_step_log
+    assert [r["spike_skipped"] for r in read_step_log(workdir / "metrics.jsonl") if "loss" in r] == [False] * 6
 
     for step in (2, 4, 6):
         DAMAGE["half_deleted_folder"](workdir / "checkpoints" / str(step))
