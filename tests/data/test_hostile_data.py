@@ -230,3 +230,13 @@ def test_an_unreadable_annotation_file_is_one_data_file_error(tmp_path):
     (tmp_path / "bad.zip").write_bytes(b"PK not really")
     with pytest.raises(DataFileError, match="bad.zip"):
         LlavaJsonSource(tmp_path / "ok.jsonl", tmp_path / "bad.zip")
+
+
+def test_a_dataset_of_only_bad_samples_stops_instead_of_skipping_forever(tmp_path, tokenizer):
+    """Every sample bad, repeated epochs: the run stops after max_bad_in_row rejections in a row, one line."""
+    from llava_jax.data.errors import DataFileError
+
+    (tmp_path / "bad.json").write_text(json.dumps([{"id": f"b{i}", "conversations": []} for i in range(3)]))
+    iterator = pipeline(tmp_path / "bad.json", None, tokenizer, num_epochs=None, max_bad_in_row=50)
+    with pytest.raises(DataFileError, match=r"^50 bad samples in a row \(so far: empty_text=50; last: sample 'b"):
+        next(iterator)
