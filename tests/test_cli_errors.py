@@ -63,3 +63,15 @@ def test_user_errors_exit_2_with_one_line(files, capsys):
         assert code == 2, (name, code, err)
         assert err.startswith("error: ") and err.count("\n") == 1, (name, err)
         assert named in err, (name, err)
+
+
+def test_tfds_builder_user_errors_exit_2_with_one_line(files, capsys):
+    from llava_jax.data.tfds_builder import main
+
+    for argv, named in ((["--data", f"{files}/nope.json", "--out", f"{files}/o"], "nope.json"),
+                        (["--data", f"{files}/d.json", "--images", f"{files}/a_file", "--out", f"{files}/o"],
+                         "a_file")):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and err[-1].startswith("error: ") and named in err[-1], err

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -208,7 +209,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", default=None, help="config name (default: from the annotation file name)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    version_dir = build(args.data, args.images, args.out, name=args.name)
+    try:
+        version_dir = build(args.data, args.images, args.out, name=args.name)
+    except (OSError, ValueError) as error:  # unreadable inputs, unwritable output: one line, exit 2
+        print("error: " + " ".join(str(error).split()), file=sys.stderr)
+        sys.exit(2)
     name = version_dir.parent.name
     source = TfdsLlavaSource(args.out, name)
     print(f"wrote {len(source)} samples to {version_dir}; skipped: {source.skipped() or 'none'}")
