@@ -1,5 +1,5 @@
 """User errors of the training CLI are one line on stderr and exit 2: unknown flags and config fields, values
-of the wrong type, broken config files and variants, a workdir that is a file or lies below one."""
+of the wrong type, broken config files and variants, a workdir that is a file, lies below one, or that the system refuses."""
 
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ def cases(tmp_path):
                               f"--workdir {tmp_path / 'a_file'} is not a folder"),
         "workdir_below_a_file": ([f"--config={CONFIG}", f"--workdir={tmp_path / 'a_file' / 'run'}"],
                                  f"{tmp_path / 'a_file'} is not a folder"),
+        "workdir_refused_by_the_system": ([f"--config={CONFIG}", "--workdir=/proc/llava_jax_run"],
+                                          "/proc/llava_jax_run"),  # /proc takes no new folders, even from root
         "keep_no_checkpoint": ([f"--config={CONFIG}", "--config.keep_checkpoints=0",
                                 f"--workdir={tmp_path / 'run'}"], "config.keep_checkpoints: must be an integer >= 1"),
     }
