@@ -113,6 +113,25 @@ class Checkpointer:
                 f"away (nothing is deleted) to start from step 0, or use another --workdir")
         return None
 
+    def restore_newest_state(self) -> tuple[int, Any]:
+        """The raw saved `state` of the newest checkpoint that reads back (another run's, e.g. stage 1's
+        projector): damaged newer ones are skipped with a warning and left in place.
+
+        Raises FileNotFoundError without checkpoints, NoIntactCheckpoint when none reads back."""
+        failures = []
+        for step in self.candidate_steps():
+            try:
+                restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+                return step, restored["state"]
+            except Exception as error:  # noqa: BLE001 - any failure to read a checkpoint back is damage
+                logging.warning("checkpoint %s is damaged and cannot be restored (%s); trying an older one",
+                                self.directory / str(step), _one_line(error))
+                failures.append(str(step))
+        if failures:
+            raise NoIntactCheckpoint(f"no checkpoint in {self.directory} can be restored (steps "
+                                     f"{', '.join(failures)}); rerun the run that wrote them to save new ones")
+        raise FileNotFoundError(f"{self.directory}: no checkpoint")
+
     def candidate_steps(self) -> list[int]:
         """Every step with a folder, finished by Orbax or not (a damaged one may not list), newest first."""
         steps = set(self.manager.all_steps())

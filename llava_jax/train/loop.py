@@ -14,7 +14,6 @@ import jax
 import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 
 from llava_jax import sharding
@@ -171,13 +170,12 @@ def restore_stage1_projector(model: nnx.Module, stage1_workdir: str) -> None:
     """Copies the projector of the latest stage-1 checkpoint into `model` (stage 2 start)."""
     checkpointer = ckpt_lib.Checkpointer(stage1_workdir)
     try:
-        step = checkpointer.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"{stage1_workdir}/checkpoints: no stage-1 checkpoint to start from")
-        restored = checkpointer.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+        step, state = checkpointer.restore_newest_state()  # past damaged ones, with a warning
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{stage1_workdir}/checkpoints: no stage-1 checkpoint to start from") from None
     finally:
         checkpointer.close()
-    saved = restored["state"]["trainable"].get("multi_modal_projector")
+    saved = state["trainable"].get("multi_modal_projector")
     if saved is None:
         raise ValueError(f"{stage1_workdir}/checkpoints/{step}: the stage-1 run did not train the projector")
     current = nnx.to_pure_dict(nnx.state(model.multi_modal_projector))

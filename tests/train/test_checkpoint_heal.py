@@ -8,17 +8,15 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import grain
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from llava_jax.train.checkpoint import Checkpointer, NoIntactCheckpoint, abstract_like
-from tests.train.test_loop import cli_command, cli_env, demo_data, jax_cache, losses, run_cli  # noqa: F401
+from tests.train.test_loop import demo_data, jax_cache, losses, run_cli  # noqa: F401
 
 
 def _largest(folder: Path) -> Path:
@@ -142,3 +140,20 @@ def test_cli_resumes_past_a_damaged_checkpoint_and_stops_when_none_is_intact(tmp
     last = done.stderr.strip().splitlines()[-1]
     assert last.startswith("cannot resume: no checkpoint in") and "steps 6, 4, 2" in last
     assert "Traceback" not in done.stderr
+
+
+def test_another_runs_newest_intact_state_is_read_and_its_damage_left_in_place(tmp_path):
+    """Stage 2 reads stage 1's projector this way: the newest state that reads back; nothing is moved."""
+    save_three(tmp_path)
+    DAMAGE["truncated_array_file"](tmp_path / "checkpoints" / "3")
+    checkpointer = Checkpointer(tmp_path, keep=5, async_save=False)
+    step, state = checkpointer.restore_newest_state()
+    assert step == 2 and float(np.asarray(state["w"]).max()) == 2.0
+    assert (tmp_path / "checkpoints" / "3").is_dir() and not (tmp_path / "checkpoints.damaged").exists()
+    for step in (1, 2):
+        DAMAGE["half_deleted_folder"](tmp_path / "checkpoints" / str(step))
+    with pytest.raises(NoIntactCheckpoint, match="steps 3, 2, 1"):
+        checkpointer.restore_newest_state()
+    checkpointer.close()
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        Checkpointer(tmp_path / "empty").restore_newest_state()
