@@ -26,10 +26,10 @@ import numpy as np
 from etils import epath
 from PIL import Image
 
+from llava_jax import atomic_files
 from llava_jax.data.conversation import IMAGE_TOKEN, get_template
 from llava_jax.data.errors import BadSample
 from llava_jax.data.images import DEFAULT_MAX_PIXELS, ImageConfig, check_image_size, load_image
-from llava_jax.data.paths import atomic_write_text
 from llava_jax.data.sources import LlavaJsonSource
 from llava_jax.data.tokenize import add_image_token, tokenize_conversation, validate_conversations
 
@@ -324,7 +324,7 @@ def write_json(path: str, obj) -> None:
     if "://" in path:
         epath.Path(path).write_text(text)
     else:
-        atomic_write_text(path, text)
+        atomic_files.write_text(path, text)
 
 
 if __name__ == "__main__":

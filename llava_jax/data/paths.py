@@ -1,23 +1,16 @@
-"""Reading data files only inside their root, and writing outputs atomically.
+"""Reading data files only inside their root.
 
 `resolve_inside(root, relative)` is the one path check of every reader of data-named files (image folders,
 zip archives, evaluation questions, served requests): the path must be relative, free of `..` and NUL
 bytes, and, for local roots, its real path (symlinks resolved) must lie inside the real root. Anything
 else raises `BadSample("unsafe_path")`.
-
-`atomic_write_text` / `atomic_write_bytes` / `atomic_dir` write to a temporary sibling and rename it into
-place, so a reader sees the old content or the new, never a mixture.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import posixpath
-import shutil
-import tempfile
-from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from etils import epath
 
@@ -62,46 +55,3 @@ def resolve_inside(root: str | os.PathLike, relative: Any, sample_id: str | None
     if os.path.commonpath([real_root, real]) != real_root:
         raise BadSample("unsafe_path", f"image path {relative!r} leads outside {root} (to {real})", sample_id)
     return real
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Writes `data` to a temporary sibling of `path`, fsyncs it and renames it over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """`atomic_write_bytes` of UTF-8 text."""
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-@contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
-    """Yields a temporary sibling folder to fill; on success it replaces `path` (an older `path` is removed
-    only then), on failure it is removed and `path` is left as it was."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        os.replace(path, old)
-    os.replace(tmp, path)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

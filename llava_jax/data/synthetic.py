@@ -18,7 +18,7 @@ Each image shows 1-4 copies of one solid shape of one colour, one per quadrant, 
   info.json                sizes, the answer options and the chance level of every category
   tokenizer/               a small word-level tokenizer that `transformers.AutoTokenizer` loads
 
-Every file is written to a temporary sibling and renamed into place, and `info.json` last: a generation
+The JSON files are written to a temporary sibling and renamed into place, and `info.json` last: a generation
 killed halfway leaves no `info.json`, `is_complete` says so and the next `generate` redoes it.
 
 Answers are drawn from shuffled decks (every option once per round), so each category is balanced and chance
@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from llava_jax.data.paths import atomic_dir, atomic_write_text
+from llava_jax import atomic_files
 
 SHAPES = ("circle", "square", "triangle", "diamond")
 COLORS = {
@@ -342,11 +342,11 @@ def chance_levels(answers: Iterable[dict]) -> dict[str, dict[str, float]]:
 
 
 def _write_json(path: Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
+    atomic_files.write_text(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+    atomic_files.write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def paths_of(out_dir: str | Path) -> SyntheticPaths:
@@ -473,8 +473,7 @@ def build_tokenizer(out_dir: str | Path) -> Path:
         additional_special_tokens=[IMAGE], model_max_length=MODEL_MAX_LENGTH, padding_side="right",
         clean_up_tokenization_spaces=False)
     out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
-        wrapped.save_pretrained(tmp)
+    wrapped.save_pretrained(out_dir)
     return out_dir
 
 

@@ -1,14 +1,10 @@
-"""Outputs written in several steps never wedge a rerun, and a reader never sees a mixture: the demo data
-killed halfway is detected and redone; atomic writes replace whole files and folders or nothing."""
+"""Outputs written in several steps never wedge a rerun: the demo data killed halfway is detected and redone."""
 
 from __future__ import annotations
-
-import os
 
 import pytest
 
 from llava_jax.data import synthetic
-from llava_jax.data.paths import atomic_dir, atomic_write_text
 
 SIZES = dict(num_stage1=5, num_stage2=7, num_eval=4, image_size=16, seed=1)
 
@@ -54,30 +50,3 @@ def test_training_demo_data_is_regenerated_after_a_kill_before_the_tokenizer(tmp
     paths = loop.prepare_demo_data(c, tmp_path)
     assert synthetic.is_complete(paths.root)
     assert AutoTokenizer.from_pretrained(paths.tokenizer).convert_tokens_to_ids("<image>") == 4
-
-
-def test_atomic_write_replaces_whole_files_or_leaves_them(tmp_path, monkeypatch):
-    target = tmp_path / "out.json"
-    atomic_write_text(target, "old")
-    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError("disk full")))
-    with pytest.raises(OSError, match="disk full"):
-        atomic_write_text(target, "new" * 1000)
-    monkeypatch.undo()
-    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["out.json"]
-    atomic_write_text(target, "new")
-    assert target.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["out.json"]
-
-
-def test_atomic_dir_replaces_whole_folders_or_leaves_them(tmp_path):
-    target = tmp_path / "folder"
-    with atomic_dir(target) as tmp:
-        (tmp / "a").write_text("1")
-    with pytest.raises(RuntimeError):
-        with atomic_dir(target) as tmp:
-            (tmp / "a").write_text("2")
-            (tmp / "b").write_text("2")
-            raise RuntimeError("killed")
-    assert _files(target) == {"a": b"1"} and [p.name for p in tmp_path.iterdir()] == ["folder"]
-    with atomic_dir(target) as tmp:
-        (tmp / "b").write_text("3")
-    assert _files(target) == {"b": b"3"} and [p.name for p in tmp_path.iterdir()] == ["folder"]
