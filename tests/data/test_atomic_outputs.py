@@ -38,15 +38,15 @@ def test_training_demo_data_is_regenerated_after_a_kill_before_the_tokenizer(tmp
     used (it used to fail every rerun with a hub 'Repo id' error)."""
     from transformers import AutoTokenizer
 
-    from llava_jax.train import loop
+    from llava_jax.train import inputs
     from tests.train.test_loop import demo_config
 
     c = demo_config(2)
     c.demo.num_stage1, c.demo.num_stage2, c.demo.num_eval = 4, 4, 2
     monkeypatch.setattr(synthetic, "build_tokenizer", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
     with pytest.raises(KeyboardInterrupt):
-        loop.prepare_demo_data(c, tmp_path)
+        inputs.prepare_demo_data(c, tmp_path)
     monkeypatch.undo()
-    paths = loop.prepare_demo_data(c, tmp_path)
+    paths = inputs.prepare_demo_data(c, tmp_path)
     assert synthetic.is_complete(paths.root)
     assert AutoTokenizer.from_pretrained(paths.tokenizer).convert_tokens_to_ids("<image>") == 4
