@@ -115,9 +115,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return _run(args)
-    except (FileNotFoundError, ValueError, TypeError) as e:  # CheckpointError is a ValueError.
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    except (OSError, ValueError, TypeError, KeyError) as e:  # CheckpointError is a ValueError.
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)  # user errors: one line, exit 2
+        return 2
 
 
 def _run(args) -> int:

@@ -11,7 +11,8 @@ import importlib
 from typing import TYPE_CHECKING
 
 _EXPORTS = {
-    "errors": ("BadSample",),
+    "errors": ("BadSample", "DataFileError"),
+    "paths": ("resolve_inside",),
     "conversation": ("Template", "TEMPLATES", "get_template", "render", "generation_prompt", "stop_strings"),
     "tokenize": ("IGNORE_INDEX", "TokenizedSample", "add_image_token", "tokenize_conversation",
                  "validate_conversations"),
@@ -50,9 +51,10 @@ if TYPE_CHECKING:
     from llava_jax.data.check import Report, check_dataset
     from llava_jax.data.conversation import (TEMPLATES, Template, generation_prompt, get_template, render,
                                              stop_strings)
-    from llava_jax.data.errors import BadSample
+    from llava_jax.data.errors import BadSample, DataFileError
     from llava_jax.data.grouping import group_by_modality_length, padding_fraction
     from llava_jax.data.images import ImageConfig, expand_to_square, load_image, preprocess
+    from llava_jax.data.paths import resolve_inside
     from llava_jax.data.pipeline import LlavaSampleProcessor, PipelineConfig, TrainIterator, make_train_iterator
     from llava_jax.data.sources import LlavaJsonSource
     from llava_jax.data.synthetic import SyntheticPaths, build_tokenizer

@@ -26,9 +26,10 @@ import numpy as np
 from etils import epath
 from PIL import Image
 
+from llava_jax import atomic_files
 from llava_jax.data.conversation import IMAGE_TOKEN, get_template
 from llava_jax.data.errors import BadSample
-from llava_jax.data.images import DEFAULT_MAX_PIXELS, ImageConfig, check_aspect_ratio, load_image
+from llava_jax.data.images import DEFAULT_MAX_PIXELS, ImageConfig, check_image_size, load_image
 from llava_jax.data.sources import LlavaJsonSource
 from llava_jax.data.tokenize import add_image_token, tokenize_conversation, validate_conversations
 
@@ -146,7 +147,7 @@ class SampleChecker:
                  max_images: int | None = None):
         self.source = source
         self.max_images = max_images
-        self.image_config = ImageConfig(aspect=aspect)
+        self.image_config = ImageConfig(aspect=aspect, max_pixels=max_pixels)
         self.tokenizer = tokenizer
         self.template = get_template(template)
         self.max_length = max_length
@@ -156,8 +157,8 @@ class SampleChecker:
 
     def __call__(self, index: int) -> SampleCheck:
         record = self.source.record(index)
-        has_image = "image" in record
-        sample_id = str(record.get("id", index))
+        has_image = isinstance(record, dict) and "image" in record
+        sample_id = str(record.get("id", index)) if isinstance(record, dict) else str(index)
         modes: list[str] = []
         try:
             sample = self.source[index]
@@ -168,7 +169,7 @@ class SampleChecker:
             for data, name in zip(sample["images"], sample["image_paths"]):
                 modes.append(_file_mode(data))
                 image = load_image(data, sample_id=sample_id, name=name, max_pixels=self.max_pixels)
-                check_aspect_ratio(image.size, self.image_config, sample_id=sample_id, name=name)
+                check_image_size(image.size, self.image_config, sample_id=sample_id, name=name)
             token_length = self._check_text(sample)
         except BadSample as error:
             sample_id = sample_id if error.sample_id is None else error.sample_id
@@ -287,17 +288,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--json", help="also write the report as JSON to this file")
     args = parser.parse_args(argv)
     try:
+        _check_arguments(args)
         report = check_dataset(args.data, args.images, tokenizer=args.tokenizer, template=args.template,
                                max_length=args.max_length, image_seq_length=args.image_seq_length,
                                limit=args.limit, workers=args.workers, max_pixels=args.max_pixels,
                                aspect=args.aspect, max_images=args.max_images)
+        if report.total == 0:
+            raise ValueError(f"{args.data}: no samples")
+        print(report.format())
+        if args.json:
+            write_json(args.json, report.to_dict())
     except (OSError, ValueError, KeyError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        print("error: " + " ".join(str(error).split()), file=sys.stderr)
         return 2
-    print(report.format())
-    if args.json:
-        epath.Path(args.json).write_text(json.dumps(report.to_dict(), indent=2))
     return 1 if args.strict and report.num_bad else 0
+
+
+def _check_arguments(args) -> None:
+    """Paths given on the command line exist (or can be written) before the scan starts."""
+    if args.tokenizer and "://" not in args.tokenizer and not os.path.isdir(args.tokenizer):
+        raise FileNotFoundError(f"tokenizer folder not found: {args.tokenizer}")
+    if args.json and "://" not in args.json:
+        parent = os.path.dirname(os.path.abspath(args.json))
+        if not os.path.isdir(parent) or os.path.isdir(args.json):
+            raise NotADirectoryError(f"--json {args.json}: cannot write a file there")
+    for name in ("limit", "workers", "max_length", "max_pixels"):
+        value = getattr(args, name)
+        if value is not None and value < (0 if name == "limit" else 1):
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+
+def write_json(path: str, obj) -> None:
+    """Writes the report atomically (a local file) or in one write (a bucket)."""
+    text = json.dumps(obj, indent=2)
+    if "://" in path:
+        epath.Path(path).write_text(text)
+    else:
+        atomic_files.write_text(path, text)
 
 
 if __name__ == "__main__":

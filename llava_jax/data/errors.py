@@ -1,4 +1,4 @@
-"""The error every data stage raises for a sample that cannot be used."""
+"""The errors of the data stages: a sample that cannot be used, a data file that cannot be read at all."""
 
 
 class BadSample(ValueError):
@@ -15,3 +15,7 @@ class BadSample(ValueError):
         self.sample_id = sample_id
         where = f"sample {sample_id!r}: " if sample_id is not None else ""
         super().__init__(f"{where}{message} [{reason}]")
+
+
+class DataFileError(ValueError):
+    """An annotation file or image archive that cannot be read at all (the message names the file and place)."""

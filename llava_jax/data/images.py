@@ -36,6 +36,8 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # Largest accepted width * height: 8192 x 8192. Larger files are rejected before their pixels are decoded.
 DEFAULT_MAX_PIXELS = 8192 * 8192
+# Largest image file read into memory (a file, or a zip member's uncompressed size).
+DEFAULT_MAX_IMAGE_BYTES = 64 << 20
 ASPECTS = ("pad", "resize")
 
 
@@ -53,6 +55,8 @@ class ImageConfig:
       resample: PIL resampling filter of the resize (bicubic).
       max_aspect_ratio: with aspect "resize", images whose long side exceeds this many times the short one
         are rejected (BadSample "extreme_aspect_ratio"): a 1x5000 banner would become 336x1.7M pixels.
+      max_pixels: largest width * height of any image this config builds, the padded square of "pad"
+        included (BadSample "image_too_large"), checked before anything is allocated.
     """
 
     size: int = 336
@@ -63,12 +67,16 @@ class ImageConfig:
     rescale_factor: float = 1 / 255
     resample: int = int(Image.Resampling.BICUBIC)
     max_aspect_ratio: float = 200.0
+    max_pixels: int = DEFAULT_MAX_PIXELS
 
     def __post_init__(self):
         if self.aspect not in ASPECTS:
             raise ValueError(f"ImageConfig.aspect must be one of {ASPECTS}, got {self.aspect!r}")
         if len(self.mean) != 3 or len(self.std) != 3:
             raise ValueError(f"ImageConfig.mean and std need 3 values, got {self.mean} and {self.std}")
+        if self.max_pixels <= 0 or self.max_aspect_ratio < 1:
+            raise ValueError(f"ImageConfig.max_pixels must be positive and max_aspect_ratio >= 1, got "
+                             f"{self.max_pixels} and {self.max_aspect_ratio}")
         if self.size <= 0 or self.crop_size <= 0:
             raise ValueError(f"ImageConfig sizes must be positive, got size={self.size} crop={self.crop_size}")
         object.__setattr__(self, "mean", tuple(float(x) for x in self.mean))
@@ -185,11 +193,15 @@ def load_image(data: bytes | str | os.PathLike, *, sample_id: str | None = None,
 
 def _read_path(path: str | os.PathLike, name: str, sample_id: str | None) -> bytes:
     try:
-        return epath.Path(path).read_bytes()
+        with epath.Path(path).open("rb") as f:
+            data = f.read(DEFAULT_MAX_IMAGE_BYTES + 1)
     except FileNotFoundError as e:
         raise BadSample("missing_image", f"image file not found: {name}", sample_id) from e
-    except OSError as e:
+    except (OSError, ValueError) as e:
         raise BadSample("corrupt_image", f"cannot read image {name}: {e}", sample_id) from e
+    if len(data) > DEFAULT_MAX_IMAGE_BYTES:
+        raise BadSample("image_too_large", f"image {name} is over {DEFAULT_MAX_IMAGE_BYTES} bytes", sample_id)
+    return data
 
 
 def expand_to_square(image: Image.Image, background: tuple[int, ...]) -> Image.Image:
@@ -245,21 +257,33 @@ def _table(cfg: ImageConfig) -> np.ndarray:
     return table
 
 
-def check_aspect_ratio(size: tuple[int, int], cfg: ImageConfig, *, sample_id: str | None = None,
-                       name: str | None = None) -> None:
-    """Raises BadSample("extreme_aspect_ratio") for an image (width, height) that `cfg` would not resize."""
-    if cfg.aspect == "resize" and max(size) > cfg.max_aspect_ratio * min(size):
-        where = f"image {name}" if name else "image"
-        raise BadSample("extreme_aspect_ratio", f"{where} is {size[0]}x{size[1]}, more elongated than the limit "
-                        f"of {cfg.max_aspect_ratio:g}:1 for aspect 'resize'", sample_id)
+def check_image_size(size: tuple[int, int], cfg: ImageConfig, *, sample_id: str | None = None,
+                     name: str | None = None) -> None:
+    """Refuses an image (width, height) whose preprocessing under `cfg` would allocate without bound.
+
+    Raises:
+      BadSample("extreme_aspect_ratio"): with aspect "resize", long side over `cfg.max_aspect_ratio` times
+        the short one.
+      BadSample("image_too_large"): the image, or its padded square with aspect "pad" (a 1x100000 strip
+        would become a 100000x100000 square), over `cfg.max_pixels`.
+    """
+    where = f"image {name}" if name else "image"
+    width, height = size
+    if cfg.aspect == "resize" and max(size) > cfg.max_aspect_ratio * max(min(size), 1):
+        raise BadSample("extreme_aspect_ratio", f"{where} is {width}x{height}, more elongated than the limit "
+                        f"of {cfg.max_aspect_ratio:g}:1", sample_id)
+    built = max(size) ** 2 if cfg.aspect == "pad" else width * height
+    if built > cfg.max_pixels:
+        raise BadSample("image_too_large", f"{where} is {width}x{height}; {'padded to a square ' if cfg.aspect == 'pad' else ''}"
+                        f"that is {built} pixels, over the limit of {cfg.max_pixels}", sample_id)
 
 
 def preprocess(image: Image.Image, cfg: ImageConfig, *, sample_id: str | None = None) -> np.ndarray:
     """PIL image -> float32 pixel values [3, crop_size, crop_size] (channels first, like transformers).
 
-    Raises BadSample("extreme_aspect_ratio") past `cfg.max_aspect_ratio` with aspect "resize".
+    Raises BadSample (`check_image_size`) before allocating for an image too elongated or too large.
     """
-    check_aspect_ratio(image.size, cfg, sample_id=sample_id)
+    check_image_size(image.size, cfg, sample_id=sample_id)
     if image.mode != "RGB":
         image = image.convert("RGB")
     if cfg.aspect == "pad":

@@ -37,7 +37,7 @@ from typing import Any, NamedTuple
 import grain
 import numpy as np
 
-from llava_jax.data.errors import BadSample
+from llava_jax.data.errors import BadSample, DataFileError
 from llava_jax.data.grouping import group_by_modality_length
 from llava_jax.data.tokenize import IGNORE_INDEX
 
@@ -70,6 +70,8 @@ class PipelineConfig:
       image_token_id: the `<image>` token; None adds it to the tokenizer if missing.
       pad_token_id: None uses the tokenizer's pad token, else its unk token (as LLaVA).
       strict: raise the first BadSample instead of skipping and counting.
+      max_bad_in_row: that many bad samples in a row stop the run (DataFileError): a dataset whose samples
+        are all bad would otherwise be skipped through forever.
       worker_count: processes that read and preprocess (0: threads of the main process).
       worker_buffer_size: samples each worker prepares ahead.
       read_threads, read_buffer_size: threads and look-ahead (samples) of each reading process.
@@ -92,6 +94,7 @@ class PipelineConfig:
     image_token_id: int | None = None
     pad_token_id: int | None = None
     strict: bool = False
+    max_bad_in_row: int = 1000
     worker_count: int = 0
     worker_buffer_size: int = 2
     read_threads: int = 4
@@ -115,6 +118,8 @@ class PipelineConfig:
         object.__setattr__(self, "length_buckets", buckets)
         if self.global_batch_size <= 0 or self.max_images_per_sample <= 0:
             raise ValueError("PipelineConfig.global_batch_size and max_images_per_sample must be positive")
+        if self.max_bad_in_row < 1:
+            raise ValueError(f"PipelineConfig.max_bad_in_row must be >= 1, got {self.max_bad_in_row}")
         if self.num_epochs is not None and self.num_epochs <= 0:
             raise ValueError(f"PipelineConfig.num_epochs must be positive or None, got {self.num_epochs}")
 
@@ -262,7 +267,8 @@ class LlavaSampleProcessor:
         if tokens.num_images != num_images:
             raise BadSample("image_count_mismatch", f"{num_images} image files but {tokens.num_images} "
                             "<image> placeholders in the conversation", sample_id)
-        pixels = [preprocess(load_image(data, sample_id=sample_id, name=name), self.image_config)
+        pixels = [preprocess(load_image(data, sample_id=sample_id, name=name), self.image_config,
+                             sample_id=sample_id)
                   for data, name in zip(record["images"], record.get("image_paths") or [None] * num_images)]
         size = self.image_config.crop_size
         return {
@@ -309,20 +315,28 @@ class PrepareSample:
 class BadSampleCounter:
     """grain filter of the main process: passes examples, counts (or, strict, raises) `Rejected`."""
 
-    def __init__(self, *, strict: bool, log_first: int):
+    def __init__(self, *, strict: bool, log_first: int, max_in_row: int = 1000):
         self.strict = strict
         self.log_first = log_first
+        self.max_in_row = max_in_row
+        self.in_row = 0
         self.counts: collections.Counter[str] = collections.Counter()
         self.first_ids: dict[str, list[str]] = {}
 
     def __call__(self, element: dict | Rejected) -> bool:
         if not isinstance(element, Rejected):
+            self.in_row = 0
             return True
         if self.strict:
             error = BadSample(element.reason, element.message, element.sample_id)
             error.args = (element.message,)  # the text the worker's BadSample had, not wrapped twice
             raise error
+        self.in_row += 1
         self.counts[element.reason] += 1
+        if self.in_row >= self.max_in_row:
+            counts = ", ".join(f"{k}={v}" for k, v in sorted(self.counts.items()))
+            raise DataFileError(f"{self.in_row} bad samples in a row (so far: {counts}; last: {element.message}); "
+                                "check the data with python -m llava_jax.data.check")
         ids = self.first_ids.setdefault(element.reason, [])
         if len(ids) < self.log_first:
             ids.append(str(element.sample_id))
@@ -531,7 +545,8 @@ def make_train_iterator(config: PipelineConfig, tokenizer=None, *, process_index
         _use_default_absl_flags()
         dataset = dataset.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=config.worker_count, per_worker_buffer_size=config.worker_buffer_size))
-    counter = BadSampleCounter(strict=config.strict, log_first=config.log_first_bad)
+    counter = BadSampleCounter(strict=config.strict, log_first=config.log_first_bad,
+                               max_in_row=config.max_bad_in_row)
     batch_fn = functools.partial(collate, buckets=config.length_buckets, pad_token_id=pad_token_id,
                                  max_images=config.max_images_per_sample, image_size=config.image_size)
     dataset = dataset.filter(counter).batch(config.global_batch_size // process_count, drop_remainder=True,

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import posixpath
 import re
 import threading
 import zipfile
@@ -23,22 +22,27 @@ from typing import Any, Iterator
 import numpy as np
 from etils import epath
 
-from llava_jax.data.errors import BadSample
+from llava_jax.data.errors import BadSample, DataFileError
+from llava_jax.data.images import DEFAULT_MAX_IMAGE_BYTES
+from llava_jax.data.paths import resolve_inside, safe_relative_path
 
 
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
 _DECODER = json.JSONDecoder()
 
 
-def read_records(path: str | os.PathLike) -> Iterator[tuple[dict, str]]:
-    """Yields (record, its JSON text) from a JSON list or JSONL file; errors name the file and the place."""
+def read_records(path: str | os.PathLike) -> Iterator[tuple[Any, str]]:
+    """Yields (record, its JSON text) from a JSON list or JSONL file; errors name the file and the place.
+
+    Records that are not objects are yielded too: sources reject them one by one (BadSample "invalid_record").
+    """
     try:
         text = epath.Path(path).read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as e:
-        raise ValueError(f"{path}: not UTF-8 text ({e})") from e
+        raise DataFileError(f"{path}: not UTF-8 text ({e})") from e
     if text.lstrip().startswith("["):
         for index, (record, raw) in enumerate(_json_list_items(text, path)):
-            yield _check_record(record, path, f"record {index}"), raw
+            yield record, raw
         return
     for line_number, line in enumerate(text.split("\n"), start=1):  # text may hold U+2028, NEL, ...
         if not line.strip():
@@ -46,8 +50,8 @@ def read_records(path: str | os.PathLike) -> Iterator[tuple[dict, str]]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: invalid JSON on line {line_number} column {e.colno}: {e.msg}") from e
-        yield _check_record(record, path, f"line {line_number}"), line
+            raise DataFileError(f"{path}: invalid JSON on line {line_number} column {e.colno}: {e.msg}") from e
+        yield record, line
 
 
 def _json_list_items(text: str, path) -> Iterator[tuple[Any, str]]:
@@ -67,48 +71,32 @@ def _json_list_items(text: str, path) -> Iterator[tuple[Any, str]]:
         try:
             item, end = _DECODER.raw_decode(text, position)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
+            raise DataFileError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
         yield item, text[position:end]
         position, expect_item = end, False
     if text[position + 1:].strip():
         raise _error(path, text, position + 1, "extra data after the list")
 
 
-def _error(path, text: str, position: int, message: str) -> ValueError:
+def _error(path, text: str, position: int, message: str) -> DataFileError:
     line = text.count("\n", 0, position) + 1
     column = position - text.rfind("\n", 0, position)
-    return ValueError(f"{path}: invalid JSON at line {line} column {column}: {message}")
+    return DataFileError(f"{path}: invalid JSON at line {line} column {column}: {message}")
 
 
-def _check_record(record: Any, path, where: str) -> dict:
-    if not isinstance(record, dict):
-        raise ValueError(f"{path}: {where} is a {type(record).__name__}, expected an object with "
-                         "'id' and 'conversations'")
-    return record
-
-
-def modality_length(record: dict) -> int:
+def modality_length(record: Any) -> int:
     """The official `modality_lengths` entry: the word count of all turns, negative for text-only.
 
-    Malformed turns (no string `value`) count 0 words; such samples are rejected later by validation.
+    Malformed records and turns (no string `value`) count 0 words, and 0 counts as 1 (the official grouping
+    rejects 0): such samples are rejected later by validation, they must not stop the grouping first.
     """
+    record = record if isinstance(record, dict) else {}
     turns = record.get("conversations")
     turns = turns if isinstance(turns, list) else []
     words = sum(len(turn["value"].split()) for turn in turns
                 if isinstance(turn, dict) and isinstance(turn.get("value"), str))
+    words = max(words, 1)
     return words if "image" in record else -words
-
-
-def safe_relative_path(path: Any, sample_id: str | None) -> str:
-    """A normalized relative POSIX path, or BadSample("unsafe_path") if it is absolute or escapes the root."""
-    if not isinstance(path, str) or not path.strip():
-        raise BadSample("invalid_image_field", f"image path must be a non-empty string, got {path!r}", sample_id)
-    posix = path.replace("\\", "/")
-    if posix.startswith("/") or (len(posix) > 1 and posix[1] == ":") or "://" in posix:
-        raise BadSample("unsafe_path", f"image path {path!r} is absolute", sample_id)
-    if ".." in posix.split("/"):
-        raise BadSample("unsafe_path", f"image path {path!r} escapes the image root", sample_id)
-    return posixpath.normpath(posix)
 
 
 def image_paths_of(record: dict, sample_id: str | None) -> list[str]:
@@ -121,19 +109,28 @@ def image_paths_of(record: dict, sample_id: str | None) -> list[str]:
 
 
 class ImageFolder:
-    """Reads images below a folder (local or etils epath)."""
+    """Reads images below a folder (local or etils epath); never outside it (`resolve_inside`)."""
 
-    def __init__(self, root: str):
+    def __init__(self, root: str, *, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES):
         self.root = root
+        self.max_bytes = max_bytes
 
     def read(self, relative: str, sample_id: str | None) -> bytes:
-        path = epath.Path(self.root) / relative
+        path = epath.Path(resolve_inside(self.root, relative, sample_id))
         try:
-            return path.read_bytes()
+            with path.open("rb") as f:
+                data = f.read(self.max_bytes + 1)
         except FileNotFoundError as e:
             raise BadSample("missing_image", f"image {relative!r} not found under {self.root}", sample_id) from e
         except IsADirectoryError as e:
             raise BadSample("missing_image", f"image {relative!r} under {self.root} is a folder", sample_id) from e
+        except (OSError, ValueError) as e:  # symlink loops, permissions, special files
+            raise BadSample("unreadable_image", f"cannot read image {relative!r} under {self.root}: {e}",
+                            sample_id) from e
+        if len(data) > self.max_bytes:
+            raise BadSample("image_too_large", f"image {relative!r} under {self.root} is over "
+                            f"{self.max_bytes} bytes", sample_id)
+        return data
 
 
 class ImageZip:
@@ -144,16 +141,17 @@ class ImageZip:
     "train2017/1.jpg" in COCO's train2017.zip, "00000/1.jpg" finds "images/00000/1.jpg".
     """
 
-    def __init__(self, archive: str):
+    def __init__(self, archive: str, *, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES):
         self.archive = archive
+        self.max_bytes = max_bytes
         self._opened: tuple[int, zipfile.ZipFile, frozenset[str], str] | None = None
         self._lock = threading.Lock()
 
     def __getstate__(self):
-        return {"archive": self.archive}
+        return {"archive": self.archive, "max_bytes": self.max_bytes}
 
     def __setstate__(self, state):
-        self.__init__(state["archive"])
+        self.__init__(state["archive"], max_bytes=state["max_bytes"])
 
     def _open(self) -> tuple[zipfile.ZipFile, frozenset[str], str]:
         with self._lock:
@@ -181,39 +179,52 @@ class ImageZip:
         if member is None:
             raise BadSample("missing_image", f"image {relative!r} not found in {self.archive}", sample_id)
         archive, _, _ = self._open()
+        info = archive.getinfo(member)
+        if info.file_size > self.max_bytes:  # checked before inflating anything
+            raise BadSample("image_too_large", f"{member!r} in {self.archive} inflates to {info.file_size} bytes, "
+                            f"over {self.max_bytes}", sample_id)
         try:
-            return archive.read(member)
-        except (zipfile.BadZipFile, OSError, EOFError) as e:
+            with archive.open(info) as f:
+                data = f.read(self.max_bytes + 1)  # bounded even if the header lies
+        except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as e:
             raise BadSample("corrupt_image", f"cannot read {member!r} from {self.archive}: {e}", sample_id) from e
+        if len(data) > self.max_bytes:
+            raise BadSample("image_too_large", f"{member!r} in {self.archive} is over {self.max_bytes} bytes",
+                            sample_id)
+        return data
 
 
-def image_store(image_root: str | os.PathLike) -> ImageFolder | ImageZip:
-    """The reader of a folder or a .zip archive; raises when it does not exist or is not a zip archive."""
+def image_store(image_root: str | os.PathLike, *,
+                max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> ImageFolder | ImageZip:
+    """The reader of a folder or a .zip archive; raises when it does not exist or is not a zip archive.
+
+    `max_bytes` bounds what one image costs in memory before decoding (BadSample "image_too_large")."""
     root = str(image_root)
     path = epath.Path(root)
     if root.lower().endswith(".zip") and not path.is_dir():
-        store = ImageZip(root)
+        store = ImageZip(root, max_bytes=max_bytes)
         try:
             store.resolve("")  # opens the archive once: a missing or broken one fails here, not per sample
         except (OSError, zipfile.BadZipFile) as e:
-            raise ValueError(f"image archive {root}: {e}") from e
+            raise DataFileError(f"image archive {root}: {e}") from e
         return store
     if not path.is_dir():
         raise FileNotFoundError(f"image folder not found: {root}")
-    return ImageFolder(root)
+    return ImageFolder(root, max_bytes=max_bytes)
 
 
 class LlavaJsonSource:
     """grain RandomAccessDataSource over a LLaVA JSON / JSONL annotation file.
 
     `source[i]` is `{"id": str, "conversations": list, "images": list[bytes], "image_paths": list[str]}`
-    (encoded image files; empty lists for text-only samples). Raises BadSample "missing_image",
-    "unsafe_path", "invalid_image_field", "empty_text" (no conversations list) or "corrupt_image"
-    (unreadable zip member).
+    (encoded image files; empty lists for text-only samples). Raises BadSample "invalid_record" (not a
+    JSON object), "empty_text" (no conversations list, or an empty one), "missing_image", "unsafe_path",
+    "invalid_image_field", "unreadable_image", "image_too_large" (file over `max_image_bytes`) or
+    "corrupt_image" (unreadable zip member).
     """
 
     def __init__(self, annotation_path: str | os.PathLike, image_root: str | os.PathLike | None, *,
-                 name: str | None = None):
+                 name: str | None = None, max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES):
         self.annotation_path = str(annotation_path)
         self.image_root = None if image_root is None else str(image_root)
         self.name = name or epath.Path(annotation_path).stem
@@ -224,7 +235,7 @@ class LlavaJsonSource:
         self._offsets = np.cumsum([0] + [len(p) for p in packed], dtype=np.int64)
         self._buffer = b"".join(packed)
         self._lengths = np.asarray(lengths, dtype=np.int64)
-        self._images = None if image_root is None else image_store(image_root)
+        self._images = None if image_root is None else image_store(image_root, max_bytes=max_image_bytes)
 
     def __len__(self) -> int:
         return len(self._lengths)
@@ -233,7 +244,7 @@ class LlavaJsonSource:
         return (f"LlavaJsonSource(name={self.name!r}, annotation_path={self.annotation_path!r}, "
                 f"image_root={self.image_root!r}, len={len(self)})")
 
-    def record(self, index: int) -> dict:
+    def record(self, index: int) -> Any:
         """The raw annotation record at `index`."""
         index = int(index)
         if not -len(self) <= index < len(self):
@@ -243,11 +254,15 @@ class LlavaJsonSource:
 
     def __getitem__(self, index: int) -> dict:
         record = self.record(index)
-        sample_id = str(record.get("id", f"{self.name}:{int(index) % len(self)}"))
+        fallback_id = f"{self.name}:{int(index) % len(self)}"
+        if not isinstance(record, dict):
+            raise BadSample("invalid_record", f"record is a {type(record).__name__}, expected an object with "
+                            "'id' and 'conversations'", fallback_id)
+        sample_id = str(record.get("id", fallback_id))
         conversations = record.get("conversations")
-        if not isinstance(conversations, list):
-            raise BadSample("empty_text", "'conversations' must be a list of turns, got "
-                            f"{type(conversations).__name__}", sample_id)
+        if not isinstance(conversations, list) or not conversations:
+            raise BadSample("empty_text", "'conversations' must be a non-empty list of turns, got "
+                            f"{conversations!r:.60}", sample_id)
         paths = image_paths_of(record, sample_id)
         if paths and self._images is None:
             raise BadSample("missing_image", f"sample has images but {self.name} has no image root", sample_id)

@@ -18,6 +18,9 @@ Each image shows 1-4 copies of one solid shape of one colour, one per quadrant, 
   info.json                sizes, the answer options and the chance level of every category
   tokenizer/               a small word-level tokenizer that `transformers.AutoTokenizer` loads
 
+The JSON files are written to a temporary sibling and renamed into place, and `info.json` last: a generation
+killed halfway leaves no `info.json`, `is_complete` says so and the next `generate` redoes it.
+
 Answers are drawn from shuffled decks (every option once per round), so each category is balanced and chance
 is 1 / number of options. Everything is a function of the seed: two runs write byte-identical files.
 
@@ -37,6 +40,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from llava_jax import atomic_files
 
 SHAPES = ("circle", "square", "triangle", "diamond")
 COLORS = {
@@ -226,7 +231,7 @@ def blank_image(image_size: int) -> Image.Image:
 def _save_png(image: Image.Image, path: Path) -> None:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")  # no metadata: the bytes depend on the pixels only
-    path.write_bytes(buffer.getvalue())
+    path.write_bytes(buffer.getvalue())  # a torn image is redone: info.json is written after it
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -337,11 +342,27 @@ def chance_levels(answers: Iterable[dict]) -> dict[str, dict[str, float]]:
 
 
 def _write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    atomic_files.write_text(path, json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    atomic_files.write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
+
+
+def paths_of(out_dir: str | Path) -> SyntheticPaths:
+    """Where `generate` writes each part under `out_dir`."""
+    root = Path(out_dir)
+    return SyntheticPaths(root=root, images=root / "images", stage1=root / "stage1.json",
+                          stage2=root / "stage2.json", eval_questions=root / "eval_questions.jsonl",
+                          eval_answers=root / "eval_answers.jsonl", info=root / "info.json",
+                          tokenizer=root / "tokenizer")
+
+
+def is_complete(out_dir: str | Path) -> bool:
+    """Whether a `generate` into `out_dir` finished (its last write, `info.json`, and every part exist)."""
+    paths = paths_of(out_dir)
+    return all(p.is_file() for p in (paths.info, paths.stage1, paths.stage2, paths.eval_questions,
+                                     paths.eval_answers, paths.tokenizer / "tokenizer_config.json"))
 
 
 def generate(out_dir: str | Path, *, num_stage1: int = 2000, num_stage2: int = 2000, num_eval: int = 400,
@@ -356,11 +377,8 @@ def generate(out_dir: str | Path, *, num_stage1: int = 2000, num_stage2: int = 2
             raise ValueError(f"{name} must be >= 0, got {value}")
     if image_size < 8:
         raise ValueError(f"image_size must be >= 8 pixels, got {image_size}")
-    root = Path(out_dir)
-    paths = SyntheticPaths(root=root, images=root / "images", stage1=root / "stage1.json",
-                           stage2=root / "stage2.json", eval_questions=root / "eval_questions.jsonl",
-                           eval_answers=root / "eval_answers.jsonl", info=root / "info.json",
-                           tokenizer=root / "tokenizer")
+    paths = paths_of(out_dir)
+    paths.info.unlink(missing_ok=True)  # incomplete until written again, last
     paths.images.mkdir(parents=True, exist_ok=True)
 
     def split_rng(split: int) -> np.random.Generator:
@@ -371,12 +389,12 @@ def generate(out_dir: str | Path, *, num_stage1: int = 2000, num_stage2: int = 2
     questions, answers = _eval_samples(num_eval, image_size, paths.images, split_rng(3))
     _write_jsonl(paths.eval_questions, questions)
     _write_jsonl(paths.eval_answers, answers)
-    _write_json(paths.info, {
+    build_tokenizer(paths.tokenizer)
+    _write_json(paths.info, {  # last: marks the dataset complete
         "seed": seed, "image_size": image_size, "image_root": "images",
         "num_stage1": num_stage1, "num_stage2": num_stage2, "num_eval": num_eval,
         "options": OPTIONS, "chance": chance_levels(answers),
     })
-    build_tokenizer(paths.tokenizer)
     return paths
 
 

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import re
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -87,13 +88,14 @@ class LlavaDataset(tfds.core.GeneratorBasedBuilder):
 
         source = LlavaJsonSource(self.builder_config.data, self.builder_config.images)
         all_lengths = source.lengths()
-        lengths, skipped = [], collections.Counter()
+        lengths, skipped, skipped_ids = [], collections.Counter(), {}
         for index in range(len(source)):
             try:
                 record = source[index]
             except BadSample as error:
                 skipped[error.reason] += 1
                 if skipped[error.reason] <= _LOG_FIRST_SKIPPED:
+                    skipped_ids.setdefault(error.reason, []).append(str(error.sample_id))
                     logger.warning("skipping sample %d of %s: %s", index, self.builder_config.data, error)
                 continue
             lengths.append(int(all_lengths[index]))
@@ -105,6 +107,7 @@ class LlavaDataset(tfds.core.GeneratorBasedBuilder):
             }
         self.info.metadata["modality_lengths"] = lengths
         self.info.metadata["skipped"] = dict(skipped)
+        self.info.metadata["skipped_ids"] = skipped_ids
 
 
 def build(data: str | os.PathLike, images: str | os.PathLike | None, out_dir: str | os.PathLike, *,
@@ -160,6 +163,11 @@ class TfdsLlavaSource:
         metadata = json.loads((epath.Path(self.version_dir) / "metadata.json").read_text())
         return dict(metadata.get("skipped", {}))
 
+    def skipped_ids(self) -> dict[str, list[str]]:
+        """The first few ids of the samples left out at build time, by reason."""
+        metadata = json.loads((epath.Path(self.version_dir) / "metadata.json").read_text())
+        return dict(metadata.get("skipped_ids", {}))
+
 
 def _versions(config_dir: epath.Path) -> list[epath.Path]:
     if not config_dir.is_dir():
@@ -201,7 +209,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", default=None, help="config name (default: from the annotation file name)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    version_dir = build(args.data, args.images, args.out, name=args.name)
+    try:
+        version_dir = build(args.data, args.images, args.out, name=args.name)
+    except (OSError, ValueError) as error:  # unreadable inputs, unwritable output: one line, exit 2
+        print("error: " + " ".join(str(error).split()), file=sys.stderr)
+        sys.exit(2)
     name = version_dir.parent.name
     source = TfdsLlavaSource(args.out, name)
     print(f"wrote {len(source)} samples to {version_dir}; skipped: {source.skipped() or 'none'}")

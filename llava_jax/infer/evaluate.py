@@ -22,6 +22,7 @@ from PIL import Image
 
 from llava_jax.data.errors import BadSample
 from llava_jax.data.images import ImageConfig, load_image
+from llava_jax.data.paths import resolve_inside
 from llava_jax.infer import questions as questions_lib
 from llava_jax.infer.generate import Generator
 
@@ -35,14 +36,14 @@ def answer_batch_fn(generator: Generator, image_root: str | os.PathLike, *, max_
     """The `answer_batch` of `run_questions`: question dicts -> stripped answers, in one generate call (rows
     padded to `batch_size`, so the last batch reuses the compiled programs).
 
-    Raises BadSample naming the question id when an image is missing or unreadable.
+    Raises BadSample naming the question id when an image is missing, unreadable or outside `image_root`
+    (`resolve_inside`: absolute, `..` or a symlink leading out are refused as "unsafe_path").
     """
-    image_root = Path(image_root)
-
     def image_of(question: dict) -> list[Image.Image]:
         if "image" not in question:
             return []
-        image = load_image(image_root / question["image"], sample_id=str(question["question_id"]))
+        sample_id = str(question["question_id"])
+        image = load_image(resolve_inside(image_root, question["image"], sample_id), sample_id=sample_id)
         return [image_transform(image) if image_transform else image]
 
     def answer(batch: list[dict]) -> list[str]:
@@ -82,6 +83,7 @@ def evaluate(model, tokenizer, questions_path: str | os.PathLike, image_root: st
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     questions = questions_lib.load_question_file(questions_path)
+    check_image_paths(questions, image_root)
     generator = Generator(model, tokenizer, image_config=image_config, template=template)
     answer = answer_batch_fn(generator, image_root, max_new_tokens=max_new_tokens, temperature=temperature,
                              batch_size=batch_size, image_transform=image_transform)
@@ -95,6 +97,22 @@ def evaluate(model, tokenizer, questions_path: str | os.PathLike, image_root: st
     if process_count > 1 and process_index == 0 and jax.process_count() > 1:
         questions_lib.merge_answers(answers_path, questions)
     return Path(answers_path)
+
+
+def check_image_paths(questions: Sequence[dict], image_root: str | os.PathLike) -> None:
+    """Refuses a question file whose image paths leave `image_root` (absolute, `..`, symlinks out), before
+    any model work: ValueError naming the count and the first question ids, reason "unsafe_path"."""
+    unsafe = []
+    for question in questions:
+        if "image" in question:
+            try:
+                resolve_inside(image_root, question["image"], str(question["question_id"]))
+            except BadSample as e:
+                unsafe.append((question["question_id"], e))
+    if unsafe:
+        ids = ", ".join(repr(qid) for qid, _ in unsafe[:5])
+        raise ValueError(f"{len(unsafe)} question(s) with image paths outside {image_root} [unsafe_path], "
+                         f"e.g. {ids}; first: {unsafe[0][1]}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -127,12 +145,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise FileNotFoundError(f"question file not found: {args.questions}")
         if not Path(args.images).is_dir():
             raise FileNotFoundError(f"image folder not found: {args.images}")
+        check_image_paths(questions_lib.load_question_file(args.questions), args.images)  # before loading the model
         model, tokenizer, image_config, _ = load_model(args.model, dtype=args.dtype, tokenizer=args.tokenizer)
         evaluate(model, tokenizer, args.questions, args.images, args.answers, template=args.template,
                  image_config=image_config, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                  temperature=args.temperature, model_id=args.model_id or Path(args.model).resolve().name,
                  progress=not args.no_progress)
-    except (ModelLoadError, FileNotFoundError, BadSample, KeyError, ValueError) as e:
+    except (ModelLoadError, OSError, BadSample, KeyError, ValueError) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {message}", file=sys.stderr)
         return 2
@@ -140,4 +159,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["evaluate", "answer_batch_fn", "main", "DEFAULT_TEMPLATE"]
+__all__ = ["evaluate", "answer_batch_fn", "check_image_paths", "main", "DEFAULT_TEMPLATE"]

@@ -110,12 +110,14 @@ def build_questions(tsv: PathLike, out_dir: PathLike, *, all_rounds: bool = Fals
 
 
 def _save_image(row: Mapping, folder: Path, tsv: PathLike) -> str:
+    if not str(row["index"]).isdigit():
+        raise ValueError(f"{tsv}: row index {row['index']!r} is not a non-negative integer")
     try:
         data = base64.b64decode(row["image"], validate=True)
         kind = Image.open(io.BytesIO(data)).format.lower()
     except (binascii.Error, OSError, ValueError, TypeError, AttributeError):
         raise ValueError(f"{tsv}: row index {row['index']}: 'image' is not a base64-encoded image") from None
-    name = f"{row['index']}.{'jpg' if kind == 'jpeg' else kind}"
+    name = f"{int(row['index'])}.{'jpg' if kind == 'jpeg' else kind}"
     (folder / name).write_bytes(data)
     return name
 

@@ -1,10 +1,12 @@
 """python -m llava_jax.train --config=configs/stage2.py[:variant] [--workdir=DIR] [--config.field=value ...]
 
-Exit status: 0 done (or preempted after saving a checkpoint), 2 invalid config or missing weights/data,
-3 stopped after train.max_nonfinite non-finite steps in a row. Library INFO logs (absl, Orbax) are off unless
+Exit status: 0 done (or preempted after saving a checkpoint), 2 a user error, printed as one line (an invalid
+flag, config field or value, missing weights/data, an unusable workdir, no intact checkpoint, a bad sample
+in data.strict mode), 3 stopped after train.max_nonfinite non-finite steps in a row. Library INFO logs (absl, Orbax) are off unless
 --verbosity=0 is given.
 """
 
+import os
 import sys
 
 from absl import app, flags
@@ -29,30 +31,81 @@ def quiet_library_logs() -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
 
 
+def fail(message: str) -> None:
+    """Exits 2 with one line on stderr."""
+    print(" ".join(str(message).split()), file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing whose user errors (unknown flag or config field, bad value, broken config file) are
+    one line and exit 2."""
+    try:
+        remaining = flags.FLAGS(argv)
+        _CONFIG.value.keys()  # a config file that cannot be loaded fails here, not later with a traceback
+        return remaining
+    except OSError as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        fail(f"error: --config: {lines[-1] if lines else e}")
+    except flags.Error as e:
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+        cause = lines[-1] if len(lines) > 1 else ""
+        fail(f"error: {lines[0] if lines else e}{' ' + cause if cause else ''}")
+    except (KeyError, AttributeError) as e:  # --config.<field> naming no field
+        name = str(e.args[0] if e.args else e).split("\n")[0].strip("'\"")
+        given = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.") and name in a.split("=")[0]]
+        fail(f"error: unknown config field {(given or [name])[0]} ({name!r} is not a field)")
+
+
+def check_workdir(workdir: str) -> None:
+    """A local workdir must be a folder, or creatable, and writable (nothing is created here)."""
+    if "://" in workdir:
+        return
+    path = os.path.abspath(workdir)
+    if os.path.exists(path) and not os.path.isdir(path):
+        fail(f"error: --workdir {workdir} is not a folder")
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        fail(f"error: --workdir {workdir} cannot be created: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        fail(f"error: --workdir {workdir} is not writable ({parent})")
+
+
 def main(argv):
     del argv
     quiet_library_logs()
-    from llava_jax.train import loop, model_init
+    from llava_jax.data.errors import BadSample, DataFileError
+    from llava_jax.train import checkpoint, loop, model_init
 
     config = _CONFIG.value
     config_name = flags.FLAGS["config"].config_filename if hasattr(flags.FLAGS["config"], "config_filename") \
         else sys.argv[0]
     workdir = _WORKDIR.value or f"workdirs/stage{config.stage}_{config.variant.replace(',', '_')}"
+    check_workdir(workdir)
     try:
         loop.run(config, workdir, config_name=config_name)
     except model_init.MissingInputs as e:
         print(e, file=sys.stderr)
         sys.exit(2)
+    except checkpoint.NoIntactCheckpoint as e:
+        fail(f"cannot resume: {e}")
+    except BadSample as e:
+        fail(f"bad sample (data.strict is set): {e}")
+    except DataFileError as e:
+        fail(f"error: {e}")
     except loop.NonFiniteError as e:
         print(f"training stopped: {e}", file=sys.stderr)
         sys.exit(3)
+    except OSError as e:  # workdir, data or weight files the system refuses
+        fail(f"error: {e}")
     except ValueError as e:
         if str(e).startswith("config."):
-            print(f"invalid config: {e}", file=sys.stderr)
-            sys.exit(2)
+            fail(f"invalid config: {e}")
         raise
 
 
 if __name__ == "__main__":
     flags.mark_flags_as_required(["config"])
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

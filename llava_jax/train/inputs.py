@@ -30,17 +30,15 @@ class DataSetup:
 
 
 def prepare_demo_data(c: mlc.ConfigDict, workdir: Path) -> synthetic.SyntheticPaths:
-    """Generates the demo's synthetic data into `<workdir>/data` once (process 0), then every process reads it."""
+    """Generates the demo's synthetic data into `<workdir>/data` once (process 0), then every process reads it.
+    Data a kill left incomplete is generated again."""
     root = workdir / "data"
-    if not (root / "info.json").is_file():
+    if not synthetic.is_complete(root):
         if jax.process_index() == 0:
             synthetic.generate(root, num_stage1=c.demo.num_stage1, num_stage2=c.demo.num_stage2,
                                num_eval=c.demo.num_eval, image_size=c.demo.image_size, seed=c.demo.seed)
         barrier("demo-data")
-    return synthetic.SyntheticPaths(root=root, images=root / "images", stage1=root / "stage1.json",
-                                    stage2=root / "stage2.json", eval_questions=root / "eval_questions.jsonl",
-                                    eval_answers=root / "eval_answers.jsonl", info=root / "info.json",
-                                    tokenizer=root / "tokenizer")
+    return synthetic.paths_of(root)
 
 
 def image_config(c: mlc.ConfigDict, model_cfg) -> ImageConfig:

@@ -26,6 +26,7 @@ from llava_jax.train import checkpoint as ckpt_lib
 from llava_jax.train import demo, distributed, lora
 from llava_jax.train import metrics as metrics_lib
 from llava_jax.train import optimizer as opt
+from llava_jax.train import step as step_lib
 from llava_jax.train.inputs import common_length, to_global
 from llava_jax.train.setup import Run, setup
 
@@ -148,8 +149,11 @@ class Bookkeeping:
         host = jax.device_get(device_metrics)
         self.reporter.add(**counts)
         values = {"loss": float(host["loss"]), "grad_norm": float(host["grad_norm"])}
+        spike = {"spike_skipped": bool(host["spike_skipped"])} if "spike_skipped" in host else {}
         self.step_log.write({"step": step, **values, "supervised_tokens": int(host["supervised_tokens"]),
-                             "skipped": not bool(host["finite"])})
+                             "skipped": not bool(host["finite"]), **spike})
+        if spike.get("spike_skipped"):
+            logger.warning("step %d: loss, gradient or update spike (train.spike_guard), update skipped", step)
         if self.reporter.due(step) or step == self.r.steps:
             self.history.append({"step": step, **self.reporter.emit(step, {**values, **self.learning_rates(step)})})
         for hook in self.hooks:
@@ -177,7 +181,7 @@ class Bookkeeping:
 def finish(r: Run, step: int, history: list[dict]) -> dict:
     """Writes result.json; when training completed: the final model, its export and the demo evaluation."""
     result = {"step": step, "history": history, "bad_samples": r.data.iterator.bad_sample_counts(),
-              "nonfinite_steps": int(r.state.nonfinite_total)}
+              "nonfinite_steps": int(r.state.nonfinite_total), **step_lib.spike_counts(r.state.opt_state)}
     if r.is_main:
         write_result(r.workdir, result)
     if step < r.steps:

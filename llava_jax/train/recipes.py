@@ -134,6 +134,9 @@ def stage_config(stage: int, arg: str | None) -> mlc.ConfigDict:
     c.train.num_steps = -1            # -1: num_epochs over the data
     c.train.seed = 0
     c.train.max_nonfinite = 10        # stop after that many non-finite steps in a row
+    # Skip updates whose loss, gradient norm or update norm jumps `sigmas` std above its moving mean.
+    c.train.spike_guard = mlc.ConfigDict(dict(enabled=False, sigmas=6.0, warmup_steps=100, decay=0.99,
+                                              max_in_row=20))
 
     c.mesh = mlc.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
     c.distributed = mlc.ConfigDict(dict(coordinator="", num_processes=-1, process_id=-1))
@@ -210,6 +213,14 @@ def validate(c: mlc.ConfigDict) -> None:
     need(c.model.remat in ("none", "full", "dots", "dots_no_batch"), "model.remat",
          f"unknown policy {c.model.remat!r}")
     need(c.checkpoint_every > 0, "checkpoint_every", "must be positive")
+    need(isinstance(c.keep_checkpoints, int) and c.keep_checkpoints >= 1, "keep_checkpoints",
+         f"must be an integer >= 1 (the checkpoints a rerun resumes from), got {c.keep_checkpoints!r}")
+    need(c.train.max_nonfinite >= 1, "train.max_nonfinite", f"must be >= 1, got {c.train.max_nonfinite}")
+    guard = c.train.spike_guard
+    need(guard.sigmas > 0, "train.spike_guard.sigmas", f"must be positive, got {guard.sigmas}")
+    need(guard.warmup_steps >= 1, "train.spike_guard.warmup_steps", f"must be >= 1, got {guard.warmup_steps}")
+    need(0 < guard.decay < 1, "train.spike_guard.decay", f"must be in (0, 1), got {guard.decay}")
+    need(guard.max_in_row >= 1, "train.spike_guard.max_in_row", f"must be >= 1, got {guard.max_in_row}")
     need(c.log_every > 0, "log_every", "must be positive")
     need(not (c.model.llava_path and c.model.stage1_workdir), "model.llava_path",
          "set either model.llava_path or model.stage1_workdir, not both")

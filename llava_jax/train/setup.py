@@ -11,7 +11,6 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from flax import nnx
 
 from llava_jax.train import checkpoint as ckpt_lib
@@ -78,6 +77,7 @@ def setup(c: mlc.ConfigDict, workdir, *, config_name: str = "config") -> Run:
     steps, specs = total_steps(c, data.num_samples), group_specs(c)
     tx = opt.make_optimizer(parts.groups, specs, total_steps=steps, warmup_ratio=c.optim.warmup_ratio,
                             clip_norm=c.optim.clip_norm, b1=c.optim.b1, b2=c.optim.b2, eps=c.optim.eps)
+    tx = step_lib.maybe_spike_guard(tx, c.train.spike_guard)
     with jax.set_mesh(mesh):
         state = jax.jit(lambda t: step_lib.init_state(t, tx))(parts.trainable)
     checkpointer = ckpt_lib.Checkpointer(workdir, keep=c.keep_checkpoints)
@@ -157,27 +157,28 @@ def compile_step(c: mlc.ConfigDict, graphdef, tx: optax.GradientTransformation):
 
 def restore_latest(c: mlc.ConfigDict, workdir: Path, checkpointer: ckpt_lib.Checkpointer, state,
                    data: inputs.DataSetup, is_main: bool):
-    """(start step, state): the latest checkpoint's state and data position, or (0, `state`) when none."""
-    start = checkpointer.latest_step() or 0
-    if start:
-        state, _ = checkpointer.restore(start, ckpt_lib.abstract_like(state), data_iterator=data.iterator,
-                                        global_batch_size=c.train.global_batch_size)
-        if is_main:
-            print(f"resumed from {workdir}/checkpoints step {start}", flush=True)
+    """(start step, state): the newest intact checkpoint's state and data position (damaged newer ones are
+    moved aside with a warning), or (0, `state`) when there is none. Raises NoIntactCheckpoint."""
+    restored = checkpointer.restore_latest(ckpt_lib.abstract_like(state), data_iterator=data.iterator,
+                                           global_batch_size=c.train.global_batch_size)
+    if restored is None:
+        return 0, state
+    start, state, _ = restored
+    if is_main:
+        print(f"resumed from {workdir}/checkpoints step {start}", flush=True)
     return start, state
 
 
 def restore_stage1_projector(model: nnx.Module, stage1_workdir: str) -> None:
-    """Copies the projector of the latest stage-1 checkpoint into `model` (stage 2 start)."""
+    """Copies the projector of the newest intact stage-1 checkpoint into `model` (stage 2 start)."""
     checkpointer = ckpt_lib.Checkpointer(stage1_workdir)
     try:
-        step = checkpointer.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"{stage1_workdir}/checkpoints: no stage-1 checkpoint to start from")
-        restored = checkpointer.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+        step, state = checkpointer.restore_newest_state()  # past damaged ones, with a warning
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{stage1_workdir}/checkpoints: no stage-1 checkpoint to start from") from None
     finally:
         checkpointer.close()
-    saved = restored["state"]["trainable"].get("multi_modal_projector")
+    saved = state["trainable"].get("multi_modal_projector")
     if saved is None:
         raise ValueError(f"{stage1_workdir}/checkpoints/{step}: the stage-1 run did not train the projector")
     current = nnx.to_pure_dict(nnx.state(model.multi_modal_projector))

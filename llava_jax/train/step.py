@@ -4,6 +4,10 @@ The loss is the token-weighted mean of next-token cross entropy over the supervi
 -100) of the whole global batch; with gradient accumulation each microbatch contributes its sum divided
 by the global count, so the result does not depend on how the batch is split.
 
+An optional loss-spike guard (`spike_guard`, off by default) wraps the optimizer: an update whose loss,
+gradient norm or update norm jumps more than `sigmas` standard deviations above its running mean is skipped
+(parameters and optimizer state unchanged) and counted.
+
 Dropout (the LoRA adapters' `nnx.Dropout`) is on in the train step only: each microbatch gets the key
 fold_in(fold_in(key(dropout_seed), step), microbatch), split over stacked layers by `nnx.reseed`; the
 eval step switches it off.
@@ -12,7 +16,7 @@ eval step switches it off.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -93,6 +97,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
     Dropout keys derive from `dropout_seed`, the step number and the microbatch index.
     """
     dropout_key = jax.random.key(dropout_seed)
+    optimizer = optax.with_extra_args_support(optimizer)  # update(..., loss=) reaches the spike guard
 
     def loss_sum(trainable, frozen, rest, micro: Batch, total: jax.Array, key: jax.Array):
         compute = in_compute_dtype(trainable, compute_dtype)
@@ -117,7 +122,7 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
 
         (grads, loss), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros((), jnp.float32)), (micro, keys))
         grad_norm = optax.global_norm(grads)
-        updates, new_opt = optimizer.update(grads, state.opt_state, state.trainable)
+        updates, new_opt = optimizer.update(grads, state.opt_state, state.trainable, loss=loss)
         new_params = optax.apply_updates(state.trainable, updates)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
@@ -129,9 +134,75 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
             nonfinite_total=state.nonfinite_total + (~finite).astype(jnp.int32),
         )
         metrics = {"loss": loss, "grad_norm": grad_norm, "supervised_tokens": total, "finite": finite}
+        if isinstance(new_opt, SpikeGuardState):
+            metrics["spike_skipped"] = new_opt.last_skipped & finite
         return new_state, metrics
 
     return step
+
+
+class SpikeGuardState(NamedTuple):
+    """The optimizer state under `spike_guard`: running statistics of (loss, gradient norm, update norm)."""
+    inner: Any               # the wrapped optimizer's state
+    mean: jax.Array          # float32 [3]: exponential moving averages
+    var: jax.Array           # float32 [3]: exponential moving variances
+    seen: jax.Array          # int32 []: accepted steps since the statistics (re)started
+    in_row: jax.Array        # int32 []: updates skipped in a row
+    skipped: jax.Array       # int32 []: updates skipped in all
+    last_skipped: jax.Array  # bool []: whether the latest update was skipped
+
+
+SPIKE_MIN_RELATIVE_STD = 0.05  # deviations under sigmas x 5% of the mean never count as spikes
+
+
+def spike_guard(inner: optax.GradientTransformation, *, sigmas: float, warmup_steps: int, decay: float,
+                max_in_row: int) -> optax.GradientTransformationExtraArgs:
+    """Skips updates whose loss, gradient norm (before clipping) or update norm exceeds its exponential
+    moving mean by more than `sigmas` moving standard deviations, once `warmup_steps` updates were seen.
+
+    A skipped update leaves the parameters (zero update) and `inner`'s state unchanged and does not enter
+    the statistics. After `max_in_row` skips in a row the level is taken as a lasting change: the statistics
+    restart (a new warm-up). `update(grads, state, params, loss=...)` needs the step's loss.
+    """
+    def init(params):
+        zeros = jnp.zeros((3,), jnp.float32)
+        count = jnp.zeros((), jnp.int32)
+        return SpikeGuardState(inner.init(params), zeros, zeros, count, count, count, jnp.zeros((), bool))
+
+    def update(grads, state: SpikeGuardState, params=None, *, loss, **extra):
+        del extra
+        updates, new_inner = inner.update(grads, state.inner, params)
+        values = jnp.stack([loss, optax.global_norm(grads), optax.global_norm(updates)]).astype(jnp.float32)
+        std = jnp.maximum(jnp.sqrt(state.var), SPIKE_MIN_RELATIVE_STD * jnp.abs(state.mean))
+        spike = (state.seen >= warmup_steps) & jnp.any(values > state.mean + sigmas * std)
+        accept = ~spike & jnp.all(jnp.isfinite(values))
+        delta = values - state.mean
+        first = state.seen == 0
+        mean = jnp.where(first, values, state.mean + (1 - decay) * delta)
+        var = jnp.where(first, 0.0, decay * (state.var + (1 - decay) * delta ** 2))
+        restart = spike & (state.in_row + 1 >= max_in_row)
+        pick = lambda new, old: jax.tree.map(lambda a, b: jnp.where(accept, a, b), new, old)
+        new_state = SpikeGuardState(
+            inner=pick(new_inner, state.inner), mean=pick(mean, state.mean), var=pick(var, state.var),
+            seen=jnp.where(restart, 0, state.seen + accept.astype(jnp.int32)),
+            in_row=jnp.where(spike & ~restart, state.in_row + 1, 0),
+            skipped=state.skipped + spike.astype(jnp.int32), last_skipped=spike)
+        return jax.tree.map(lambda u: jnp.where(spike, jnp.zeros_like(u), u), updates), new_state
+
+    return optax.GradientTransformationExtraArgs(init, update)
+
+
+def maybe_spike_guard(optimizer: optax.GradientTransformation, guard) -> optax.GradientTransformation:
+    """`optimizer` under `spike_guard` when `guard.enabled` (the config's `train.spike_guard`)."""
+    if not guard.enabled:
+        return optimizer
+    return spike_guard(optimizer, sigmas=guard.sigmas, warmup_steps=guard.warmup_steps, decay=guard.decay,
+                       max_in_row=guard.max_in_row)
+
+
+def spike_counts(opt_state) -> dict[str, int]:
+    """{"spike_skipped_steps": n} under the spike guard, else {}."""
+    return {"spike_skipped_steps": int(opt_state.skipped)} if isinstance(opt_state, SpikeGuardState) else {}
 
 
 def make_eval_step(graphdef: nnx.GraphDef, compute_dtype=jnp.bfloat16) -> Callable:

@@ -28,7 +28,7 @@ def test_help_lists_every_subcommand(capsys):
 
 
 def test_bad_input_exits_with_message(tmp_path, capsys):
-    assert main(["import-llava", str(tmp_path / "missing"), str(tmp_path / "out")]) == 1
+    assert main(["import-llava", str(tmp_path / "missing"), str(tmp_path / "out")]) == 2
     assert "missing" in capsys.readouterr().err
 
 

@@ -175,10 +175,12 @@ def test_malformed_annotation_files_name_file_and_place(tmp_path):
         LlavaJsonSource(trailing_comma, tmp_path)
     (tmp_path / "empty.json").write_text(" [ ]\n")
     assert len(LlavaJsonSource(tmp_path / "empty.json", tmp_path)) == 0
-    not_objects = tmp_path / "list.json"
+    not_objects = tmp_path / "list.json"  # a record that is not an object is one bad sample, not a bad file
     not_objects.write_text(json.dumps([RECORDS[0], ["not", "a", "record"]]))
-    with pytest.raises(ValueError, match=r"list.json: record 1"):
-        LlavaJsonSource(not_objects, tmp_path)
+    source = LlavaJsonSource(not_objects, tmp_path)
+    with pytest.raises(BadSample, match=r"'list:1'.*\[invalid_record\]") as error:
+        source[1]
+    assert error.value.reason == "invalid_record" and source.lengths()[1] == -1
 
 
 def _read_all(source):
