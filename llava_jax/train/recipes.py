@@ -70,6 +70,7 @@ def _model(name: str) -> mlc.ConfigDict:
     m.param_dtype = "float32"                                       # trainable master copy
     m.frozen_dtype = "float32" if name == "demo" else "bfloat16"   # storage of frozen parameters
     m.remat = "none" if name == "demo" else "full"
+    m.attention_impl = "xla"     # "cudnn" on NVIDIA GPUs, "splash" on TPUs (`llava_jax.models.attention`)
     m.scan_layers = True
     return m
 
@@ -188,8 +189,10 @@ def validate(c: mlc.ConfigDict) -> None:
     need(max(c.data.length_buckets) >= c.data.max_length, "data.length_buckets",
          f"the largest bucket must be >= data.max_length ({c.data.max_length})")
     need(c.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype", f"unknown dtype {c.model.dtype!r}")
-    need(c.model.remat in ("none", "full", "dots", "dots_no_batch"), "model.remat",
-         f"unknown policy {c.model.remat!r}")
+    need(c.model.remat in _remat_policies(), "model.remat",
+         f"unknown policy {c.model.remat!r}; choose one of {sorted(_remat_policies())}")
+    need(c.model.attention_impl in ("xla", "cudnn", "splash"), "model.attention_impl",
+         f"unknown kernel {c.model.attention_impl!r}; choose 'xla', 'cudnn' (NVIDIA GPUs) or 'splash' (TPUs)")
     need(c.checkpoint_every > 0, "checkpoint_every", "must be positive")
     need(c.log_every > 0, "log_every", "must be positive")
     need(not (c.model.llava_path and c.model.stage1_workdir), "model.llava_path",
@@ -203,6 +206,12 @@ def validate(c: mlc.ConfigDict) -> None:
     sizes = [c.mesh.data, c.mesh.fsdp, c.mesh.tensor]
     need(sizes.count(-1) <= 1 and all(s == -1 or s > 0 for s in sizes), "mesh",
          f"sizes must be positive with at most one -1, got {dict(c.mesh)}")
+
+
+def _remat_policies():
+    from llava_jax.models.layers import REMAT_POLICIES
+
+    return REMAT_POLICIES
 
 
 def _templates():
