@@ -433,11 +433,11 @@ class LlamaForCausalLM(nnx.Module):
         return self.model.embed_tokens(input_ids)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
-        """hidden [B, T, D] -> logits float32 [B, T, V]."""
+        """hidden [..., D] -> logits float32 [..., V]."""
         if self.lm_head is None:
             return self.model.embed_tokens.attend(hidden)
         dtype = self.config.dtype
-        return jnp.einsum("btd,vd->btv", hidden.astype(dtype), self.lm_head.weight[...].astype(dtype),
+        return jnp.einsum("...d,vd->...v", hidden.astype(dtype), self.lm_head.weight[...].astype(dtype),
                           preferred_element_type=jnp.float32)
 
     def _inputs(self, input_ids, inputs_embeds) -> jax.Array:

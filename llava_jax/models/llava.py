@@ -201,6 +201,10 @@ class LlavaForConditionalGeneration(nnx.Module):
         return self.language_model.hidden_states(inputs_embeds=embeds, attention_mask=attention_mask,
                                                  segment_ids=segment_ids, positions=positions)
 
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """hidden [..., D] -> logits float32 [..., V] (the language model's head)."""
+        return self.language_model.logits(hidden)
+
     def init_cache(self, batch: int, max_length: int, dtype=None) -> KVCache:
         """Empty KV cache for `batch` rows of up to `max_length` tokens (image tokens included)."""
         return self.language_model.init_cache(batch, max_length, dtype)
