@@ -18,6 +18,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from llava_jax import sharding
+from llava_jax.data import packing
 from llava_jax.train import checkpoint as ckpt_lib
 from llava_jax.train import metrics as metrics_lib
 from llava_jax.train import model_init, recipes
@@ -125,7 +126,8 @@ def make_data(c: mlc.ConfigDict, tokenizer, model_cfg, demo_paths, seed_offset: 
                         group_by_modality_length=c.data.group_by_modality_length,
                         image_config=image_config(c, model_cfg), image_seq_length=model_cfg.image_seq_length,
                         image_token_id=image_token, strict=c.data.strict, worker_count=c.data.worker_count,
-                        report_every=0)
+                        report_every=0, packing=c.data.packing, pack_length=c.data.pack_length,
+                        pack_window=c.data.pack_window, max_images_per_row=c.data.max_images_per_row)
     return DataSetup(make_train_iterator(pc, tokenizer), sum(len(s) for s in sources),
                      model_cfg.image_seq_length, demo_paths)
 
@@ -159,7 +161,19 @@ class HeldOut:
 def total_steps(c: mlc.ConfigDict, num_samples: int) -> int:
     if c.train.num_steps > 0:
         return int(c.train.num_steps)
-    return max(1, int(c.train.num_epochs * num_samples // c.train.global_batch_size))
+    samples_per_step = c.train.global_batch_size * (c.data.samples_per_row if c.data.packing != "none" else 1)
+    return max(1, int(c.train.num_epochs * num_samples // samples_per_step))
+
+
+def batch_counts(local: dict, flop_model, image_seq_length: int) -> dict:
+    """This process's batch, counted over all processes: real and computed tokens, images, model FLOPs (attention
+    per sample: packed rows count each segment apart)."""
+    n = jax.process_count()
+    lengths = packing.segment_lengths(local["segment_ids"]) if "segment_ids" in local \
+        else local["attention_mask"].sum(axis=1)
+    images = int(local["image_mask"].sum())
+    return dict(tokens=int(lengths.sum()) * n, computed=int(local["attention_mask"].size) * n, images=images * n,
+                flops=flop_model.step_flops(lengths, images, image_seq_length) * n)
 
 
 def group_specs(c: mlc.ConfigDict) -> dict[str, opt.GroupSpec]:
@@ -345,7 +359,8 @@ def run(c: mlc.ConfigDict, workdir: str | os.PathLike, *, config_name: str = "co
 
     compute_dtype = model_init.DTYPES[c.model.dtype]
     train_step = jax.jit(step_lib.make_train_step(graphdef, tx, microbatches=c.train.microbatches,
-                                                  compute_dtype=compute_dtype, dropout_seed=c.train.seed),
+                                                  compute_dtype=compute_dtype, dropout_seed=c.train.seed,
+                                                  loss_chunk=c.train.loss_chunk),
                          donate_argnums=(0,))
     pad_token_id = _pad_token_id(tokenizer)
     held_out = HeldOut(c, tokenizer, model_cfg, demo_paths, graphdef, pad_token_id) \
@@ -369,6 +384,7 @@ def run(c: mlc.ConfigDict, workdir: str | os.PathLike, *, config_name: str = "co
         reporter.add(**counts)
         values = {"loss": float(host["loss"]), "grad_norm": float(host["grad_norm"])}
         step_log.write({"step": step, **values, "supervised_tokens": int(host["supervised_tokens"]),
+                        "token_efficiency": counts["tokens"] / max(counts["computed"], 1),
                         "skipped": not bool(host["finite"])})
         if reporter.due(step) or step == steps:
             lrs = opt.learning_rates({g: specs[g] for g in set(groups.values()) if g},
@@ -395,12 +411,8 @@ def run(c: mlc.ConfigDict, workdir: str | os.PathLike, *, config_name: str = "co
                 step += 1
                 if pending is not None:  # The previous step, while this one runs.
                     record(*pending)
-                lengths = local["attention_mask"].sum(axis=1)
-                images = int(local["image_mask"].sum()) * jax.process_count()
-                pending = (step, m, dict(
-                    tokens=int(lengths.sum()) * jax.process_count(), images=images, data_wait=data_wait,
-                    flops=flop_model.step_flops(lengths, images // jax.process_count(),
-                                                data.image_seq_length) * jax.process_count()))
+                pending = (step, m, dict(batch_counts(local, flop_model, data.image_seq_length),
+                                         data_wait=data_wait))
                 if held_out is not None and (step % c.eval_every == 0 or step == steps):
                     record(*pending)
                     pending = None
