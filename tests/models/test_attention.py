@@ -113,3 +113,38 @@ def test_remat_policy_same_loss_and_gradients(policy):
     (l0, g0), (l1, g1) = loss_and_grads("none"), loss_and_grads(policy)
     np.testing.assert_allclose(l1, l0, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g1, g0)
+
+
+MESH_SCRIPT = """
+import os
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+import jax, jax.numpy as jnp, numpy as np
+from llava_jax import sharding
+from llava_jax.models import attention
+from tests.models.test_attention import packed_segments, qkv
+
+mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+q, k, v = qkv(b=4, t=100)
+seg = packed_segments(4, 100, [[30, 50], [70], [100], [10, 10, 10]])
+reference = attention.attention(q, k, v, segment_ids=seg, impl="xla")
+with jax.set_mesh(mesh):
+    spec = sharding.logical_to_spec(("batch", None, "heads", None))
+    put = lambda x, s: jax.device_put(x, jax.sharding.NamedSharding(mesh, s))
+    args = [put(x, spec) for x in (q, k, v)] + [put(seg, jax.sharding.PartitionSpec(spec[0], None))]
+    out = jax.jit(lambda q, k, v, s: attention.attention(q, k, v, segment_ids=s, impl="splash"))(*args)
+real = np.asarray(seg > 0)
+print("max_error", float(np.abs(np.asarray(out) - np.asarray(reference))[real].max()))
+"""
+
+
+def test_splash_runs_per_shard_in_a_mesh():
+    """On 8 devices (data 2 x fsdp 2 x tensor 2) the kernel runs per batch / head shard and equals XLA."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run([sys.executable, "-c", MESH_SCRIPT], capture_output=True, text=True, timeout=600, cwd=root,
+                         env=dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert float(out.stdout.split("max_error")[1]) < 2e-5
