@@ -33,7 +33,6 @@ from flax import nnx
 from llava_jax.data.packing import LengthMix, pack_window, segment_lengths
 from llava_jax.data.pipeline import collate
 from llava_jax.infer.bench import PRESETS as GENERATE_PRESETS
-from llava_jax.infer.bench import build_models
 from llava_jax.models import clip_vit, llama
 from llava_jax.models.llava import LlavaConfig
 from llava_jax.train import metrics, recipes
