@@ -224,7 +224,7 @@ def run_train(args) -> list[dict]:
         runners["unpacked/transformers"] = transformers_runner(hf, batches["unpacked"], args.lora)
         info["unpacked/transformers"] = ("unpacked", 0.0, None)
     results = interleaved(runners, args.repeats)
-    flop_model = metrics.FlopModel.of(cfg, llm_trained=True)
+    flop_model = metrics.FlopModel.of(cfg, llm_trained=not args.lora)  # LoRA: the base LLM is frozen
     peak = metrics.device_peak_flops(args.peak_tflops)
     rows = []
     for name, result in results.items():

@@ -2,6 +2,7 @@
 the same samples run alone, and the remat policies against no remat."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -97,20 +98,21 @@ def test_packed_row_logits_equal_each_sample_alone():
         np.testing.assert_allclose(packed[0, start:stop], model(ids[:, start:stop])[0], rtol=1e-4, atol=1e-4)
 
 
+@functools.lru_cache(maxsize=None)
+def remat_loss_and_grads(remat):
+    ids = jax.random.randint(jax.random.key(1), (2, 24), 0, 97)
+    model = LlamaForCausalLM(dataclasses.replace(TINY, remat=remat), nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+
+    def loss(p):
+        logits = nnx.merge(graphdef, p)(ids)
+        return jnp.mean(jax.nn.log_softmax(logits)[..., 3])
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+
 @pytest.mark.parametrize("policy", [p for p in layers.REMAT_POLICIES if p != "none"])
 def test_remat_policy_same_loss_and_gradients(policy):
-    ids = jax.random.randint(jax.random.key(1), (2, 24), 0, 97)
-
-    def loss_and_grads(remat):
-        model = LlamaForCausalLM(dataclasses.replace(TINY, remat=remat), nnx.Rngs(0))
-        graphdef, params = nnx.split(model)
-
-        def loss(p):
-            logits = nnx.merge(graphdef, p)(ids)
-            return jnp.mean(jax.nn.log_softmax(logits)[..., 3])
-        return jax.jit(jax.value_and_grad(loss))(params)
-
-    (l0, g0), (l1, g1) = loss_and_grads("none"), loss_and_grads(policy)
+    (l0, g0), (l1, g1) = remat_loss_and_grads("none"), remat_loss_and_grads(policy)
     np.testing.assert_allclose(l1, l0, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g1, g0)
 
