@@ -74,7 +74,7 @@ def make_batches(cfg: LlavaConfig, batch: int, seq: int, steps: int, seed: int =
     """{"unpacked": [...], "packed": [...]}: `steps` batches of `batch` rows x `seq` tokens each."""
     p = cfg.image_seq_length
     max_images = max(1, seq // (p + max(4, seq // 20)))
-    samples = synthetic_samples(cfg, batch * steps * (max_images + 2), seq, seed)
+    samples = synthetic_samples(cfg, 4 * batch * steps * (max_images + 2), seq, seed)
     unpacked = [collate(samples[i * batch:(i + 1) * batch], buckets=(seq,), pad_token_id=0, max_images=1,
                         image_size=cfg.vision.image_size) for i in range(steps)]
     rows = pack_window(samples, method="best_fit", length=seq, max_images=max_images, pad_token_id=0)

@@ -81,3 +81,17 @@ def test_packing_beats_bucketing_on_the_mix665k_like_mix():
 def test_segment_lengths():
     seg = np.asarray([[1, 1, 2, 2, 2, 0], [1, 1, 1, 1, 1, 1]])
     np.testing.assert_array_equal(packing.segment_lengths(seg), [2, 3, 6])
+
+
+def markers(batches):
+    return sorted(int(batch["input_ids"][row, start]) % 1000 for batch in batches for row in range(len(batch["input_ids"]))
+                  for start, _ in segments_of(batch, row))
+
+
+def test_each_process_packs_its_own_samples_with_or_without_grouping():
+    source = ListSource(make_records(96, text_every=4))
+    for grouped in (False, True):
+        streams = [list(iterator_for([source], process_index=p, process_count=2, group_by_modality_length=grouped,
+                                     **{**PACKED, "global_batch_size": 2})) for p in range(2)]
+        first, second = markers(streams[0]), markers(streams[1])
+        assert first and second and not set(first) & set(second)
