@@ -256,8 +256,8 @@ def report(args, rows: list[dict], cfg: LlavaConfig) -> None:
         ref = by[("unpacked", "transformers")]
         for layout in ("unpacked", "packed"):
             ours = by[(layout, "llava_jax")]
-            print(f"ratio llava_jax {layout} / transformers unpacked: {ours['tokens_per_s'] / ref['tokens_per_s']:.2f}x "
-                  f"real tokens/s")
+            ratio = ours["tokens_per_s"] / ref["tokens_per_s"]
+            print(f"ratio llava_jax {layout} / transformers unpacked: {ratio:.2f}x real tokens/s")
     stats = device.memory_stats() or {}
     if "peak_bytes_in_use" in stats:
         print(f"device peak memory: {stats['peak_bytes_in_use'] / 2**30:.2f} GiB")

@@ -15,7 +15,8 @@ PACKED = dict(packing="best_fit", pack_length=40, pack_window=8, max_images_per_
 def segments_of(batch, row):
     """[(start, stop)] of each sample in a packed row."""
     seg = batch["segment_ids"][row]
-    return [(int(np.argmax(seg == s)), int(np.argmax(seg == s)) + int((seg == s).sum())) for s in range(1, seg.max() + 1)]
+    return [(int(np.argmax(seg == s)), int(np.argmax(seg == s)) + int((seg == s).sum()))
+            for s in range(1, seg.max() + 1)]
 
 
 def test_packed_rows_hold_whole_samples_with_their_images_in_order():
@@ -84,8 +85,8 @@ def test_segment_lengths():
 
 
 def markers(batches):
-    return sorted(int(batch["input_ids"][row, start]) % 1000 for batch in batches for row in range(len(batch["input_ids"]))
-                  for start, _ in segments_of(batch, row))
+    return sorted(int(batch["input_ids"][row, start]) % 1000 for batch in batches
+                  for row in range(len(batch["input_ids"])) for start, _ in segments_of(batch, row))
 
 
 def test_each_process_packs_its_own_samples_with_or_without_grouping():
