@@ -86,25 +86,27 @@ def _splash(q, k, v, segment_ids, causal):
 
 
 def _splash_local(q, k, v, segment_ids, *, causal, interpret):
-    """The kernel on this device's rows: q [b, T, n, d], k / v [b, T, kv, d] (T a multiple of 128)."""
+    """The kernel on this device's rows: q [b, T, n, d], k / v [b, T, kv, d] (T a multiple of 128). Grouped-query
+    heads run the multi-query kernel once per kv head (no repeated keys and values)."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as kernel_lib
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as mask_lib
 
-    _, t, n, d = q.shape
-    if k.shape[2] != n:  # grouped-query: each kv head serves n / kv query heads
-        k, v = (jnp.repeat(x, n // x.shape[2], axis=2) for x in (k, v))
+    b, t, n, d = q.shape
+    kv = k.shape[2]
     head_mask = mask_lib.CausalMask((t, t)) if causal else mask_lib.FullMask((t, t))
-    block = min(512, t) if t % 512 == 0 else _SPLASH_BLOCK
+    block = 512 if t % 512 == 0 else _SPLASH_BLOCK
     sizes = kernel_lib.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
                                   block_kv_dkv=block, block_kv_dkv_compute=block, block_q_dq=block,
                                   block_kv_dq=block)
-    kernel = kernel_lib.make_splash_mha(mask_lib.MultiHeadMask([head_mask] * n), head_shards=1,
-                                        q_seq_shards=1, block_sizes=sizes, interpret=interpret)
+    kernel = kernel_lib.make_splash_mqa_single_device(mask_lib.MultiHeadMask([head_mask] * (n // kv)),
+                                                      block_sizes=sizes, interpret=interpret)
     scale = np.float32(1.0 / np.sqrt(d)).astype(q.dtype)
-    to_heads = lambda x: x.swapaxes(1, 2)  # [b, T, n, d] -> [b, n, T, d]
+    q = (q * scale).reshape(b, t, kv, n // kv, d).transpose(0, 2, 3, 1, 4)   # [b, kv, group, T, d]
+    k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)                  # [b, kv, T, d]
 
     def one_row(qr, kr, vr, seg):
-        return kernel(qr, kr, vr, segment_ids=kernel_lib.SegmentIds(q=seg, kv=seg))
+        ids = kernel_lib.SegmentIds(q=seg, kv=seg)
+        return jax.vmap(lambda qh, kh, vh: kernel(qh, kh, vh, segment_ids=ids))(qr, kr, vr)
 
-    out = jax.vmap(one_row)(to_heads(q * scale), to_heads(k), to_heads(v), segment_ids)
-    return out.swapaxes(1, 2).astype(q.dtype)
+    out = jax.vmap(one_row)(q, k, v, segment_ids)                             # [b, kv, group, T, d]
+    return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, d).astype(q.dtype)
