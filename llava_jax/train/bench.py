@@ -21,6 +21,7 @@ import dataclasses
 import json
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -30,11 +31,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from llava_jax import convert
+from llava_jax.convert.build import with_runtime
 from llava_jax.data.packing import LengthMix, pack_window, segment_lengths
 from llava_jax.data.pipeline import collate
 from llava_jax.infer.bench import PRESETS as GENERATE_PRESETS
+from llava_jax.infer.bench import _transformers_model
 from llava_jax.models import clip_vit, llama
-from llava_jax.models.llava import LlavaConfig
+from llava_jax.models.llava import LlavaConfig, LlavaForConditionalGeneration
+from llava_jax.train import lora as lora_lib
 from llava_jax.train import metrics, recipes
 from llava_jax.train import optimizer as opt
 from llava_jax.train import step as step_lib
@@ -111,23 +116,13 @@ def build(cfg: LlavaConfig, compute_dtype, *, lora: bool, remat: str, attention_
     runtime = dict(dtype=compute_dtype, param_dtype=jnp.float32, remat=remat, attention_impl=attention_impl)
     hf = None
     if compare:
-        import tempfile
-
-        from llava_jax import convert
-        from llava_jax.infer.bench import _transformers_model
-
         hf = _transformers_model(cfg, jnp.float32, 0, "cpu")
         with tempfile.TemporaryDirectory() as tmp:
             hf.save_pretrained(tmp)
             model = convert.from_hf(tmp, **runtime)
     else:
-        from llava_jax.convert.io import with_runtime
-        from llava_jax.models.llava import LlavaForConditionalGeneration
-
         model = LlavaForConditionalGeneration(with_runtime(cfg, **runtime), rngs=nnx.Rngs(0))
     if lora:
-        from llava_jax.train import lora as lora_lib
-
         lora_lib.add_adapters(model, rank=8, alpha=16.0, rngs=nnx.Rngs(1))
     groups = opt.resolve_groups(nnx.state(model, nnx.Param),
                                 recipes.STAGE2_LORA_RULES if lora else recipes.STAGE2_RULES)
