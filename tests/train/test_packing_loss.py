@@ -47,7 +47,7 @@ def loss_and_grads(model, batch):
     return float(loss), int(count), grads
 
 
-@pytest.mark.parametrize("attention_impl", ["xla", "splash"])
+@pytest.mark.parametrize("attention_impl", ["xla", pytest.param("splash", marks=pytest.mark.slow)])
 def test_packed_batch_equals_unpacked(attention_impl):
     samples = random_samples(7)
     text = llama.LlamaConfig(**{**CONFIG.text.__dict__, "attention_impl": attention_impl})
