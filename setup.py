@@ -2,6 +2,14 @@
 
 from setuptools import find_packages, setup
 
+SERVE = [
+    "fastapi>=0.115,<1",
+    "uvicorn>=0.30,<1",
+    "httpx>=0.27,<1",
+    "openai>=1.40,<4",
+    "gradio>=6,<7",
+]
+
 setup(
     name="llava_jax",
     version="0.1.0",
@@ -23,14 +31,19 @@ setup(
         "grain>=0.2.18,<0.3",
         "einops>=0.8,<0.9",
         "ml_collections>=1.1,<2",
-        "pillow>=13,<14",
+        "pillow>=12.3,<14",  # gradio (the serve extra) still requires pillow < 13
         "etils[epath]>=1.15",
         "numpy>=2.4,<3",
         "tensorboardX>=2.6",
         "tqdm>=4.70",
     ],
     extras_require={
+        # The OpenAI-compatible server and the web chat (python -m llava_jax.serve).
+        "serve": SERVE,
         "test": [
+            *SERVE,
+            # Drives the system Chromium in the web chat's browser test.
+            "playwright>=1.45,<2",
             "pytest>=9,<10",
             # CPU build of PyTorch: the reference implementation in parity tests.
             "torch==2.13.0",

@@ -34,7 +34,7 @@ import dataclasses
 import functools
 import os
 from pathlib import Path
-from typing import Callable, NamedTuple, Sequence
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -442,41 +442,71 @@ class Generator:
         return _Static(self.graphdef, greedy, self.eos_token_ids, stop_ids, self.pad_id,
                        split_prefill=last_is_text and batch.ids.shape[1] > 1)
 
-    def _run(self, prompts, images, max_new_tokens, sampling: Sampling, rng, stop: tuple[str, ...],
-             stream: StreamCallback | None, min_rows: int = 1) -> tuple[np.ndarray, np.ndarray]:
-        """-> (tokens int32 [B, max_new_tokens], lengths int32 [B]) for the real rows."""
+    def _start(self, prompts, images, max_new_tokens, sampling: Sampling, rng, stop: tuple[str, ...],
+               min_rows: int = 1, ignore_eos: bool = False):
+        """Batches the prompts and runs the prefill -> (carry, key, sampling arrays, static, real rows)."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
         batch = self.make_batch(prompts, images, min_rows=min_rows)
         key = rng if isinstance(rng, jax.Array) else jax.random.key(0 if rng is None else int(rng))
         static = self.static(batch, sampling.greedy, self._stop_ids(stop))
+        if ignore_eos:
+            static = dataclasses.replace(static, eos_ids=())
         params = sampling.arrays()
         carry = _prefill(self.state, batch.ids, batch.mask, batch.pixels, batch.image_mask, batch.done, key, params,
                          static=static, cache_length=batch.ids.shape[1] + max_new_tokens,
                          max_new_tokens=max_new_tokens)
-        if stream is None:
-            carry = _decode_loop(self.state, carry, key, params, static=static)
-        else:
-            carry = self._stream(carry, key, params, static, stop, stream, batch.num_rows)
-        tokens, lengths = jax.device_get((carry.tokens, carry.lengths))
-        return tokens[:batch.num_rows], lengths[:batch.num_rows]
+        return carry, key, params, static, batch.num_rows
 
-    def _stream(self, carry: _Carry, key, params, static: _Static, stop: tuple[str, ...], stream: StreamCallback,
-                num_rows: int) -> _Carry:
-        streamers = [_TextStreamer(self, stop, lambda piece, r=r: stream(r, piece)) for r in range(num_rows)]
+    def _run(self, prompts, images, max_new_tokens, sampling: Sampling, rng, stop: tuple[str, ...],
+             stream: StreamCallback | None, min_rows: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """-> (tokens int32 [B, max_new_tokens], lengths int32 [B]) for the real rows."""
+        if stream is not None:
+            return self._stream(self._steps(prompts, images, max_new_tokens, sampling, rng, stop, min_rows), stop,
+                                stream, len(prompts))
+        carry, key, params, static, num_rows = self._start(prompts, images, max_new_tokens, sampling, rng, stop,
+                                                           min_rows)
+        carry = _decode_loop(self.state, carry, key, params, static=static)
+        tokens, lengths = jax.device_get((carry.tokens, carry.lengths))
+        return tokens[:num_rows], lengths[:num_rows]
+
+    def decode_steps(self, prompts: Sequence[Prompt], images: Sequence[Sequence] | None = None, *,
+                     max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+                     rng: jax.Array | int | None = None, stop: Sequence[str] | None = None, min_rows: int = 1,
+                     ignore_eos: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Decodes one step at a time, driven from the host (streaming, serving).
+
+        Same arguments as `generate`; `ignore_eos`: rows go on past an EOS (benchmarks). Yields
+        `(tokens int32 [R, max_new_tokens], lengths int32 [R], done bool [R])` of the R real rows after the
+        prefill and after every decode step, until every row is done (EOS or a stop string's tokens) or the
+        token buffer is full. A caller that needs no more steps stops iterating.
+        """
+        return self._steps(prompts, images, max_new_tokens, Sampling(temperature, top_k, top_p), rng,
+                           self._stops(stop), min_rows, ignore_eos)
+
+    def _steps(self, prompts, images, max_new_tokens, sampling: Sampling, rng, stop: tuple[str, ...],
+               min_rows: int = 1, ignore_eos: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        carry, key, params, static, num_rows = self._start(prompts, images, max_new_tokens, sampling, rng, stop,
+                                                           min_rows, ignore_eos)
         limit = carry.tokens.shape[1]
         while True:
             tokens, lengths, done = jax.device_get((carry.tokens, carry.lengths, carry.done))
+            yield tokens[:num_rows], lengths[:num_rows], done[:num_rows]
+            if done.all() or int(carry.step) >= limit:
+                return
+            carry = _decode_one(self.state, carry, key, params, static=static)
+
+    def _stream(self, steps: Iterator, stop: tuple[str, ...], stream: StreamCallback,
+                num_rows: int) -> tuple[np.ndarray, np.ndarray]:
+        streamers = [TextStreamer(self, stop, lambda piece, r=r: stream(r, piece)) for r in range(num_rows)]
+        for tokens, lengths, done in steps:
             for r, streamer in enumerate(streamers):
                 streamer.update(tokens[r, :lengths[r]])
-            finished = np.asarray(done).copy()
-            finished[:num_rows] |= [s.stopped for s in streamers]
-            if finished.all() or int(carry.step) >= limit:
+            if all(d or s.stopped for d, s in zip(done, streamers)):
                 break
-            carry = _decode_one(self.state, carry, key, params, static=static)
         for streamer in streamers:
             streamer.flush()
-        return carry
+        return tokens, lengths
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -585,9 +615,10 @@ def _cut_at_stop(text: str, stop: Sequence[str]) -> str:
     return text[:cut]
 
 
-class _TextStreamer:
+class TextStreamer:
     """Emits the new part of one row's decoded text, holding back what may still become a stop string or an
-    incomplete character."""
+    incomplete character. `update(tokens)` with the row's tokens so far; `stopped` once a stop string is seen;
+    `text` the answer so far (cut at the stop string); `flush()` emits the rest."""
 
     def __init__(self, generator: Generator, stop: tuple[str, ...], emit: Callable[[str], None]):
         self.generator, self.stop, self.emit = generator, stop, emit
@@ -619,5 +650,5 @@ def _held_back(text: str, stop: str) -> int:
     return 0
 
 
-__all__ = ["Generator", "Batch", "Sampling", "ModelLoadError", "bucket_length", "decoding_layout", "default_template",
-           "filter_logits", "load_model", "next_token"]
+__all__ = ["Generator", "Batch", "Sampling", "ModelLoadError", "TextStreamer", "bucket_length", "decoding_layout",
+           "default_template", "filter_logits", "load_model", "next_token"]

@@ -1,0 +1,158 @@
+"""Server throughput: the same requests one by one, then from concurrent clients.
+
+    python -m llava_jax.infer.serve.bench --model DIR [--clients 16] [--requests 64] [--max-tokens 16]
+
+Starts `python -m llava_jax.serve` in its own process on 127.0.0.1 (a free port), warms up (every batch size,
+then both passes once, so compiles are not timed), then sends `--requests` chat completions (a demo scene as
+a data: URL and a demo question each, greedy) one at a time, and the same requests from `--clients` threads.
+Prints completion tokens/s, requests/s and p50 / p95 latency of both, and their ratio. `--ignore-eos` makes
+every answer `--max-tokens` long (vLLM's extension).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import concurrent.futures
+import contextlib
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from typing import Iterator, Sequence
+
+import numpy as np
+
+
+def demo_requests(n: int, max_tokens: int, seed: int = 0, ignore_eos: bool = False) -> list[dict]:
+    """`n` chat requests about synthetic demo scenes (64 px PNG data URLs) with the demo's questions."""
+    from llava_jax.data import synthetic
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for k in range(n):
+        category = synthetic.CATEGORIES[k % len(synthetic.CATEGORIES)]
+        scene = synthetic.Scene(synthetic.SHAPES[k % 4], list(synthetic.COLORS)[k % 5], (int(rng.integers(4)),))
+        buf = io.BytesIO()
+        synthetic.draw_scene(scene, 64, rng).save(buf, "PNG")
+        url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+        question = synthetic.QUESTIONS[category][k % 3] + synthetic.SHORT_ANSWER_SUFFIX
+        out.append({"model": "bench", "max_tokens": max_tokens, "temperature": 0, "ignore_eos": ignore_eos,
+                    "messages": [
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                         {"type": "text", "text": question}]}]})
+    return out
+
+
+def _send(client, body: dict) -> tuple[float, int]:
+    start = time.perf_counter()
+    response = client.post("/v1/chat/completions", json=body)
+    response.raise_for_status()
+    return time.perf_counter() - start, response.json()["usage"]["completion_tokens"]
+
+
+def run(url: str, requests: list[dict], clients: int) -> dict:
+    """Sends `requests` from `clients` threads (1: one by one) -> throughput and latency figures."""
+    import httpx
+
+    pool_clients = [httpx.Client(base_url=url, timeout=600) for _ in range(clients)]
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        results = list(pool.map(lambda kv: _send(pool_clients[kv[0] % clients], kv[1]), enumerate(requests)))
+    wall = time.perf_counter() - start
+    for client in pool_clients:
+        client.close()
+    latency = np.array([r[0] for r in results])
+    tokens = sum(r[1] for r in results)
+    return {"clients": clients, "requests": len(requests), "completion_tokens": tokens, "wall_s": wall,
+            "tokens_per_s": tokens / wall, "requests_per_s": len(requests) / wall,
+            "p50_latency_s": float(np.percentile(latency, 50)), "p95_latency_s": float(np.percentile(latency, 95))}
+
+
+def warm_up(url: str, requests: list[dict], clients: int) -> None:
+    """Compiles before timing: groups of 1, 2, 4, ... concurrent requests (each batch size), then both passes."""
+    size = 1
+    while size < clients:
+        run(url, requests[:size], size)
+        size *= 2
+    run(url, requests, 1)
+    run(url, requests, clients)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m llava_jax.infer.serve.bench", description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="as for python -m llava_jax.serve")
+    p.add_argument("--clients", type=int, default=16)
+    p.add_argument("--requests", type=int, default=64)
+    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--max-batch", type=int, default=16)
+    p.add_argument("--batch-window-ms", type=float, default=50.0)
+    p.add_argument("--ignore-eos", action="store_true", help="every answer is --max-tokens long")
+    p.add_argument("--json", help="also write the figures to this file")
+    return p
+
+
+@contextlib.contextmanager
+def server_process(args, timeout_s: float = 600.0) -> Iterator[str]:
+    """`python -m llava_jax.serve` on a free 127.0.0.1 port -> its URL, once /health answers."""
+    import httpx
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "llava_jax.serve", "--model", args.model, "--port", str(port),
+               "--max-batch", str(args.max_batch), "--max-queue", str(max(args.requests, 1)),
+               "--batch-window-ms", str(args.batch_window_ms), "--log-level", "warning"]
+    server = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + timeout_s
+    try:
+        while True:
+            if server.poll() is not None:
+                raise RuntimeError(f"the server exited with status {server.returncode}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not answer within {timeout_s} s")
+            time.sleep(0.5)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import httpx
+
+    args = build_parser().parse_args(argv)
+    requests = demo_requests(args.requests, args.max_tokens, ignore_eos=args.ignore_eos)
+    try:
+        with server_process(args) as url:
+            warm_up(url, requests, args.clients)
+            one = run(url, requests, 1)
+            before = httpx.get(url + "/health", timeout=30).json()
+            many = run(url, requests, args.clients)
+            after = httpx.get(url + "/health", timeout=30).json()
+        many["mean_batch"] = (after["rows"] - before["rows"]) / max(after["batches"] - before["batches"], 1)
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"{'':>22} {'tokens/s':>9} {'requests/s':>10} {'p50 s':>7} {'p95 s':>7} {'tokens':>7}")
+    for name, r in (("one by one", one), (f"{args.clients} concurrent clients", many)):
+        print(f"{name:>22} {r['tokens_per_s']:9.1f} {r['requests_per_s']:10.2f} {r['p50_latency_s']:7.3f} "
+              f"{r['p95_latency_s']:7.3f} {r['completion_tokens']:7d}")
+    ratio = many["tokens_per_s"] / one["tokens_per_s"]
+    print(f"concurrent / one by one: {ratio:.2f}x tokens/s ({args.requests} requests, max_tokens "
+          f"{args.max_tokens}{', ignore_eos' if args.ignore_eos else ''}, max batch {args.max_batch}, mean batch "
+          f"{many['mean_batch']:.1f})")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"one_by_one": one, "concurrent": many, "ratio": ratio, "args": vars(args)}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

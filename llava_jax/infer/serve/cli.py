@@ -1,0 +1,159 @@
+"""`python -m llava_jax.serve --model DIR`: serve a LLaVA model over the OpenAI Chat Completions API.
+
+The model is loaded as the chat CLI loads it (a Hugging Face LLaVA folder, a llava_jax folder or a finished
+training workdir; the same template rule) and answers through one batching engine. It listens on
+127.0.0.1 unless `--host` says otherwise. `--ui` adds the web chat at /ui. Bad arguments print one
+`error: ...` line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Iterator, Sequence
+
+EXIT_BAD_INPUT = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m llava_jax.serve", description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True,
+                   help="a Hugging Face LLaVA folder, a llava_jax folder (convert.save) or a training workdir")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default %(default)s: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model-name", help="the model id in /v1/models and answers (default: the folder's name)")
+    p.add_argument("--template", help="conversation template (default: chosen from the model, as the chat CLI)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--tokenizer", help="tokenizer folder (default: the model folder)")
+    p.add_argument("--max-batch", type=int, default=16, help="most requests decoded together")
+    p.add_argument("--max-queue", type=int, default=256, help="most waiting requests; more get 429")
+    p.add_argument("--batch-window-ms", type=float, default=50.0,
+                   help="how long a request may wait for others already on their way (a lone one never waits)")
+    p.add_argument("--api-key", default=os.environ.get("LLAVA_JAX_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $LLAVA_JAX_API_KEY; none: no key)")
+    p.add_argument("--allowed-media-dir", help="accept file:// image URLs of files under this folder")
+    p.add_argument("--allow-remote-images", action="store_true", help="fetch http(s):// image URLs")
+    p.add_argument("--max-image-bytes", type=int, default=20 << 20)
+    p.add_argument("--max-request-bytes", type=int, default=64 << 20, help="largest request body")
+    p.add_argument("--max-image-pixels", type=int, default=4096 * 4096,
+                   help="width x height, checked before decoding")
+    p.add_argument("--max-prompt-tokens", type=int, help="default: the model's context")
+    p.add_argument("--max-tokens", type=int, default=1024, help="the largest max_tokens a request may ask for")
+    p.add_argument("--ui", action="store_true", help="serve the web chat at /ui")
+    p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    return p
+
+
+class BadArgs(Exception):
+    """A bad argument or model folder; the message is printed as one line."""
+
+
+def _check(args) -> None:
+    if not 0 < args.port < 65536:
+        raise BadArgs(f"--port {args.port} is not a port number")
+    for name in ("max_batch", "max_queue", "max_image_bytes", "max_request_bytes", "max_image_pixels", "max_tokens"):
+        if getattr(args, name) < 1:
+            raise BadArgs(f"--{name.replace('_', '-')} must be >= 1")
+    if args.allowed_media_dir is not None and not Path(args.allowed_media_dir).is_dir():
+        raise BadArgs(f"--allowed-media-dir: folder not found: {args.allowed_media_dir}")
+
+
+def build_engine(args):
+    """Loads the model as the chat CLI does -> a started Engine."""
+    from llava_jax.data.conversation import get_template
+    from llava_jax.infer.generate import Generator, ModelLoadError, load_model
+    from llava_jax.infer.serve.engine import Engine
+
+    try:
+        template = get_template(args.template) if args.template else None
+        model, tokenizer, image_config, default = load_model(args.model, dtype=args.dtype, tokenizer=args.tokenizer)
+    except (ModelLoadError, FileNotFoundError) as e:
+        raise BadArgs(str(e)) from None
+    except KeyError as e:
+        raise BadArgs(e.args[0]) from None
+    generator = Generator(model, tokenizer, image_config=image_config, template=template or default)
+    return Engine(generator, max_batch=args.max_batch, max_queue=args.max_queue,
+                  batch_window_s=args.batch_window_ms / 1000).start()
+
+
+def build_app(args, engine):
+    from llava_jax.infer.serve.app import ServerConfig, create_app
+    from llava_jax.infer.serve.protocol import ImagePolicy, Limits
+
+    images = ImagePolicy(max_bytes=args.max_image_bytes, max_pixels=args.max_image_pixels,
+                         media_dir=Path(args.allowed_media_dir) if args.allowed_media_dir else None,
+                         allow_remote=args.allow_remote_images)
+    config = ServerConfig(model_name=args.model_name or Path(args.model).resolve().name, api_key=args.api_key,
+                          limits=Limits(args.max_prompt_tokens, args.max_tokens, images),
+                          max_request_bytes=args.max_request_bytes)
+    app = create_app(engine, config)
+    if args.ui:
+        from llava_jax.infer.serve.web import mount_ui
+
+        mount_ui(app, engine, config)
+    return app
+
+
+@contextlib.contextmanager
+def serve_in_background(app, host: str = "127.0.0.1", port: int = 0, timeout_s: float = 60.0) -> Iterator[str]:
+    """Runs `app` with uvicorn on a thread (port 0: a free port) -> its base URL; stops it on exit."""
+    import uvicorn
+
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + timeout_s
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"the server did not start on {host}:{sock.getsockname()[1]}")
+        time.sleep(0.02)
+    try:
+        yield f"http://{host}:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout_s)
+        sock.close()
+
+
+def _check_installed(ui: bool) -> None:
+    import importlib.util
+
+    missing = [m for m in ("fastapi", "uvicorn", "httpx") + (("gradio",) if ui else ())
+               if importlib.util.find_spec(m) is None]
+    if missing:
+        raise BadArgs(f"{', '.join(missing)} not installed: pip install -e '.[serve]'")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        _check_installed(args.ui)
+        _check(args)
+        engine = build_engine(args)
+    except BadArgs as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    logging.basicConfig(level=args.log_level.upper())
+    if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        logging.warning("serving on %s without --api-key: anyone who reaches this address can use the model",
+                        args.host)
+    import uvicorn
+
+    try:
+        uvicorn.run(build_app(args, engine), host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        engine.close()
+    return 0
+
+
+__all__ = ["BadArgs", "build_parser", "build_engine", "build_app", "serve_in_background", "main"]
