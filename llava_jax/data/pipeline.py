@@ -10,7 +10,8 @@ Stages (grain dataset API):
 4. Read, decode, preprocess and tokenize each sample (in worker processes with `worker_count > 0`,
    `mp_prefetch`); a `BadSample` becomes a `Rejected` marker instead of an exception.
 5. In the main process: drop the markers, counting them by reason (strict mode raises instead), and
-   batch `b` samples padded to the smallest length bucket that fits.
+   batch `b` samples padded to the smallest length bucket that fits, or pack samples several to a row
+   (`packing`, see `llava_jax.data.packing`) and batch `b` rows.
 
 The order depends only on (seed, sources, global batch size, process count), never on the number of
 workers. `TrainIterator.get_state()` / `set_state()` (and grain's Orbax `CheckpointSave` /
@@ -77,6 +78,12 @@ class PipelineConfig:
       read_threads, read_buffer_size: threads and look-ahead (samples) of each reading process.
       report_every: log padding and bad-sample counts every that many batches (0: never).
       log_first_bad: sample ids logged per bad-sample reason.
+      packing: "none" (each row one sample, padded to a length bucket), "first_fit" or "best_fit": several
+        samples per row of `pack_length` tokens with their images (`llava_jax.data.packing`); then
+        `global_batch_size` counts rows, not samples.
+      pack_length: tokens per packed row (0: the largest length bucket); >= max_length.
+      pack_window: samples the packer sees at a time.
+      max_images_per_row: image slots I of a packed row (0: max_images_per_sample).
     """
 
     sources: tuple[Any, ...]
@@ -101,6 +108,10 @@ class PipelineConfig:
     read_buffer_size: int = 64
     report_every: int = 100
     log_first_bad: int = 5
+    packing: str = "none"
+    pack_length: int = 0
+    pack_window: int = 256
+    max_images_per_row: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "sources", tuple(self.sources))
@@ -122,6 +133,18 @@ class PipelineConfig:
             raise ValueError(f"PipelineConfig.max_bad_in_row must be >= 1, got {self.max_bad_in_row}")
         if self.num_epochs is not None and self.num_epochs <= 0:
             raise ValueError(f"PipelineConfig.num_epochs must be positive or None, got {self.num_epochs}")
+        from llava_jax.data.packing import METHODS
+
+        if self.packing not in METHODS:
+            raise ValueError(f"PipelineConfig.packing {self.packing!r} is not one of {METHODS}")
+        object.__setattr__(self, "pack_length", self.pack_length or buckets[-1])
+        object.__setattr__(self, "max_images_per_row", self.max_images_per_row or self.max_images_per_sample)
+        if self.packing != "none" and (self.pack_length < self.max_length or self.pack_window <= 0
+                                       or self.max_images_per_row < self.max_images_per_sample):
+            raise ValueError(f"PipelineConfig: packing needs pack_length ({self.pack_length}) >= max_length "
+                             f"({self.max_length}), a positive pack_window ({self.pack_window}) and "
+                             f"max_images_per_row ({self.max_images_per_row}) >= max_images_per_sample "
+                             f"({self.max_images_per_sample})")
 
     @property
     def image_size(self) -> int:
@@ -440,9 +463,14 @@ class TrainIterator(grain.DatasetIterator):
         """Padded / all token positions over every batch yielded so far."""
         return 0.0 if self._positions == 0 else 1.0 - self._real_tokens / self._positions
 
+    def token_efficiency(self) -> float:
+        """Real tokens / computed token positions over every batch yielded so far (1 - padding fraction)."""
+        return 1.0 - self.padding_fraction()
+
     def report(self) -> str:
         counts = ", ".join(f"{k}={v}" for k, v in sorted(self._counter.counts.items())) or "none"
-        return (f"{self._batches} batches: padding fraction {self.padding_fraction():.3f}; "
+        return (f"{self._batches} batches: padding fraction {self.padding_fraction():.3f} (real/computed tokens "
+                f"{self.token_efficiency():.3f}); "
                 f"bad samples skipped: {counts}")
 
     def __str__(self) -> str:
@@ -530,7 +558,8 @@ def make_train_iterator(config: PipelineConfig, tokenizer=None, *, process_index
     Returns:
       an iterator of dicts with input_ids int32 [b, T], labels int32 [b, T], attention_mask int32 [b, T],
       pixel_values float32 [b, I, 3, S, S], image_mask bool [b, I]; b = global_batch_size /
-      process_count, T one of `config.length_buckets`, I = max_images_per_sample.
+      process_count, T one of `config.length_buckets`, I = max_images_per_sample. Packed
+      (`config.packing`): T = pack_length, I = max_images_per_row, plus segment_ids and positions [b, T].
     """
     process_index, process_count = _process_index_and_count(process_index, process_count)
     if sample_processor is None:
@@ -547,8 +576,16 @@ def make_train_iterator(config: PipelineConfig, tokenizer=None, *, process_index
             num_workers=config.worker_count, per_worker_buffer_size=config.worker_buffer_size))
     counter = BadSampleCounter(strict=config.strict, log_first=config.log_first_bad,
                                max_in_row=config.max_bad_in_row)
-    batch_fn = functools.partial(collate, buckets=config.length_buckets, pad_token_id=pad_token_id,
-                                 max_images=config.max_images_per_sample, image_size=config.image_size)
-    dataset = dataset.filter(counter).batch(config.global_batch_size // process_count, drop_remainder=True,
-                                            batch_fn=batch_fn)
+    rows = config.global_batch_size // process_count
+    if config.packing == "none":
+        batch_fn = functools.partial(collate, buckets=config.length_buckets, pad_token_id=pad_token_id,
+                                     max_images=config.max_images_per_sample, image_size=config.image_size)
+        dataset = dataset.filter(counter).batch(rows, drop_remainder=True, batch_fn=batch_fn)
+    else:
+        from llava_jax.data import packing
+
+        dataset = packing.pack(dataset.filter(counter), method=config.packing, length=config.pack_length,
+                               max_images=config.max_images_per_row, window=config.pack_window,
+                               seed=config.seed + process_index, pad_token_id=pad_token_id)
+        dataset = dataset.batch(rows, drop_remainder=True)
     return TrainIterator(iter(dataset), counter, report_every=config.report_every)

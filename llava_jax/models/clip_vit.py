@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from llava_jax.models import layers
+from llava_jax.models import attention, layers
 from llava_jax.models.layers import LayerNorm, Linear
 
 ACTIVATIONS = {
@@ -48,8 +48,10 @@ class CLIPVisionConfig:
     param_dtype: Any = jnp.float32
     scan_layers: bool = True
     remat: str = "none"
+    attention_impl: str | None = None   # `llava_jax.models.attention` kernel: None / "xla", "cudnn", "splash"
 
     def __post_init__(self):
+        attention.check_impl(self.attention_impl)
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(f"CLIPVisionConfig: hidden_size {self.hidden_size} is not divisible by "
                              f"num_attention_heads {self.num_attention_heads}")
@@ -137,8 +139,8 @@ class PositionEmbedding(nnx.Module):
 class CLIPAttention(nnx.Module):
     """Bidirectional multi-head self-attention with biased q/k/v/out projections."""
 
-    def __init__(self, dim: int, num_heads: int, *, dtype, param_dtype, rngs: nnx.Rngs | None):
-        self.num_heads = num_heads
+    def __init__(self, dim: int, num_heads: int, *, impl: str | None, dtype, param_dtype, rngs: nnx.Rngs | None):
+        self.num_heads, self.impl = num_heads, impl
         kw = dict(use_bias=True, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.k_proj = Linear(dim, dim, axes=("heads", "embed"), **kw)
         self.v_proj = Linear(dim, dim, axes=("heads", "embed"), **kw)
@@ -149,7 +151,7 @@ class CLIPAttention(nnx.Module):
         """x [N, T, D] -> [N, T, D]."""
         split = lambda t: einops.rearrange(t, "n t (h k) -> n t h k", h=self.num_heads)
         q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
-        out = jax.nn.dot_product_attention(q, k, v)
+        out = attention.attention(q, k, v, causal=False, impl=self.impl)
         return self.out_proj(einops.rearrange(out, "n t h k -> n t (h k)"))
 
 
@@ -170,7 +172,7 @@ class CLIPEncoderLayer(nnx.Module):
 
     def __init__(self, cfg: CLIPVisionConfig, rngs: nnx.Rngs | None):
         kw = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype, rngs=rngs)
-        self.self_attn = CLIPAttention(cfg.hidden_size, cfg.num_attention_heads, **kw)
+        self.self_attn = CLIPAttention(cfg.hidden_size, cfg.num_attention_heads, impl=cfg.attention_impl, **kw)
         self.layer_norm1 = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, **kw)
         self.mlp = CLIPMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act, **kw)
         self.layer_norm2 = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, **kw)

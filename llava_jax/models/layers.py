@@ -148,11 +148,24 @@ def make_stack(factory: Callable[[nnx.Rngs], nnx.Module], num_layers: int, rngs:
     return build(rngs)
 
 
+# Activations the decoder layers name with `jax.ad_checkpoint.checkpoint_name` (in the compute dtype, bf16
+# in training): q/k/v projections, attention output (before o_proj), o_proj output, MLP gate / up / down.
+QKV_NAMES = ("query_proj", "key_proj", "value_proj")
+ATTENTION_NAMES = QKV_NAMES + ("attention_out", "out_proj")
+MLP_NAMES = ("mlp_gate", "mlp_up", "mlp_out")
+_save = jax.checkpoint_policies.save_only_these_names
+
+# Which activations the backward pass keeps (the rest is recomputed). `dots*` save the float32 outputs of
+# every matmul; the named policies save bf16 projection outputs (MaxText style).
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.checkpoint_dots,
     "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "save_qkv_proj": _save(*QKV_NAMES),
+    "save_dot_except_mlp": _save(*ATTENTION_NAMES),
+    "save_attention_out": _save("attention_out", "out_proj"),
+    "save_proj_bf16": _save(*ATTENTION_NAMES, *MLP_NAMES),
 }
 
 

@@ -28,7 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
+from llava_jax.models import attention as attention_lib
 from llava_jax.models import layers
 from llava_jax.models.layers import Embedding, Linear, RMSNorm
 
@@ -73,7 +75,7 @@ class LlamaConfig:
     param_dtype: Any = jnp.float32
     scan_layers: bool = True
     remat: str = "none"
-    # jax.nn.dot_product_attention backend: None / "xla" (XLA everywhere), "cudnn" (fused GPU kernel; bf16/fp16).
+    # Training / prefill attention kernel (`llava_jax.models.attention`): None / "xla", "cudnn", "splash".
     attention_impl: str | None = None
 
     def __post_init__(self):
@@ -91,8 +93,9 @@ class LlamaConfig:
                              f"num_key_value_heads {self.num_key_value_heads}")
         if self.head_dim % 2:
             raise ValueError(f"LlamaConfig: rotary embeddings need an even head_dim, got {self.head_dim}")
-        if self.attention_impl not in (None, "xla", "cudnn"):
-            raise ValueError(f"LlamaConfig: attention_impl {self.attention_impl!r} is not None, 'xla' or 'cudnn'")
+        if self.attention_impl not in (None, *attention_lib.IMPLS):
+            raise ValueError(f"LlamaConfig: attention_impl {self.attention_impl!r} is not None or one of "
+                             f"{attention_lib.IMPLS}")
         if self.remat not in layers.REMAT_POLICIES:
             raise ValueError(f"LlamaConfig: remat {self.remat!r} is not one of {sorted(layers.REMAT_POLICIES)}")
 
@@ -232,8 +235,9 @@ class LlamaAttention(nnx.Module):
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array | None, *,
                  cache: tuple[jax.Array, jax.Array] | None = None, layer: jax.Array | None = None,
-                 index: jax.Array | None = None):
-        """x [B, T, D]; mask bool [B|1, 1, T, S] or None (plain causal).
+                 index: jax.Array | None = None, segment_ids: jax.Array | None = None):
+        """x [B, T, D]; mask bool [B|1, 1, T, S] or None (plain causal); segment_ids int [B, T] (packed
+        samples, 0 = padding; used when mask is None).
 
         With cache = (key, value) of all layers [L, B, K, S, head_dim], this layer's new keys/values are
         written in place at [layer, :, :, index:index + T] and attention runs over all S slots of the layer:
@@ -242,12 +246,15 @@ class LlamaAttention(nnx.Module):
         Returns (out [B, T, D], updated cache or None).
         """
         b, t, _ = x.shape
-        q = apply_rope(self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rope(self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim), cos, sin)
-        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-        if cache is None:
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=mask is None,
-                                               implementation=self.implementation)
+        heads = lambda y, n: y.reshape(b, t, n, self.head_dim)
+        q = apply_rope(heads(_named(self.q_proj(x), "query_proj"), self.num_heads), cos, sin)
+        k = apply_rope(heads(_named(self.k_proj(x), "key_proj"), self.num_kv_heads), cos, sin)
+        v = heads(_named(self.v_proj(x), "value_proj"), self.num_kv_heads)
+        dense_impl = "cudnn" if self.implementation == "cudnn" else None  # masked / cached paths
+        if cache is None and mask is None:
+            out = attention_lib.attention(q, k, v, segment_ids=segment_ids, causal=True, impl=self.implementation)
+        elif cache is None:
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=dense_impl)
         else:
             key, value = (_write_layer(c, new, layer, index) for c, new in zip(cache, (k, v)))
             layer_k, layer_v = (jax.lax.dynamic_index_in_dim(c, layer, 0, keepdims=False) for c in (key, value))
@@ -255,10 +262,15 @@ class LlamaAttention(nnx.Module):
                 out = cached_attention(q, layer_k, layer_v, mask)
             else:
                 layer_k, layer_v = (c.swapaxes(1, 2).astype(q.dtype) for c in (layer_k, layer_v))
-                out = jax.nn.dot_product_attention(q, layer_k, layer_v, mask=mask,
-                                                   implementation=self.implementation)
+                out = jax.nn.dot_product_attention(q, layer_k, layer_v, mask=mask, implementation=dense_impl)
             cache = (key, value)
-        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), cache
+        out = _named(out, "attention_out").reshape(b, t, self.num_heads * self.head_dim)
+        return _named(self.o_proj(out), "out_proj"), cache
+
+
+def _named(x: jax.Array, name: str) -> jax.Array:
+    """Tags an activation for the remat policies (`layers.REMAT_POLICIES`)."""
+    return checkpoint_name(x, name)
 
 
 def _write_layer(cache: jax.Array, new: jax.Array, layer: jax.Array, index: jax.Array) -> jax.Array:
@@ -281,7 +293,8 @@ class LlamaMLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [B, T, D] -> [B, T, D]."""
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        hidden = jax.nn.silu(_named(self.gate_proj(x), "mlp_gate")) * _named(self.up_proj(x), "mlp_up")
+        return _named(self.down_proj(hidden), "mlp_out")
 
 
 class LlamaDecoderLayer(nnx.Module):
@@ -297,10 +310,10 @@ class LlamaDecoderLayer(nnx.Module):
         self.input_layernorm = RMSNorm(hidden_size, eps=rms_norm_eps, **kw)
         self.post_attention_layernorm = RMSNorm(hidden_size, eps=rms_norm_eps, **kw)
 
-    def __call__(self, x, cos, sin, mask, *, cache=None, layer=None, index=None):
-        """x [B, T, D] -> (x [B, T, D], cache); see LlamaAttention for mask / cache / layer / index."""
+    def __call__(self, x, cos, sin, mask, *, cache=None, layer=None, index=None, segment_ids=None):
+        """x [B, T, D] -> (x [B, T, D], cache); see LlamaAttention for mask / cache / layer / index / segments."""
         attn, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache=cache, layer=layer,
-                                     index=index)
+                                     index=index, segment_ids=segment_ids)
         x = x + attn
         return x + self.mlp(self.post_attention_layernorm(x)), cache
 
@@ -350,8 +363,11 @@ class LlamaModel(nnx.Module):
         self.scan_layers, self.remat = c.scan_layers, c.remat
 
     def __call__(self, inputs_embeds: jax.Array, positions: jax.Array, mask: jax.Array | None, *,
-                 cache: tuple[jax.Array, jax.Array] | None = None, index: jax.Array | None = None):
+                 cache: tuple[jax.Array, jax.Array] | None = None, index: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None):
         """inputs_embeds [B, T, D], positions int [B, T], mask bool [B|1, 1, T, S] or None.
+
+        segment_ids int [B, T]: packed samples (0 = padding); attention stays inside each segment.
 
         cache: (key, value) [L, B, K, S, head_dim] to write at slots index.. (see LlamaAttention). The
           cache rides in the layer loop's carry, so each layer updates its slots in place (no per-step copy
@@ -366,7 +382,7 @@ class LlamaModel(nnx.Module):
             return self.norm(x), cache
         if cache is None:
             def step(layer, x, _):
-                return layer(x, cos, sin, mask)[0], None
+                return layer(x, cos, sin, mask, segment_ids=segment_ids)[0], None
 
             x, _ = layers.run_stack(self.layers, step, x, scan=self.scan_layers, remat=self.remat)
             return self.norm(x), None
@@ -417,11 +433,11 @@ class LlamaForCausalLM(nnx.Module):
         return self.model.embed_tokens(input_ids)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
-        """hidden [B, T, D] -> logits float32 [B, T, V]."""
+        """hidden [..., D] -> logits float32 [..., V]."""
         if self.lm_head is None:
             return self.model.embed_tokens.attend(hidden)
         dtype = self.config.dtype
-        return jnp.einsum("btd,vd->btv", hidden.astype(dtype), self.lm_head.weight[...].astype(dtype),
+        return jnp.einsum("...d,vd->...v", hidden.astype(dtype), self.lm_head.weight[...].astype(dtype),
                           preferred_element_type=jnp.float32)
 
     def _inputs(self, input_ids, inputs_embeds) -> jax.Array:
@@ -435,23 +451,35 @@ class LlamaForCausalLM(nnx.Module):
         return inputs_embeds
 
     def __call__(self, input_ids: jax.Array | None = None, *, inputs_embeds: jax.Array | None = None,
-                 attention_mask: jax.Array | None = None, positions: jax.Array | None = None) -> jax.Array:
-        """Full causal forward.
+                 attention_mask: jax.Array | None = None, positions: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None) -> jax.Array:
+        """Full causal forward: `hidden_states` then the output head. Returns logits float32 [B, T, V]."""
+        return self.logits(self.hidden_states(input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                                              positions=positions, segment_ids=segment_ids))
+
+    def hidden_states(self, input_ids: jax.Array | None = None, *, inputs_embeds: jax.Array | None = None,
+                      attention_mask: jax.Array | None = None, positions: jax.Array | None = None,
+                      segment_ids: jax.Array | None = None) -> jax.Array:
+        """Full causal forward up to the final norm: hidden [B, T, D].
 
         input_ids int [B, T] or inputs_embeds [B, T, D]; attention_mask [B, T] (1 = real token, 0 = pad;
-        left or right padding); positions int [B, T] (default cumsum(attention_mask) - 1).
-        Right-padded training batches may leave attention_mask None: causal masking alone already keeps
-        real tokens off the pads that follow them, and the unmasked causal kernel is the fastest.
-        Returns logits float32 [B, T, V].
+        left or right padding); positions int [B, T] (default cumsum(attention_mask) - 1, or the index within
+        the segment). Right-padded training batches may leave attention_mask None: causal masking alone
+        already keeps real tokens off the pads that follow them, and the unmasked causal kernel is the fastest.
+        segment_ids int [B, T]: several samples packed in a row (0 = padding); attention stays in each sample.
         """
         x = self._inputs(input_ids, inputs_embeds)
         b, t, _ = x.shape
+        if positions is None and segment_ids is not None:
+            positions = attention_lib.positions_from_segments(segment_ids)
         if positions is None:
             positions = (positions_from_mask(attention_mask) if attention_mask is not None
                          else jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)))
         mask = attention_mask_4d(attention_mask, t, 0, t, self.config.sliding_window)
-        hidden, _ = self.model(x, positions, mask)
-        return self.logits(hidden)
+        if mask is not None and segment_ids is not None:
+            mask = mask & attention_lib.segment_mask(segment_ids)
+        hidden, _ = self.model(x, positions, mask, segment_ids=segment_ids)
+        return hidden
 
     def init_cache(self, batch: int, max_length: int, dtype=None) -> KVCache:
         """Empty cache for `batch` rows of up to `max_length` tokens (prompt + generated)."""

@@ -181,13 +181,29 @@ class LlavaForConditionalGeneration(nnx.Module):
         return merge_image_features(embeds, is_image, self.get_image_features(pixel_values), image_mask)
 
     def __call__(self, input_ids: jax.Array, pixel_values: jax.Array | None = None,
-                 attention_mask: jax.Array | None = None, image_mask: jax.Array | None = None) -> jax.Array:
+                 attention_mask: jax.Array | None = None, image_mask: jax.Array | None = None, *,
+                 segment_ids: jax.Array | None = None, positions: jax.Array | None = None) -> jax.Array:
         """Full forward: input_ids [B, T] (left or right padded, attention_mask [B, T]) -> logits [B, T, V].
 
-        Positions follow the attention mask (cumsum - 1), as in transformers' generate.
+        Positions follow the attention mask (cumsum - 1), as in transformers' generate. Packed rows (several
+        samples per row, each with its own images) pass segment_ids [B, T] (0 = padding) and positions that
+        restart per sample; the images of a row are listed in the order of its samples.
         """
+        return self.language_model.logits(self.hidden_states(input_ids, pixel_values, attention_mask, image_mask,
+                                                             segment_ids=segment_ids, positions=positions))
+
+    def hidden_states(self, input_ids: jax.Array, pixel_values: jax.Array | None = None,
+                      attention_mask: jax.Array | None = None, image_mask: jax.Array | None = None, *,
+                      segment_ids: jax.Array | None = None, positions: jax.Array | None = None) -> jax.Array:
+        """As `__call__`, up to the decoder's final norm: hidden [B, T, D] (the training loss applies the head
+        itself, in chunks)."""
         embeds = self.embed_inputs(input_ids, pixel_values, image_mask)
-        return self.language_model(inputs_embeds=embeds, attention_mask=attention_mask)
+        return self.language_model.hidden_states(inputs_embeds=embeds, attention_mask=attention_mask,
+                                                 segment_ids=segment_ids, positions=positions)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """hidden [..., D] -> logits float32 [..., V] (the language model's head)."""
+        return self.language_model.logits(hidden)
 
     def init_cache(self, batch: int, max_length: int, dtype=None) -> KVCache:
         """Empty KV cache for `batch` rows of up to `max_length` tokens (image tokens included)."""

@@ -75,7 +75,8 @@ def make_data(c: mlc.ConfigDict, tokenizer, model_cfg, demo_paths, seed_offset: 
                         group_by_modality_length=c.data.group_by_modality_length,
                         image_config=image_config(c, model_cfg), image_seq_length=model_cfg.image_seq_length,
                         image_token_id=image_token, strict=c.data.strict, worker_count=c.data.worker_count,
-                        report_every=0)
+                        report_every=0, packing=c.data.packing, pack_length=c.data.pack_length,
+                        pack_window=c.data.pack_window, max_images_per_row=c.data.max_images_per_row)
     return DataSetup(make_train_iterator(pc, tokenizer), sum(len(s) for s in sources),
                      model_cfg.image_seq_length, demo_paths)
 

@@ -22,6 +22,7 @@ import ml_collections as mlc
 from flax import nnx
 
 from llava_jax import atomic_files, convert
+from llava_jax.data import packing
 from llava_jax.train import checkpoint as ckpt_lib
 from llava_jax.train import demo, distributed, lora
 from llava_jax.train import metrics as metrics_lib
@@ -45,7 +46,7 @@ class Hook:
 
     def on_metrics(self, run: Run, step: int, host: dict, counts: dict) -> None:
         """Host values of finished step `step` (loss, grad_norm, ...; runs one step behind the device) and its
-        counts (tokens, images, data_wait, flops)."""
+        counts (tokens, computed, images, data_wait, flops)."""
 
     def after_step(self, run: Run, step: int) -> None:
         """After step `step`'s evaluation and checkpoint (before a preemption stop)."""
@@ -132,12 +133,15 @@ class Bookkeeping:
         self.monitor = NonFiniteMonitor(int(r.state.nonfinite_streak), r.c.train.max_nonfinite, r.checkpointer)
 
     def counts(self, local: dict, data_wait: float) -> dict:
-        """Global token, image and FLOP counts of a step from this process's rows."""
+        """Global counts of a step from this process's rows: real and computed tokens, images, model FLOPs
+        (attention per sample: packed rows count each segment apart)."""
         n = jax.process_count()
-        lengths = local["attention_mask"].sum(axis=1)
+        lengths = packing.segment_lengths(local["segment_ids"]) if "segment_ids" in local \
+            else local["attention_mask"].sum(axis=1)
         images = int(local["image_mask"].sum()) * n
         flops = self.r.flop_model.step_flops(lengths, images // n, self.r.data.image_seq_length) * n
-        return dict(tokens=int(lengths.sum()) * n, images=images, data_wait=data_wait, flops=flops)
+        return dict(tokens=int(lengths.sum()) * n, computed=int(local["attention_mask"].size) * n, images=images,
+                    data_wait=data_wait, flops=flops)
 
     def flush(self, pending) -> None:
         """Records a pending (step, device metrics, counts), if any; returns None (nothing pending)."""
@@ -151,6 +155,7 @@ class Bookkeeping:
         values = {"loss": float(host["loss"]), "grad_norm": float(host["grad_norm"])}
         spike = {"spike_skipped": bool(host["spike_skipped"])} if "spike_skipped" in host else {}
         self.step_log.write({"step": step, **values, "supervised_tokens": int(host["supervised_tokens"]),
+                             "token_efficiency": counts["tokens"] / max(counts["computed"], 1),
                              "skipped": not bool(host["finite"]), **spike})
         if spike.get("spike_skipped"):
             logger.warning("step %d: loss, gradient or update spike (train.spike_guard), update skipped", step)

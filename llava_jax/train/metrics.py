@@ -89,12 +89,14 @@ class Reporter:
 
     def _reset(self):
         self.t0 = time.perf_counter()
-        self.steps = self.tokens = self.images = 0
+        self.steps = self.tokens = self.computed = self.images = 0
         self.flops = self.data_wait = 0.0
 
-    def add(self, *, tokens: int, images: int, flops: float, data_wait: float) -> None:
+    def add(self, *, tokens: int, images: int, flops: float, data_wait: float, computed: int = 0) -> None:
+        """tokens: real tokens; computed: token positions the step computes (padding included)."""
         self.steps += 1
         self.tokens += tokens
+        self.computed += computed
         self.images += images
         self.flops += flops
         self.data_wait += data_wait
@@ -110,6 +112,8 @@ class Reporter:
         out = dict(values)
         out.update(step_time=elapsed / max(self.steps, 1), tokens_per_s=self.tokens / elapsed,
                    images_per_s=self.images / elapsed, data_wait=self.data_wait / max(self.steps, 1))
+        if self.computed:
+            out["token_efficiency"] = self.tokens / self.computed   # real / computed tokens
         if self.peak:
             out["mfu"] = self.flops / elapsed / self.peak
         self._reset()

@@ -74,14 +74,15 @@ def explain_missing(problems: list[str], config_name: str, stage: int) -> str:
 
 def runtime_fields(c: mlc.ConfigDict) -> dict:
     return dict(dtype=DTYPES[c.model.dtype], param_dtype=DTYPES[c.model.param_dtype],
-                scan_layers=c.model.scan_layers, remat=c.model.remat)
+                scan_layers=c.model.scan_layers, remat=c.model.remat,
+                attention_impl=c.model.get("attention_impl", "xla"))
 
 
 def with_runtime(cfg: LlavaConfig, c: mlc.ConfigDict) -> LlavaConfig:
     rt = runtime_fields(c)
     # The frozen vision tower runs in the compute dtype, never rematerialized (no backward pass).
     vision = dataclasses.replace(cfg.vision, dtype=rt["dtype"], param_dtype=rt["param_dtype"],
-                                 scan_layers=rt["scan_layers"])
+                                 scan_layers=rt["scan_layers"], attention_impl=rt["attention_impl"])
     text = dataclasses.replace(cfg.text, **rt)
     return dataclasses.replace(cfg, vision=vision, text=text)
 

@@ -137,7 +137,8 @@ def flop_model(parts: Parts) -> metrics_lib.FlopModel:
 def total_steps(c: mlc.ConfigDict, num_samples: int) -> int:
     if c.train.num_steps > 0:
         return int(c.train.num_steps)
-    return max(1, int(c.train.num_epochs * num_samples // c.train.global_batch_size))
+    samples_per_step = c.train.global_batch_size * (c.data.samples_per_row if c.data.packing != "none" else 1)
+    return max(1, int(c.train.num_epochs * num_samples // samples_per_step))
 
 
 def group_specs(c: mlc.ConfigDict) -> dict[str, opt.GroupSpec]:
@@ -151,7 +152,7 @@ def group_specs(c: mlc.ConfigDict) -> dict[str, opt.GroupSpec]:
 def compile_step(c: mlc.ConfigDict, graphdef, tx: optax.GradientTransformation):
     return jax.jit(step_lib.make_train_step(graphdef, tx, microbatches=c.train.microbatches,
                                             compute_dtype=model_init.DTYPES[c.model.dtype],
-                                            dropout_seed=c.train.seed),
+                                            dropout_seed=c.train.seed, loss_chunk=c.train.loss_chunk),
                    donate_argnums=(0,))
 
 

@@ -23,8 +23,12 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-IGNORE_INDEX = -100
+from llava_jax.train import loss as loss_lib
+from llava_jax.train.loss import IGNORE_INDEX, token_cross_entropy  # noqa: F401  (re-exported)
+
 Batch = dict[str, jax.Array]
+# Batch entries passed to the model besides input_ids and the images: packed rows (`llava_jax.data.packing`).
+PACKED_INPUTS = ("segment_ids", "positions")
 
 
 @jax.tree_util.register_dataclass
@@ -38,32 +42,25 @@ class TrainState:
     nonfinite_total: jax.Array      # int32 []: all skipped updates
 
 
-def token_cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Next-token cross entropy.  logits [B, T, V], labels [B, T] (unshifted) -> (sum over tokens, count)."""
-    logits = logits[:, :-1].astype(jnp.float32)
-    targets = labels[:, 1:]
-    mask = targets != IGNORE_INDEX
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(mask, targets, 0))
-    return jnp.sum(jnp.where(mask, losses, 0.0)), jnp.sum(mask)
+def supervised_count(batch: Batch) -> jax.Array:
+    return jnp.sum(loss_lib.target_mask(batch["labels"], batch.get("segment_ids")))
 
 
-def supervised_count(labels: jax.Array) -> jax.Array:
-    return jnp.sum(labels[..., 1:] != IGNORE_INDEX)
+def batch_loss(model: nnx.Module, batch: Batch, loss_chunk: int) -> tuple[jax.Array, jax.Array]:
+    """(sum of the supervised tokens' cross entropy, their count) of a batch dict.
 
-
-def model_logits(model: nnx.Module, batch: Batch) -> jax.Array:
-    """Runs the model on a batch dict; images [B, I, 3, S, S] are flattened to [B*I, 3, S, S].
-
-    Training batches are right-padded, so plain causal attention with positions 0..T-1 is exact for every
-    real token (pads sit after them and carry no labels); leaving the mask out keeps the fused causal
-    attention kernels usable.
+    Images [B, I, 3, S, S] are flattened to [B*I, 3, S, S]. Training batches are right-padded (or packed, with
+    segment_ids and positions), so plain causal attention is exact for every real token; leaving the padding
+    mask out keeps the fused causal kernels usable. The head runs in chunks (`llava_jax.train.loss`).
     """
-    kwargs = {}
+    kwargs = {k: batch[k] for k in PACKED_INPUTS if k in batch}
     if "pixel_values" in batch:
         pixels = batch["pixel_values"]
         kwargs["pixel_values"] = pixels.reshape((-1,) + pixels.shape[2:])
         kwargs["image_mask"] = batch["image_mask"].reshape(-1)
-    return model(batch["input_ids"], **kwargs)
+    hidden = model.hidden_states(batch["input_ids"], **kwargs)
+    return loss_lib.chunked_cross_entropy(hidden, batch["labels"], model.logits,
+                                          segment_ids=batch.get("segment_ids"), chunk=loss_chunk)
 
 
 def split_microbatches(batch: Batch, num: int) -> Batch:
@@ -88,13 +85,15 @@ def in_compute_dtype(params, dtype):
 
 
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, *,
-                    microbatches: int = 1, compute_dtype=jnp.bfloat16, dropout_seed: int = 0) -> Callable:
+                    microbatches: int = 1, compute_dtype=jnp.bfloat16, dropout_seed: int = 0,
+                    loss_chunk: int = 512) -> Callable:
     """Returns step(state, frozen, rest, batch) -> (state, metrics); jit it with donated `state`.
 
     Trainable parameters are cast to `compute_dtype` for the forward pass; gradients flow back to the
     float32 master copy. Frozen parameters are closed over and never differentiated. A step whose loss or
     gradient norm is not finite leaves parameters and optimizer state unchanged and is counted.
-    Dropout keys derive from `dropout_seed`, the step number and the microbatch index.
+    Dropout keys derive from `dropout_seed`, the step number and the microbatch index. The output head runs
+    on `loss_chunk` positions at a time.
     """
     dropout_key = jax.random.key(dropout_seed)
     optimizer = optax.with_extra_args_support(optimizer)  # update(..., loss=) reaches the spike guard
@@ -103,13 +102,13 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
         compute = in_compute_dtype(trainable, compute_dtype)
         # copy=True: fresh Variables at this trace level, so reseeding may update them.
         model = with_dropout(nnx.merge(graphdef, compute, frozen, rest, copy=True), key)
-        ce_sum, count = token_cross_entropy(model_logits(model, micro), micro["labels"])
+        ce_sum, count = batch_loss(model, micro, loss_chunk)
         return ce_sum / jnp.maximum(total, 1), (ce_sum, count)
 
     grad_fn = jax.value_and_grad(loss_sum, has_aux=True)
 
     def step(state: TrainState, frozen, rest, batch: Batch):
-        total = supervised_count(batch["labels"])
+        total = supervised_count(batch)
         micro = split_microbatches(batch, microbatches)
         zeros = jax.tree.map(jnp.zeros_like, state.trainable)
         keys = jax.random.split(jax.random.fold_in(dropout_key, state.step), microbatches)
@@ -205,7 +204,7 @@ def spike_counts(opt_state) -> dict[str, int]:
     return {"spike_skipped_steps": int(opt_state.skipped)} if isinstance(opt_state, SpikeGuardState) else {}
 
 
-def make_eval_step(graphdef: nnx.GraphDef, compute_dtype=jnp.bfloat16) -> Callable:
+def make_eval_step(graphdef: nnx.GraphDef, compute_dtype=jnp.bfloat16, loss_chunk: int = 512) -> Callable:
     """Returns eval(trainable, frozen, rest, batch) -> {"loss_sum", "count"} (sum these over batches).
     Dropout is off."""
 
@@ -213,7 +212,7 @@ def make_eval_step(graphdef: nnx.GraphDef, compute_dtype=jnp.bfloat16) -> Callab
         compute = in_compute_dtype(trainable, compute_dtype)
         model = nnx.merge(graphdef, compute, frozen, rest)
         model.eval()
-        ce_sum, count = token_cross_entropy(model_logits(model, batch), batch["labels"])
+        ce_sum, count = batch_loss(model, batch, loss_chunk)
         return {"loss_sum": ce_sum, "count": count}
 
     return evaluate

@@ -113,6 +113,11 @@ def test_token_lengths_and_truncation_with_a_real_tokenizer(dataset, llama2_toke
     assert report.ok == 5 and report.token_lengths.tolist() == expected
     assert min(expected[:3]) > 101 and max(expected[:4]) < 600 < expected[4]  # long_text gets truncated
     assert report.truncated() == 1 and "1 longer than max_length 600" in report.format()
+    efficiency = report.token_efficiency()   # 5 samples: one batch padded to 600, or packed rows
+    real = sum(min(n, 600) for n in expected)
+    assert efficiency["bucketing"] == pytest.approx(real / (5 * 600))
+    assert efficiency["packed_600"] >= efficiency["bucketing"] and 0 < efficiency["packed_1200"] <= 1
+    assert "real/computed tokens: bucketing" in report.format()
     # An image cut by max_length makes a bad sample, as in training; the long text-only one is kept.
     short = check_dataset(data, images, tokenizer=tokenizer, max_length=109, image_seq_length=101,
                           max_pixels=300 * 200, limit=5)

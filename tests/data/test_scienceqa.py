@@ -71,7 +71,9 @@ def test_scienceqa_config_variant_resolves_and_validates():
     c = module.get_config("scienceqa")
     recipes.validate(c)
     assert (c.data.json, c.data.images) == ("data/scienceqa/llava_train_QCM-LEA.json", "data/scienceqa/images/train")
-    assert (c.train.num_epochs, c.optim.lr, c.train.global_batch_size, c.data.template) == (12, 2e-5, 128, "v1")
+    base = recipes.stage_config(2, None)
+    assert (c.train.num_epochs, c.optim.lr, c.data.template) == (12, 2e-5, "v1")
+    assert c.train.global_batch_size == base.train.global_batch_size and c.data.packing == base.data.packing
     assert c.data.image_aspect == "resize" and not c.data.group_by_modality_length
     assert module.get_config("vicuna13b,scienceqa").model.llm_path == "lmsys/vicuna-13b-v1.5"
     with pytest.raises(ValueError, match="'scienceqa' is a stage-2 variant"):

@@ -295,3 +295,16 @@ def test_demo_rules_train_the_vision_tower_too(tmp_path, demo_data, jax_cache):
     assert changed == {"vision_tower", "multi_modal_projector", "language_model"}
     patches = "vision_tower/vision_model/embeddings/patch_embedding/weight"
     assert not np.array_equal(initial[patches], final[patches])
+
+
+def test_packed_run_reports_token_efficiency(tmp_path, demo_data, jax_cache):
+    """Stage 2 with packed rows (several samples and images per row): trains, and the log lines and
+    metrics.jsonl carry real / computed tokens."""
+    workdir = tmp_path / "packed"
+    done = run_cli(2, workdir, {"train.num_steps": 2, "data.packing": "best_fit", "data.pack_length": 320,
+                                "data.max_images_per_row": 4, "train.global_batch_size": 2},
+                   demo_data=demo_data, jax_cache=jax_cache)
+    records = step_records(workdir)
+    assert [r["step"] for r in records] == [1, 2] and all(np.isfinite(r["loss"]) for r in records)
+    assert all(0.5 < r["token_efficiency"] <= 1.0 for r in records)
+    assert re.search(r"^step 2: .*token_efficiency 0\.\d+", done.stdout, re.M)

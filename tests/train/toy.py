@@ -17,6 +17,12 @@ class ToyLM(nnx.Module):
         self.norm = layers.RMSNorm(dim, eps=1e-5, rngs=rngs)
 
     def __call__(self, ids, attention_mask=None):
+        return self.logits(self.hidden_states(ids))
+
+    def hidden_states(self, ids):
         x = self.proj(self.embed(ids))
         x, _ = layers.run_stack(self.layers, lambda layer, h, _: (h + jnp.tanh(layer(h)), None), x)
-        return self.embed.attend(self.norm(x))
+        return self.norm(x)
+
+    def logits(self, hidden):
+        return self.embed.attend(hidden)

@@ -1,0 +1,27 @@
+"""`python -m llava_jax.bench train`: both layouts and transformers run the same model (same first loss), and the
+report carries step time, real tokens/s, real/computed tokens, FLOPs and memory."""
+
+import json
+
+from llava_jax import bench
+
+
+def test_bench_train_against_transformers(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert bench.main(["train", "--preset", "tiny", "--batch", "2", "--seq", "128", "--repeats", "1",
+                       "--compare-transformers", "--json", str(out)]) == 0
+    rows = {(r["layout"], r["impl"]): r for r in json.loads(out.read_text())}
+    assert set(rows) == {("unpacked", "llava_jax"), ("packed", "llava_jax"), ("unpacked", "transformers")}
+    ours, ref = rows[("unpacked", "llava_jax")], rows[("unpacked", "transformers")]
+    packed = rows[("packed", "llava_jax")]
+    assert abs(ours["loss"] - ref["loss"]) < 1e-4 * abs(ref["loss"])        # same weights, same batch, same loss
+    assert packed["token_efficiency"] > ours["token_efficiency"] and packed["real_tokens"] > ours["real_tokens"]
+    assert all(r["step_s"] > 0 and r["flops"] > 0 and r["tokens_per_s"] > 0 for r in rows.values())
+    assert ours["memory_bytes"] > 0
+    printed = capsys.readouterr().out
+    assert "ratio llava_jax unpacked / transformers unpacked" in printed and "real/comp" in printed
+
+
+def test_bench_train_rejects_bad_sizes(capsys):
+    assert bench.main(["train", "--batch", "0"]) == 2
+    assert "--batch" in capsys.readouterr().err
