@@ -169,9 +169,9 @@ def stage_config(stage: int, arg: str | None) -> mlc.ConfigDict:
 
 def _scienceqa_overrides(c: mlc.ConfigDict) -> None:
     """Fine-tuning on ScienceQA as the paper (official `scripts/finetune_sqa.sh`): the training split converted
-    with `python -m llava_jax.data.scienceqa` (QCM-LEA), 12 epochs, lr 2e-5, the stage-2 batch (128 samples a
-    step), images resized (no padding), no modality grouping. The paper's run used LLaVA v1 (CLIP-224, linear projector,
-    Vicuna-13B v1.3): set `model.clip_path`, `model.projector` and `model.llm_path` to reproduce it."""
+    with `python -m llava_jax.data.scienceqa` (QCM-LEA), 12 epochs, lr 2e-5, the stage-2 batch (128 samples
+    a step), images resized (no padding), no modality grouping. The paper's run used LLaVA v1 (CLIP-224,
+    linear projector, Vicuna-13B v1.3): set `model.clip_path`, `model.projector` and `model.llm_path`."""
     c.variant += ",scienceqa"
     c.data.json = "data/scienceqa/llava_train_QCM-LEA.json"
     c.data.images = "data/scienceqa/images/train"
