@@ -258,7 +258,7 @@ def check_dataset(data: str | os.PathLike, images: str | os.PathLike | None, *, 
     source = LlavaJsonSource(data, images)
     if isinstance(tokenizer, (str, os.PathLike)):
         from transformers import AutoTokenizer
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer, trust_remote_code=False)
     checker = SampleChecker(source, tokenizer=tokenizer, template=template, max_length=max_length,
                             image_seq_length=image_seq_length, max_pixels=max_pixels, aspect=aspect,
                             max_images=max_images)
