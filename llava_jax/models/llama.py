@@ -31,6 +31,7 @@ from flax import nnx
 
 from llava_jax.models import layers
 from llava_jax.models.layers import Embedding, Linear, RMSNorm
+from llava_jax.sharding import BTD, BTF, BTHK, BTKK, BTV, constrain
 
 ROPE_TYPES = ("default", "linear", "llama3")
 _ROPE_KEYS = {
@@ -242,12 +243,12 @@ class LlamaAttention(nnx.Module):
         Returns (out [B, T, D], updated cache or None).
         """
         b, t, _ = x.shape
-        q = apply_rope(self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rope(self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim), cos, sin)
-        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        q = constrain(apply_rope(self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim), cos, sin), BTHK)
+        k = constrain(apply_rope(self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim), cos, sin), BTKK)
+        v = constrain(self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim), BTKK)
         if cache is None:
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=mask is None,
-                                               implementation=self.implementation)
+            out = constrain(jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=mask is None,
+                                                         implementation=self.implementation), BTHK)
         else:
             key, value = (_write_layer(c, new, layer, index) for c, new in zip(cache, (k, v)))
             layer_k, layer_v = (jax.lax.dynamic_index_in_dim(c, layer, 0, keepdims=False) for c in (key, value))
@@ -281,7 +282,7 @@ class LlamaMLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [B, T, D] -> [B, T, D]."""
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(constrain(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x), BTF))
 
 
 class LlamaDecoderLayer(nnx.Module):
@@ -299,10 +300,11 @@ class LlamaDecoderLayer(nnx.Module):
 
     def __call__(self, x, cos, sin, mask, *, cache=None, layer=None, index=None):
         """x [B, T, D] -> (x [B, T, D], cache); see LlamaAttention for mask / cache / layer / index."""
+        x = constrain(x, BTD)
         attn, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache=cache, layer=layer,
                                      index=index)
-        x = x + attn
-        return x + self.mlp(self.post_attention_layernorm(x)), cache
+        x = constrain(x + attn, BTD)
+        return constrain(x + self.mlp(self.post_attention_layernorm(x)), BTD), cache
 
 
 def attention_mask_4d(key_valid: jax.Array | None, num_queries: int, query_start, num_keys: int,
@@ -359,7 +361,7 @@ class LlamaModel(nnx.Module):
         Returns (hidden [B, T, D] after the final norm, updated (key, value) or None).
         """
         cos, sin = rope_cos_sin(positions, self.rope, self.dtype)
-        x = inputs_embeds.astype(self.dtype)
+        x = constrain(inputs_embeds.astype(self.dtype), BTD)
         if isinstance(self.layers, nnx.List):  # unstacked (`unstack_layers`): each layer reads its own buffers
             for i, layer in enumerate(self.layers):
                 x, cache = layer(x, cos, sin, mask, cache=cache, layer=jnp.int32(i), index=index)
@@ -414,15 +416,15 @@ class LlamaForCausalLM(nnx.Module):
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
         """input_ids int [B, T] -> token embeddings [B, T, D] in the compute dtype."""
-        return self.model.embed_tokens(input_ids)
+        return constrain(self.model.embed_tokens(input_ids), BTD)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [B, T, D] -> logits float32 [B, T, V]."""
         if self.lm_head is None:
-            return self.model.embed_tokens.attend(hidden)
+            return constrain(self.model.embed_tokens.attend(hidden), BTV)
         dtype = self.config.dtype
-        return jnp.einsum("btd,vd->btv", hidden.astype(dtype), self.lm_head.weight[...].astype(dtype),
-                          preferred_element_type=jnp.float32)
+        return constrain(jnp.einsum("btd,vd->btv", hidden.astype(dtype), self.lm_head.weight[...].astype(dtype),
+                                    preferred_element_type=jnp.float32), BTV)
 
     def _inputs(self, input_ids, inputs_embeds) -> jax.Array:
         if (input_ids is None) == (inputs_embeds is None):

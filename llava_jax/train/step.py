@@ -18,6 +18,9 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from llava_jax import sharding
 
 IGNORE_INDEX = -100
 Batch = dict[str, jax.Array]
@@ -48,7 +51,8 @@ def supervised_count(labels: jax.Array) -> jax.Array:
 
 
 def model_logits(model: nnx.Module, batch: Batch) -> jax.Array:
-    """Runs the model on a batch dict; images [B, I, 3, S, S] are flattened to [B*I, 3, S, S].
+    """Runs the model on a batch dict; images [B, I, 3, S, S] stay row-aligned (each row's image tokens take
+    its own images), so a batch-sharded step encodes and merges every row's images on its own device.
 
     Training batches are right-padded, so plain causal attention with positions 0..T-1 is exact for every
     real token (pads sit after them and carry no labels); leaving the mask out keeps the fused causal
@@ -56,9 +60,8 @@ def model_logits(model: nnx.Module, batch: Batch) -> jax.Array:
     """
     kwargs = {}
     if "pixel_values" in batch:
-        pixels = batch["pixel_values"]
-        kwargs["pixel_values"] = pixels.reshape((-1,) + pixels.shape[2:])
-        kwargs["image_mask"] = batch["image_mask"].reshape(-1)
+        kwargs["pixel_values"] = batch["pixel_values"]
+        kwargs["image_mask"] = batch["image_mask"]
     return model(batch["input_ids"], **kwargs)
 
 
@@ -79,8 +82,21 @@ def with_dropout(model: nnx.Module, key: jax.Array) -> nnx.Module:
 
 
 def in_compute_dtype(params, dtype):
-    """Floating-point leaves cast to the compute dtype (gradients flow back to the master copy)."""
-    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+    """Floating-point leaves cast to the compute dtype (gradients flow back to the master copy).
+
+    Each cast copy is pinned to its parameter's own sharding, so under FSDP the partitioner gathers the
+    compute-dtype copy (bf16 on the wire) and reduce-scatters the gradients back to the float32 shards."""
+    def cast(var):
+        if not isinstance(var, nnx.Variable):
+            return var.astype(dtype) if jnp.issubdtype(var.dtype, jnp.floating) else var
+        value = var.get_value()
+        if not jnp.issubdtype(value.dtype, jnp.floating):
+            return var
+        axes = var.get_metadata().get("out_sharding")
+        value = value.astype(dtype)
+        return var.replace(value if axes is None else sharding.constrain(value, axes))
+
+    return jax.tree.map(cast, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, *,
@@ -132,6 +148,15 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
         return new_state, metrics
 
     return step
+
+
+def jit_train_step(step: Callable, mesh: jax.sharding.Mesh, state_shardings, frozen_shardings,
+                   rest_shardings) -> Callable:
+    """jax.jit of a train step with explicit shardings: the state (parameters and optimizer state in their
+    FSDP / tensor shards) in and out, donated; batches split over the batch axes; metrics replicated."""
+    batch = NamedSharding(mesh, sharding.logical_to_spec(("batch",), mesh=mesh))
+    return jax.jit(step, in_shardings=(state_shardings, frozen_shardings, rest_shardings, batch),
+                   out_shardings=(state_shardings, NamedSharding(mesh, P())), donate_argnums=(0,))
 
 
 def make_eval_step(graphdef: nnx.GraphDef, compute_dtype=jnp.bfloat16) -> Callable:
