@@ -344,14 +344,15 @@ def run(c: mlc.ConfigDict, workdir: str | os.PathLike, *, config_name: str = "co
             print(f"resumed from {workdir}/checkpoints step {start}", flush=True)
 
     compute_dtype = model_init.DTYPES[c.model.dtype]
-    train_step = jax.jit(step_lib.make_train_step(graphdef, tx, microbatches=c.train.microbatches,
-                                                  compute_dtype=compute_dtype, dropout_seed=c.train.seed),
-                         donate_argnums=(0,))
+    shardings = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
+    train_step = step_lib.jit_train_step(
+        step_lib.make_train_step(graphdef, tx, microbatches=c.train.microbatches, compute_dtype=compute_dtype,
+                                 dropout_seed=c.train.seed),
+        mesh, shardings(state), shardings(frozen), shardings(rest))
     pad_token_id = _pad_token_id(tokenizer)
     held_out = HeldOut(c, tokenizer, model_cfg, demo_paths, graphdef, pad_token_id) \
         if c.data.eval_json and c.eval_every > 0 else None
-    flop_model = metrics_lib.FlopModel.of(model_cfg, llm_trained=any(g in ("llm", "lora") for g in groups.values()),
-                                          vision_trained=vision_trained)
+    flop_model = metrics_lib.FlopModel.for_groups(model_cfg, groups, c.lora.rank if c.lora.enabled else 0)
     writer = None
     if is_main:
         from tensorboardX import SummaryWriter

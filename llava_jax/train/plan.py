@@ -213,3 +213,227 @@ def sharding_of(tree):
 def lower_and_compile(plan: StepPlan):
     with jax.set_mesh(plan.mesh):
         return plan.jitted.lower(*plan.args).compile()
+
+
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+_COLLECTIVE = re.compile(r"^\s*(?:ROOT )?%[\w.-]+ = (\(.*?\)|\S+) (" + "|".join(COLLECTIVES) + r")(?:-start)?\((.*)$")
+_ARRAY = re.compile(r"(pred|s8|u8|s16|u16|s32|u32|s64|u64|f16|bf16|f32|f64|f8\w*)\[([0-9,]*)\]")
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%([\w.-]+) .*\{\s*$")
+_WHILE = re.compile(r" while\(.*condition=%([\w.-]+), body=%([\w.-]+)")
+_TRIP_COUNT = re.compile(r"\"known_trip_count\":\{\"n\":\"(\d+)\"")
+_CALL = re.compile(r"(?:to_apply|calls|body|branch_computations)=\{?%([\w.-]+)")
+_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
+          "s64": 8, "u64": 8, "f64": 8}
+
+
+@dataclasses.dataclass(frozen=True)
+class Collective:
+    kind: str
+    dtype: str
+    shapes: tuple          # the result arrays (one per operand of a combined collective)
+    op_name: str           # the JAX operation it partitions (HLO metadata)
+
+    @property
+    def bytes(self) -> int:
+        return sum(_BYTES.get(self.dtype, 1) * int(np.prod(s)) for s in self.shapes)
+
+
+def trip_count(while_line: str, condition: list[str]) -> int:
+    """A while loop's trip count: XLA's annotation, else the bound its condition compares the counter with
+    (scans count from 0 by 1); 1 when unknown."""
+    known = _TRIP_COUNT.search(while_line)
+    if known:
+        return int(known.group(1))
+    bounds = [int(m) for line in condition for m in re.findall(r"s32\[\] constant\((\d+)\)", line)]
+    return max(bounds) if bounds else 1
+
+
+def parse_collectives(hlo_text: str) -> list[tuple[Collective, int]]:
+    """Collectives of an HLO module with how many times one step runs each (while loops with a known trip
+    count, e.g. the scanned layers, multiply their bodies)."""
+    bodies, current = {}, None
+    for line in hlo_text.splitlines():
+        match = _COMPUTATION.match(line)
+        if match:
+            current = bodies.setdefault(match.group(1), [])
+            if line.startswith("ENTRY"):
+                bodies["__entry__"] = current
+        elif current is not None:
+            current.append(line)
+    counts: collections.Counter = collections.Counter()
+
+    def visit(name: str, times: int, depth: int = 0):
+        for line in bodies.get(name, ()):
+            found = _COLLECTIVE.match(line)
+            if found:
+                arrays = _ARRAY.findall(found.group(1))
+                op = re.search(r'op_name="([^"]*)"', line)
+                shapes = tuple(tuple(int(d) for d in dims.split(",") if d) for _, dims in arrays)
+                counts[Collective(found.group(2), arrays[0][0] if arrays else "?", shapes,
+                                  op.group(1) if op else "")] += times
+                continue
+            loop = _WHILE.search(line)
+            if loop and depth < 8:
+                visit(loop.group(2), times * trip_count(line, bodies.get(loop.group(1), ())), depth + 1)
+            elif " call(" in line or " conditional(" in line:
+                for callee in _CALL.findall(line):
+                    visit(callee, times, depth + 1)
+
+    visit("__entry__", 1)
+    return sorted(counts.items(), key=lambda kv: -kv[0].bytes * kv[1])
+
+
+@dataclasses.dataclass
+class Report:
+    """Per-device figures of one compiled step."""
+    target: Target
+    mesh_shape: dict
+    params_bytes: float         # trainable (master copy) + frozen, this device's shards
+    optimizer_bytes: float
+    grads_bytes: float          # one gradient per trainable parameter (inside temporaries)
+    temp_bytes: float           # activations and temporaries (compiler memory analysis)
+    total_bytes: float          # arguments + temporaries + non-aliased outputs
+    model_flops: float          # FlopModel count for the batch, per device
+    compiler_flops: float       # cost_analysis()["flops"] of the per-device program
+    hbm_bytes_accessed: float
+    collectives: list
+
+    @property
+    def fits(self) -> bool:
+        return self.total_bytes <= HEADROOM * self.target.chip.hbm_bytes
+
+    def times(self) -> dict:
+        chip = self.target.chip
+        comm = sum(c.bytes * n * (2.0 if c.kind == "all-reduce" else 1.0) for c, n in self.collectives)
+        return {"compute": max(self.model_flops, self.compiler_flops) / chip.peak_flops,
+                "memory": self.hbm_bytes_accessed / chip.hbm_bandwidth, "comm": comm / chip.link_bandwidth}
+
+
+HEADROOM = 0.9      # fits: at most 90% of HBM (the rest for the runtime, fragmentation, input buffers)
+
+
+def _local_bytes(tree) -> float:
+    total = 0.0
+    for leaf in jax.tree.leaves(tree):
+        shape = leaf.sharding.shard_shape(leaf.shape) if getattr(leaf, "sharding", None) is not None else leaf.shape
+        total += float(np.prod(shape)) * np.dtype(leaf.dtype).itemsize
+    return total
+
+
+def report(c: mlc.ConfigDict, target: Target, step: StepPlan, compiled, hlo_text: str) -> Report:
+    from llava_jax.train import metrics
+
+    state, frozen, _, _ = step.args
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis() or {}
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    trainable = _local_bytes(state.trainable)
+    flop_model = metrics.FlopModel.for_groups(step.model_cfg, step.groups, c.lora.rank if c.lora.enabled else 0)
+    b, t = step.batch_shapes["input_ids"]
+    flops = flop_model.step_flops(np.full(b, t), b, step.model_cfg.image_seq_length) / target.num_devices
+    total = memory.argument_size_in_bytes + memory.temp_size_in_bytes + memory.output_size_in_bytes \
+        - memory.alias_size_in_bytes
+    return Report(target, dict(step.mesh.shape), trainable + _local_bytes(frozen), _local_bytes(state.opt_state),
+                  trainable, float(memory.temp_size_in_bytes), float(total), flops,
+                  float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0)),
+                  parse_collectives(hlo_text))
+
+
+def format_report(r: Report, c: mlc.ConfigDict, top: int = 12) -> str:
+    gb = lambda x: f"{x / 1e9:8.2f} GB"
+    times = r.times()
+    estimate = max(times.values())
+    lines = [f"target: {r.target.chip.name} x {r.target.num_devices}"
+             + (f" ({r.target.tpu_topology})" if r.target.tpu_topology else " (fake-device CPU compile)")
+             + f", mesh {r.mesh_shape}",
+             f"batch: {c.train.global_batch_size} x {c.data.max_length} tokens, microbatches {c.train.microbatches},"
+             f" remat {c.model.remat}, dtype {c.model.dtype}",
+             "per device:",
+             f"  parameters      {gb(r.params_bytes)}",
+             f"  optimizer state {gb(r.optimizer_bytes)}",
+             f"  gradients       {gb(r.grads_bytes)}   (inside temporaries)",
+             f"  activations and temporaries {gb(r.temp_bytes)}",
+             f"  total           {gb(r.total_bytes)} of {r.target.chip.hbm_bytes / 1e9:.0f} GB HBM: "
+             + ("fits" if r.fits else "DOES NOT FIT") + f" (limit {HEADROOM:.0%})"]
+    if not r.fits:
+        lines.append("  to fit: more fsdp (--mesh.fsdp), --config.model.remat=full, more "
+                     "--config.train.microbatches, or a smaller --config.train.global_batch_size")
+    lines += [f"  step FLOPs      {r.model_flops / 1e12:.2f} TFLOP model count, "
+              f"{r.compiler_flops / 1e12:.2f} TFLOP compiler count",
+              f"  roofline        compute {times['compute'] * 1e3:.1f} ms, HBM {times['memory'] * 1e3:.1f} ms, "
+              f"collectives {times['comm'] * 1e3:.1f} ms -> step >= {estimate * 1e3:.1f} ms, "
+              f"MFU <= {r.model_flops / r.target.chip.peak_flops / max(estimate, 1e-12):.0%}",
+              "collectives per step (kind, dtype, bytes per device, count, op):"]
+    for col, n in r.collectives[:top]:
+        lines.append(f"  {col.kind:<18} {col.dtype:<5} {col.bytes / 1e6:10.2f} MB x {n:<4} {col.op_name[-60:]}")
+    if len(r.collectives) > top:
+        rest = r.collectives[top:]
+        lines.append(f"  ... {len(rest)} more kinds, {sum(c.bytes * n for c, n in rest) / 1e6:.2f} MB in all")
+    return "\n".join(lines)
+
+
+def apply_mesh(c: mlc.ConfigDict, mesh_flags: mlc.ConfigDict, num_devices: int) -> dict:
+    """The mesh sizes: the config's, overridden by --mesh.* (0 keeps the config's); checked against the
+    device count."""
+    sizes = {k: int(mesh_flags[k]) or int(c.mesh[k]) for k in sharding.MESH_AXES}
+    known = int(np.prod([s for s in sizes.values() if s != -1]))
+    if list(sizes.values()).count(-1) == 1 and num_devices % known == 0:
+        sizes = {k: (num_devices // known if s == -1 else s) for k, s in sizes.items()}
+    if int(np.prod(list(sizes.values()))) != num_devices:
+        raise ValueError(f"mesh {sizes}: data*fsdp*tensor must equal the {num_devices} devices of the target "
+                         f"(set --mesh.data/--mesh.fsdp/--mesh.tensor; one may be -1)")
+    batch_shards = sizes["data"] * sizes["fsdp"]
+    if c.train.global_batch_size % (batch_shards * c.train.microbatches):
+        raise ValueError(f"config.train.global_batch_size {c.train.global_batch_size} is not divisible by "
+                         f"data*fsdp ({batch_shards}) x microbatches ({c.train.microbatches})")
+    return sizes
+
+
+def run(c: mlc.ConfigDict, target: Target, mesh_flags: mlc.ConfigDict) -> Report:
+    """Compiles the step for `target` and returns its report (ValueError on an invalid target or mesh)."""
+    recipes.validate(c)
+    devices = target_devices(target)
+    sizes = apply_mesh(c, mesh_flags, len(devices))
+    mesh = sharding.make_mesh(sizes["data"], sizes["fsdp"], sizes["tensor"], devices=devices)
+    step = plan_step(c, mesh)
+    compiled = lower_and_compile(step)
+    return report(c, target, step, compiled, partitioned_hlo(compiled))
+
+
+def partitioned_hlo(compiled) -> str:
+    """The per-device program's HLO text: TPU's as compiled; on CPU the partitioner's output when it was
+    dumped (XLA:CPU widens bf16 collectives to float32 later, which a GPU would not), else as compiled."""
+    import glob
+    import os
+
+    dump = os.environ.get("LLAVA_PLAN_DUMP", "")
+    files = sorted(glob.glob(os.path.join(dump, "*jit_step*after_spmd-partitioning*"))) if dump else []
+    if files and compiled.runtime_executable() is None or files and jax.devices()[0].platform == "cpu":
+        return open(max(files, key=os.path.getmtime)).read()
+    return compiled.as_text()
+
+
+def main() -> None:
+    import sys
+
+    from absl import app, flags
+    from ml_collections import config_flags
+
+    config = config_flags.DEFINE_config_file("config", None, "Training config, e.g. configs/stage2.py:lora.",
+                                             lock_config=False)
+    mesh = config_flags.DEFINE_config_dict("mesh", mlc.ConfigDict(dict(data=0, fsdp=0, tensor=0)),
+                                           "Mesh sizes overriding the config's (0: the config's; one may be -1).")
+    topology = flags.DEFINE_string("topology", "", "TPU slice (v5p-64, v5e-256, v5p:2x2x2) or GPU host (h100x8).")
+    devices = flags.DEFINE_string("devices", "", "cpu:N: N fake CPU devices.")
+    flags.mark_flags_as_required(["config"])
+
+    def run_main(argv):
+        del argv
+        try:
+            target = parse_target(topology.value, devices.value)
+            print(format_report(run(config.value, target, mesh.value), config.value), flush=True)
+        except ValueError as e:
+            print(f"plan: {e}", file=sys.stderr)
+            sys.exit(2)
+
+    app.run(run_main)
