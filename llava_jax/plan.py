@@ -19,13 +19,11 @@ def _prepare_environment(argv) -> None:
             wanted = int(match.group(1))
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    if wanted:
-        dump = tempfile.mkdtemp(prefix="llava_plan_hlo_")
-        os.environ["LLAVA_PLAN_DUMP"] = dump
-        os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""),
-                                            f"--xla_force_host_platform_device_count={wanted}",
-                                            f"--xla_dump_to={dump}", "--xla_dump_hlo_pass_re=spmd-partitioning",
-                                            "--xla_dump_hlo_module_re=jit_step"])
+    dump = tempfile.mkdtemp(prefix="llava_plan_hlo_")
+    os.environ["LLAVA_PLAN_DUMP"] = dump
+    dump_flags = f"--xla_dump_to={dump} --xla_dump_hlo_pass_re=spmd-partitioning --xla_dump_hlo_module_re=jit_step"
+    devices = f"--xla_force_host_platform_device_count={wanted}" if wanted else ""
+    os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), devices, dump_flags])
 
 
 if __name__ == "__main__":

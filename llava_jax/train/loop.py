@@ -333,7 +333,8 @@ def run(c: mlc.ConfigDict, workdir: str | os.PathLike, *, config_name: str = "co
     tx = opt.make_optimizer(groups, specs, total_steps=steps, warmup_ratio=c.optim.warmup_ratio,
                             clip_norm=c.optim.clip_norm, b1=c.optim.b1, b2=c.optim.b2, eps=c.optim.eps)
     with jax.set_mesh(mesh):
-        state = jax.jit(lambda t: step_lib.init_state(t, tx))(trainable)
+        state = jax.jit(lambda t: step_lib.init_state(t, tx),
+                        out_shardings=step_lib.state_shardings(trainable, tx, mesh))(trainable)
 
     checkpointer = ckpt_lib.Checkpointer(workdir, keep=c.keep_checkpoints)
     start = checkpointer.latest_step() or 0

@@ -193,9 +193,7 @@ def plan_step(c: mlc.ConfigDict, mesh: jax.sharding.Mesh) -> StepPlan:
     specs = {g: opt.GroupSpec(1e-4) for g in ("llm", "lora", "projector", "vision")}
     tx = opt.make_optimizer(groups, specs, total_steps=1000, warmup_ratio=c.optim.warmup_ratio,
                             clip_norm=c.optim.clip_norm)
-    with jax.set_mesh(mesh):
-        state = jax.jit(lambda t: step_lib.init_state(t, tx)).lower(trainable).compile()
-    state_shardings = state.output_shardings
+    state_shardings = step_lib.state_shardings(trainable, tx, mesh)
     abstract_state = _with_shardings(jax.eval_shape(lambda t: step_lib.init_state(t, tx), trainable),
                                      state_shardings)
     fn = step_lib.make_train_step(graphdef, tx, microbatches=c.train.microbatches,
@@ -297,10 +295,11 @@ class Report:
     compiler_flops: float       # cost_analysis()["flops"] of the per-device program
     hbm_bytes_accessed: float
     collectives: list
+    compiler_error: str = ""    # the compiler's out-of-memory message, when it refused the program
 
     @property
     def fits(self) -> bool:
-        return self.total_bytes <= HEADROOM * self.target.chip.hbm_bytes
+        return not self.compiler_error and self.total_bytes <= HEADROOM * self.target.chip.hbm_bytes
 
     def times(self) -> dict:
         chip = self.target.chip
@@ -355,14 +354,16 @@ def format_report(r: Report, c: mlc.ConfigDict, top: int = 12) -> str:
              f"  activations and temporaries {gb(r.temp_bytes)}",
              f"  total           {gb(r.total_bytes)} of {r.target.chip.hbm_bytes / 1e9:.0f} GB HBM: "
              + ("fits" if r.fits else "DOES NOT FIT") + f" (limit {HEADROOM:.0%})"]
+    if r.compiler_error:
+        lines.append(f"  compiler: {r.compiler_error[:200]}")
     if not r.fits:
         lines.append("  to fit: more fsdp (--mesh.fsdp), --config.model.remat=full, more "
                      "--config.train.microbatches, or a smaller --config.train.global_batch_size")
     lines += [f"  step FLOPs      {r.model_flops / 1e12:.2f} TFLOP model count, "
-              f"{r.compiler_flops / 1e12:.2f} TFLOP compiler count",
+              f"{r.compiler_flops / 1e12:.2f} TFLOP compiler count (loop bodies once)",
               f"  roofline        compute {times['compute'] * 1e3:.1f} ms, HBM {times['memory'] * 1e3:.1f} ms, "
-              f"collectives {times['comm'] * 1e3:.1f} ms -> step >= {estimate * 1e3:.1f} ms, "
-              f"MFU <= {r.model_flops / r.target.chip.peak_flops / max(estimate, 1e-12):.0%}",
+              f"collectives {times['comm'] * 1e3:.1f} ms -> step >= {estimate * 1e3:.1f} ms "
+              f"({max(times, key=times.get)}-bound)",
               "collectives per step (kind, dtype, bytes per device, count, op):"]
     for col, n in r.collectives[:top]:
         lines.append(f"  {col.kind:<18} {col.dtype:<5} {col.bytes / 1e6:10.2f} MB x {n:<4} {col.op_name[-60:]}")
@@ -396,21 +397,43 @@ def run(c: mlc.ConfigDict, target: Target, mesh_flags: mlc.ConfigDict) -> Report
     sizes = apply_mesh(c, mesh_flags, len(devices))
     mesh = sharding.make_mesh(sizes["data"], sizes["fsdp"], sizes["tensor"], devices=devices)
     step = plan_step(c, mesh)
-    compiled = lower_and_compile(step)
+    try:
+        compiled = lower_and_compile(step)
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        return out_of_memory_report(c, target, step, str(e))
     return report(c, target, step, compiled, partitioned_hlo(compiled))
 
 
+def out_of_memory_report(c: mlc.ConfigDict, target: Target, step: StepPlan, message: str) -> Report:
+    """The compiler refused the program for the chip's HBM: a report from what its message says."""
+    from llava_jax.train import metrics
+
+    needed = re.search(r"temporaries \(([\d.]+)([KMGT])\)", message)
+    temp = float(needed.group(1)) * {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}[needed.group(2)] \
+        if needed else float("nan")
+    state, frozen, _, _ = step.args
+    trainable = _local_bytes(state.trainable)
+    arguments = trainable + _local_bytes(frozen) + _local_bytes(state.opt_state)
+    flop_model = metrics.FlopModel.for_groups(step.model_cfg, step.groups, c.lora.rank if c.lora.enabled else 0)
+    b, t = step.batch_shapes["input_ids"]
+    flops = flop_model.step_flops(np.full(b, t), b, step.model_cfg.image_seq_length) / target.num_devices
+    return Report(target, dict(step.mesh.shape), trainable + _local_bytes(frozen), _local_bytes(state.opt_state),
+                  trainable, temp, arguments + temp, flops, 0.0, 0.0, [], compiler_error=message.splitlines()[0])
+
+
 def partitioned_hlo(compiled) -> str:
-    """The per-device program's HLO text: TPU's as compiled; on CPU the partitioner's output when it was
-    dumped (XLA:CPU widens bf16 collectives to float32 later, which a GPU would not), else as compiled."""
+    """The per-device program's HLO text as the SPMD partitioner wrote it, when `python -m llava_jax.plan`
+    had it dumped (before backend passes: XLA:CPU widens bf16 collectives to float32 and the TPU compiler
+    splits collectives into pipelined pieces, neither of which changes the bytes a step moves), else the
+    compiled text."""
     import glob
     import os
 
     dump = os.environ.get("LLAVA_PLAN_DUMP", "")
-    files = sorted(glob.glob(os.path.join(dump, "*jit_step*after_spmd-partitioning*"))) if dump else []
-    if files and compiled.runtime_executable() is None or files and jax.devices()[0].platform == "cpu":
-        return open(max(files, key=os.path.getmtime)).read()
-    return compiled.as_text()
+    files = glob.glob(os.path.join(dump, "*jit_step*after_*spmd-partitioning*")) if dump else []
+    return open(max(files, key=os.path.getmtime)).read() if files else compiled.as_text()
 
 
 def main() -> None:

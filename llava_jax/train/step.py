@@ -66,11 +66,13 @@ def model_logits(model: nnx.Module, batch: Batch) -> jax.Array:
 
 
 def split_microbatches(batch: Batch, num: int) -> Batch:
-    """[B, ...] -> [num, B / num, ...] for every entry."""
+    """[B, ...] -> [num, B / num, ...] for every entry; microbatch j takes rows j, j + num, j + 2 num, ...
+    so that with the batch sharded every device holds its share of every microbatch (no data movement)."""
     def split(x):
         if x.shape[0] % num:
             raise ValueError(f"batch size {x.shape[0]} is not divisible by {num} microbatches")
-        return x.reshape((num, x.shape[0] // num) + x.shape[1:])
+        x = x.reshape((x.shape[0] // num, num) + x.shape[1:]).swapaxes(0, 1)
+        return sharding.constrain(x, (None, "batch") + (None,) * (x.ndim - 2))
     return jax.tree.map(split, batch)
 
 
@@ -171,6 +173,28 @@ def make_eval_step(graphdef: nnx.GraphDef, compute_dtype=jnp.bfloat16) -> Callab
         return {"loss_sum": ce_sum, "count": count}
 
     return evaluate
+
+
+def state_shardings(trainable, optimizer: optax.GradientTransformation, mesh: jax.sharding.Mesh) -> TrainState:
+    """Shardings of the TrainState: the optimizer's per-parameter leaves (Adam moments) take their
+    parameter's sharding, the rest (counts, step) are replicated. trainable: arrays or shape structs with
+    shardings."""
+    abstract = jax.eval_shape(lambda t: init_state(t, optimizer), trainable)
+    replicated = NamedSharding(mesh, P())
+    by_path = {jax.tree_util.keystr(path): (leaf.shape, leaf.sharding)
+               for path, leaf in jax.tree_util.tree_leaves_with_path(trainable)}
+
+    def pick(path, leaf):
+        key = jax.tree_util.keystr(path)
+        for suffix in range(len(key)):  # the longest parameter path that ends this leaf's path
+            found = by_path.get(key[suffix:])
+            if found is not None and found[0] == leaf.shape:
+                return found[1]
+        return replicated
+
+    return TrainState(step=replicated, trainable=jax.tree.map(lambda x: x.sharding, trainable),
+                      opt_state=jax.tree_util.tree_map_with_path(pick, abstract.opt_state),
+                      nonfinite_streak=replicated, nonfinite_total=replicated)
 
 
 def init_state(trainable, optimizer: optax.GradientTransformation) -> TrainState:
