@@ -30,6 +30,8 @@ setup(
         "tqdm>=4.70",
     ],
     extras_require={
+        # Ahead-of-time compilation for TPU topologies on any host (python -m llava_jax.plan --topology=v5p-64).
+        "tpu": ["jax[tpu]>=0.10.2,<0.11"],
         "test": [
             "pytest>=9,<10",
             # CPU build of PyTorch: the reference implementation in parity tests.

@@ -423,6 +423,15 @@ def out_of_memory_report(c: mlc.ConfigDict, target: Target, step: StepPlan, mess
                   trainable, temp, arguments + temp, flops, 0.0, 0.0, [], compiler_error=message.splitlines()[0])
 
 
+def partitioned_dumps(folder: str) -> list[str]:
+    """The train step's HLO files written right after SPMD partitioning (CPU/GPU and TPU pass names)."""
+    import glob
+    import os
+
+    return [f for pattern in ("*jit_step*after_spmd-partitioning*", "*jit_step*after_tpu-spmd-partitioning*")
+            for f in glob.glob(os.path.join(folder, pattern))]
+
+
 def partitioned_hlo(compiled) -> str:
     """The per-device program's HLO text as the SPMD partitioner wrote it, when `python -m llava_jax.plan`
     had it dumped (before backend passes: XLA:CPU widens bf16 collectives to float32 and the TPU compiler
@@ -432,7 +441,7 @@ def partitioned_hlo(compiled) -> str:
     import os
 
     dump = os.environ.get("LLAVA_PLAN_DUMP", "")
-    files = glob.glob(os.path.join(dump, "*jit_step*after_*spmd-partitioning*")) if dump else []
+    files = partitioned_dumps(dump) if dump else []
     return open(max(files, key=os.path.getmtime)).read() if files else compiled.as_text()
 
 

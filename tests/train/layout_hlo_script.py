@@ -12,6 +12,8 @@ os.environ["XLA_FLAGS"] = (f"--xla_force_host_platform_device_count=8 --xla_dump
                            "--xla_dump_hlo_pass_re=spmd-partitioning --xla_dump_hlo_module_re=jit_step")
 os.environ["JAX_PLATFORMS"] = "cpu"
 
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
 from llava_jax import sharding  # noqa: E402
 from llava_jax.train import plan, recipes  # noqa: E402
 
@@ -28,17 +30,24 @@ def config():
     return c
 
 
-def main(names):
+def partitioned(folder):
+    return set(plan.partitioned_dumps(folder))
+
+
+def main(names, tpu_topology=""):
+    devices = plan.target_devices(plan.parse_target(tpu_topology, "")) if tpu_topology else None
     out = {}
     for name in names:
-        before = set(glob.glob(os.path.join(DUMP, "*after_spmd-partitioning*")))
-        step = plan.plan_step(config(), sharding.make_mesh(*MESHES[name]))
+        before = set(partitioned(DUMP))
+        step = plan.plan_step(config(), sharding.make_mesh(*MESHES[name], devices=devices))
         plan.lower_and_compile(step)
-        (new,) = set(glob.glob(os.path.join(DUMP, "*after_spmd-partitioning*"))) - before
+        (new,) = set(partitioned(DUMP)) - before
         out[name] = [dict(kind=c.kind, dtype=c.dtype, shapes=c.shapes, op=c.op_name, count=n)
                      for c, n in plan.parse_collectives(open(new).read())]
     print(json.dumps(out))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:] or list(MESHES))
+    args = sys.argv[1:]
+    tpu = [a.split("=", 1)[1] for a in args if a.startswith("--tpu=")]
+    main([a for a in args if not a.startswith("--")] or list(MESHES), tpu[0] if tpu else "")
