@@ -21,7 +21,6 @@ import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from llava_jax import sharding
 from llava_jax.train import model_init, recipes
@@ -123,14 +122,17 @@ def target_devices(target: Target) -> list:
     return cpus[:target.num_devices]
 
 
+DEMO_VOCAB = 512
+
+
 def model_config(c: mlc.ConfigDict):
     """The run's LlavaConfig (preset + runtime fields) without reading any checkpoint."""
     from llava_jax.models.llava import PRESETS
 
     if c.model.preset == "demo":
-        cfg = model_init.demo_model_config(vocab_size=c.plan_vocab_size if "plan_vocab_size" in c else 512,
-                                           image_size=c.demo.image_size, image_token_index=3,
-                                           patch_size=c.demo.patch_size)
+        # The demo's vocabulary comes from its generated tokenizer; 512 is of its order.
+        cfg = model_init.demo_model_config(vocab_size=DEMO_VOCAB, image_size=c.demo.image_size,
+                                           image_token_index=3, patch_size=c.demo.patch_size)
     else:
         cfg = dataclasses.replace(PRESETS[c.model.preset], projector=c.model.projector,
                                   vision_feature_layer=c.model.vision_feature_layer)
@@ -437,7 +439,6 @@ def partitioned_hlo(compiled) -> str:
     had it dumped (before backend passes: XLA:CPU widens bf16 collectives to float32 and the TPU compiler
     splits collectives into pipelined pieces, neither of which changes the bytes a step moves), else the
     compiled text."""
-    import glob
     import os
 
     dump = os.environ.get("LLAVA_PLAN_DUMP", "")
