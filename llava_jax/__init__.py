@@ -4,8 +4,9 @@
 
     model = lj.from_hf("llava-1.5-7b-hf")                 # or lj.from_clip_and_llm(clip, llm)
     logits = model(input_ids, pixel_values=pixels, attention_mask=mask)
-    generator = lj.Generator(model, tokenizer, template="llava_v1")
     lj.to_hf(model, "out/llava-hf", tokenizer=tokenizer)
+    model, tokenizer, image_config, template = lj.load_model("out/llava-hf")   # as chat, eval and bench do
+    generator = lj.Generator(model, tokenizer, image_config=image_config, template=template)
 
 Names are imported lazily on first use, so `python -m llava_jax.<tool>` and data worker processes stay
 cheap to start.
@@ -19,7 +20,7 @@ _EXPORTS = {
     "llava_jax.models": ("CLIPVisionConfig", "CLIPVisionModel", "LlamaConfig", "LlamaForCausalLM", "LlavaConfig",
                          "LlavaForConditionalGeneration", "PRESETS"),
     "llava_jax.convert": ("from_hf", "from_clip_and_llm", "from_original_llava", "to_hf", "save", "load"),
-    "llava_jax.infer.generate": ("Generator",),
+    "llava_jax.infer.generate": ("Generator", "load_model"),
     "llava_jax.infer.evaluate": ("evaluate",),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}

@@ -7,10 +7,10 @@ the same weights run through transformers' `generate` (PyTorch) in the same proc
 printed. On a GPU / TPU the decode step is also compared with its memory-bandwidth bound: the bytes of the
 weights one step reads (language model) divided by the device's memory bandwidth.
 
---layers picks how the decoder layers run: `scan` (jax.lax.scan over the stacked weights), `loop` (a Python loop
-over the stack) or `unstacked` (one buffer per layer weight, `LlamaModel.unstack_layers`; the fastest decode on
-GPU, where slicing a layer out of the stack every step copies its weights). On CUDA, --compare-transformers draws
-the transformers model's own random weights on the GPU (same architecture, same work per token).
+Ours decodes as chat and eval do, through `Generator` (per-layer weight buffers, `decoding_layout`);
+`--model PATH` times a real checkpoint loaded with `load_model` instead of a preset. On CUDA,
+--compare-transformers draws the transformers model's own random weights on the GPU (same architecture, same
+work per token).
 
 Timings are medians over --repeats runs after a warm-up run (whose time, compilation included, is reported
 as compile_s). Ours: the prefill and the decode loop are timed apart. transformers: a streamer notes when
@@ -34,6 +34,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from llava_jax import convert
+from llava_jax.convert.hf_llava import llava_config_to_hf
+from llava_jax.infer import generate as gen_lib
 from llava_jax.models import clip_vit, llama
 from llava_jax.models.llava import PRESETS as LLAVA_PRESETS
 from llava_jax.models.llava import LlavaConfig, LlavaForConditionalGeneration
@@ -56,7 +59,6 @@ PRESETS: dict[str, LlavaConfig] = {
     "llava_1_5_7b": LLAVA_PRESETS["llava_1_5_7b"],
 }
 
-LAYER_MODES = ("scan", "loop", "unstacked")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 # Peak memory bandwidth in bytes/s by device kind (substring of jax's device_kind, first match wins).
@@ -102,7 +104,7 @@ def _median_time(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
-def build_models(cfg: LlavaConfig, dtype, compare: bool, seed: int = 0, scan_layers: bool = True):
+def build_models(cfg: LlavaConfig, dtype, compare: bool, seed: int = 0):
     """(our model, transformers model or None) with the same random weights.
 
     With `compare` the weights are drawn by transformers, saved and imported with `convert.from_hf`;
@@ -110,19 +112,15 @@ def build_models(cfg: LlavaConfig, dtype, compare: bool, seed: int = 0, scan_lay
     model is drawn on the GPU with its own random weights (same architecture and work per token; a 7B
     save / import round trip through the host would dominate the run).
     """
-    text = dataclasses.replace(cfg.text, scan_layers=scan_layers)
     if not compare or _torch_cuda():
-        cfg = dataclasses.replace(cfg, text=dataclasses.replace(text, dtype=dtype, param_dtype=dtype),
+        cfg = dataclasses.replace(cfg, text=dataclasses.replace(cfg.text, dtype=dtype, param_dtype=dtype),
                                   vision=dataclasses.replace(cfg.vision, dtype=dtype, param_dtype=dtype))
         ours = LlavaForConditionalGeneration(cfg, rngs=nnx.Rngs(seed))
         return ours, (_transformers_model(cfg, dtype, seed, "cuda") if compare else None)
-    from llava_jax import convert
-
-    cfg = dataclasses.replace(cfg, text=text)
     hf = _transformers_model(cfg, dtype, seed, "cpu")
     with tempfile.TemporaryDirectory() as tmp:
         hf.save_pretrained(tmp)
-        ours = convert.from_hf(tmp, dtype=dtype, scan_layers=scan_layers)
+        ours = convert.from_hf(tmp, dtype=dtype)
     return ours, hf
 
 
@@ -138,8 +136,6 @@ def _transformers_model(cfg: LlavaConfig, dtype, seed: int, device: str):
     """A random transformers LLaVA of `cfg`'s architecture in `dtype` on `device` (eval mode)."""
     import torch
     import transformers
-
-    from llava_jax.convert.hf_llava import llava_config_to_hf
 
     hf_dict = llava_config_to_hf(cfg)
     torch.manual_seed(seed)
@@ -168,8 +164,6 @@ def make_inputs(cfg: LlavaConfig, batch: int, prompt_len: int, images: int, seed
 
 
 def time_ours(model, rows, pixels, images: int, new_tokens: int, repeats: int) -> Timing:
-    from llava_jax.infer import generate as gen_lib
-
     gen = gen_lib.Generator(model, None, eos_token_ids=())
     per_row = [[pixels[r * images + k] for k in range(images)] for r in range(len(rows))]
     batch = gen.make_batch(rows, per_row)
@@ -248,21 +242,26 @@ def decode_weight_bytes(model) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
 
 
+def bench_models(args):
+    """(our model, transformers model or None): a checkpoint from `load_model`, or a preset's random weights."""
+    if args.model:
+        return gen_lib.load_model(args.model, dtype=DTYPES[args.dtype])[0], None
+    return build_models(PRESETS[args.preset], DTYPES[args.dtype], args.compare_transformers)
+
+
 def run_generate(args) -> list[dict]:
-    cfg = PRESETS[args.preset]
-    dtype = DTYPES[args.dtype]
-    model, hf = build_models(cfg, dtype, args.compare_transformers, scan_layers=args.layers == "scan")
-    if args.layers == "unstacked":
-        model.language_model.model.unstack_layers()
+    model, hf = bench_models(args)
+    cfg = model.config
     device = jax.devices()[0]
     bandwidth = args.bandwidth_gbs * 1e9 if args.bandwidth_gbs else (
         device_bandwidth(device.device_kind) if device.platform != "cpu" else None)
     weight_bytes = decode_weight_bytes(model)
     n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    print(f"preset {args.preset}: {n_params / 1e6:.1f}M parameters ({weight_bytes / 2**20:.0f} MiB read per decode "
-          f"step), {args.dtype}, prompt {args.images} x {cfg.image_seq_length} image + {args.prompt_len} text "
-          f"tokens, {args.new_tokens} new tokens, {device.device_kind} ({device.platform}), layers "
-          f"{args.layers}" + (f", bandwidth {bandwidth / 1e12:.2f} TB/s" if bandwidth else ""))
+    name = args.model or f"preset {args.preset}"
+    print(f"{name}: {n_params / 1e6:.1f}M parameters ({weight_bytes / 2**20:.0f} MiB read per decode step), "
+          f"{args.dtype}, prompt {args.images} x {cfg.image_seq_length} image + {args.prompt_len} text tokens,"
+          f" {args.new_tokens} new tokens, {device.device_kind} ({device.platform})"
+          + (f", bandwidth {bandwidth / 1e12:.2f} TB/s" if bandwidth else ""))
     header = f"{'batch':>5} {'impl':>12} {'compile_s':>9} {'ttft_ms':>9} {'decode_tok/s':>12} {'step_ms':>8}"
     print(header + ("  bw_bound" if bandwidth else "") + ("  ratio(ours/hf)" if hf is not None else ""))
     results = []
@@ -274,8 +273,8 @@ def run_generate(args) -> list[dict]:
         for t in timings:
             line = (f"{t.batch:>5} {t.impl:>12} {t.compile_s:>9.2f} {t.ttft_s * 1e3:>9.1f} "
                     f"{t.decode_tokens_per_s:>12.1f} {t.step_s * 1e3:>8.2f}")
-            record = {"preset": args.preset, "dtype": args.dtype, "device": device.device_kind, **dataclasses.asdict(t),
-                      "decode_tokens_per_s": t.decode_tokens_per_s, "step_s": t.step_s}
+            record = {"preset": args.model or args.preset, "dtype": args.dtype, "device": device.device_kind,
+                      **dataclasses.asdict(t), "decode_tokens_per_s": t.decode_tokens_per_s, "step_s": t.step_s}
             if bandwidth and t.impl == "llava_jax":
                 fraction = weight_bytes / bandwidth / t.step_s
                 line += f"  {fraction:7.1%}"
@@ -306,9 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--repeats", type=int, default=3)
     g.add_argument("--compare-transformers", action="store_true",
                    help="also time transformers' generate on the same weights")
-    g.add_argument("--layers", choices=LAYER_MODES, default="scan",
-                   help="decoder layers: jax.lax.scan over the stack, a Python loop over the stack, or a loop over "
-                        "unstacked per-layer weights (LlamaModel.unstack_layers)")
+    g.add_argument("--model", help="a model folder or training workdir (load_model) instead of a preset")
     g.add_argument("--bandwidth-gbs", type=float, help="memory bandwidth for the bound (default: by device kind)")
     g.add_argument("--json", help="write the results here")
     return parser
@@ -318,6 +315,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.new_tokens < 2:
         print("error: --new-tokens must be >= 2", file=sys.stderr)
+        return 2
+    if args.model and args.compare_transformers:
+        print("error: --compare-transformers draws its own weights; use it with --preset, not --model",
+              file=sys.stderr)
         return 2
     run_generate(args)
     return 0

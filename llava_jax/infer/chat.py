@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _open_chat(args) -> Chat:
     from llava_jax.data.images import load_image
-    from llava_jax.infer.generate import Generator, ModelLoadError, load_model, unstack_for_decoding
+    from llava_jax.infer.generate import Generator, ModelLoadError, load_model
 
     image = None
     if args.image is not None:
@@ -106,8 +106,7 @@ def _open_chat(args) -> Chat:
         model, tokenizer, image_config, default = load_model(args.model, dtype=args.dtype, tokenizer=args.tokenizer)
     except (ModelLoadError, FileNotFoundError) as e:
         raise ChatError(str(e)) from None
-    generator = Generator(unstack_for_decoding(model), tokenizer, image_config=image_config,
-                          template=template or default)
+    generator = Generator(model, tokenizer, image_config=image_config, template=template or default)
     if image is not None and not generator.is_llava:
         raise ChatError(f"{args.model} is a text-only model; it cannot take --image")
     return Chat(generator, image, max_new_tokens=args.max_new_tokens, temperature=args.temperature,

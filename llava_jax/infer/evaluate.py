@@ -117,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from llava_jax.data.conversation import get_template
-    from llava_jax.infer.generate import ModelLoadError, load_model, unstack_for_decoding
+    from llava_jax.infer.generate import ModelLoadError, load_model
 
     args = build_parser().parse_args(argv)
     try:
@@ -127,7 +127,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not Path(args.images).is_dir():
             raise FileNotFoundError(f"image folder not found: {args.images}")
         model, tokenizer, image_config, _ = load_model(args.model, dtype=args.dtype, tokenizer=args.tokenizer)
-        unstack_for_decoding(model)
         evaluate(model, tokenizer, args.questions, args.images, args.answers, template=args.template,
                  image_config=image_config, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                  temperature=args.temperature, model_id=args.model_id or Path(args.model).resolve().name,

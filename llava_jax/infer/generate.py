@@ -146,12 +146,18 @@ def _language_model(model):
     return getattr(model, "language_model", model)
 
 
-def unstack_for_decoding(model):
-    """Gives each decoder layer its own weight buffers, in place (`LlamaModel.unstack_layers`): the fast
-    decode layout for a model that is only used to generate (it can no longer be converted or saved).
-    Returns the model."""
-    _language_model(model).model.unstack_layers()
-    return model
+def decoding_layout(model):
+    """`model` with each decoder layer in its own weight buffers (`LlamaModel.unstack_layers`), the one layout
+    `Generator` decodes with: a layer loop over stacked weights copies each layer's slice every step, so a
+    memory-bound GPU decode step moves about twice the bytes (H100, 7B bf16, batch 1: 15.9 -> 6.4 ms).
+    A stacked model is left as it is and a copy is returned (new modules; the decoder's weights are copied
+    into per-layer buffers); an unstacked one is returned itself."""
+    if isinstance(_language_model(model).model.layers, nnx.List):
+        return model
+    graphdef, state = nnx.split(model)
+    decoder = nnx.merge(graphdef, state)  # new modules over the same arrays
+    _language_model(decoder).model.unstack_layers()
+    return decoder
 
 
 def _stopped(static: _Static, tokens: jax.Array, step: jax.Array) -> jax.Array:
@@ -257,16 +263,15 @@ class Generator:
         `prompt()`.
       eos_token_ids: ids that end a row; default the tokenizer's eos_token_id.
       bucket: prompt length -> padded length (default `bucket_length`).
-      unstack_layers: decode with one buffer per layer weight (`LlamaModel.unstack_layers`, on a copy: the
-        given model keeps its stacked weights, so the decoder's weights are held twice). A layer loop over
-        stacked weights copies each layer's slice every step; unstacked, a memory-bound GPU decode step
-        moves about half the bytes (H100, 7B bf16, batch 1: 15.9 -> 6.4 ms). Compiles take longer.
+    Decoding runs on `decoding_layout(model)`: per-layer weight buffers. A model from `load_model` already has
+    them; a stacked model (fresh from `convert`, or training) is left unchanged and its decoder weights are
+    copied, so drop the stacked model when it is no longer needed.
     """
 
     def __init__(self, model: nnx.Module, tokenizer, *, image_config: ImageConfig | None = None,
                  template: str | Template | None = None, eos_token_ids: Sequence[int] | None = None,
-                 bucket: Callable[[int], int] = bucket_length, unstack_layers: bool = False):
-        self.model, self.tokenizer = model, tokenizer
+                 bucket: Callable[[int], int] = bucket_length):
+        self.model, self.tokenizer = decoding_layout(model), tokenizer
         self.is_llava = hasattr(model, "embed_inputs")
         config = model.config
         self.text_config = config.text if self.is_llava else config
@@ -281,11 +286,7 @@ class Generator:
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_id = int(pad if pad is not None else (self.eos_token_ids or (0,))[0])
         self.bucket = bucket
-        self.graphdef, self.state = nnx.split(model)
-        if unstack_layers:
-            decoder = nnx.merge(self.graphdef, self.state)  # new modules over the same arrays
-            _language_model(decoder).model.unstack_layers()
-            self.graphdef, self.state = nnx.split(decoder)
+        self.graphdef, self.state = nnx.split(self.model)
 
     @property
     def context_length(self) -> int:
@@ -511,12 +512,16 @@ def _workdir_export(path: Path) -> tuple[Path, str | None]:
         config = json.loads((path / "config.json").read_text())
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"{path}: unreadable training config.json ({e})") from None
-    export = config.get("export_hf") or ""
+    data = config.get("data") if isinstance(config, dict) else None
+    export = config.get("export_hf") if isinstance(config, dict) else None
+    template = data.get("template") if isinstance(data, dict) else None
+    if not isinstance(template, (str, type(None))) or not isinstance(export, (str, type(None))):
+        raise ModelLoadError(f"{path / 'config.json'}: export_hf and data.template must be strings")
     if not export or not (Path(export) / "config.json").is_file():
         raise ModelLoadError(f"{path}: a training workdir without a finished Hugging Face export (its config's "
                              f"export_hf is {export!r}); load the exported folder, or finish the run with "
                              "export_hf set")
-    return Path(export), (config.get("data") or {}).get("template")
+    return Path(export), template
 
 
 def load_model(path: str | os.PathLike, *, dtype=None, tokenizer: str | os.PathLike | None = None):
@@ -525,6 +530,7 @@ def load_model(path: str | os.PathLike, *, dtype=None, tokenizer: str | os.PathL
     PATH is a Hugging Face LLaVA / LLaMA folder (config.json + weights; tokenizer and preprocessor_config.json
     read from it), a folder in our format (`convert.save`: model.json + params/; the tokenizer from the same
     folder or `tokenizer`), or a finished training workdir (config.json + checkpoints/): its `export_hf` folder.
+    The model comes in `decoding_layout` (per-layer weight buffers, for `Generator`; not for `convert`).
     The template is the workdir's `data.template` or `default_template(folder name)`.
     Raises:
       ModelLoadError naming the folder.
@@ -546,11 +552,12 @@ def load_model(path: str | os.PathLike, *, dtype=None, tokenizer: str | os.PathL
             model = convert.from_hf(path, dtype=dtype)
         else:
             raise ModelLoadError(f"{path}: not a model folder (no config.json or model.json)")
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer or path))
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer or path), trust_remote_code=False)
     except ModelLoadError:
         raise
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ModelLoadError(f"{path}: cannot load the model or its tokenizer: {e}") from e
+    _language_model(model).model.unstack_layers()  # in place: the one copy of the weights
     image_config = None
     if hasattr(model, "embed_inputs"):
         image_config = _image_config(path, model.config.vision.image_size)
@@ -612,5 +619,5 @@ def _held_back(text: str, stop: str) -> int:
     return 0
 
 
-__all__ = ["Generator", "Batch", "Sampling", "ModelLoadError", "bucket_length", "default_template", "filter_logits",
-           "load_model", "next_token"]
+__all__ = ["Generator", "Batch", "Sampling", "ModelLoadError", "bucket_length", "decoding_layout", "default_template",
+           "filter_logits", "load_model", "next_token"]

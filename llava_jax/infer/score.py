@@ -20,6 +20,7 @@ import json
 import sys
 from collections.abc import Sequence
 
+from llava_jax import atomic_files
 from llava_jax.infer import scorers
 
 
@@ -43,8 +44,7 @@ def _textvqa(args) -> dict:
 
 def _vqa_submission(args) -> dict:
     upload = scorers.vqa_submission(args.answers, args.questions, args.style)
-    with open(args.upload, "w", encoding="utf-8") as f:
-        json.dump(upload, f)
+    atomic_files.write_text(args.upload, json.dumps(upload))
     return {"upload": args.upload, "questions": len(upload), "empty_answers": sum(not u["answer"] for u in upload)}
 
 
@@ -101,8 +101,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     text = json.dumps(result, indent=2)
     print(text)
     if args.output:
-        with open(args.output, "w", encoding="utf-8") as f:
-            f.write(text + "\n")
+        atomic_files.write_text(args.output, text + "\n")
     return result
 
 

@@ -14,8 +14,11 @@ from pathlib import Path
 import jax
 import ml_collections as mlc
 
+from llava_jax import atomic_files
 from llava_jax.data import synthetic
 from llava_jax.infer import scorers
+from llava_jax.infer.evaluate import evaluate as run_eval
+from llava_jax.train.inputs import image_config
 
 
 def per_category(answers_path: Path, gold_path: Path) -> dict[str, float]:
@@ -31,9 +34,6 @@ def per_category(answers_path: Path, gold_path: Path) -> dict[str, float]:
 
 def evaluate(model, tokenizer, paths: synthetic.SyntheticPaths, c: mlc.ConfigDict, workdir: Path) -> dict:
     """Runs both evaluations, prints a table and returns {"images": {...}, "blank": {...}, "chance": {...}}."""
-    from llava_jax.infer.evaluate import evaluate as run_eval
-    from llava_jax.train.loop import image_config
-
     blank = synthetic.blank_image(c.demo.image_size)
     results = {"chance": json.loads(Path(paths.info).read_text())["chance"]}
     for name, transform in (("images", None), ("blank", lambda _: blank)):
@@ -47,7 +47,7 @@ def evaluate(model, tokenizer, paths: synthetic.SyntheticPaths, c: mlc.ConfigDic
             results[name] = {"accuracy": overall, **per_category(answers, paths.eval_answers)}
     if jax.process_index() == 0:
         print(format_table(results), flush=True)
-        (Path(workdir) / "demo_eval.json").write_text(json.dumps(results, indent=2))
+        atomic_files.write_text(Path(workdir) / "demo_eval.json", json.dumps(results, indent=2))
     return results
 
 

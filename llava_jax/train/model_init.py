@@ -118,6 +118,6 @@ def load_tokenizer(c: mlc.ConfigDict, fallback: str | os.PathLike | None = None)
     from llava_jax.data.tokenize import add_image_token
 
     path = c.data.tokenizer or c.model.llava_path or c.model.llm_path or fallback
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=False)  # never code from a folder
     add_image_token(tokenizer)
     return tokenizer

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import transformers
 
-from llava_jax.convert import io
+from llava_jax.convert import checkpoint_io
 from llava_jax.convert.__main__ import main
 from llava_jax.convert.hf_llava import llava_tensor_name_to_ours
 from tests.conftest import REPO_ROOT
@@ -45,8 +45,8 @@ def test_import_then_export_in_subprocess(tmp_path):
     assert main(["export", str(tmp_path / "ours"), str(tmp_path / "out"), "--tokenizer", str(tokenizer),
                  "--max-shard-size", "200KB"]) == 0
     assert (tmp_path / "ours" / "model.json").is_file()
-    src, out = io.CheckpointReader(tmp_path / "hf"), io.CheckpointReader(tmp_path / "out")
-    assert (tmp_path / "out" / io.SAFE_INDEX).is_file()
+    src, out = checkpoint_io.CheckpointReader(tmp_path / "hf"), checkpoint_io.CheckpointReader(tmp_path / "out")
+    assert (tmp_path / "out" / checkpoint_io.SAFE_INDEX).is_file()
     for name in src.names():
         got = out.get(llava_tensor_name_to_ours(name))
         assert str(got.dtype) == "bfloat16", name

@@ -17,7 +17,7 @@ import transformers
 from safetensors.numpy import save_file
 
 import llava_jax.convert as convert
-from llava_jax.convert import io
+from llava_jax.convert import checkpoint_io
 from llava_jax.convert.params import state_dict
 from tests.conftest import REPO_ROOT
 from tests.convert import helpers
@@ -40,9 +40,9 @@ def test_write_plans_shards_and_index_that_reader_reads_back(tmp_path):
     tensors["big"] = rng.randn(31, 37).astype(ml_dtypes.bfloat16)
     specs = {n: jax.ShapeDtypeStruct(v.shape, v.dtype) for n, v in tensors.items()}
     limit = 1000
-    files = io.write_safetensors({n: (lambda v=v: v) for n, v in tensors.items()}, specs, tmp_path,
+    files = checkpoint_io.write_safetensors({n: (lambda v=v: v) for n, v in tensors.items()}, specs, tmp_path,
                                  max_shard_size=limit)
-    index = json.loads((tmp_path / io.SAFE_INDEX).read_text())
+    index = json.loads((tmp_path / checkpoint_io.SAFE_INDEX).read_text())
     sizes = {n: v.nbytes for n, v in tensors.items()}
     assert index["metadata"]["total_size"] == sum(sizes.values())
     assert set(index["weight_map"]) == set(tensors)
@@ -52,7 +52,7 @@ def test_write_plans_shards_and_index_that_reader_reads_back(tmp_path):
     # Every shard fits the limit except a tensor larger than it, which sits alone.
     assert all(sum(b) <= limit or len(b) == 1 for b in shard_bytes.values())
     assert len(files) == len(shard_bytes) + 1
-    reader = io.CheckpointReader(tmp_path)
+    reader = checkpoint_io.CheckpointReader(tmp_path)
     for name, value in tensors.items():
         got = reader.get(name)
         assert got.dtype == value.dtype and np.array_equal(got, value), name
@@ -60,23 +60,23 @@ def test_write_plans_shards_and_index_that_reader_reads_back(tmp_path):
 
 def test_single_file_has_no_index(tmp_path):
     x = np.arange(12, dtype=np.float32).reshape(3, 4)
-    io.write_safetensors({"x": lambda: x}, {"x": jax.ShapeDtypeStruct(x.shape, x.dtype)}, tmp_path)
-    assert not (tmp_path / io.SAFE_INDEX).exists()
-    assert np.array_equal(io.CheckpointReader(tmp_path / io.SAFE_WEIGHTS).get("x"), x)
+    checkpoint_io.write_safetensors({"x": lambda: x}, {"x": jax.ShapeDtypeStruct(x.shape, x.dtype)}, tmp_path)
+    assert not (tmp_path / checkpoint_io.SAFE_INDEX).exists()
+    assert np.array_equal(checkpoint_io.CheckpointReader(tmp_path / checkpoint_io.SAFE_WEIGHTS).get("x"), x)
 
 
 def test_parse_size():
-    assert io.parse_size("5GB") == 5 * 10**9
-    assert io.parse_size("100KiB") == 100 * 1024
-    assert io.parse_size(123) == 123
+    assert checkpoint_io.parse_size("5GB") == 5 * 10**9
+    assert checkpoint_io.parse_size("100KiB") == 100 * 1024
+    assert checkpoint_io.parse_size(123) == 123
     with pytest.raises(ValueError, match="max shard size"):
-        io.parse_size("lots")
+        checkpoint_io.parse_size("lots")
 
 
 def test_pytorch_bin_reads_bf16_bits(tmp_path):
     weights = {"a": torch.randn(5, 3).to(torch.bfloat16), "b": torch.randn(7)}
-    torch.save(weights, tmp_path / io.TORCH_WEIGHTS)
-    reader = io.CheckpointReader(tmp_path)
+    torch.save(weights, tmp_path / checkpoint_io.TORCH_WEIGHTS)
+    reader = checkpoint_io.CheckpointReader(tmp_path)
     a = reader.get("a")
     assert a.dtype == ml_dtypes.bfloat16 and reader.dtype("a") == ml_dtypes.bfloat16
     assert np.array_equal(a.view(np.int16), _bits(weights["a"]))
@@ -116,7 +116,7 @@ def test_missing_folder_and_config(tmp_path):
         convert.from_hf(tmp_path / "nowhere")
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
     with pytest.raises(FileNotFoundError, match=r"no weights found"):
-        io.CheckpointReader(tmp_path)
+        checkpoint_io.CheckpointReader(tmp_path)
     (tmp_path / "config.json").unlink()
     with pytest.raises(FileNotFoundError, match=r"config\.json"):
         convert.from_hf(tmp_path)
@@ -131,9 +131,9 @@ def test_unknown_architecture_names_config(tmp_path):
 
 def test_missing_shard_names_index_and_tensor(llama_bf16, tmp_path):
     index = {"weight_map": {"model.norm.weight": "model-00002-of-00002.safetensors"}}
-    (tmp_path / io.SAFE_INDEX).write_text(json.dumps(index))
+    (tmp_path / checkpoint_io.SAFE_INDEX).write_text(json.dumps(index))
     with pytest.raises(FileNotFoundError, match=r"model-00002-of-00002\.safetensors.*model\.norm\.weight"):
-        io.CheckpointReader(tmp_path)
+        checkpoint_io.CheckpointReader(tmp_path)
 
 
 def test_truncated_file_names_file_and_tensor(tmp_path):
@@ -142,14 +142,14 @@ def test_truncated_file_names_file_and_tensor(tmp_path):
     data = (tmp_path / "model.safetensors").read_bytes()
     (tmp_path / "model.safetensors").write_bytes(data[:-200])
     with pytest.raises(convert.CheckpointError, match=r"model\.safetensors.*truncated.*'second'"):
-        io.CheckpointReader(tmp_path)
+        checkpoint_io.CheckpointReader(tmp_path)
 
 
 def _copy_with(src, dst, edit):
     """Copies a single-file checkpoint, applying edit(dict of tensors) on the way."""
     dst.mkdir()
     (dst / "config.json").write_text((src / "config.json").read_text())
-    reader = io.CheckpointReader(src)
+    reader = checkpoint_io.CheckpointReader(src)
     tensors = {n: reader.get(n) for n in reader.names()}
     edit(tensors)
     save_file(tensors, str(dst / "model.safetensors"))
@@ -177,7 +177,7 @@ def test_llama_export_loads_in_transformers_bitwise(llama_bf16, tmp_path):
     out = convert.to_hf(convert.from_hf(path), tmp_path / "out", max_shard_size="40KB")
     reloaded, info = transformers.LlamaForCausalLM.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
-    assert (out / io.SAFE_INDEX).is_file() and json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert (out / checkpoint_io.SAFE_INDEX).is_file() and json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     for name, tensor in hf.state_dict().items():
         got = reloaded.state_dict()[name]
         assert got.dtype == torch.bfloat16 and torch.equal(_bits_t(got), _bits_t(tensor)), name

@@ -12,7 +12,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import llava_jax.convert as convert
-from llava_jax.convert import io
+from llava_jax.convert import checkpoint_io
 from llava_jax.convert.hf_llava import llava_tensor_name_to_ours
 from llava_jax.convert.params import state_dict
 from tests.convert import helpers
@@ -46,7 +46,7 @@ def _torch_logits(model, ids, pix):
 
 def test_import_logits_match_transformers(exported):
     _, hf, model, _ = exported
-    assert (exported[0] / io.SAFE_INDEX).exists()  # The source is sharded.
+    assert (exported[0] / checkpoint_io.SAFE_INDEX).exists()  # The source is sharded.
     # Same length as the processor test below, so the eager forward reuses its compiled ops.
     ids, pix = helpers.image_ids([5], [7, 8], IMAGE), helpers.pixels()
     ref = _torch_logits(hf, ids, pix)
@@ -55,14 +55,14 @@ def test_import_logits_match_transformers(exported):
 
 def test_export_tensors_bitwise_identical_and_sharded(exported):
     src_dir, _, _, out = exported
-    src, dst = io.CheckpointReader(src_dir), io.CheckpointReader(out)
+    src, dst = checkpoint_io.CheckpointReader(src_dir), checkpoint_io.CheckpointReader(out)
     renamed = {llava_tensor_name_to_ours(n): n for n in src.names()}
     assert set(renamed) == set(dst.names())
     for ours, theirs in renamed.items():
         a, b = src.get(theirs), dst.get(ours)
         assert a.dtype == b.dtype and np.array_equal(a, b), ours
     # The classic on-disk layout of REFERENCE.md, in several shards listed by the index.
-    index = json.loads((out / io.SAFE_INDEX).read_text())
+    index = json.loads((out / checkpoint_io.SAFE_INDEX).read_text())
     assert len(set(index["weight_map"].values())) > 1
     prefixes = {n.split(".")[0] if not n.startswith("language_model") else ".".join(n.split(".")[:2])
                 for n in index["weight_map"]}
@@ -122,7 +122,7 @@ def test_export_grows_vocab_for_image_token(exported, tmp_path):
     config["image_token_index"] = helpers.VOCAB
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "config.json").write_text(json.dumps(config))
-    reader = io.CheckpointReader(src_dir)
+    reader = checkpoint_io.CheckpointReader(src_dir)
     save_file({n: torch.from_numpy(reader.get(n).copy()) for n in reader.names()},
               str(tmp_path / "src" / "model.safetensors"))
     model = convert.from_hf(tmp_path / "src")
@@ -135,7 +135,7 @@ def test_export_grows_vocab_for_image_token(exported, tmp_path):
     assert tok.convert_tokens_to_ids(convert.IMAGE_TOKEN) == helpers.VOCAB
     ours = state_dict(model)
     for name in ("language_model.model.embed_tokens.weight", "language_model.lm_head.weight"):
-        exported_table = io.CheckpointReader(out).get(name)
+        exported_table = checkpoint_io.CheckpointReader(out).get(name)
         assert np.array_equal(exported_table[:-1], ours[name])
         np.testing.assert_allclose(exported_table[-1], ours[name].mean(0), rtol=1e-6, atol=1e-7)
     # A tokenizer where adding <image> cannot give the model's id.

@@ -12,7 +12,7 @@ import transformers
 from safetensors.numpy import save_file
 
 import llava_jax.convert as convert
-from llava_jax.convert import hf_original, io
+from llava_jax.convert import checkpoint_io, hf_original
 from llava_jax.convert.params import state_dict
 from tests.convert import helpers
 
@@ -46,7 +46,7 @@ def _official_logits(model, pix):
 
 def test_import_matches_official_forward(official):
     path, _, hf = official
-    assert any(n.startswith("model.mm_projector.2.") for n in io.CheckpointReader(path).names())
+    assert any(n.startswith("model.mm_projector.2.") for n in checkpoint_io.CheckpointReader(path).names())
     model = convert.from_hf(path)  # Detected as original; the tower config comes from the local mm_vision_tower.
     cfg = model.config
     assert cfg.projector == "mlp2x_gelu" and cfg.vision_feature_layer == -2
@@ -70,7 +70,7 @@ def test_tower_from_separate_clip_checkpoint(official, tmp_path):
     config = json.loads((path / "config.json").read_text())
     config["mm_vision_tower"] = "openai/clip-vit-large-patch14-336"  # Not a local folder.
     (tmp_path / "config.json").write_text(json.dumps(config))
-    reader = io.CheckpointReader(path)
+    reader = checkpoint_io.CheckpointReader(path)
     save_file({n: reader.get(n) for n in reader.names() if not n.startswith("model.vision_tower.")},
               str(tmp_path / "model.safetensors"))
     with pytest.raises(convert.CheckpointError, match=r"no vision tower.*clip-vit-large-patch14-336"):

@@ -123,11 +123,12 @@ def test_load_model_reads_our_format_and_training_workdirs(model_dir, generator,
     from llava_jax.models.llava import LlavaForConditionalGeneration
 
     ours = tmp_path / "ours"
-    convert.save(generator.model, ours)
+    convert.save(convert.from_hf(model_dir), ours)
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(model_dir / name, ours / name)
     model, tokenizer, _, template = load_model(ours)
     assert isinstance(model, LlavaForConditionalGeneration) and template == "llava_v1"
+    assert len(model.language_model.model.layers) == 2  # the decode layout: one module per layer
     ids = np.arange(5, 40)[None]
     np.testing.assert_array_equal(np.asarray(model(ids)), np.asarray(generator.model(ids)))
 

@@ -105,18 +105,23 @@ def test_greedy_padded_batch_with_images_equals_transformers(tiny):
     assert max(len(r) for r in ref) > 5
 
 
-def test_unstacked_layers_generate_what_transformers_generates(tiny):
-    """Generator(unstack_layers=True) decodes from per-layer weight buffers; the given model is untouched."""
+def test_generator_decodes_from_per_layer_buffers_and_leaves_the_model_stacked(tiny):
+    """The one decode layout: per-layer weight buffers (logical axes without `layers`); the stacked model given
+    to Generator is left as it was, and a model already in that layout is used as it is."""
     hf, gen, _ = tiny
-    fast = Generator(gen.model, gen.tokenizer, template="llava_v1", unstack_layers=True)
-    layer_0 = fast.state["language_model"]["model"]["layers"][0]
-    assert layer_0["self_attn"]["q_proj"]["weight"].get_metadata()["out_sharding"] == ("heads", "embed")
+    layers = gen.state["language_model"]["model"]["layers"]
+    assert len(layers) == 2
+    assert layers[0]["self_attn"]["q_proj"]["weight"].get_metadata()["out_sharding"] == ("heads", "embed")
+    stacked = from_hf(tiny[2])
+    assert stacked.language_model.model.layers.self_attn.q_proj.weight.shape[0] == 2
+    fast = Generator(stacked, gen.tokenizer, template="llava_v1")
+    assert stacked.language_model.model.layers.self_attn.q_proj.weight.shape[0] == 2  # still stacked
+    assert gen_lib.decoding_layout(fast.model) is fast.model
     rng = np.random.default_rng(1)
     rows = [ids_row(rng, 5, "img", 7), ids_row(rng, "img", 3, "img", 2), ids_row(rng, 12)]
     px = pixels(3, 1)
     ours = fast.generate_tokens(rows, [[px[0]], [px[1], px[2]], []], max_new_tokens=MAX_NEW)
     assert_same_tokens(ours, reference_generate(hf, rows, px))
-    assert gen.model.language_model.model.layers.self_attn.q_proj.weight.shape[0] == 2  # still stacked
 
 
 def test_string_prompts_and_images_go_through_the_official_paths(tiny):

@@ -1,0 +1,130 @@
+"""A run's input side: the demo data, the sources and grain iterator of a config, the held-out batches, and
+host batches -> global arrays on the mesh."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from pathlib import Path
+
+import jax
+import ml_collections as mlc
+import numpy as np
+
+from llava_jax import sharding
+from llava_jax.data import synthetic
+from llava_jax.data.images import ImageConfig
+from llava_jax.data.pipeline import PipelineConfig, make_train_iterator
+from llava_jax.data.sources import LlavaJsonSource
+from llava_jax.train import model_init
+from llava_jax.train import step as step_lib
+from llava_jax.train.distributed import barrier
+
+
+@dataclasses.dataclass
+class DataSetup:
+    iterator: object
+    num_samples: int
+    image_seq_length: int
+    demo_paths: object = None
+
+
+def prepare_demo_data(c: mlc.ConfigDict, workdir: Path) -> synthetic.SyntheticPaths:
+    """Generates the demo's synthetic data into `<workdir>/data` once (process 0), then every process reads it."""
+    root = workdir / "data"
+    if not (root / "info.json").is_file():
+        if jax.process_index() == 0:
+            synthetic.generate(root, num_stage1=c.demo.num_stage1, num_stage2=c.demo.num_stage2,
+                               num_eval=c.demo.num_eval, image_size=c.demo.image_size, seed=c.demo.seed)
+        barrier("demo-data")
+    return synthetic.SyntheticPaths(root=root, images=root / "images", stage1=root / "stage1.json",
+                                    stage2=root / "stage2.json", eval_questions=root / "eval_questions.jsonl",
+                                    eval_answers=root / "eval_answers.jsonl", info=root / "info.json",
+                                    tokenizer=root / "tokenizer")
+
+
+def image_config(c: mlc.ConfigDict, model_cfg) -> ImageConfig:
+    size = model_cfg.vision.image_size
+    return ImageConfig(size=size, crop_size=size, aspect=c.data.image_aspect)
+
+
+def make_sources(c: mlc.ConfigDict, demo_paths) -> tuple[list, list[float]]:
+    if demo_paths is not None:
+        json_path = demo_paths.stage1 if c.stage == 1 else demo_paths.stage2
+        return [LlavaJsonSource(json_path, demo_paths.images)], [1.0]
+    if c.data.tfds_dir:
+        from llava_jax.data.tfds_builder import TfdsLlavaSource  # TensorFlow Datasets: heavy, optional
+        main = TfdsLlavaSource(c.data.tfds_dir)
+    else:
+        main = LlavaJsonSource(c.data.json, c.data.images)
+    sources, weights = [main], [float(c.data.weight)]
+    for extra in c.data.extra_sources:
+        sources.append(LlavaJsonSource(extra["json"], extra["images"]))
+        weights.append(float(extra.get("weight", 1.0)))
+    return sources, weights
+
+
+def make_data(c: mlc.ConfigDict, tokenizer, model_cfg, demo_paths, seed_offset: int = 0) -> DataSetup:
+    sources, weights = make_sources(c, demo_paths)
+    image_token = tokenizer.convert_tokens_to_ids("<image>")
+    if image_token != model_cfg.image_token_index:
+        raise ValueError(f"the tokenizer's <image> id {image_token} differs from the model's image_token_index "
+                         f"{model_cfg.image_token_index} (check config.data.tokenizer)")
+    pc = PipelineConfig(sources=tuple(sources), weights=tuple(weights) if len(sources) > 1 else None,
+                        template=c.data.template, max_length=c.data.max_length,
+                        length_buckets=tuple(c.data.length_buckets), global_batch_size=c.train.global_batch_size,
+                        seed=c.train.seed + seed_offset, num_epochs=None,
+                        group_by_modality_length=c.data.group_by_modality_length,
+                        image_config=image_config(c, model_cfg), image_seq_length=model_cfg.image_seq_length,
+                        image_token_id=image_token, strict=c.data.strict, worker_count=c.data.worker_count,
+                        report_every=0)
+    return DataSetup(make_train_iterator(pc, tokenizer), sum(len(s) for s in sources),
+                     model_cfg.image_seq_length, demo_paths)
+
+
+class HeldOut:
+    """The held-out loss: token-weighted cross entropy over the first `data.eval_batches` batches of
+    `data.eval_json` (images under `data.images`), the same batches every time."""
+
+    def __init__(self, c: mlc.ConfigDict, tokenizer, model_cfg, demo_paths, graphdef, pad_token_id: int):
+        images = demo_paths.images if demo_paths is not None else c.data.images
+        pc = PipelineConfig(sources=(LlavaJsonSource(c.data.eval_json, images),), template=c.data.template,
+                            max_length=c.data.max_length, length_buckets=tuple(c.data.length_buckets),
+                            global_batch_size=c.train.global_batch_size, seed=c.train.seed, num_epochs=None,
+                            image_config=image_config(c, model_cfg), image_seq_length=model_cfg.image_seq_length,
+                            image_token_id=model_cfg.image_token_index, worker_count=0, report_every=0)
+        iterator = make_train_iterator(pc, tokenizer)
+        self.batches = [common_length(b, pad_token_id) for b in itertools.islice(iterator, c.data.eval_batches)]
+        self.step = jax.jit(step_lib.make_eval_step(graphdef, model_init.DTYPES[c.model.dtype]))
+
+    def loss(self, trainable, frozen, rest, mesh) -> float:
+        sums = [self.step(trainable, frozen, rest, to_global(b, mesh)) for b in self.batches]
+        total = sum(float(s["loss_sum"]) for s in sums)
+        return total / max(sum(int(s["count"]) for s in sums), 1)
+
+
+def to_global(batch: dict, mesh) -> dict:
+    """This process's rows -> global jax.Arrays sharded over the batch axes."""
+    return {k: jax.make_array_from_process_local_data(sharding.batch_sharding(mesh, v.ndim), v)
+            for k, v in batch.items()}
+
+
+def common_length(local: dict, pad_token_id: int) -> dict:
+    """Right-pads every process's token arrays [b, T] to the longest T of all processes (each process picks
+    its length bucket from its own rows; the global batch needs one)."""
+    if jax.process_count() == 1:
+        return local
+    from jax.experimental import multihost_utils
+
+    length = local["input_ids"].shape[1]
+    target = int(np.max(multihost_utils.process_allgather(np.int32(length))))
+    if target == length:
+        return local
+    fill = {"input_ids": pad_token_id, "labels": step_lib.IGNORE_INDEX, "attention_mask": 0}
+    return {k: np.pad(v, ((0, 0), (0, target - length)), constant_values=fill[k]) if k in fill else v
+            for k, v in local.items()}
+
+
+def pad_token_id(tokenizer) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id
+    return 0 if pad is None else int(pad)

@@ -1,0 +1,197 @@
+"""A run's start: config checks, processes and mesh, model and tokenizer, trainable groups, optimizer, data,
+checkpoint restore and the compiled step, gathered in one `Run`."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections as mlc
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from llava_jax.train import checkpoint as ckpt_lib
+from llava_jax.train import distributed, inputs, lora, model_init, recipes
+from llava_jax.train import metrics as metrics_lib
+from llava_jax.train import optimizer as opt
+from llava_jax.train import step as step_lib
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything a run's loop and finish need; `state` (the trainable parameters and optimizer state) is the
+    one field the loop replaces each step."""
+
+    c: mlc.ConfigDict
+    workdir: Path
+    is_main: bool
+    mesh: jax.sharding.Mesh
+    tokenizer: object
+    model_cfg: object
+    groups: dict                    # parameter path -> optimizer group name (None: frozen)
+    specs: dict                     # group name -> opt.GroupSpec
+    tx: optax.GradientTransformation
+    graphdef: nnx.GraphDef
+    state: step_lib.TrainState
+    frozen: object
+    rest: object
+    data: inputs.DataSetup
+    steps: int                      # total steps of the run
+    start: int                      # step restored from the latest checkpoint (0: fresh)
+    checkpointer: ckpt_lib.Checkpointer
+    train_step: object              # jitted (state, frozen, rest, batch) -> (state, metrics); state donated
+    held_out: inputs.HeldOut | None
+    flop_model: metrics_lib.FlopModel
+    pad_token_id: int
+
+
+@dataclasses.dataclass
+class Parts:
+    """The model split for training: graphdef, trainable / frozen / other state, groups, final config."""
+
+    graphdef: nnx.GraphDef
+    trainable: object
+    frozen: object
+    rest: object
+    groups: dict
+    model_cfg: object
+
+
+def setup(c: mlc.ConfigDict, workdir, *, config_name: str = "config") -> Run:
+    """Checks the config, starts the processes, builds everything and restores the latest checkpoint."""
+    check_config(c, config_name)
+    distributed.maybe_initialize_distributed(c)
+    workdir, is_main = Path(workdir), jax.process_index() == 0
+    mesh = distributed.make_run_mesh(c)
+    distributed.check_batch_layout(c, mesh)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if is_main:
+        (workdir / "config.json").write_text(c.to_json_best_effort(indent=2))
+    demo_paths = inputs.prepare_demo_data(c, workdir) if c.model.preset == "demo" else None
+    tokenizer = model_init.load_tokenizer(c, demo_paths.tokenizer if demo_paths else None)
+    parts = model_parts(c, mesh, tokenizer, demo_paths, is_main)
+    data = inputs.make_data(c, tokenizer, parts.model_cfg, demo_paths)
+    steps, specs = total_steps(c, data.num_samples), group_specs(c)
+    tx = opt.make_optimizer(parts.groups, specs, total_steps=steps, warmup_ratio=c.optim.warmup_ratio,
+                            clip_norm=c.optim.clip_norm, b1=c.optim.b1, b2=c.optim.b2, eps=c.optim.eps)
+    with jax.set_mesh(mesh):
+        state = jax.jit(lambda t: step_lib.init_state(t, tx),
+                        out_shardings=step_lib.state_shardings(parts.trainable, tx, mesh))(parts.trainable)
+    checkpointer = ckpt_lib.Checkpointer(workdir, keep=c.keep_checkpoints)
+    start, state = restore_latest(c, workdir, checkpointer, state, data, is_main)
+    pad_id = inputs.pad_token_id(tokenizer)
+    held_out = inputs.HeldOut(c, tokenizer, parts.model_cfg, demo_paths, parts.graphdef, pad_id) \
+        if c.data.eval_json and c.eval_every > 0 else None
+    return Run(c=c, workdir=workdir, is_main=is_main, mesh=mesh, tokenizer=tokenizer, model_cfg=parts.model_cfg,
+               groups=parts.groups, specs=specs, tx=tx, graphdef=parts.graphdef, state=state, frozen=parts.frozen,
+               rest=parts.rest, data=data, steps=steps, start=start, checkpointer=checkpointer,
+               train_step=compile_step(c, parts, tx, mesh, state), held_out=held_out,
+               flop_model=flop_model(c, parts), pad_token_id=pad_id)
+
+
+def check_config(c: mlc.ConfigDict, config_name: str) -> None:
+    recipes.validate(c)
+    problems = model_init.missing_inputs(c, config_name)
+    if problems:
+        raise model_init.MissingInputs(model_init.explain_missing(problems, config_name, c.stage))
+
+
+def model_parts(c: mlc.ConfigDict, mesh, tokenizer, demo_paths, is_main: bool) -> Parts:
+    """Builds the sharded model (stage-1 projector, LoRA adapters), resolves the trainable rules and splits it."""
+    model = model_init.build_model(c, mesh, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+                                   vocab_size=len(tokenizer),
+                                   image_size=c.demo.image_size if demo_paths else None)
+    if c.stage == 2 and c.model.stage1_workdir:
+        restore_stage1_projector(model, c.model.stage1_workdir)
+    if c.lora.enabled:
+        lora.add_adapters(model, rank=c.lora.rank, alpha=c.lora.alpha, dropout=c.lora.dropout,
+                          rngs=nnx.Rngs(c.train.seed + 1))
+    params = nnx.state(model, nnx.Param)
+    groups = opt.resolve_groups(params, [tuple(r) for r in c.trainable])
+    # The tower's output is cut from the gradient only when no rule trains the tower.
+    model.config = model_cfg = dataclasses.replace(model.config, freeze_vision_tower=not vision_trained(groups))
+    if is_main:
+        print(opt.group_table(params, groups), flush=True)
+    del params
+    graphdef, trainable, frozen, rest = opt.split_model(model, groups)
+    del model
+    trainable = jax.tree.map(lambda x: x.astype(model_init.DTYPES[c.model.param_dtype]), trainable)
+    frozen = jax.tree.map(lambda x: x.astype(model_init.DTYPES[c.model.frozen_dtype])
+                          if jnp.issubdtype(x.dtype, jnp.floating) else x, frozen)
+    return Parts(graphdef, trainable, frozen, rest, groups, model_cfg)
+
+
+def vision_trained(groups: dict) -> bool:
+    return any(g is not None for path, g in groups.items() if path.startswith("vision_tower/"))
+
+
+def flop_model(c: mlc.ConfigDict, parts: Parts) -> metrics_lib.FlopModel:
+    return metrics_lib.FlopModel.for_groups(parts.model_cfg, parts.groups, c.lora.rank if c.lora.enabled else 0)
+
+
+def total_steps(c: mlc.ConfigDict, num_samples: int) -> int:
+    if c.train.num_steps > 0:
+        return int(c.train.num_steps)
+    return max(1, int(c.train.num_epochs * num_samples // c.train.global_batch_size))
+
+
+def group_specs(c: mlc.ConfigDict) -> dict[str, opt.GroupSpec]:
+    o = c.optim
+    pick = lambda v: o.lr if v is None or v <= 0 else v
+    return {"llm": opt.GroupSpec(o.lr, o.weight_decay), "lora": opt.GroupSpec(o.lr, o.weight_decay),
+            "projector": opt.GroupSpec(pick(o.projector_lr), o.weight_decay),
+            "vision": opt.GroupSpec(pick(o.vision_lr), o.weight_decay)}
+
+
+def compile_step(c: mlc.ConfigDict, parts: Parts, tx: optax.GradientTransformation, mesh, state):
+    """The jitted train step with explicit shardings: those of the state, frozen and other arrays as built."""
+    shardings = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
+    step = step_lib.make_train_step(parts.graphdef, tx, microbatches=c.train.microbatches,
+                                    compute_dtype=model_init.DTYPES[c.model.dtype], dropout_seed=c.train.seed)
+    return step_lib.jit_train_step(step, mesh, shardings(state), shardings(parts.frozen), shardings(parts.rest))
+
+
+def restore_latest(c: mlc.ConfigDict, workdir: Path, checkpointer: ckpt_lib.Checkpointer, state,
+                   data: inputs.DataSetup, is_main: bool):
+    """(start step, state): the latest checkpoint's state and data position, or (0, `state`) when none."""
+    start = checkpointer.latest_step() or 0
+    if start:
+        state, _ = checkpointer.restore(start, ckpt_lib.abstract_like(state), data_iterator=data.iterator,
+                                        global_batch_size=c.train.global_batch_size)
+        if is_main:
+            print(f"resumed from {workdir}/checkpoints step {start}", flush=True)
+    return start, state
+
+
+def restore_stage1_projector(model: nnx.Module, stage1_workdir: str) -> None:
+    """Copies the projector of the latest stage-1 checkpoint into `model` (stage 2 start)."""
+    checkpointer = ckpt_lib.Checkpointer(stage1_workdir)
+    try:
+        step = checkpointer.latest_step()
+        if step is None:
+            raise FileNotFoundError(f"{stage1_workdir}/checkpoints: no stage-1 checkpoint to start from")
+        restored = checkpointer.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    finally:
+        checkpointer.close()
+    saved = restored["state"]["trainable"].get("multi_modal_projector")
+    if saved is None:
+        raise ValueError(f"{stage1_workdir}/checkpoints/{step}: the stage-1 run did not train the projector")
+    current = nnx.to_pure_dict(nnx.state(model.multi_modal_projector))
+    saved = _without_value_keys(saved)
+    if jax.tree.structure(saved) != jax.tree.structure(current):
+        raise ValueError(f"{stage1_workdir}/checkpoints/{step}: projector {jax.tree.map(np.shape, saved)} does "
+                         f"not match this model's {jax.tree.map(np.shape, current)}")
+    nnx.update(model.multi_modal_projector, jax.tree.map(
+        lambda old, new: jax.device_put(jnp.asarray(new, old.dtype), old.sharding), current, saved))
+
+
+def _without_value_keys(tree):
+    """Saved nnx states nest each array as {"value": array}; pure dicts hold the array itself."""
+    if isinstance(tree, dict):
+        return _without_value_keys(tree["value"]) if set(tree) == {"value"} else \
+            {k: _without_value_keys(v) for k, v in tree.items()}
+    return tree
