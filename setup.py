@@ -44,6 +44,8 @@ setup(
         "serve": SERVE,
         # GPT-assisted data generation and judged benchmarks (any OpenAI-compatible endpoint).
         "judge": ["openai>=1.40,<4", "openpyxl>=3.1,<4"],
+        # Ahead-of-time compilation for TPU topologies on any host (python -m llava_jax.plan --topology=v5p-64).
+        "tpu": ["jax[tpu]>=0.10.2,<0.11"],
         "test": [
             *SERVE,
             # Drives the system Chromium in the web chat's browser test.

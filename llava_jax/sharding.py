@@ -1,9 +1,14 @@
 """Device mesh and the one table that maps logical axis names to mesh axes.
 
 Every parameter carries logical axis names (metadata `out_sharding`, see `llava_jax.models.layers`);
-activations use the names `batch` and `length`. `LOGICAL_RULES` maps each name to a mesh axis (or a tuple
-of mesh axes, or None for replicated). A mesh axis is used at most once per array: later dimensions that
-map to an axis already taken stay replicated.
+input batches use `batch` and `length`, activations inside the model the `activation_*` names (MaxText
+style), applied at layer boundaries with `constrain`. `LOGICAL_RULES` maps each name to a mesh axis (or a
+tuple of mesh axes, or None for replicated). A mesh axis is used at most once per array: later dimensions
+that map to an axis already taken stay replicated.
+
+Layout: FSDP shards every weight's model dimension over `fsdp` (gathered per layer, in the compute dtype)
+and the activations' batch over (`data`, `fsdp`); tensor parallelism splits heads, MLP and vocabulary, and
+keeps the residual stream whole (one reduction after the attention and one after the MLP of each block).
 """
 
 from __future__ import annotations
@@ -28,7 +33,23 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("vocab", "tensor"),
     ("layers", None),
     ("lora", None),
+    # Activations.
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+    ("activation_heads", "tensor"),
+    ("activation_kv_heads", "tensor"),
+    ("activation_kv", None),          # head_dim
+    ("activation_mlp", "tensor"),
+    ("activation_vocab", "tensor"),
 )
+
+# Common activation layouts.
+BTD = ("activation_batch", "activation_length", "activation_embed")
+BTHK = ("activation_batch", "activation_length", "activation_heads", "activation_kv")
+BTKK = ("activation_batch", "activation_length", "activation_kv_heads", "activation_kv")
+BTF = ("activation_batch", "activation_length", "activation_mlp")
+BTV = ("activation_batch", "activation_length", "activation_vocab")
 
 
 def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
@@ -72,6 +93,17 @@ def logical_to_spec(axes: Sequence[str | None] | None, rules=LOGICAL_RULES,
         used.update(targets)
         spec.append(None if not targets else targets[0] if len(targets) == 1 else targets)
     return P(*spec)
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None], rules=LOGICAL_RULES) -> jax.Array:
+    """`jax.lax.with_sharding_constraint` of x by logical axis names under the current mesh
+    (`jax.set_mesh`); x unchanged without a mesh. Dimensions that do not divide stay replicated."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty or mesh.size == 1:
+        return x
+    if len(axes) != x.ndim:
+        raise ValueError(f"constrain: axes {tuple(axes)} do not match shape {x.shape}")
+    return jax.lax.with_sharding_constraint(x, logical_to_spec(axes, rules, shape=x.shape, mesh=mesh))
 
 
 def state_shardings(state: nnx.State, mesh: jax.sharding.Mesh, rules=LOGICAL_RULES) -> Any:

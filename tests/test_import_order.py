@@ -2,8 +2,8 @@
 
 Every import of every module counts, those inside functions too (parsed with ast, nothing is imported).
 `sharding.py` and `atomic_files.py` stand on the ground floor with models and data.
-The top-level shims (chat.py, eval.py, bench.py, serve.py, judge.py) and the package `__init__.py` stand
-above all floors.
+The top-level shims (chat.py, eval.py, bench.py, serve.py, judge.py, plan.py) and the package `__init__.py`
+stand above all floors.
 """
 
 import ast
@@ -11,7 +11,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "llava_jax"
 FLOORS = {"models": 0, "data": 0, "sharding": 0, "atomic_files": 0, "convert": 1, "infer": 2, "train": 3}
-SHIMS = {"__init__.py", "chat.py", "eval.py", "bench.py", "serve.py", "judge.py"}
+SHIMS = {"__init__.py", "chat.py", "eval.py", "bench.py", "serve.py", "judge.py", "plan.py"}
 
 
 def floor_of(module: str) -> int | None:

@@ -22,6 +22,7 @@ from flax import nnx
 
 from llava_jax.models import attention, layers
 from llava_jax.models.layers import LayerNorm, Linear
+from llava_jax.sharding import BTD, BTF, BTHK, constrain
 
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
@@ -149,9 +150,9 @@ class CLIPAttention(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [N, T, D] -> [N, T, D]."""
-        split = lambda t: einops.rearrange(t, "n t (h k) -> n t h k", h=self.num_heads)
+        split = lambda t: constrain(einops.rearrange(t, "n t (h k) -> n t h k", h=self.num_heads), BTHK)
         q, k, v = split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x))
-        out = attention.attention(q, k, v, causal=False, impl=self.impl)
+        out = constrain(attention.attention(q, k, v, causal=False, impl=self.impl), BTHK)
         return self.out_proj(einops.rearrange(out, "n t h k -> n t (h k)"))
 
 
@@ -164,7 +165,7 @@ class CLIPMLP(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """[N, T, D] -> [N, T, D]."""
-        return self.fc2(ACTIVATIONS[self.act](self.fc1(x)))
+        return self.fc2(constrain(ACTIVATIONS[self.act](self.fc1(x)), BTF))
 
 
 class CLIPEncoderLayer(nnx.Module):
@@ -178,8 +179,9 @@ class CLIPEncoderLayer(nnx.Module):
         self.layer_norm2 = LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps, **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        x = x + self.self_attn(self.layer_norm1(x))
-        return x + self.mlp(self.layer_norm2(x))
+        """x [N, T, D] -> [N, T, D]; images are the batch dimension (data-parallel over them)."""
+        x = constrain(x + self.self_attn(self.layer_norm1(constrain(x, BTD))), BTD)
+        return constrain(x + self.mlp(self.layer_norm2(x)), BTD)
 
 
 class CLIPEncoder(nnx.Module):
@@ -233,7 +235,8 @@ class CLIPVisionModel(nnx.Module):
     def _embed(self, pixel_values: jax.Array) -> jax.Array:
         """hidden_states[0]: [N, 1 + P, D]."""
         vm = self.vision_model
-        return vm.pre_layrnorm(vm.embeddings(pixel_values))
+        pixel_values = constrain(pixel_values, ("activation_batch", None, None, None))
+        return constrain(vm.pre_layrnorm(vm.embeddings(pixel_values)), BTD)
 
     def hidden_states(self, pixel_values: jax.Array, indices: Sequence[int]) -> list[jax.Array]:
         """transformers' `hidden_states[i]` for each i in `indices`, running only the layers needed.

@@ -20,6 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from llava_jax.sharding import constrain
+
 Axes = tuple[str | None, ...]
 Initializer = Callable[[jax.Array, Sequence[int], Any], jax.Array]
 
@@ -66,10 +68,11 @@ class Linear(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: [..., in] -> [..., out] in the compute dtype."""
         x = x.astype(self.dtype)
-        y = jnp.einsum("...i,oi->...o", x, self.weight[...].astype(self.dtype),
-                       preferred_element_type=jnp.float32)
+        # Output in the compute dtype (accumulated in float32 by the backends): the backward pass then
+        # multiplies by the weight in the compute dtype too, so FSDP gathers it in bf16 both ways.
+        y = jnp.einsum("...i,oi->...o", x, self.weight[...].astype(self.dtype), preferred_element_type=self.dtype)
         if self.bias is not None:
-            y = y + self.bias[...].astype(jnp.float32)
+            y = y.astype(jnp.float32) + self.bias[...].astype(jnp.float32)
         if self.lora_a is not None:
             y = y + self.lora_scale * self._lora_update(x)
         return y.astype(self.dtype)
@@ -128,8 +131,10 @@ class Embedding(nnx.Module):
         self.weight = param(rngs, normal(), (num_embeddings, dim), ("vocab", "embed"), param_dtype)
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        """ids: int [...] -> [..., dim]."""
-        return jnp.take(self.weight[...], ids, axis=0).astype(self.dtype)
+        """ids: int [...] -> [..., dim]. The table is gathered whole over `fsdp` (in its stored dtype; a
+        training step casts it to the compute dtype first), so each device looks up its own rows' ids."""
+        table = constrain(self.weight[...], ("activation_vocab", "activation_embed"))
+        return jnp.take(table, ids, axis=0).astype(self.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:
         """Tied output head: x [..., dim] -> logits [..., vocab] in float32."""

@@ -33,6 +33,7 @@ from jax.ad_checkpoint import checkpoint_name
 from llava_jax.models import attention as attention_lib
 from llava_jax.models import layers
 from llava_jax.models.layers import Embedding, Linear, RMSNorm
+from llava_jax.sharding import BTD, BTF, BTHK, BTKK, BTV, constrain
 
 ROPE_TYPES = ("default", "linear", "llama3")
 _ROPE_KEYS = {
@@ -247,14 +248,15 @@ class LlamaAttention(nnx.Module):
         """
         b, t, _ = x.shape
         heads = lambda y, n: y.reshape(b, t, n, self.head_dim)
-        q = apply_rope(heads(_named(self.q_proj(x), "query_proj"), self.num_heads), cos, sin)
-        k = apply_rope(heads(_named(self.k_proj(x), "key_proj"), self.num_kv_heads), cos, sin)
-        v = heads(_named(self.v_proj(x), "value_proj"), self.num_kv_heads)
+        q = constrain(apply_rope(heads(_named(self.q_proj(x), "query_proj"), self.num_heads), cos, sin), BTHK)
+        k = constrain(apply_rope(heads(_named(self.k_proj(x), "key_proj"), self.num_kv_heads), cos, sin), BTKK)
+        v = constrain(heads(_named(self.v_proj(x), "value_proj"), self.num_kv_heads), BTKK)
         dense_impl = "cudnn" if self.implementation == "cudnn" else None  # masked / cached paths
         if cache is None and mask is None:
-            out = attention_lib.attention(q, k, v, segment_ids=segment_ids, causal=True, impl=self.implementation)
+            out = constrain(attention_lib.attention(q, k, v, segment_ids=segment_ids, causal=True,
+                                                    impl=self.implementation), BTHK)
         elif cache is None:
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=dense_impl)
+            out = constrain(jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=dense_impl), BTHK)
         else:
             key, value = (_write_layer(c, new, layer, index) for c, new in zip(cache, (k, v)))
             layer_k, layer_v = (jax.lax.dynamic_index_in_dim(c, layer, 0, keepdims=False) for c in (key, value))
@@ -294,7 +296,7 @@ class LlamaMLP(nnx.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         """x [B, T, D] -> [B, T, D]."""
         hidden = jax.nn.silu(_named(self.gate_proj(x), "mlp_gate")) * _named(self.up_proj(x), "mlp_up")
-        return _named(self.down_proj(hidden), "mlp_out")
+        return _named(self.down_proj(constrain(hidden, BTF)), "mlp_out")
 
 
 class LlamaDecoderLayer(nnx.Module):
@@ -312,10 +314,11 @@ class LlamaDecoderLayer(nnx.Module):
 
     def __call__(self, x, cos, sin, mask, *, cache=None, layer=None, index=None, segment_ids=None):
         """x [B, T, D] -> (x [B, T, D], cache); see LlamaAttention for mask / cache / layer / index / segments."""
+        x = constrain(x, BTD)
         attn, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache=cache, layer=layer,
                                      index=index, segment_ids=segment_ids)
-        x = x + attn
-        return x + self.mlp(self.post_attention_layernorm(x)), cache
+        x = constrain(x + attn, BTD)
+        return constrain(x + self.mlp(self.post_attention_layernorm(x)), BTD), cache
 
 
 def attention_mask_4d(key_valid: jax.Array | None, num_queries: int, query_start, num_keys: int,
@@ -375,7 +378,7 @@ class LlamaModel(nnx.Module):
         Returns (hidden [B, T, D] after the final norm, updated (key, value) or None).
         """
         cos, sin = rope_cos_sin(positions, self.rope, self.dtype)
-        x = inputs_embeds.astype(self.dtype)
+        x = constrain(inputs_embeds.astype(self.dtype), BTD)
         if isinstance(self.layers, nnx.List):  # unstacked (`unstack_layers`): each layer reads its own buffers
             for i, layer in enumerate(self.layers):
                 x, cache = layer(x, cos, sin, mask, cache=cache, layer=jnp.int32(i), index=index)
@@ -430,15 +433,16 @@ class LlamaForCausalLM(nnx.Module):
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
         """input_ids int [B, T] -> token embeddings [B, T, D] in the compute dtype."""
-        return self.model.embed_tokens(input_ids)
+        return constrain(self.model.embed_tokens(input_ids), BTD)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [..., D] -> logits float32 [..., V]."""
         if self.lm_head is None:
-            return self.model.embed_tokens.attend(hidden)
+            return constrain(self.model.embed_tokens.attend(hidden), BTV)
         dtype = self.config.dtype
-        return jnp.einsum("...d,vd->...v", hidden.astype(dtype), self.lm_head.weight[...].astype(dtype),
-                          preferred_element_type=jnp.float32)
+        logits = jnp.einsum("...d,vd->...v", hidden.astype(dtype), self.lm_head.weight[...].astype(dtype),
+                            preferred_element_type=jnp.float32)
+        return constrain(logits, BTV) if logits.ndim == 3 else logits
 
     def _inputs(self, input_ids, inputs_embeds) -> jax.Array:
         if (input_ids is None) == (inputs_embeds is None):

@@ -4,6 +4,9 @@ LlavaForConditionalGeneration in the classic on-disk layout (`vision_tower.visio
 
 Inputs follow transformers: `input_ids` holds `image_seq_length` copies of `image_token_index` per image,
 and the k-th group of image tokens (counted over the whole batch, row by row) receives the k-th image.
+Training batches pass images row-aligned instead, pixel_values [B, I, 3, H, W] with image_mask [B, I]: row
+b's image tokens receive row b's real images, so with the batch sharded each device encodes and merges
+its own rows' images (no collective over the batch's features).
 The merge uses static shapes only (cumsum over image-token positions + gather), so it runs under jit; the
 count check (tokens vs images) runs when the inputs are concrete.
 """
@@ -21,6 +24,7 @@ from llava_jax.models import clip_vit, llama
 from llava_jax.models.clip_vit import CLIPVisionConfig, CLIPVisionModel
 from llava_jax.models.llama import KVCache, LlamaConfig, LlamaForCausalLM
 from llava_jax.models.projector import Projector, num_linears
+from llava_jax.sharding import BTD, constrain
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,6 +142,36 @@ def merge_image_features(inputs_embeds: jax.Array, is_image: jax.Array, features
     return jnp.where(is_image[..., None], gathered.astype(inputs_embeds.dtype), inputs_embeds)
 
 
+def merge_row_features(inputs_embeds: jax.Array, is_image: jax.Array, features: jax.Array,
+                       image_mask: jax.Array | None = None) -> jax.Array:
+    """Row-local merge: row b's image tokens receive row b's real images, in order.
+
+    inputs_embeds [B, T, D]; is_image bool [B, T]; features [B, I, P, D]; image_mask bool [B, I] or None.
+    Returns [B, T, D]; every gather stays within its row (batch-sharded inputs need no collective).
+    """
+    b, i, p, d = features.shape
+    if image_mask is not None:  # each row's real images first, in their order
+        order = jnp.argsort(jnp.logical_not(image_mask).astype(jnp.int32), axis=1, stable=True)
+        features = jnp.take_along_axis(features, order[:, :, None, None], axis=1)
+    slot = jnp.clip(jnp.cumsum(is_image.astype(jnp.int32), axis=1) - 1, 0, i * p - 1)
+    gathered = jnp.take_along_axis(features.reshape(b, i * p, d), slot[..., None], axis=1)
+    return constrain(jnp.where(is_image[..., None], gathered.astype(inputs_embeds.dtype), inputs_embeds), BTD)
+
+
+def check_row_image_tokens(input_ids, image_token_index: int, image_seq_length: int, image_mask) -> None:
+    """Row-aligned images: raises ValueError when a row's image tokens differ from its images x
+    `image_seq_length` (checked only when the values are concrete)."""
+    ids, mask = _concrete(input_ids), _concrete(image_mask)
+    if ids is None or mask is None:
+        return
+    tokens, need = (ids == image_token_index).sum(axis=1), mask.sum(axis=1) * image_seq_length
+    bad = np.nonzero(tokens != need)[0]
+    if bad.size:
+        row = int(bad[0])
+        raise ValueError(f"input_ids row {row} holds {int(tokens[row])} image tokens (id {image_token_index}) "
+                         f"but its {int(mask[row].sum())} images need {int(need[row])}")
+
+
 class LlavaForConditionalGeneration(nnx.Module):
     """`vision_tower` (CLIPVisionModel), `multi_modal_projector` (Projector), `language_model` (LlamaForCausalLM)."""
 
@@ -164,11 +198,14 @@ class LlavaForConditionalGeneration(nnx.Module):
                      image_mask: jax.Array | None = None, *, check_counts: bool = True) -> jax.Array:
         """Token embeddings with the image features merged in: input_ids [B, T] -> [B, T, D_text].
 
-        pixel_values [N, 3, H, W] or None; image_mask bool [N] (False = padding image) or None (all real).
+        pixel_values [N, 3, H, W] or None; image_mask bool [N] (False = padding image) or None (all real);
+        or row-aligned pixel_values [B, I, 3, H, W] with image_mask [B, I] (see the module docstring).
         check_counts: raise when image tokens and images disagree (concrete inputs only). Without pixels,
         every token keeps its own embedding (as in transformers' decoding steps).
         """
         c = self.config
+        if pixel_values is not None and pixel_values.ndim == 5:
+            return self._embed_row_aligned(input_ids, pixel_values, image_mask, check_counts)
         num_images = 0 if pixel_values is None else (
             pixel_values.shape[0] if image_mask is None else jnp.sum(image_mask))
         if check_counts:
@@ -179,6 +216,19 @@ class LlavaForConditionalGeneration(nnx.Module):
         # The image token id may lie outside the vocabulary (e.g. the official -200): embed a valid id.
         embeds = self.language_model.embed(jnp.where(is_image, 0, input_ids))
         return merge_image_features(embeds, is_image, self.get_image_features(pixel_values), image_mask)
+
+    def _embed_row_aligned(self, input_ids, pixel_values, image_mask, check_counts: bool) -> jax.Array:
+        """input_ids [B, T], pixel_values [B, I, 3, H, W], image_mask [B, I] -> [B, T, D_text]."""
+        c = self.config
+        b, i = pixel_values.shape[:2]
+        if image_mask is None:
+            image_mask = jnp.ones((b, i), bool)
+        if check_counts:
+            check_row_image_tokens(input_ids, c.image_token_index, c.image_seq_length, image_mask)
+        is_image = input_ids == c.image_token_index
+        embeds = self.language_model.embed(jnp.where(is_image, 0, input_ids))
+        features = self.get_image_features(pixel_values.reshape((b * i,) + pixel_values.shape[2:]))
+        return merge_row_features(embeds, is_image, features.reshape((b, i) + features.shape[1:]), image_mask)
 
     def __call__(self, input_ids: jax.Array, pixel_values: jax.Array | None = None,
                  attention_mask: jax.Array | None = None, image_mask: jax.Array | None = None, *,
@@ -228,4 +278,4 @@ def count_params(config: LlavaConfig) -> int:
 
 
 __all__ = ["LlavaConfig", "LlavaForConditionalGeneration", "PRESETS", "check_image_tokens",
-           "merge_image_features", "count_params"]
+           "check_row_image_tokens", "merge_image_features", "merge_row_features", "count_params"]

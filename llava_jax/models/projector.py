@@ -19,6 +19,7 @@ import jax
 from flax import nnx
 
 from llava_jax.models.layers import Linear
+from llava_jax.sharding import BTD, BTF, constrain
 
 _MLP_GELU = re.compile(r"^mlp(\d+)x_gelu$")
 
@@ -60,9 +61,10 @@ class Projector(nnx.Module):
                                                  axes=(out_axis, in_axis), **kw))
 
     def __call__(self, features: jax.Array) -> jax.Array:
+        """features [N, P, in_features] -> [N, P, out_features] (N images: the batch dimension)."""
         x = features
         for k in range(1, self.num_linears + 1):
             if k > 1:
-                x = jax.nn.gelu(x, approximate=False)
+                x = constrain(jax.nn.gelu(x, approximate=False), BTF)
             x = getattr(self, f"linear_{k}")(x)
-        return x
+        return constrain(x, BTD) if x.ndim == 3 else x

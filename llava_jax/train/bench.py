@@ -219,7 +219,7 @@ def run_train(args) -> list[dict]:
         runners["unpacked/transformers"] = transformers_runner(hf, batches["unpacked"], args.lora)
         info["unpacked/transformers"] = ("unpacked", 0.0, None)
     results = interleaved(runners, args.repeats)
-    flop_model = metrics.FlopModel.of(cfg, llm_trained=not args.lora)  # LoRA: the base LLM is frozen
+    flop_model = metrics.FlopModel.for_groups(cfg, groups, lora_rank=8 if args.lora else 0)
     peak = metrics.device_peak_flops(args.peak_tflops)
     rows = []
     for name, result in results.items():

@@ -87,6 +87,8 @@ def _place_like_base(llm: nnx.Module) -> None:
     from llava_jax import sharding
 
     weight = next(linear.weight[...] for _, linear in adapted_linears(llm))
+    if isinstance(weight, jax.core.Tracer):  # traced (e.g. nnx.eval_shape): shardings come from the caller
+        return
     mesh = getattr(weight.sharding, "mesh", None)
     if not isinstance(mesh, jax.sharding.Mesh) or mesh.size == 1:
         return

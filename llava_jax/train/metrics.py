@@ -1,13 +1,15 @@
 """Model FLOPs, MFU and what the user sees every N steps (terminal lines or a progress bar, TensorBoard).
 
-How FLOPs are counted (per step, from the batch's real tokens; padding is not counted):
-- language model, per real token (supervised or not, image tokens included): 2 * N_matmul forward,
-  plus attention 2 * 2 * L * T_ctx * D (T_ctx = the sequence's real length, causal: half), and the
-  backward pass: 2x the forward when the LLM is trained, 1x when it is frozen (activation gradients only,
-  still needed to reach the projector);
-- projector, per image token: 6 * N_projector (trained in both stages);
-- vision tower, per image: the forward only (2 * N_matmul * P + attention), as it is frozen and never
-  differentiated.
+How FLOPs are counted (per step, from the batch's real tokens; padding is not counted): what the step
+computes, 2 FLOPs per multiply-add, rematerialization not counted:
+- language model, per real token (supervised or not, image tokens included): 2 * N_matmul forward (decoder
+  layers and lm_head), attention 4 * L * T_ctx * width (causal: half), then the backward: a trained weight
+  adds 4 * N (activation and weight gradients), a frozen one on the gradient path (LoRA base weights,
+  stage 1) 2 * N (activation gradient only), attention 2x its forward; LoRA adapters 6 * their parameters;
+- projector, per image token: 6 * N_projector, except 4 * N for its first Linear (no input gradient: the
+  frozen tower's output is cut);
+- vision tower, per image: the forward of the layers that run (up to the feature layer: 23 of 24 for
+  LLaVA-1.5's layer -2) and the patch embedding; x3 when the tower trains.
 MFU = model FLOPs per second / (number of devices * peak bf16 FLOP/s of one device).
 """
 
@@ -21,6 +23,8 @@ import time
 import jax
 import numpy as np
 from etils import epath
+
+from llava_jax.models.projector import num_linears
 
 # Dense bf16 peaks (FLOP/s) by device kind.
 PEAK_FLOPS = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "v4": 275e12, "v5 lite": 197e12, "v5e": 197e12,
@@ -40,38 +44,75 @@ def device_peak_flops(override_tflops: float = -1.0) -> float | None:
 
 @dataclasses.dataclass(frozen=True)
 class FlopModel:
-    """Per-token / per-image FLOP coefficients of a LLaVA config (see the module docstring)."""
-    llm_matmul_params: int
+    """Per-token / per-image FLOP coefficients of a LLaVA config and what the step differentiates (see the
+    module docstring). Matmul FLOPs: 2 per multiply-add."""
+    llm_layer_params: int       # matmul parameters of one decoder layer (attention + MLP)
     llm_layers: int
-    llm_width: int          # num_heads * head_dim
-    projector_params: int
-    vision_flops_per_image: float
-    llm_trained: bool
+    llm_width: int              # num_heads * head_dim
+    lm_head_params: int
+    lora_layer_params: int      # adapter parameters of one decoder layer (0 without LoRA)
+    projector_in_params: int    # the projector's first Linear
+    projector_rest_params: int  # its later Linears
+    vision_layer_params: int
+    vision_layers: int          # encoder layers that run (up to the deepest feature layer)
+    vision_tokens: int
+    vision_width: int
+    vision_patch_params: int
+    llm: str = "trained"        # "trained", "lora" (base frozen, adapters trained) or "frozen"
     vision_trained: bool = False
 
     @classmethod
-    def of(cls, cfg, llm_trained: bool, vision_trained: bool = False) -> "FlopModel":
+    def of(cls, cfg, llm: str = "trained", vision_trained: bool = False, lora_rank: int = 0) -> "FlopModel":
         t, v = cfg.text, cfg.vision
-        attn = t.hidden_size * t.head_dim * (2 * t.num_attention_heads + 2 * t.num_key_value_heads)
-        mlp = 3 * t.hidden_size * t.intermediate_size
-        llm = t.num_hidden_layers * (attn + mlp) + t.hidden_size * t.vocab_size
-        patches = (v.image_size // v.patch_size) ** 2 + 1
-        v_layer = 4 * v.hidden_size ** 2 + 2 * v.hidden_size * v.intermediate_size
-        vision = (2 * v.num_hidden_layers * v_layer * patches + 4 * v.num_hidden_layers * patches ** 2 * v.hidden_size
-                  + 2 * v.num_channels * v.patch_size ** 2 * v.hidden_size * patches)
+        q, kv = t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
+        d, f = t.hidden_size, t.intermediate_size
+        attn = d * (2 * q + 2 * kv)
+        lora = lora_rank * ((d + q) + 2 * (d + kv) + (q + d) + 3 * (d + f)) if llm == "lora" else 0
         proj_in = v.hidden_size * len(cfg.feature_layers)
-        projector = proj_in * t.hidden_size + (t.hidden_size ** 2 if cfg.projector != "linear" else 0)
-        return cls(llm, t.num_hidden_layers, t.num_attention_heads * t.head_dim, projector, float(vision),
-                   llm_trained, vision_trained)
+        rest = max(num_linears(cfg.projector) - 1, 0) * d * d
+        from llava_jax.models.clip_vit import resolve_layer
+        run = max(resolve_layer(i, v.num_hidden_layers) for i in cfg.feature_layers)
+        return cls(attn + 3 * d * f, t.num_hidden_layers, q, d * t.vocab_size, lora,
+                   proj_in * d if num_linears(cfg.projector) else 0, rest,
+                   4 * v.hidden_size ** 2 + 2 * v.hidden_size * v.intermediate_size, run, v.num_patches + 1,
+                   v.hidden_size, v.num_channels * v.patch_size ** 2 * v.hidden_size, llm, vision_trained)
 
-    def step_flops(self, lengths: np.ndarray, num_images: int, image_seq_length: int) -> float:
-        """lengths: real tokens of each row of the global batch."""
+    @classmethod
+    def for_groups(cls, cfg, groups: dict, lora_rank: int = 0) -> "FlopModel":
+        """From the resolved trainable groups ({parameter path: group or None})."""
+        trained = lambda prefix, lora=None: any(
+            g is not None for path, g in groups.items() if path.startswith(prefix)
+            and (lora is None or ("/lora_" in path) == lora))
+        llm = "trained" if trained("language_model/", lora=False) else \
+            "lora" if trained("language_model/", lora=True) else "frozen"
+        return cls.of(cfg, llm, trained("vision_tower/"), lora_rank)
+
+    def step_flops(self, lengths: np.ndarray, num_images: int, image_seq_length: int,
+                   causal: bool = True) -> float:
+        """lengths: real tokens of each row of the global batch. causal: count half of the attention
+        scores (what a causal kernel computes); False counts the full square (XLA's dense attention)."""
         tokens = float(np.sum(lengths))
-        attention = 2.0 * self.llm_layers * self.llm_width * float(np.sum(lengths.astype(np.float64) ** 2))
-        forward = 2.0 * self.llm_matmul_params * tokens + attention
-        llm = forward * (3.0 if self.llm_trained else 2.0)
-        return llm + 6.0 * self.projector_params * num_images * image_seq_length + \
-            self.vision_flops_per_image * num_images * (3.0 if self.vision_trained else 1.0)
+        squares = float(np.sum(lengths.astype(np.float64) ** 2)) * (0.5 if causal else 1.0)
+        attention = 4.0 * self.llm_layers * self.llm_width * squares
+        layers = 2.0 * self.llm_layers * self.llm_layer_params * tokens
+        head = 2.0 * self.lm_head_params * tokens
+        lora = 2.0 * self.llm_layers * self.lora_layer_params * tokens
+        # Backward: x2 for a trained weight (activation + weight gradients), x1 for a frozen one on the
+        # gradient path (activation gradient only), attention x2 (its backward always runs).
+        weight_pass = 3.0 if self.llm == "trained" else 2.0
+        llm = weight_pass * (layers + head) + 3.0 * attention + 3.0 * lora
+        image_tokens = float(num_images * image_seq_length)
+        # The first projector Linear needs no input gradient (the frozen tower's output is cut).
+        first = 3.0 if self.vision_trained else 2.0
+        projector = image_tokens * (2.0 * first * self.projector_in_params + 6.0 * self.projector_rest_params)
+        vision = num_images * self.vision_forward_flops() * (3.0 if self.vision_trained else 1.0)
+        return llm + projector + vision
+
+    def vision_forward_flops(self) -> float:
+        """One image through the patch embedding and the encoder layers that run."""
+        n, w = self.vision_tokens, self.vision_width
+        per_layer = 2.0 * self.vision_layer_params * n + 4.0 * n * n * w
+        return self.vision_layers * per_layer + 2.0 * self.vision_patch_params * (n - 1)
 
 
 class Reporter:

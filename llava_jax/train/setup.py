@@ -79,7 +79,8 @@ def setup(c: mlc.ConfigDict, workdir, *, config_name: str = "config") -> Run:
                             clip_norm=c.optim.clip_norm, b1=c.optim.b1, b2=c.optim.b2, eps=c.optim.eps)
     tx = step_lib.maybe_spike_guard(tx, c.train.spike_guard)
     with jax.set_mesh(mesh):
-        state = jax.jit(lambda t: step_lib.init_state(t, tx))(parts.trainable)
+        state = jax.jit(lambda t: step_lib.init_state(t, tx),
+                        out_shardings=step_lib.state_shardings(parts.trainable, tx, mesh))(parts.trainable)
     checkpointer = ckpt_lib.Checkpointer(workdir, keep=c.keep_checkpoints)
     start, state = restore_latest(c, workdir, checkpointer, state, data, is_main)
     pad_id = inputs.pad_token_id(tokenizer)
@@ -88,8 +89,8 @@ def setup(c: mlc.ConfigDict, workdir, *, config_name: str = "config") -> Run:
     return Run(c=c, workdir=workdir, is_main=is_main, mesh=mesh, tokenizer=tokenizer, model_cfg=parts.model_cfg,
                groups=parts.groups, specs=specs, tx=tx, graphdef=parts.graphdef, state=state, frozen=parts.frozen,
                rest=parts.rest, data=data, steps=steps, start=start, checkpointer=checkpointer,
-               train_step=compile_step(c, parts.graphdef, tx), held_out=held_out,
-               flop_model=flop_model(parts), pad_token_id=pad_id)
+               train_step=compile_step(c, parts, tx, mesh, state), held_out=held_out,
+               flop_model=flop_model(c, parts), pad_token_id=pad_id)
 
 
 def check_config(c: mlc.ConfigDict, config_name: str) -> None:
@@ -128,10 +129,8 @@ def vision_trained(groups: dict) -> bool:
     return any(g is not None for path, g in groups.items() if path.startswith("vision_tower/"))
 
 
-def flop_model(parts: Parts) -> metrics_lib.FlopModel:
-    return metrics_lib.FlopModel.of(parts.model_cfg,
-                                    llm_trained=any(g in ("llm", "lora") for g in parts.groups.values()),
-                                    vision_trained=vision_trained(parts.groups))
+def flop_model(c: mlc.ConfigDict, parts: Parts) -> metrics_lib.FlopModel:
+    return metrics_lib.FlopModel.for_groups(parts.model_cfg, parts.groups, c.lora.rank if c.lora.enabled else 0)
 
 
 def total_steps(c: mlc.ConfigDict, num_samples: int) -> int:
@@ -149,11 +148,13 @@ def group_specs(c: mlc.ConfigDict) -> dict[str, opt.GroupSpec]:
             "vision": opt.GroupSpec(pick(o.vision_lr), o.weight_decay)}
 
 
-def compile_step(c: mlc.ConfigDict, graphdef, tx: optax.GradientTransformation):
-    return jax.jit(step_lib.make_train_step(graphdef, tx, microbatches=c.train.microbatches,
-                                            compute_dtype=model_init.DTYPES[c.model.dtype],
-                                            dropout_seed=c.train.seed, loss_chunk=c.train.loss_chunk),
-                   donate_argnums=(0,))
+def compile_step(c: mlc.ConfigDict, parts: Parts, tx: optax.GradientTransformation, mesh, state):
+    """The jitted train step with explicit shardings: those of the state, frozen and other arrays as built."""
+    shardings = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
+    step = step_lib.make_train_step(parts.graphdef, tx, microbatches=c.train.microbatches,
+                                    compute_dtype=model_init.DTYPES[c.model.dtype], dropout_seed=c.train.seed,
+                                    loss_chunk=c.train.loss_chunk)
+    return step_lib.jit_train_step(step, mesh, shardings(state), shardings(parts.frozen), shardings(parts.rest))
 
 
 def restore_latest(c: mlc.ConfigDict, workdir: Path, checkpointer: ckpt_lib.Checkpointer, state,

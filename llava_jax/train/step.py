@@ -22,6 +22,9 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from llava_jax import sharding
 
 from llava_jax.train import loss as loss_lib
 from llava_jax.train.loss import IGNORE_INDEX, token_cross_entropy  # noqa: F401  (re-exported)
@@ -49,26 +52,29 @@ def supervised_count(batch: Batch) -> jax.Array:
 def batch_loss(model: nnx.Module, batch: Batch, loss_chunk: int) -> tuple[jax.Array, jax.Array]:
     """(sum of the supervised tokens' cross entropy, their count) of a batch dict.
 
-    Images [B, I, 3, S, S] are flattened to [B*I, 3, S, S]. Training batches are right-padded (or packed, with
-    segment_ids and positions), so plain causal attention is exact for every real token; leaving the padding
-    mask out keeps the fused causal kernels usable. The head runs in chunks (`llava_jax.train.loss`).
+    Images [B, I, 3, S, S] stay row-aligned (each row's image tokens take its own images), so a batch-sharded
+    step encodes and merges every row's images on its own device. Training batches are right-padded (or
+    packed, with segment_ids and positions), so plain causal attention is exact for every real token;
+    leaving the padding mask out keeps the fused causal kernels usable. The head runs in chunks
+    (`llava_jax.train.loss`).
     """
     kwargs = {k: batch[k] for k in PACKED_INPUTS if k in batch}
     if "pixel_values" in batch:
-        pixels = batch["pixel_values"]
-        kwargs["pixel_values"] = pixels.reshape((-1,) + pixels.shape[2:])
-        kwargs["image_mask"] = batch["image_mask"].reshape(-1)
+        kwargs["pixel_values"] = batch["pixel_values"]
+        kwargs["image_mask"] = batch["image_mask"]
     hidden = model.hidden_states(batch["input_ids"], **kwargs)
     return loss_lib.chunked_cross_entropy(hidden, batch["labels"], model.logits,
                                           segment_ids=batch.get("segment_ids"), chunk=loss_chunk)
 
 
 def split_microbatches(batch: Batch, num: int) -> Batch:
-    """[B, ...] -> [num, B / num, ...] for every entry."""
+    """[B, ...] -> [num, B / num, ...] for every entry; microbatch j takes rows j, j + num, j + 2 num, ...
+    so that with the batch sharded every device holds its share of every microbatch (no data movement)."""
     def split(x):
         if x.shape[0] % num:
             raise ValueError(f"batch size {x.shape[0]} is not divisible by {num} microbatches")
-        return x.reshape((num, x.shape[0] // num) + x.shape[1:])
+        x = x.reshape((x.shape[0] // num, num) + x.shape[1:]).swapaxes(0, 1)
+        return sharding.constrain(x, (None, "batch") + (None,) * (x.ndim - 2))
     return jax.tree.map(split, batch)
 
 
@@ -80,8 +86,21 @@ def with_dropout(model: nnx.Module, key: jax.Array) -> nnx.Module:
 
 
 def in_compute_dtype(params, dtype):
-    """Floating-point leaves cast to the compute dtype (gradients flow back to the master copy)."""
-    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, params)
+    """Floating-point leaves cast to the compute dtype (gradients flow back to the master copy).
+
+    Each cast copy is pinned to its parameter's own sharding, so under FSDP the partitioner gathers the
+    compute-dtype copy (bf16 on the wire) and reduce-scatters the gradients back to the float32 shards."""
+    def cast(var):
+        if not isinstance(var, nnx.Variable):
+            return var.astype(dtype) if jnp.issubdtype(var.dtype, jnp.floating) else var
+        value = var.get_value()
+        if not jnp.issubdtype(value.dtype, jnp.floating):
+            return var
+        axes = var.get_metadata().get("out_sharding")
+        value = value.astype(dtype)
+        return var.replace(value if axes is None else sharding.constrain(value, axes))
+
+    return jax.tree.map(cast, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformation, *,
@@ -204,6 +223,15 @@ def spike_counts(opt_state) -> dict[str, int]:
     return {"spike_skipped_steps": int(opt_state.skipped)} if isinstance(opt_state, SpikeGuardState) else {}
 
 
+def jit_train_step(step: Callable, mesh: jax.sharding.Mesh, state_shardings, frozen_shardings,
+                   rest_shardings) -> Callable:
+    """jax.jit of a train step with explicit shardings: the state (parameters and optimizer state in their
+    FSDP / tensor shards) in and out, donated; batches split over the batch axes; metrics replicated."""
+    batch = NamedSharding(mesh, sharding.logical_to_spec(("batch",), mesh=mesh))
+    return jax.jit(step, in_shardings=(state_shardings, frozen_shardings, rest_shardings, batch),
+                   out_shardings=(state_shardings, NamedSharding(mesh, P())), donate_argnums=(0,))
+
+
 def make_eval_step(graphdef: nnx.GraphDef, compute_dtype=jnp.bfloat16, loss_chunk: int = 512) -> Callable:
     """Returns eval(trainable, frozen, rest, batch) -> {"loss_sum", "count"} (sum these over batches).
     Dropout is off."""
@@ -216,6 +244,28 @@ def make_eval_step(graphdef: nnx.GraphDef, compute_dtype=jnp.bfloat16, loss_chun
         return {"loss_sum": ce_sum, "count": count}
 
     return evaluate
+
+
+def state_shardings(trainable, optimizer: optax.GradientTransformation, mesh: jax.sharding.Mesh) -> TrainState:
+    """Shardings of the TrainState: the optimizer's per-parameter leaves (Adam moments) take their
+    parameter's sharding, the rest (counts, step) are replicated. trainable: arrays or shape structs with
+    shardings."""
+    abstract = jax.eval_shape(lambda t: init_state(t, optimizer), trainable)
+    replicated = NamedSharding(mesh, P())
+    by_path = {jax.tree_util.keystr(path): (leaf.shape, leaf.sharding)
+               for path, leaf in jax.tree_util.tree_leaves_with_path(trainable)}
+
+    def pick(path, leaf):
+        key = jax.tree_util.keystr(path)
+        for suffix in range(len(key)):  # the longest parameter path that ends this leaf's path
+            found = by_path.get(key[suffix:])
+            if found is not None and found[0] == leaf.shape:
+                return found[1]
+        return replicated
+
+    return TrainState(step=replicated, trainable=jax.tree.map(lambda x: x.sharding, trainable),
+                      opt_state=jax.tree_util.tree_map_with_path(pick, abstract.opt_state),
+                      nonfinite_streak=replicated, nonfinite_total=replicated)
 
 
 def init_state(trainable, optimizer: optax.GradientTransformation) -> TrainState:

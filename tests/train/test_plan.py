@@ -1,0 +1,69 @@
+"""`python -m llava_jax.plan`: the train step compiled ahead of time from abstract shapes, its memory,
+FLOPs and collectives per device; clear errors for bad targets and meshes."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from llava_jax.train import plan
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TINY = ["--config=configs/stage2.py:demo", "--config.train.global_batch_size=16", "--config.data.max_length=64",
+        "--config.model.dtype=bfloat16", "--config.model.frozen_dtype=bfloat16"]
+
+
+def run_plan(*args):
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    return subprocess.run([sys.executable, "-m", "llava_jax.plan", *args], capture_output=True, text=True,
+                          timeout=900, cwd=REPO, env=dict(env, PYTHONPATH=REPO))
+
+
+def gigabytes(out: str, label: str) -> float:
+    return float(re.search(rf"{label}\s+([\d.]+) GB", out).group(1))
+
+
+def test_plan_on_fake_cpu_devices():
+    done = run_plan(*TINY, "--devices=cpu:8", "--mesh.data=1", "--mesh.fsdp=8")
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    assert "CPU (fake devices) x 8" in out and "'fsdp': 8" in out and ": fits" in out
+    # Adam's two float32 moments per trainable parameter, sharded like the parameters themselves.
+    assert gigabytes(out, "optimizer state") == pytest.approx(2 * gigabytes(out, "gradients"), abs=0.011)
+    collectives = re.findall(r"^  (all-gather|all-reduce|reduce-scatter|all-to-all|collective-permute)\s+(\w+)",
+                             out, re.M)
+    assert ("all-gather", "bf16") in collectives          # FSDP weight gathers in the compute dtype
+    assert re.search(r"roofline .* step >= [\d.]+ ms", out)
+
+
+def test_plan_errors_name_what_is_wrong():
+    done = run_plan(*TINY, "--topology=v5p-7")
+    assert done.returncode == 2 and "unknown v5p slice size" in done.stderr
+    done = run_plan(*TINY, "--devices=cpu:8", "--mesh.data=1", "--mesh.fsdp=3")
+    assert done.returncode == 2 and "must equal the 8 devices" in done.stderr
+    with pytest.raises(ValueError, match="exactly one of --topology"):
+        plan.parse_target("v5p-8", "cpu:8")
+
+
+def test_topology_names():
+    v5p = plan.parse_target("v5p-64", "")       # 64 TensorCores = 32 chips
+    assert (v5p.num_devices, v5p.tpu_topology) == (32, "v5p:2x4x4")
+    assert plan.parse_target("v5e-256", "").tpu_topology == "v5e:16x16"
+    gpu = plan.parse_target("h100x8", "")
+    assert gpu.kind == "cpu" and gpu.num_devices == 8 and gpu.chip.name.startswith("H100")
+
+
+def test_a_plan_that_does_not_fit_says_what_to_change():
+    chip = plan.Chip("small", 1e12, 1e9, 1e11, 1e10)
+    report = plan.Report(plan.Target(chip, "tpu", 8), {"fsdp": 8}, 2e9, 0, 0, 1e9, 3e9, 1e12, 0, 0, [])
+    text = plan.format_report(report, plan.recipes.stage_config(2, "demo"))
+    assert "DOES NOT FIT" in text and "more fsdp" in text and "remat" in text and "microbatches" in text
+
+
+def test_plan_for_a_tpu_topology():
+    pytest.importorskip("libtpu", reason="libtpu not installed (pip install -e '.[tpu]')")
+    done = run_plan(*TINY, "--topology=v5p-8", "--mesh.data=1", "--mesh.fsdp=4")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "TPU v5p x 4 (v5p:2x2x1)" in done.stdout and ": fits" in done.stdout
