@@ -41,15 +41,20 @@ class CheckpointError(ValueError):
 # ----------------------------------------------------------------------------------------------- reading
 
 
+def read_json(file: Path, error: type[Exception]):
+    """The parsed JSON of `file`; `error` naming the file when it is not valid JSON text."""
+    try:
+        return json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{file}: not valid JSON ({e})") from None
+
+
 def read_config(path: str | os.PathLike) -> dict:
     """The config.json of a checkpoint folder as a dict."""
     file = Path(path) / CONFIG
     if not file.is_file():
         raise FileNotFoundError(f"{file}: no config.json in the checkpoint folder {path}")
-    try:
-        config = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{file}: not valid JSON ({e})") from e
+    config = read_json(file, CheckpointError)
     if not isinstance(config, dict):
         raise CheckpointError(f"{file}: expected a JSON object, got {type(config).__name__}")
     return config

@@ -16,7 +16,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 from llava_jax.atomic_files import replaced_directory
-from llava_jax.convert.checkpoint_io import CheckpointError
+from llava_jax.convert.checkpoint_io import CheckpointError, read_json
 from llava_jax.convert.build import (_flat, _is_abstract, _leaves, _place, check_stacked, fresh_leaves, leaf_shardings,
                                      with_runtime)
 from llava_jax.models.clip_vit import CLIPVisionConfig, CLIPVisionModel
@@ -98,10 +98,7 @@ def read_meta(path: Path) -> tuple[type, object]:
     meta_file = path / MODEL_JSON
     if not meta_file.is_file():
         raise FileNotFoundError(f"{meta_file}: not a llava_jax checkpoint folder (no {MODEL_JSON})")
-    try:
-        meta = json.loads(meta_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise FormatError(f"{meta_file}: not valid JSON ({e})") from None
+    meta = read_json(meta_file, FormatError)
     if not isinstance(meta, dict) or not isinstance(meta.get("config"), dict):
         raise FormatError(f"{meta_file}: expected {{\"model\": ..., \"config\": {{...}}}}")
     cls = _allowed(MODEL_TYPES, meta.get("model"), "model type", str(meta_file))
