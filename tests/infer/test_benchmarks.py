@@ -184,6 +184,29 @@ def test_mmbench_upload_equals_the_official_conversion(tmp_path, with_answer):
             run_cli(["mmbench", "--answers", str(answers), "--tsv", str(tsv)])
 
 
+def test_mmbench_all_rounds_upload_keeps_round_0(tmp_path):
+    """With --all-rounds the upload holds round 0's answer, whose letter names the TSV's own options. The official
+    conversion keeps the last round's text under the same index, a letter that names a rotated option: the
+    server would score it against the wrong options."""
+    pytest.importorskip("openpyxl")
+    tsv = mmbench_tsv(tmp_path)
+    mmbench.build_questions(tsv, tmp_path / "q", all_rounds=True)
+    questions = load_questions(tmp_path / "q" / "questions.jsonl")
+    # The "model" always picks the option "a dog" / "autumn" / "one": its letter moves with the rotation.
+    chosen = {10: "a dog", 11: "autumn", 12: "one"}
+    answers = [answer_record(q, next(line[0] for line in q["text"].split("\n") if line[3:] == chosen[q["question_id"]]),
+                             "m") for q in questions]
+    path = write_jsonl(tmp_path / "answers.jsonl", answers)
+    official_mmbench_submission(tsv, path, tmp_path / "official.xlsx")
+    run_cli(["mmbench", "--answers", str(path), "--tsv", str(tsv), "--upload", str(tmp_path / "up.xlsx")])
+    ours, official = pd.read_excel(tmp_path / "up.xlsx"), pd.read_excel(tmp_path / "official.xlsx")
+    # TSV letters of the chosen options: a dog = B, autumn = C, one = A (13 has no options: unanswered)
+    assert ours["prediction"].tolist()[:3] == ["B", "C", "A"] and pd.isna(ours["prediction"][3])
+    # the official file: the last round (10: round 3, 11: round 2, 12: round 1) -> rotated letters
+    assert official["prediction"].tolist()[:3] == ["C", "A", "B"]
+    pd.testing.assert_frame_equal(ours.drop(columns="prediction"), official.drop(columns="prediction"))
+
+
 # ---------------------------------------------------------------- SEED-Bench
 
 
