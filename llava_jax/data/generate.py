@@ -130,8 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"calls {u['calls']}, cached {u['cached']}, failed {u['failed']}; tokens in {u['prompt_tokens']} "
           f"out {u['completion_tokens']}; cost {u['cost']}", file=sys.stderr)
     if u["failed"]:
-        print(f"error: {u['failed']} requests failed after their retries; rerun the same command to retry them",
-              file=sys.stderr)
+        print(f"error: {u['failed']} requests failed after their retries (first: {u['first_error']}); "
+              "rerun the same command to retry them", file=sys.stderr)
         return 1
     return 0
 

@@ -87,10 +87,12 @@ class Usage:
     completion_tokens: int = 0
     cached_prompt_tokens: int = 0
     cached_completion_tokens: int = 0
+    first_error: str | None = None   # what the endpoint said to the first request that failed
 
     def add(self, reply: Reply) -> None:
         if reply.error is not None:
             self.failed += 1
+            self.first_error = self.first_error or reply.error
         elif reply.cached:
             self.cached += 1
             self.cached_prompt_tokens += reply.prompt_tokens
@@ -99,6 +101,13 @@ class Usage:
             self.calls += 1
             self.prompt_tokens += reply.prompt_tokens
             self.completion_tokens += reply.completion_tokens
+
+    def failure_line(self) -> str:
+        """One line for the user when requests failed ("" when none did)."""
+        if not self.failed:
+            return ""
+        return (f"error: {self.failed} requests failed after their retries (first: {self.first_error}); "
+                "rerun the same command to retry them")
 
     def report(self, input_price: float = 0.0, output_price: float = 0.0) -> dict:
         """Counts and the cost in the prices' currency (prices per million input / output tokens)."""

@@ -322,8 +322,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(json.dumps({**summary, "usage": client.usage.report(args.input_price, args.output_price)}, indent=2))
     if failed:
-        print(f"error: {failed} requests failed after their retries; rerun the same command to retry them",
-              file=sys.stderr)
+        print(client.usage.failure_line(), file=sys.stderr)
         return 1
     return 0
 
