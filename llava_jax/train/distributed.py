@@ -12,6 +12,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from llava_jax import sharding
+from llava_jax.train import recipes
 
 logger = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ def check_batch_layout(c: mlc.ConfigDict, mesh) -> None:
                     ("train.microbatches * data*fsdp shards", c.train.microbatches * shards)):
         if c.train.global_batch_size % n:
             raise ValueError(f"config.train.global_batch_size: {c.train.global_batch_size} is not divisible by "
-                             f"{n} ({name})")
+                             f"{n} ({name}){recipes.batch_split_hint(c)}")
 
 
 class Preemption:

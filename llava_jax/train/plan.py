@@ -169,12 +169,23 @@ def _with_shardings(tree, shardings, dtype_of=lambda x: x.dtype):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, dtype_of(x), sharding=s), tree, shardings)
 
 
-def abstract_batch(c: mlc.ConfigDict, cfg, mesh, max_images: int = 1) -> dict:
-    """A global batch of `train.global_batch_size` rows of `data.max_length` tokens, one image slot each."""
-    b, t, s = c.train.global_batch_size, c.data.max_length, cfg.vision.image_size
+def batch_layout(c: mlc.ConfigDict) -> tuple[int, int, int]:
+    """(rows, tokens per row, image slots per row) of one global batch as the input pipeline feeds it:
+    packed rows of `data.pack_length` tokens with `data.max_images_per_row` slots, else one image a row."""
+    if c.data.packing != "none":
+        return c.train.global_batch_size, c.data.pack_length, c.data.max_images_per_row
+    return c.train.global_batch_size, c.data.max_length, 1
+
+
+def abstract_batch(c: mlc.ConfigDict, cfg, mesh) -> dict:
+    """A global batch in `batch_layout`, with segment ids and positions when packed."""
+    b, t, images = batch_layout(c)
+    s = cfg.vision.image_size
     shapes = {"input_ids": ((b, t), jnp.int32), "labels": ((b, t), jnp.int32),
-              "attention_mask": ((b, t), jnp.int32), "pixel_values": ((b, max_images, 3, s, s), jnp.float32),
-              "image_mask": ((b, max_images), jnp.bool_)}
+              "attention_mask": ((b, t), jnp.int32), "pixel_values": ((b, images, 3, s, s), jnp.float32),
+              "image_mask": ((b, images), jnp.bool_)}
+    if c.data.packing != "none":
+        shapes.update({name: ((b, t), jnp.int32) for name in step_lib.PACKED_INPUTS})
     return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))
             for k, (shape, dtype) in shapes.items()}
 
@@ -321,6 +332,14 @@ def _local_bytes(tree) -> float:
     return total
 
 
+def batch_flops(flop_model, step: StepPlan) -> float:
+    """The FLOP model's count for a full batch: every row all real tokens (packed rows: one causal square per
+    row, an upper bound on what segment-aware kernels compute), every image slot encoded."""
+    b, t = step.batch_shapes["input_ids"]
+    return flop_model.step_flops(np.full(b, t), int(np.prod(step.batch_shapes["image_mask"])),
+                                 step.model_cfg.image_seq_length)
+
+
 def report(c: mlc.ConfigDict, target: Target, step: StepPlan, compiled, hlo_text: str) -> Report:
     from llava_jax.train import metrics
 
@@ -330,8 +349,7 @@ def report(c: mlc.ConfigDict, target: Target, step: StepPlan, compiled, hlo_text
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     trainable = _local_bytes(state.trainable)
     flop_model = metrics.FlopModel.for_groups(step.model_cfg, step.groups, c.lora.rank if c.lora.enabled else 0)
-    b, t = step.batch_shapes["input_ids"]
-    flops = flop_model.step_flops(np.full(b, t), b, step.model_cfg.image_seq_length) / target.num_devices
+    flops = batch_flops(flop_model, step) / target.num_devices
     total = memory.argument_size_in_bytes + memory.temp_size_in_bytes + memory.output_size_in_bytes \
         - memory.alias_size_in_bytes
     return Report(target, dict(step.mesh.shape), trainable + _local_bytes(frozen), _local_bytes(state.opt_state),
@@ -342,12 +360,15 @@ def report(c: mlc.ConfigDict, target: Target, step: StepPlan, compiled, hlo_text
 
 def format_report(r: Report, c: mlc.ConfigDict, top: int = 12) -> str:
     gb = lambda x: f"{x / 1e9:8.2f} GB"
+    rows, tokens, images = batch_layout(c)
     times = r.times()
     estimate = max(times.values())
     lines = [f"target: {r.target.chip.name} x {r.target.num_devices}"
              + (f" ({r.target.tpu_topology})" if r.target.tpu_topology else " (fake-device CPU compile)")
              + f", mesh {r.mesh_shape}",
-             f"batch: {c.train.global_batch_size} x {c.data.max_length} tokens, microbatches {c.train.microbatches},"
+             f"batch: {rows} rows x {tokens} tokens, {images} image slot(s) a row"
+             + (f" (packed: {c.data.packing})" if c.data.packing != "none" else "")
+             + f", microbatches {c.train.microbatches},"
              f" remat {c.model.remat}, dtype {c.model.dtype}",
              "per device:",
              f"  parameters      {gb(r.params_bytes)}",
@@ -388,7 +409,8 @@ def apply_mesh(c: mlc.ConfigDict, mesh_flags: mlc.ConfigDict, num_devices: int) 
     batch_shards = sizes["data"] * sizes["fsdp"]
     if c.train.global_batch_size % (batch_shards * c.train.microbatches):
         raise ValueError(f"config.train.global_batch_size {c.train.global_batch_size} is not divisible by "
-                         f"data*fsdp ({batch_shards}) x microbatches ({c.train.microbatches})")
+                         f"data*fsdp ({batch_shards}) x microbatches ({c.train.microbatches})"
+                         f"{recipes.batch_split_hint(c)}")
     return sizes
 
 
@@ -419,8 +441,7 @@ def out_of_memory_report(c: mlc.ConfigDict, target: Target, step: StepPlan, mess
     trainable = _local_bytes(state.trainable)
     arguments = trainable + _local_bytes(frozen) + _local_bytes(state.opt_state)
     flop_model = metrics.FlopModel.for_groups(step.model_cfg, step.groups, c.lora.rank if c.lora.enabled else 0)
-    b, t = step.batch_shapes["input_ids"]
-    flops = flop_model.step_flops(np.full(b, t), b, step.model_cfg.image_seq_length) / target.num_devices
+    flops = batch_flops(flop_model, step) / target.num_devices
     return Report(target, dict(step.mesh.shape), trainable + _local_bytes(frozen), _local_bytes(state.opt_state),
                   trainable, temp, arguments + temp, flops, 0.0, 0.0, [], compiler_error=message.splitlines()[0])
 

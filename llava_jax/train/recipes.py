@@ -97,19 +97,29 @@ def _data(name: str, stage: int) -> mlc.ConfigDict:
     d.length_buckets = (96, 128, 160) if name == "demo" else (1024, 1536, 2048)
     d.image_aspect = "resize" if stage == 1 else "pad"
     # Packing (`llava_jax.data.packing`): several samples per row; then train.global_batch_size counts rows.
-    # Rows of 4096 tokens (positions restart per sample) reach ~0.95 real tokens per computed token on a
-    # mix665k-like mix (length bucketing: ~0.52); 32 rows x ~3.65 samples ~ the recipe's 128 samples a step.
+    # Stage 2: rows of 4096 tokens (positions restart per sample) reach ~0.95 real tokens per computed token
+    # on a mix665k-like mix (length bucketing: ~0.52); 32 rows x ~3.65 samples ~ the recipe's 128 a step.
+    # Stage 1 (576 image tokens + a short caption): rows of 2560 hold 4 samples (~0.93; 2048-token rows hold
+    # 3, ~0.87), so 64 rows are the recipe's 256 samples and split evenly over up to 64 batch shards.
     d.packing = "none" if name == "demo" else "best_fit"
-    d.pack_length = {1: 2048, 2: 4096}[stage]
+    d.pack_length = {1: 2560, 2: 4096}[stage]
     d.pack_window = 256              # samples the packer sees at a time
-    d.max_images_per_row = {1: 3, 2: 6}[stage]
-    d.samples_per_row = {1: 3.0, 2: 3.65}[stage]   # for the step count of an epoch
+    d.max_images_per_row = {1: 4, 2: 6}[stage]
+    d.samples_per_row = {1: 4.0, 2: 3.65}[stage]   # for the step count of an epoch
     d.group_by_modality_length = stage == 2 and d.packing == "none"
     d.worker_count = 0 if name == "demo" else 8
     d.strict = False
     d.eval_json = ""                 # held-out loss every `eval_every` steps when set
     d.eval_batches = 4
     return d
+
+
+def batch_split_hint(c: mlc.ConfigDict) -> str:
+    """What to change when the global batch does not split over the batch shards (for error messages)."""
+    if c.data.packing != "none":
+        return ("; with packing, train.global_batch_size counts rows: raise it to a multiple, pack shorter rows "
+                "(--config.data.pack_length) for more rows of the same samples, or move devices to --mesh.tensor")
+    return "; change --config.train.global_batch_size, or move devices to --mesh.tensor"
 
 
 def stage_config(stage: int, arg: str | None) -> mlc.ConfigDict:
@@ -137,7 +147,7 @@ def stage_config(stage: int, arg: str | None) -> mlc.ConfigDict:
     c.optim.b1, c.optim.b2, c.optim.eps = 0.9, 0.999, 1e-8
 
     c.train = mlc.ConfigDict()
-    c.train.global_batch_size = {1: 88, 2: 32}[stage] if c.data.packing != "none" else {1: 256, 2: 128}[stage]
+    c.train.global_batch_size = {1: 64, 2: 32}[stage] if c.data.packing != "none" else {1: 256, 2: 128}[stage]
     c.train.microbatches = 1
     c.train.num_epochs = 1
     c.train.num_steps = -1            # -1: num_epochs over the data

@@ -43,6 +43,10 @@ def test_plan_errors_name_what_is_wrong():
     assert done.returncode == 2 and "unknown v5p slice size" in done.stderr
     done = run_plan(*TINY, "--devices=cpu:8", "--mesh.data=1", "--mesh.fsdp=3")
     assert done.returncode == 2 and "must equal the 8 devices" in done.stderr
+    done = run_plan(*TINY, "--devices=cpu:8", "--mesh.data=1", "--mesh.fsdp=8", "--config.data.packing=best_fit",
+                    "--config.train.global_batch_size=12")
+    assert done.returncode == 2 and "12 is not divisible by data*fsdp (8)" in done.stderr
+    assert "counts rows" in done.stderr and "--config.data.pack_length" in done.stderr
     with pytest.raises(ValueError, match="exactly one of --topology"):
         plan.parse_target("v5p-8", "cpu:8")
 
@@ -67,3 +71,23 @@ def test_plan_for_a_tpu_topology():
     done = run_plan(*TINY, "--topology=v5p-8", "--mesh.data=1", "--mesh.fsdp=4")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "TPU v5p x 4 (v5p:2x2x1)" in done.stdout and ": fits" in done.stdout
+
+
+def test_a_packed_recipe_is_planned_with_its_packed_rows():
+    """Packing (the recipes' default) feeds rows of `pack_length` tokens with several image slots and
+    segment ids: the plan compiles that batch, not one image per `max_length` row."""
+    from llava_jax import sharding
+
+    c = plan.recipes.stage_config(2, "demo")
+    c.data.packing, c.data.pack_length, c.data.max_images_per_row = "best_fit", 128, 3
+    c.train.global_batch_size = 4
+    step = plan.plan_step(c, sharding.make_mesh(1, 1, 1, devices=plan.jax.devices()[:1]))
+    shapes = step.batch_shapes
+    assert shapes["input_ids"] == shapes["segment_ids"] == shapes["positions"] == (4, 128)
+    assert shapes["pixel_values"][:2] == (4, 3) and shapes["image_mask"] == (4, 3)
+    compiled = plan.lower_and_compile(step)
+    report = plan.report(c, plan.parse_target("", "cpu:1"), step, compiled, compiled.as_text())
+    assert "batch: 4 rows x 128 tokens, 3 image slot(s) a row (packed: best_fit)" in plan.format_report(report, c)
+    unpacked = plan.recipes.stage_config(2, "demo")
+    unpacked.train.global_batch_size = 4
+    assert plan.batch_layout(unpacked) == (4, unpacked.data.max_length, 1)
