@@ -200,6 +200,8 @@ def malformed(url: str, media) -> list[tuple[object, int, str, dict]]:
         ({"messages": [user("q", "file://" + str(outside / "other.png"))]}, 400, "not a file under", {}),
         ({"messages": [user("q", "file://" + str(inside / "link.png"))]}, 400, "not a file under", {}),
         ({"messages": [user("q", "file:///etc/passwd")]}, 400, "not a file under", {}),
+        ({"messages": [user("q", "file://" + str(inside) + "/../secret/other.png")]}, 400, "not a file under", {}),
+        ({"messages": [user("q", "file://" + str(inside / "missing.png"))]}, 400, "image file not found", {}),
         ({"messages": [user("q", "x" * 300_000)]}, 413, "request body", {}),
         ({"messages": [user("word " * 3000)]}, 400, "messages: the prompt is", {}),
         ({"messages": [user("q", *[data_url(tiny)] * 82)]}, 400, "the model's context holds at most 81", {}),

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from llava_jax.data.conversation import IMAGE_TOKEN, Template, generation_prompt
 from llava_jax.data.errors import BadSample
 from llava_jax.data.images import load_image, preprocess
+from llava_jax.data.paths import resolve_inside
 from llava_jax.infer.generate import Generator
 
 MAX_STOP_STRINGS = 4  # as the OpenAI API
@@ -175,16 +176,20 @@ def _data_url(url: str, field: str, limit: int) -> bytes:
 
 
 def _local_file(url: str, field: str, policy: ImagePolicy) -> bytes:
+    """A file: URL's bytes; the path is checked by `data.paths.resolve_inside`, as every data reader's."""
     if policy.media_dir is None:
         raise ApiError(400, f"{field}: file: URLs are refused (the server has no --allowed-media-dir)", field)
     path = Path(urllib.parse.unquote(urllib.parse.urlparse(url).path))
-    root = policy.media_dir.resolve()
+    outside = ApiError(400, f"{field}: {path} is not a file under the allowed media folder", field)
+    root = next((r for r in (policy.media_dir, policy.media_dir.resolve()) if path.is_relative_to(r)), None)
+    if not path.is_absolute() or root is None:
+        raise outside
     try:
-        real = path.resolve(strict=True)
-    except (OSError, RuntimeError):
-        raise ApiError(400, f"{field}: image file not found: {path}", field) from None
-    if not path.is_absolute() or not real.is_relative_to(root) or not real.is_file():
-        raise ApiError(400, f"{field}: {path} is not a file under the allowed media folder", field)
+        real = Path(resolve_inside(root, path.relative_to(root).as_posix()))
+    except BadSample:
+        raise outside from None
+    if not real.is_file():
+        raise ApiError(400, f"{field}: image file not found: {path}", field)
     size = real.stat().st_size
     if size > policy.max_bytes:
         raise _too_large(field, size, policy.max_bytes)
