@@ -31,10 +31,19 @@ _WHITESPACE = re.compile(r"[ \t\n\r]*")
 _DECODER = json.JSONDecoder()
 
 
+class InvalidLine:
+    """A JSONL line that is not JSON, kept in its place so that the source rejects it as one bad sample."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+
 def read_records(path: str | os.PathLike) -> Iterator[tuple[Any, str]]:
     """Yields (record, its JSON text) from a JSON list or JSONL file; errors name the file and the place.
 
     Records that are not objects are yielded too: sources reject them one by one (BadSample "invalid_record").
+    A JSONL line that is not JSON yields (InvalidLine, "null"): skipped and counted as "invalid_json". A JSON
+    list that does not parse cannot be split into samples: DataFileError.
     """
     try:
         text = epath.Path(path).read_bytes().decode("utf-8-sig")
@@ -48,10 +57,9 @@ def read_records(path: str | os.PathLike) -> Iterator[tuple[Any, str]]:
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            yield json.loads(line), line
         except json.JSONDecodeError as e:
-            raise DataFileError(f"{path}: invalid JSON on line {line_number} column {e.colno}: {e.msg}") from e
-        yield record, line
+            yield InvalidLine(f"{path}: invalid JSON on line {line_number} column {e.colno}: {e.msg}"), "null"
 
 
 def _json_list_items(text: str, path) -> Iterator[tuple[Any, str]]:
@@ -218,9 +226,9 @@ class LlavaJsonSource:
 
     `source[i]` is `{"id": str, "conversations": list, "images": list[bytes], "image_paths": list[str]}`
     (encoded image files; empty lists for text-only samples). Raises BadSample "invalid_record" (not a
-    JSON object), "empty_text" (no conversations list, or an empty one), "missing_image", "unsafe_path",
-    "invalid_image_field", "unreadable_image", "image_too_large" (file over `max_image_bytes`) or
-    "corrupt_image" (unreadable zip member).
+    JSON object), "invalid_json" (a JSONL line that does not parse), "empty_text" (no conversations list,
+    or an empty one), "missing_image", "unsafe_path", "invalid_image_field", "unreadable_image",
+    "image_too_large" (file over `max_image_bytes`) or "corrupt_image" (unreadable zip member).
     """
 
     def __init__(self, annotation_path: str | os.PathLike, image_root: str | os.PathLike | None, *,
@@ -228,8 +236,10 @@ class LlavaJsonSource:
         self.annotation_path = str(annotation_path)
         self.image_root = None if image_root is None else str(image_root)
         self.name = name or epath.Path(annotation_path).stem
-        packed, lengths = [], []
+        packed, lengths, self._invalid_lines = [], [], {}
         for record, raw in read_records(annotation_path):
+            if isinstance(record, InvalidLine):
+                self._invalid_lines[len(packed)] = record.message
             packed.append(raw.encode("utf-8"))
             lengths.append(modality_length(record))
         self._offsets = np.cumsum([0] + [len(p) for p in packed], dtype=np.int64)
@@ -255,6 +265,8 @@ class LlavaJsonSource:
     def __getitem__(self, index: int) -> dict:
         record = self.record(index)
         fallback_id = f"{self.name}:{int(index) % len(self)}"
+        if int(index) % len(self) in self._invalid_lines:
+            raise BadSample("invalid_json", self._invalid_lines[int(index) % len(self)], fallback_id)
         if not isinstance(record, dict):
             raise BadSample("invalid_record", f"record is a {type(record).__name__}, expected an object with "
                             "'id' and 'conversations'", fallback_id)

@@ -65,7 +65,12 @@ def hostile_records(outside: Path) -> tuple[list, dict[str, list[str]]]:
         expected.setdefault(reason, []).append(sample_id)
     records.append(["not", "an", "object"])
     expected["invalid_record"] = [f"data:{len(GOOD) + len(records) - 1}"]
+    records.append(CUT_LINE)
+    expected["invalid_json"] = [f"data:{len(GOOD) + len(records) - 1}"]
     return records, expected
+
+
+CUT_LINE = '{"id": "cut", "conversations": [{"from": "human", "value": "<image>'  # a line cut short
 
 
 @pytest.fixture
@@ -86,9 +91,9 @@ def hostile(tmp_path):
     with open(root / "huge.png", "wb") as f:  # sparse, over the 64 MiB read limit
         f.truncate((64 << 20) + 1)
     records, expected = hostile_records(outside)
-    data = tmp_path / "data.json"
-    data.write_text(json.dumps(GOOD + records))
-    assert sum(len(ids) for ids in expected.values()) == 16
+    data = tmp_path / "data.jsonl"  # JSONL: one line per record, the cut one as it is
+    data.write_text("".join((r if r is CUT_LINE else json.dumps(r)) + "\n" for r in GOOD + records))
+    assert sum(len(ids) for ids in expected.values()) == 17
     return data, root, expected
 
 
@@ -114,7 +119,7 @@ def pipeline(data, root, tokenizer, **overrides):
 def test_checker_counts_every_hostile_sample_by_id(hostile):
     data, root, expected = hostile
     report = check_dataset(data, root)
-    assert report.scanned == len(GOOD) + 16 and report.ok == len(GOOD)
+    assert report.scanned == len(GOOD) + 17 and report.ok == len(GOOD)
     assert dict(report.bad) == {reason: len(ids) for reason, ids in expected.items()}
     assert report.examples == expected
     assert "NUL byte" in report.messages["unsafe_path"]
@@ -220,12 +225,18 @@ def test_peak_memory_stays_bounded_on_image_and_archive_bombs(tmp_path, tokenize
     assert result["peak_mb"] < 1500, result
 
 
-def test_an_unreadable_annotation_file_is_one_data_file_error(tmp_path):
+def test_an_unreadable_annotation_file_is_one_data_file_error_and_a_bad_jsonl_line_one_sample(tmp_path):
     from llava_jax.data.errors import DataFileError
 
+    (tmp_path / "cut.json").write_text(json.dumps([{"id": "a", "conversations": turns(False)}])[:-1] + ", {")
+    with pytest.raises(DataFileError, match=r"cut.json: invalid JSON at line 1"):
+        LlavaJsonSource(tmp_path / "cut.json", None)  # a list that does not parse has no samples to keep
     (tmp_path / "cut.jsonl").write_text(json.dumps({"id": "a", "conversations": turns(False)}) + "\n{\"id\": ")
-    with pytest.raises(DataFileError, match=r"cut.jsonl: invalid JSON on line 2"):
-        LlavaJsonSource(tmp_path / "cut.jsonl", None)
+    source = LlavaJsonSource(tmp_path / "cut.jsonl", None)  # a JSONL line that does not parse is one bad sample
+    assert len(source) == 2 and source[0]["id"] == "a"
+    with pytest.raises(BadSample, match=r"sample 'cut:1': .*cut.jsonl: invalid JSON on line 2 column 8") as e:
+        source[1]
+    assert e.value.reason == "invalid_json"
     (tmp_path / "ok.jsonl").write_text(json.dumps({"id": "a", "conversations": turns(False)}) + "\n")
     (tmp_path / "bad.zip").write_bytes(b"PK not really")
     with pytest.raises(DataFileError, match="bad.zip"):

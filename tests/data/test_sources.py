@@ -163,8 +163,8 @@ def test_missing_or_broken_image_root_fails_at_construction(tmp_path):
 def test_malformed_annotation_files_name_file_and_place(tmp_path):
     bad_jsonl = tmp_path / "bad.jsonl"
     bad_jsonl.write_text(json.dumps(RECORDS[0]) + "\n{\"id\": 1,\n")
-    with pytest.raises(ValueError, match=r"bad.jsonl.*line 2"):
-        LlavaJsonSource(bad_jsonl, tmp_path)
+    with pytest.raises(BadSample, match=r"bad.jsonl: invalid JSON on line 2 .*\[invalid_json\]"):
+        LlavaJsonSource(bad_jsonl, tmp_path)[1]  # a JSONL line is one sample: skipped and counted
     truncated = tmp_path / "cut.json"
     truncated.write_text(json.dumps(RECORDS, indent=1)[:-40])
     with pytest.raises(ValueError, match=r"cut.json: invalid JSON at line \d+"):
