@@ -47,7 +47,12 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m llava_jax.convert", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_import_llava_args, _import_clip_llm_args, _import_original_args, _export_args):
+        add(sub)
+    return parser
 
+
+def _import_llava_args(sub) -> None:
     p = sub.add_parser("import-llava", help="Hugging Face LLaVA (or LLaMA / CLIP) folder -> llava_jax format",
                        description="Import a Hugging Face checkpoint folder: LlavaForConditionalGeneration (any "
                                    "on-disk layout, single or sharded safetensors, or pytorch_model.bin), and "
@@ -56,6 +61,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", type=Path, help="output folder (llava_jax format)")
     _add_dtype_args(p)
 
+
+def _import_clip_llm_args(sub) -> None:
     p = sub.add_parser("import-clip-llm", help="CLIP tower + LLaMA-family LLM -> LLaVA with a fresh projector",
                        description="Build LLaVA from a CLIP checkpoint (CLIPVisionModel or full CLIPModel; only "
                                    "the vision part is used) and a causal LM checkpoint, with a freshly "
@@ -78,6 +85,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="projector initialization seed")
     _add_dtype_args(p)
 
+
+def _import_original_args(sub) -> None:
     p = sub.add_parser("import-original", help="official LLaVA checkpoint (model.mm_projector.*) -> llava_jax",
                        description="Import an original LLaVA checkpoint (LlavaLlamaForCausalLM, e.g. "
                                    "liuhaotian/llava-v1.5-7b). The vision tower is read from the checkpoint "
@@ -90,6 +99,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pad-vocab-to-multiple-of", type=int, default=64, help="default: 64")
     _add_dtype_args(p)
 
+
+def _export_args(sub) -> None:
     p = sub.add_parser("export", help="llava_jax format -> Hugging Face folder",
                        description="Export to a folder that transformers loads with from_pretrained "
                                    "(config.json, safetensors shards + index in the classic layout, "
@@ -104,7 +115,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--chat-template", type=Path, default=None, help="Jinja chat template file to store")
     p.add_argument("--max-shard-size", default="5GB", help="e.g. 5GB, 500MB (default: 5GB)")
     p.add_argument("--param-dtype", choices=DTYPES, default=None, help="cast the exported weights")
-    return parser
 
 
 def _dtypes(args) -> dict:
