@@ -32,7 +32,7 @@ LOGICAL_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("kv", "tensor"),
     ("vocab", "tensor"),
     ("layers", None),
-    ("lora", None),
+    ("lora", "fsdp"),          # the adapter rank: every lora_a / lora_b is split over fsdp (once per array)
     # Activations.
     ("activation_batch", ("data", "fsdp")),
     ("activation_length", None),

@@ -7,7 +7,9 @@ but lm_head; r 128, alpha 256, dropout 0.05, bias "none"). Each adapted `layers.
     lora_b [out, r] (stacked: [L, out, r]), logical axes (layers,) <out axis>, "lora";  zeros
     lora_scale = alpha / r,  lora_dropout = nnx.Dropout on the adapter input (None when the rate is 0)
 
-and computes y = x W^T + b + lora_scale * dropout(x) A^T B^T. The dropout starts switched off
+and computes y = x W^T + b + lora_scale * dropout(x) A^T B^T. The rank axis maps to fsdp, so each adapter is
+split over fsdp (on its rank, or on its model dimension where that already takes fsdp), tensor-split like its
+base weight, and its gradients and Adam state are sharded too. The dropout starts switched off
 (deterministic): the train step switches it on with a fresh key per step (`llava_jax.train.step`), so
 direct calls, evaluation and generation never drop anything. `model.train()` / `model.eval()` switch it
 for direct calls.

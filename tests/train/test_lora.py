@@ -292,7 +292,7 @@ SHARDED_SCRIPT = textwrap.dedent("""
                          num_attention_heads=2)
     mesh = sharding.make_mesh(data=1, fsdp=2, tensor=2)
     model = sharding.create_sharded(lambda: LlamaForCausalLM(config, rngs=nnx.Rngs(0)), mesh)
-    lora.add_adapters(model, rank=3, alpha=6.0, rngs=nnx.Rngs(1))
+    lora.add_adapters(model, rank=4, alpha=6.0, rngs=nnx.Rngs(1))
     for path, linear in lora.adapted_linears(model):
         w, a, b = (tuple(v[...].sharding.spec) for v in (linear.weight, linear.lora_a, linear.lora_b))
         print(json.dumps([path, w, a, b]))
@@ -316,6 +316,8 @@ def test_adapters_follow_the_base_weight_shardings():
     specs = [json.loads(line) for line in lines[:-1]]
     assert len(specs) == len(TARGET_NAMES)
     for path, weight, lora_a, lora_b in specs:
-        # [L, out, in] / [L, r, in] / [L, out, r]: in- and out-dimensions split as in the base weight.
-        assert lora_a == [weight[0], None, weight[2]] and lora_b == [weight[0], weight[1], None], path
+        # [L, out, in] / [L, r, in] / [L, out, r]: tensor splits as in the base weight; fsdp takes the rank
+        # unless the array's model dimension already has it: no adapter is replicated over fsdp.
+        assert lora_a == [weight[0], "fsdp", weight[2] if weight[2] != "fsdp" else None], path
+        assert lora_b == [weight[0], weight[1], None if weight[1] == "fsdp" else "fsdp"], path
         assert "fsdp" in weight and "tensor" in weight, path
