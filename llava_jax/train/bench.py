@@ -110,9 +110,9 @@ class StepTiming:
         return out
 
 
-def build(cfg: LlavaConfig, compute_dtype, *, lora: bool, remat: str, attention_impl: str, compare: bool):
+def build(cfg: LlavaConfig, compute_dtype, *, lora_rank: int, remat: str, attention_impl: str, compare: bool):
     """(our model, transformers model or None, trainable groups) with the same random weights: with `compare`
-    transformers draws them and ours imports them (`convert.from_hf`)."""
+    transformers draws them and ours imports them (`convert.from_hf`). lora_rank 0: full fine-tuning."""
     runtime = dict(dtype=compute_dtype, param_dtype=jnp.float32, remat=remat, attention_impl=attention_impl)
     hf = None
     if compare:
@@ -122,10 +122,10 @@ def build(cfg: LlavaConfig, compute_dtype, *, lora: bool, remat: str, attention_
             model = convert.from_hf(tmp, **runtime)
     else:
         model = LlavaForConditionalGeneration(with_runtime(cfg, **runtime), rngs=nnx.Rngs(0))
-    if lora:
-        lora_lib.add_adapters(model, rank=8, alpha=16.0, rngs=nnx.Rngs(1))
+    if lora_rank:
+        lora_lib.add_adapters(model, rank=lora_rank, alpha=2.0 * lora_rank, rngs=nnx.Rngs(1))
     groups = opt.resolve_groups(nnx.state(model, nnx.Param),
-                                recipes.STAGE2_LORA_RULES if lora else recipes.STAGE2_RULES)
+                                recipes.STAGE2_LORA_RULES if lora_rank else recipes.STAGE2_RULES)
     return model, hf, groups
 
 
@@ -153,18 +153,19 @@ def our_runner(model, groups, batch: dict, compute_dtype, loss_chunk: int):
     return run, compile_s, memory
 
 
-def transformers_runner(hf, batch: dict, lora: bool):
+def transformers_runner(hf, batch: dict, lora_rank: int):
     """run() -> (seconds, loss) of a transformers training step on `batch`: forward with labels, backward,
     gradient clipping, AdamW over the projector and the language model (LoRA adapters with peft)."""
     import torch
 
     for name, p in hf.named_parameters():
         p.requires_grad_("vision_tower" not in name)
-    if lora:
+    if lora_rank:
         import peft
 
         targets = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-        hf = peft.get_peft_model(hf, peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=targets))
+        hf = peft.get_peft_model(hf, peft.LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0,
+                                                      target_modules=targets))
         for name, p in hf.named_parameters():
             p.requires_grad_("lora_" in name or "multi_modal_projector" in name)
     hf.train()
@@ -208,18 +209,19 @@ def batch_stats(batch: dict, flop_model, image_seq_length: int) -> tuple[int, in
 def run_train(args) -> list[dict]:
     cfg = PRESETS[args.preset]
     compute_dtype = DTYPES[args.dtype]
-    model, hf, groups = build(cfg, compute_dtype, lora=args.lora, remat=args.remat, attention_impl=args.attention,
-                              compare=args.compare_transformers)
+    lora_rank = args.lora_rank if args.lora else 0
+    model, hf, groups = build(cfg, compute_dtype, lora_rank=lora_rank, remat=args.remat,
+                              attention_impl=args.attention, compare=args.compare_transformers)
     batches = {k: v[0] for k, v in make_batches(cfg, args.batch, args.seq, 1).items()}
     runners, info = {}, {}
     for layout, batch in batches.items():
         run, compile_s, memory = our_runner(model, groups, batch, compute_dtype, args.loss_chunk)
         runners[f"{layout}/llava_jax"], info[f"{layout}/llava_jax"] = run, (layout, compile_s, memory)
     if hf is not None:
-        runners["unpacked/transformers"] = transformers_runner(hf, batches["unpacked"], args.lora)
+        runners["unpacked/transformers"] = transformers_runner(hf, batches["unpacked"], lora_rank)
         info["unpacked/transformers"] = ("unpacked", 0.0, None)
     results = interleaved(runners, args.repeats)
-    flop_model = metrics.FlopModel.for_groups(cfg, groups, lora_rank=8 if args.lora else 0)
+    flop_model = metrics.FlopModel.for_groups(cfg, groups, lora_rank=lora_rank)
     peak = metrics.device_peak_flops(args.peak_tflops)
     rows = []
     for name, result in results.items():
@@ -236,9 +238,10 @@ def run_train(args) -> list[dict]:
 
 def report(args, rows: list[dict], cfg: LlavaConfig) -> None:
     device = jax.devices()[0]
-    print(f"bench train: preset {args.preset}, {'LoRA' if args.lora else 'full'} stage 2, batch {args.batch} x seq "
-          f"{args.seq}, {args.dtype}, remat {args.remat}, attention {args.attention}, {device.device_kind} "
-          f"({device.platform}), median of {args.repeats} interleaved steps")
+    kind = f"LoRA r{args.lora_rank}" if args.lora else "full"
+    print(f"bench train: preset {args.preset}, {kind} stage 2, batch {args.batch} x seq {args.seq}, {args.dtype}, "
+          f"remat {args.remat}, attention {args.attention}, {device.device_kind} ({device.platform}), "
+          f"median of {args.repeats} interleaved steps")
     print(f"{'layout':>9} {'impl':>12} {'step_ms':>9} {'tokens/s':>9} {'real/comp':>9} {'TFLOP/s':>8} {'MFU':>6} "
           f"{'mem_MiB':>8} {'loss@1':>8}")
     for r in rows:
@@ -263,7 +266,8 @@ def add_parser(commands) -> None:
     t.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     t.add_argument("--batch", type=int, default=4, help="rows per step")
     t.add_argument("--seq", type=int, default=256, help="tokens per row")
-    t.add_argument("--lora", action="store_true", help="LoRA adapters (r 8) instead of full fine-tuning")
+    t.add_argument("--lora", action="store_true", help="LoRA adapters instead of full fine-tuning")
+    t.add_argument("--lora-rank", type=int, default=128, help="adapter rank (alpha = 2 x rank; default: the recipe's)")
     t.add_argument("--compare-transformers", action="store_true",
                    help="also time a transformers (PyTorch) training step on the same weights and batches")
     t.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="compute dtype")

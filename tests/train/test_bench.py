@@ -25,3 +25,14 @@ def test_bench_train_against_transformers(tmp_path, capsys):
 def test_bench_train_rejects_bad_sizes(capsys):
     assert bench.main(["train", "--batch", "0"]) == 2
     assert "--batch" in capsys.readouterr().err
+
+
+def test_bench_train_lora_against_peft(tmp_path, capsys):
+    """LoRA at a chosen rank: our adapters and peft's (the same zero-initialized B) give the same first loss."""
+    out = tmp_path / "bench.json"
+    assert bench.main(["train", "--preset", "tiny", "--batch", "2", "--seq", "128", "--repeats", "1", "--lora",
+                       "--lora-rank", "4", "--compare-transformers", "--json", str(out)]) == 0
+    rows = {(r["layout"], r["impl"]): r for r in json.loads(out.read_text())}
+    ours, ref = rows[("unpacked", "llava_jax")], rows[("unpacked", "transformers")]
+    assert abs(ours["loss"] - ref["loss"]) < 1e-4 * abs(ref["loss"])
+    assert "LoRA r4 stage 2" in capsys.readouterr().out
