@@ -26,7 +26,7 @@ from pathlib import Path
 from llava_jax.data import instruct
 from llava_jax.data.coco_context import ImageContext, file_stem, load_coco
 from llava_jax.atomic_files import write_text
-from llava_jax.data.llm_client import ChatClient, add_client_arguments, client_from_args
+from llava_jax.data.llm_client import ChatClient, add_client_arguments, client_from_args, failure_line
 
 EXAMPLES_PRINTED = 5
 
@@ -130,8 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"calls {u['calls']}, cached {u['cached']}, failed {u['failed']}; tokens in {u['prompt_tokens']} "
           f"out {u['completion_tokens']}; cost {u['cost']}", file=sys.stderr)
     if u["failed"]:
-        print(f"error: {u['failed']} requests failed after their retries (first: {u['first_error']}); "
-              "rerun the same command to retry them", file=sys.stderr)
+        print(failure_line(u), file=sys.stderr)
         return 1
     return 0
 

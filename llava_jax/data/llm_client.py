@@ -102,13 +102,6 @@ class Usage:
             self.prompt_tokens += reply.prompt_tokens
             self.completion_tokens += reply.completion_tokens
 
-    def failure_line(self) -> str:
-        """One line for the user when requests failed ("" when none did)."""
-        if not self.failed:
-            return ""
-        return (f"error: {self.failed} requests failed after their retries (first: {self.first_error}); "
-                "rerun the same command to retry them")
-
     def report(self, input_price: float = 0.0, output_price: float = 0.0) -> dict:
         """Counts and the cost in the prices' currency (prices per million input / output tokens)."""
         cost = (self.prompt_tokens * input_price + self.completion_tokens * output_price) / 1e6
@@ -202,6 +195,14 @@ def _drain(pending: dict, bar, usage: Usage, return_when) -> Iterator[tuple[Any,
         bar.set_postfix(calls=usage.calls, cached=usage.cached, failed=usage.failed,
                         tokens=usage.prompt_tokens + usage.completion_tokens, refresh=False)
         yield tag, future.result()
+
+
+def failure_line(usage: dict) -> str:
+    """The one line for the user when requests failed, from a `Usage.report()` ("" when none did)."""
+    if not usage["failed"]:
+        return ""
+    return (f"error: {usage['failed']} requests failed after their retries (first: {usage['first_error']}); "
+            "rerun the same command to retry them")
 
 
 def _openai_client(base_url: str | None, api_key_env: str, max_retries: int, timeout: float):

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from llava_jax.atomic_files import write_text
-from llava_jax.data.llm_client import ChatClient, add_client_arguments, client_from_args
+from llava_jax.data.llm_client import ChatClient, add_client_arguments, client_from_args, failure_line
 from llava_jax.infer.questions import read_jsonl
 
 JUDGE_SYSTEM = "You are a helpful and precise assistant for checking the quality of the answer."
@@ -320,9 +320,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (OSError, ValueError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps({**summary, "usage": client.usage.report(args.input_price, args.output_price)}, indent=2))
+    usage = client.usage.report(args.input_price, args.output_price)
+    print(json.dumps({**summary, "usage": usage}, indent=2))
     if failed:
-        print(client.usage.failure_line(), file=sys.stderr)
+        print(failure_line(usage), file=sys.stderr)
         return 1
     return 0
 
