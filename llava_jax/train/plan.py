@@ -332,24 +332,24 @@ def _local_bytes(tree) -> float:
     return total
 
 
-def batch_flops(flop_model, step: StepPlan) -> float:
-    """The FLOP model's count for a full batch: every row all real tokens (packed rows: one causal square per
-    row, an upper bound on what segment-aware kernels compute), every image slot encoded."""
+def flops_per_device(c: mlc.ConfigDict, step: StepPlan, num_devices: int) -> float:
+    """The FLOP model's count for a full batch, per device: every row all real tokens (packed rows: one causal
+    square per row, an upper bound on what segment-aware kernels compute), every image slot encoded."""
+    from llava_jax.train import metrics
+
+    flop_model = metrics.FlopModel.for_groups(step.model_cfg, step.groups, c.lora.rank if c.lora.enabled else 0)
     b, t = step.batch_shapes["input_ids"]
     return flop_model.step_flops(np.full(b, t), int(np.prod(step.batch_shapes["image_mask"])),
-                                 step.model_cfg.image_seq_length)
+                                 step.model_cfg.image_seq_length) / num_devices
 
 
 def report(c: mlc.ConfigDict, target: Target, step: StepPlan, compiled, hlo_text: str) -> Report:
-    from llava_jax.train import metrics
-
     state, frozen, _, _ = step.args
     memory = compiled.memory_analysis()
     cost = compiled.cost_analysis() or {}
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     trainable = _local_bytes(state.trainable)
-    flop_model = metrics.FlopModel.for_groups(step.model_cfg, step.groups, c.lora.rank if c.lora.enabled else 0)
-    flops = batch_flops(flop_model, step) / target.num_devices
+    flops = flops_per_device(c, step, target.num_devices)
     total = memory.argument_size_in_bytes + memory.temp_size_in_bytes + memory.output_size_in_bytes \
         - memory.alias_size_in_bytes
     return Report(target, dict(step.mesh.shape), trainable + _local_bytes(frozen), _local_bytes(state.opt_state),
@@ -432,16 +432,13 @@ def run(c: mlc.ConfigDict, target: Target, mesh_flags: mlc.ConfigDict) -> Report
 
 def out_of_memory_report(c: mlc.ConfigDict, target: Target, step: StepPlan, message: str) -> Report:
     """The compiler refused the program for the chip's HBM: a report from what its message says."""
-    from llava_jax.train import metrics
-
     needed = re.search(r"temporaries \(([\d.]+)([KMGT])\)", message)
     temp = float(needed.group(1)) * {"K": 2 ** 10, "M": 2 ** 20, "G": 2 ** 30, "T": 2 ** 40}[needed.group(2)] \
         if needed else float("nan")
     state, frozen, _, _ = step.args
     trainable = _local_bytes(state.trainable)
     arguments = trainable + _local_bytes(frozen) + _local_bytes(state.opt_state)
-    flop_model = metrics.FlopModel.for_groups(step.model_cfg, step.groups, c.lora.rank if c.lora.enabled else 0)
-    flops = batch_flops(flop_model, step) / target.num_devices
+    flops = flops_per_device(c, step, target.num_devices)
     return Report(target, dict(step.mesh.shape), trainable + _local_bytes(frozen), _local_bytes(state.opt_state),
                   trainable, temp, arguments + temp, flops, 0.0, 0.0, [], compiler_error=message.splitlines()[0])
 
