@@ -264,9 +264,10 @@ class LlavaJsonSource:
 
     def __getitem__(self, index: int) -> dict:
         record = self.record(index)
-        fallback_id = f"{self.name}:{int(index) % len(self)}"
-        if int(index) % len(self) in self._invalid_lines:
-            raise BadSample("invalid_json", self._invalid_lines[int(index) % len(self)], fallback_id)
+        position = int(index) % len(self)
+        fallback_id = f"{self.name}:{position}"
+        if position in self._invalid_lines:
+            raise BadSample("invalid_json", self._invalid_lines[position], fallback_id)
         if not isinstance(record, dict):
             raise BadSample("invalid_record", f"record is a {type(record).__name__}, expected an object with "
                             "'id' and 'conversations'", fallback_id)

@@ -16,10 +16,10 @@ The submission (`convert_mmbench_for_submission.py`) is the TSV without hint, ca
 comment and l2-category, with a `prediction` column inserted after the options (position 6), holding the
 round-0 answer; written as `.xlsx` (the official upload) or `.tsv`. With `--all-rounds` the official
 conversion keeps the last round's answer, whose letter names a rotated option, so the server would score it
-against the wrong options; round 0 asks the TSV's own order, so its letter is the one to upload. Local accuracy (dev split) reads the
-option letter of an answer (the whole answer, or its first character followed by ".", ")", ":" or a
-space); circular accuracy counts a question right only when every round is right. The MMBench server's
-own scoring (with its answer extraction) is the reference for published numbers.
+against the wrong options; round 0 asks the TSV's own order, so its letter is the one to upload. Local
+accuracy (dev split) reads the option letter of an answer (the whole answer, or its first character
+followed by ".", ")", ":" or a space); circular accuracy counts a question right only when every round is
+right. The MMBench server's own scoring (with its answer extraction) is the reference for published numbers.
 """
 
 from __future__ import annotations
