@@ -22,13 +22,6 @@ QUESTIONS = ("What color is the shape?", "How many shapes do you see?")
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("chat") / "llava-v1.5-tiny"
-    save_tiny_llava(path, seed=3)
-    return path
-
-
-@pytest.fixture(scope="module")
 def image_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("img") / "photo.png"
     Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 52, 3), np.uint8)).save(path)

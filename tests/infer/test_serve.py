@@ -27,7 +27,6 @@ openai = pytest.importorskip("openai")
 
 from llava_jax.infer.serve import cli  # noqa: E402
 from llava_jax.infer.serve.engine import Engine  # noqa: E402
-from tests.infer.test_generate import save_tiny_llava  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 QUESTIONS = ("What color is the shape?", "How many shapes do you see?")
@@ -51,13 +50,6 @@ def data_url(data: bytes) -> str:
 def user(text: str, *images: str) -> dict:
     return {"role": "user", "content": [*({"type": "image_url", "image_url": {"url": u}} for u in images),
                                         {"type": "text", "text": text}]}
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("serve") / "llava-v1.5-tiny"
-    save_tiny_llava(path, seed=3)
-    return path
 
 
 @pytest.fixture(scope="module")

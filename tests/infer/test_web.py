@@ -19,7 +19,6 @@ sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not 
 
 from llava_jax.data.synthetic import QUESTIONS, SHORT_ANSWER_SUFFIX, Scene, draw_scene  # noqa: E402
 from llava_jax.infer.serve import cli  # noqa: E402
-from tests.infer.test_generate import save_tiny_llava  # noqa: E402
 
 pytestmark = pytest.mark.browser
 REPO = Path(__file__).resolve().parents[2]
@@ -33,13 +32,6 @@ def chromium():
     if CHROMIUM is None:
         pytest.skip("no Chromium: install it (apt-get install chromium) or set LLAVA_JAX_CHROMIUM")
     return CHROMIUM
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("web") / "llava-v1.5-tiny"
-    save_tiny_llava(path, seed=3)
-    return path
 
 
 @pytest.fixture(scope="module")
