@@ -215,9 +215,6 @@ def pad_rows(new_rows: int) -> Callable[[np.ndarray], np.ndarray]:
     return pad
 
 
-def _round_up(n: int, multiple: int | None) -> int:
-    return n if not multiple else -(-n // multiple) * multiple
-
 def vocab_transforms(prefix: str, grow: int, tied: bool) -> dict:
     if not grow:
         return {}

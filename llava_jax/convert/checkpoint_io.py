@@ -16,7 +16,7 @@ import re
 import struct
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Iterator, Mapping
+from typing import Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -299,9 +299,3 @@ def write_safetensors(tensors: Mapping[str, Callable[[], np.ndarray]], specs: Ma
         (out_dir / SAFE_INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
         return [out_dir / f for f in files] + [out_dir / SAFE_INDEX]
     return [out_dir / files[0]]
-
-
-def iter_checkpoint(reader: CheckpointReader) -> Iterator[tuple[str, np.ndarray]]:
-    """(name, array) for every tensor of a checkpoint, one at a time."""
-    for name in reader.names():
-        yield name, reader.get(name)
