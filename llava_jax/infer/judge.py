@@ -39,6 +39,7 @@ import numpy as np
 from llava_jax.atomic_files import write_text
 from llava_jax.data.llm_client import ChatClient, add_client_arguments, client_from_args, failure_line
 from llava_jax.infer.questions import read_jsonl
+from llava_jax.infer.scorers import load_json
 
 JUDGE_SYSTEM = "You are a helpful and precise assistant for checking the quality of the answer."
 PathLike = str | os.PathLike
@@ -255,26 +256,18 @@ def score_mmvet(data: Mapping[str, dict], grades: Mapping[str, dict]) -> dict:
 # ---------------------------------------------------------------- CLI
 
 
-def _load_json(path: PathLike):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: malformed JSON ({e.msg} at line {e.lineno})") from None
-
-
 def _llava_bench(args, client: ChatClient) -> tuple[dict, int]:
     questions = read_jsonl(args.questions, {"question_id": (int, str), "text": (str,), "category": (str,)})
     answer_fields = {"question_id": (int, str), "text": (str,)}
     items = llava_bench_requests(client, questions, read_jsonl(args.context), read_jsonl(args.reference, answer_fields),
-                                 read_jsonl(args.answers, answer_fields), _load_json(args.rules or default_rules_path()),
+                                 read_jsonl(args.answers, answer_fields), load_json(args.rules or default_rules_path()),
                                  coco=args.coco, max_tokens=args.max_tokens)
     reviews, failed = judge_llava_bench(client, items, args.reviews, progress=not args.no_progress)
     return summarize_reviews(reviews), failed
 
 
 def _mm_vet(args, client: ChatClient) -> tuple[dict, int]:
-    data = _load_json(args.mm_vet)
+    data = load_json(args.mm_vet)
     answers = read_jsonl(args.answers, {"question_id": (int, str), "text": (str,)})
     prompt = Path(args.grader_prompt).read_text(encoding="utf-8") if args.grader_prompt else MMVET_GRADER_PROMPT
     grades, failed = grade_mmvet(client, data, mmvet_results(answers), prompt=prompt, progress=not args.no_progress)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-IGNORE_INDEX = -100
+from llava_jax.data.tokenize import IGNORE_INDEX
 
 
 def token_cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:

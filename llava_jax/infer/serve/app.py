@@ -143,8 +143,7 @@ async def _complete(job: Job, events: asyncio.Queue, completion: _Completion) ->
             if isinstance(event, Delta):
                 pieces.append(event.text)
             elif isinstance(event, Failed):
-                return JSONResponse({"error": {"message": event.message, "type": "server_error", "param": None,
-                                               "code": None}}, status_code=500)
+                return JSONResponse(ApiError(500, event.message).body(), status_code=500)
             else:
                 break
     finally:
@@ -164,7 +163,7 @@ async def _sse(job: Job, events: asyncio.Queue, completion: _Completion, include
             if isinstance(event, Delta):
                 yield completion.chunk({"content": event.text})
             elif isinstance(event, Failed):
-                yield f"data: {json.dumps({'error': {'message': event.message, 'type': 'server_error'}})}\n\n"
+                yield f"data: {json.dumps(ApiError(500, event.message).body())}\n\n"
                 break
             else:
                 yield completion.chunk({}, event.reason)
