@@ -31,6 +31,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from llava_jax.atomic_files import write_text
 from llava_jax.infer.questions import ANSWER_FIELDS, load_questions, read_jsonl
 
 PathLike = str | os.PathLike
@@ -599,6 +600,6 @@ def score_seed_files(answers_path: PathLike, annotation_path: PathLike, upload_p
     result = score_seed(predictions, questions, type_names)
     if upload_path:
         lines = seed_submission(predictions, questions)
-        Path(upload_path).write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+        write_text(upload_path, "".join(json.dumps(line) + "\n" for line in lines))
         result["upload"], result["uploaded"] = str(upload_path), len(lines)
     return result

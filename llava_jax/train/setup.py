@@ -13,6 +13,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from llava_jax.atomic_files import write_text
 from llava_jax.train import checkpoint as ckpt_lib
 from llava_jax.train import distributed, inputs, lora, model_init, recipes
 from llava_jax.train import metrics as metrics_lib
@@ -69,7 +70,7 @@ def setup(c: mlc.ConfigDict, workdir, *, config_name: str = "config") -> Run:
     distributed.check_batch_layout(c, mesh)
     workdir.mkdir(parents=True, exist_ok=True)
     if is_main:
-        (workdir / "config.json").write_text(c.to_json_best_effort(indent=2))
+        write_text(workdir / "config.json", c.to_json_best_effort(indent=2))
     demo_paths = inputs.prepare_demo_data(c, workdir) if c.model.preset == "demo" else None
     tokenizer = model_init.load_tokenizer(c, demo_paths.tokenizer if demo_paths else None)
     parts = model_parts(c, mesh, tokenizer, demo_paths, is_main)

@@ -26,6 +26,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from llava_jax.atomic_files import write_text
+
 
 def demo_requests(n: int, max_tokens: int, seed: int = 0, ignore_eos: bool = False) -> list[dict]:
     """`n` chat requests about synthetic demo scenes (64 px PNG data URLs) with the demo's questions."""
@@ -149,8 +151,8 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{args.max_tokens}{', ignore_eos' if args.ignore_eos else ''}, max batch {args.max_batch}, mean batch "
           f"{many['mean_batch']:.1f})")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"one_by_one": one, "concurrent": many, "ratio": ratio, "args": vars(args)}, f, indent=1)
+        write_text(args.json, json.dumps({"one_by_one": one, "concurrent": many, "ratio": ratio, "args": vars(args)},
+                                         indent=1))
     return 0
 
 
