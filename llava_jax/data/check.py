@@ -173,7 +173,6 @@ class SampleChecker:
         self.template = get_template(template)
         self.max_length = max_length
         self.image_seq_length = image_seq_length
-        self.max_pixels = max_pixels
         self.image_token_id = add_image_token(tokenizer) if tokenizer is not None else None
 
     def __call__(self, index: int) -> SampleCheck:
@@ -189,7 +188,7 @@ class SampleChecker:
                                 "per sample", sample_id)
             for data, name in zip(sample["images"], sample["image_paths"]):
                 modes.append(_file_mode(data))
-                image = load_image(data, sample_id=sample_id, name=name, max_pixels=self.max_pixels)
+                image = load_image(data, sample_id=sample_id, name=name, max_pixels=self.image_config.max_pixels)
                 check_image_size(image.size, self.image_config, sample_id=sample_id, name=name)
             token_length = self._check_text(sample)
         except BadSample as error:

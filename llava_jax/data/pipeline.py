@@ -290,7 +290,8 @@ class LlavaSampleProcessor:
         if tokens.num_images != num_images:
             raise BadSample("image_count_mismatch", f"{num_images} image files but {tokens.num_images} "
                             "<image> placeholders in the conversation", sample_id)
-        pixels = [preprocess(load_image(data, sample_id=sample_id, name=name), self.image_config,
+        pixels = [preprocess(load_image(data, sample_id=sample_id, name=name,
+                                        max_pixels=self.image_config.max_pixels), self.image_config,
                              sample_id=sample_id)
                   for data, name in zip(record["images"], record.get("image_paths") or [None] * num_images)]
         size = self.image_config.crop_size

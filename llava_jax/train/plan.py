@@ -210,7 +210,8 @@ def plan_step(c: mlc.ConfigDict, mesh: jax.sharding.Mesh) -> StepPlan:
     abstract_state = _with_shardings(jax.eval_shape(lambda t: step_lib.init_state(t, tx), trainable),
                                      state_shardings)
     fn = step_lib.make_train_step(graphdef, tx, microbatches=c.train.microbatches,
-                                  compute_dtype=model_init.DTYPES[c.model.dtype], dropout_seed=c.train.seed)
+                                  compute_dtype=model_init.DTYPES[c.model.dtype], dropout_seed=c.train.seed,
+                                  loss_chunk=c.train.loss_chunk)
     jitted = step_lib.jit_train_step(fn, mesh, state_shardings, sharding_of(frozen), sharding_of(rest))
     batch = abstract_batch(c, cfg, mesh)
     return StepPlan(jitted, (abstract_state, frozen, rest, batch), mesh, cfg, groups,
