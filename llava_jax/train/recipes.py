@@ -8,6 +8,8 @@ optionally `lora` (stage 2) and `scienceqa` (stage 2: the ScienceQA fine-tuning 
 
 from __future__ import annotations
 
+import math
+
 import ml_collections as mlc
 
 MODELS = ("vicuna7b", "vicuna13b", "llama3_8b", "demo")
@@ -208,20 +210,63 @@ def _demo_overrides(c: mlc.ConfigDict) -> None:
                                  evaluate=c.stage == 2))
 
 
+def _need(ok: bool, field: str, message: str) -> None:
+    if not ok:
+        raise ValueError(f"config.{field}: {message}")
+
+
+def float_fields(node, prefix: str = ""):
+    """(dotted name, value) of every float in a config, nested dicts and lists (extra_sources) included."""
+    items = node.items() if isinstance(node, (dict, mlc.ConfigDict)) else \
+        enumerate(node) if isinstance(node, (list, tuple)) else ()
+    for key, value in items:
+        name = f"{prefix}[{key}]" if isinstance(key, int) else f"{prefix}.{key}" if prefix else key
+        if isinstance(value, float):
+            yield name, value
+        else:
+            yield from float_fields(value, name)
+
+
+def validate_numbers(c: mlc.ConfigDict) -> None:
+    """Every float finite; learning rates, optimizer and spike-guard settings in their ranges."""
+    for field, value in float_fields(c):
+        _need(math.isfinite(value), field, f"must be a finite number, got {value}")
+    o, guard = c.optim, c.train.spike_guard
+    _need(o.lr > 0, "optim.lr", f"must be positive, got {o.lr}")
+    for group in ("projector_lr", "vision_lr"):
+        _need(o[group] == -1 or o[group] > 0, f"optim.{group}",
+              f"must be positive, or -1 (the same as optim.lr); got {o[group]} "
+              "(to freeze a group, use config.trainable)")
+    _need(0 <= o.warmup_ratio < 1, "optim.warmup_ratio", f"must be in [0, 1), got {o.warmup_ratio}")
+    _need(o.weight_decay >= 0, "optim.weight_decay", f"must be >= 0, got {o.weight_decay}")
+    _need(o.clip_norm > 0, "optim.clip_norm", f"must be positive, got {o.clip_norm}")
+    for beta in ("b1", "b2"):
+        _need(0 <= o[beta] < 1, f"optim.{beta}", f"must be in [0, 1), got {o[beta]}")
+    _need(o.eps > 0, "optim.eps", f"must be positive, got {o.eps}")
+    _need(guard.sigmas > 0, "train.spike_guard.sigmas", f"must be positive, got {guard.sigmas}")
+    _need(guard.warmup_steps >= 1, "train.spike_guard.warmup_steps", f"must be >= 1, got {guard.warmup_steps}")
+    _need(0 < guard.decay < 1, "train.spike_guard.decay", f"must be in (0, 1), got {guard.decay}")
+    _need(guard.max_in_row >= 1, "train.spike_guard.max_in_row", f"must be >= 1, got {guard.max_in_row}")
+    _need(c.data.weight > 0, "data.weight", f"must be positive, got {c.data.weight}")
+    for i, extra in enumerate(c.data.extra_sources):
+        weight = extra.get("weight", 1.0)
+        _need(weight > 0, f"data.extra_sources[{i}].weight", f"must be positive, got {weight}")
+    _need(c.peak_tflops == -1 or c.peak_tflops > 0, "peak_tflops",
+          f"must be positive, or -1 for the device kind's; got {c.peak_tflops}")
+    if c.lora.enabled:
+        _need(c.lora.rank > 0, "lora.rank", "must be positive")
+        _need(c.lora.alpha > 0, "lora.alpha", f"must be positive, got {c.lora.alpha}")
+        _need(0 <= c.lora.dropout < 1, "lora.dropout", "must be in [0, 1)")
+
+
 def validate(c: mlc.ConfigDict) -> None:
     """Fails before any device work, naming the field, on invalid or contradictory values."""
-    def need(ok: bool, field: str, message: str):
-        if not ok:
-            raise ValueError(f"config.{field}: {message}")
-
+    need = _need
+    validate_numbers(c)
     need(c.stage in (1, 2), "stage", f"must be 1 or 2, got {c.stage}")
     need(c.train.global_batch_size > 0, "train.global_batch_size", "must be positive")
     need(c.train.microbatches > 0 and c.train.global_batch_size % c.train.microbatches == 0,
          "train.microbatches", f"must divide train.global_batch_size ({c.train.global_batch_size})")
-    need(c.optim.lr > 0, "optim.lr", f"must be positive, got {c.optim.lr}")
-    need(0 <= c.optim.warmup_ratio < 1, "optim.warmup_ratio", f"must be in [0, 1), got {c.optim.warmup_ratio}")
-    need(c.optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
-    need(c.optim.clip_norm > 0, "optim.clip_norm", "must be positive")
     need(c.train.num_steps > 0 or c.train.num_epochs > 0, "train.num_epochs",
          "set a positive train.num_epochs or train.num_steps")
     need(c.data.template in _templates(), "data.template", f"unknown template {c.data.template!r}; "
@@ -245,18 +290,11 @@ def validate(c: mlc.ConfigDict) -> None:
     need(isinstance(c.keep_checkpoints, int) and c.keep_checkpoints >= 1, "keep_checkpoints",
          f"must be an integer >= 1 (the checkpoints a rerun resumes from), got {c.keep_checkpoints!r}")
     need(c.train.max_nonfinite >= 1, "train.max_nonfinite", f"must be >= 1, got {c.train.max_nonfinite}")
-    guard = c.train.spike_guard
-    need(guard.sigmas > 0, "train.spike_guard.sigmas", f"must be positive, got {guard.sigmas}")
-    need(guard.warmup_steps >= 1, "train.spike_guard.warmup_steps", f"must be >= 1, got {guard.warmup_steps}")
-    need(0 < guard.decay < 1, "train.spike_guard.decay", f"must be in (0, 1), got {guard.decay}")
-    need(guard.max_in_row >= 1, "train.spike_guard.max_in_row", f"must be >= 1, got {guard.max_in_row}")
     need(c.log_every > 0, "log_every", "must be positive")
     need(not (c.model.llava_path and c.model.stage1_workdir), "model.llava_path",
          "set either model.llava_path or model.stage1_workdir, not both")
     if c.lora.enabled:
         need(c.stage == 2, "lora.enabled", "LoRA is for stage 2")
-        need(c.lora.rank > 0, "lora.rank", "must be positive")
-        need(0 <= c.lora.dropout < 1, "lora.dropout", "must be in [0, 1)")
     for i, rule in enumerate(c.trainable):
         need(len(rule) == 2, f"trainable[{i}]", f"must be (regex, group or None), got {rule!r}")
     sizes = [c.mesh.data, c.mesh.fsdp, c.mesh.tensor]

@@ -3,6 +3,7 @@ field; a config whose weights and data are not on this machine stops at once, sa
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -60,11 +61,30 @@ def with_values(stage: int, values: dict):
     ({"distributed.coordinator": "127.0.0.1:1234"}, "config.distributed.num_processes"),
     ({"distributed.coordinator": "127.0.0.1:1234", "distributed.num_processes": 2,
       "distributed.process_id": 2}, "config.distributed.process_id"),
+    # Every float finite and in range: not only optim.lr.
+    ({"optim.projector_lr": float("nan")}, "config.optim.projector_lr"),
+    ({"optim.vision_lr": float("inf")}, "config.optim.vision_lr"),
+    ({"optim.projector_lr": 0.0}, "config.optim.projector_lr"),
+    ({"optim.vision_lr": -3.0}, "config.optim.vision_lr"),
+    ({"optim.lr": float("inf")}, "config.optim.lr"),
+    ({"optim.weight_decay": float("nan")}, "config.optim.weight_decay"),
+    ({"optim.warmup_ratio": float("nan")}, "config.optim.warmup_ratio"),
+    ({"optim.clip_norm": float("inf")}, "config.optim.clip_norm"),
+    ({"optim.b1": 1.0}, "config.optim.b1"),
+    ({"optim.b2": float("nan")}, "config.optim.b2"),
+    ({"optim.eps": 0.0}, "config.optim.eps"),
+    ({"train.spike_guard.sigmas": float("inf")}, "config.train.spike_guard.sigmas"),
+    ({"train.spike_guard.decay": float("nan")}, "config.train.spike_guard.decay"),
+    ({"data.weight": 0.0}, "config.data.weight"),
+    ({"data.extra_sources": [{"json": "a.json", "images": "img", "weight": float("nan")}]},
+     "config.data.extra_sources[0].weight"),
+    ({"peak_tflops": 0.0}, "config.peak_tflops"),
+    ({"lora.enabled": True, "lora.alpha": float("nan")}, "config.lora.alpha"),
 ])
 def test_invalid_values_fail_before_device_work_naming_the_field(tmp_path, no_device_work, values, field):
     from llava_jax.train import loop
 
-    with pytest.raises(ValueError, match="^" + field.replace(".", r"\.") + ":"):
+    with pytest.raises(ValueError, match="^" + re.escape(field) + ":"):
         loop.run(with_values(2, values), tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
@@ -89,6 +109,17 @@ def test_cli_invalid_value_exits_2_naming_the_field(tmp_path, jax_cache):
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr[-3000:]
     assert "invalid config: config.optim.lr: must be positive, got -1" in done.stderr
+    assert "Traceback" not in done.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flag, field", [("optim.projector_lr=nan", "optim.projector_lr"),
+                                         ("train.spike_guard.decay=inf", "train.spike_guard.decay")])
+def test_cli_non_finite_value_exits_2_naming_the_field(tmp_path, jax_cache, flag, field):
+    command = cli_command(2, tmp_path / "run") + [f"--config.{flag}"]
+    done = subprocess.run(command, cwd=REPO, env=cli_env(jax_cache), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.strip().splitlines()[-1].startswith(f"invalid config: config.{field}: must be a finite number")
     assert "Traceback" not in done.stderr
     assert not (tmp_path / "run").exists()
 
