@@ -7,7 +7,7 @@ decoding, the answer stripped. Batching, the progress bar, resuming after a cras
 processes come from `questions.run_questions`; with several processes, process 0 merges the shards.
 
     python -m llava_jax.eval --model PATH --questions Q.jsonl --images DIR --answers OUT.jsonl \\
-        [--template vicuna_v1] [--batch-size 8] [--max-new-tokens 128]
+        [--template vicuna_v1] [--batch-size 8] [--max-new-tokens 128] [--repeated-ids]
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ def evaluate(model, tokenizer, questions_path: str | os.PathLike, image_root: st
              image_config: ImageConfig | None = None, batch_size: int = 8, max_new_tokens: int = 128,
              model_id: str = "llava_jax", image_transform: Callable[[Image.Image], Image.Image] | None = None,
              temperature: float = 0.0, process_index: int | None = None, process_count: int | None = None,
-             progress: bool = True) -> Path:
+             progress: bool = True, repeated_ids: bool = False) -> Path:
     """Answers every question of a `model_vqa` file into an answer file; returns `answers_path`.
 
     Args:
@@ -77,12 +77,14 @@ def evaluate(model, tokenizer, questions_path: str | os.PathLike, image_root: st
       process_index, process_count: this process's shard (default: jax.process_index() / process_count());
         process 0 merges the shards once every process is done.
       progress: show a progress bar.
+      repeated_ids: accept a question_id asked several times with different texts (MME, MMBench's rounds);
+        otherwise a repeated id is refused, naming its lines.
     """
     import jax
 
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
-    questions = questions_lib.load_question_file(questions_path)
+    questions = questions_lib.load_question_file(questions_path, repeated_ids)
     check_image_paths(questions, image_root)
     generator = Generator(model, tokenizer, image_config=image_config, template=template)
     answer = answer_batch_fn(generator, image_root, max_new_tokens=max_new_tokens, temperature=temperature,
@@ -130,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model-id", help="written into every answer (default: the model folder's name)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--tokenizer", help="tokenizer folder (default: the model folder)")
+    parser.add_argument("--repeated-ids", action="store_true", help="accept a question_id asked several times "
+                        "with different texts (MME, MMBench --all-rounds); otherwise refused, naming the lines")
     parser.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -145,12 +149,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise FileNotFoundError(f"question file not found: {args.questions}")
         if not Path(args.images).is_dir():
             raise FileNotFoundError(f"image folder not found: {args.images}")
-        check_image_paths(questions_lib.load_question_file(args.questions), args.images)  # before loading the model
+        questions = questions_lib.load_question_file(args.questions, args.repeated_ids)
+        check_image_paths(questions, args.images)  # before loading the model
         model, tokenizer, image_config, _ = load_model(args.model, dtype=args.dtype, tokenizer=args.tokenizer)
         evaluate(model, tokenizer, args.questions, args.images, args.answers, template=args.template,
                  image_config=image_config, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                  temperature=args.temperature, model_id=args.model_id or Path(args.model).resolve().name,
-                 progress=not args.no_progress)
+                 progress=not args.no_progress, repeated_ids=args.repeated_ids)
     except (ModelLoadError, OSError, BadSample, KeyError, ValueError) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {message}", file=sys.stderr)

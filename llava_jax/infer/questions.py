@@ -38,12 +38,17 @@ def read_jsonl(path: str | os.PathLike, required: dict[str, tuple[type, ...]] | 
 
     Blank lines are skipped. Errors name the file, the 1-based line and the field.
     """
+    return [record for _, record in read_jsonl_lines(path, required, optional)]
+
+
+def read_jsonl_lines(path: str | os.PathLike, required: dict[str, tuple[type, ...]] | None = None,
+                     optional: dict[str, tuple[type, ...]] | None = None) -> list[tuple[int, dict]]:
+    """`read_jsonl` with the 1-based line number of each record: [(line, record)]."""
     records = []
     with open(path, encoding="utf-8") as f:
         for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            records.append(_parse_record(line, path, line_no, required or {}, optional or {}))
+            if line.strip():
+                records.append((line_no, _parse_record(line, path, line_no, required or {}, optional or {})))
     return records
 
 
@@ -79,17 +84,37 @@ def answer_key(answer: dict) -> tuple:
     return answer["question_id"], answer["prompt"]
 
 
-def load_questions(path: str | os.PathLike) -> list[dict]:
-    """Reads a `model_vqa` question file; no two questions may share both id and text."""
-    questions = read_jsonl(path, QUESTION_FIELDS, OPTIONAL_QUESTION_FIELDS)
+def load_questions(path: str | os.PathLike, repeated_ids: bool = True) -> list[dict]:
+    """Reads a `model_vqa` question file; no two questions may share both id and text, nor (unless
+    `repeated_ids`: MME, MMBench's rounds) an id."""
+    numbered = read_jsonl_lines(path, QUESTION_FIELDS, OPTIONAL_QUESTION_FIELDS)
+    lines, questions = [n for n, _ in numbered], [q for _, q in numbered]
     first_index: dict[tuple, int] = {}
     for index, question in enumerate(questions):
         key = question_key(question)
         if key in first_index:
             raise ValueError(f"{path}: duplicate question (question_id {key[0]!r}, same text) as questions "
-                             f"#{first_index[key] + 1} and #{index + 1}")
+                             f"#{first_index[key] + 1} and #{index + 1} (lines {lines[first_index[key]]} and "
+                             f"{lines[index]})")
         first_index[key] = index
+    if not repeated_ids:
+        refuse_repeated_ids(questions, [f"line {n}" for n in lines], path)
     return questions
+
+
+def refuse_repeated_ids(questions: Sequence[dict], places: Sequence[str], path) -> None:
+    """ValueError naming every question_id (7 and "7" alike: scorers compare them as strings) asked more
+    than once and where (`places[i]` of question i), since answers are scored and resumed by id."""
+    where: dict[str, list[str]] = {}
+    for question, place in zip(questions, places):
+        where.setdefault(str(question["question_id"]), []).append(place)
+    repeated = [(qid, spots) for qid, spots in where.items() if len(spots) > 1]
+    if repeated:
+        shown = "; ".join(f"question_id {qid!r} on {', '.join(spots)}" for qid, spots in repeated[:5])
+        more = f" (and {len(repeated) - 5} more)" if len(repeated) > 5 else ""
+        raise ValueError(f"{path}: {len(repeated)} repeated question_id(s): {shown}{more}; answers are scored "
+                         "by question_id, so give each question its own id (files that ask several questions "
+                         "per id, MME or MMBench's rounds, take --repeated-ids)")
 
 
 SCIENCEQA_LETTER_PROMPT = "Answer with the option's letter from the given choices directly."
@@ -125,9 +150,15 @@ def load_scienceqa_questions(path: str | os.PathLike, single_pred_prompt: bool =
     return questions
 
 
-def load_question_file(path: str | os.PathLike) -> list[dict]:
-    """A `model_vqa` JSONL, or the official ScienceQA JSON (`.json`, asked as `model_vqa_science` asks)."""
-    return load_scienceqa_questions(path) if Path(path).suffix == ".json" else load_questions(path)
+def load_question_file(path: str | os.PathLike, repeated_ids: bool = True) -> list[dict]:
+    """A `model_vqa` JSONL, or the official ScienceQA JSON (`.json`, asked as `model_vqa_science` asks);
+    `repeated_ids=False` refuses a question_id asked twice, naming the lines (samples in ScienceQA)."""
+    if Path(path).suffix != ".json":
+        return load_questions(path, repeated_ids)
+    questions = load_scienceqa_questions(path)
+    if not repeated_ids:
+        refuse_repeated_ids(questions, [f"sample #{i + 1}" for i in range(len(questions))], path)
+    return questions
 
 
 def answered_ids(answers_path: str | os.PathLike) -> set:

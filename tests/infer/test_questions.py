@@ -76,6 +76,35 @@ def test_load_questions_rejects_duplicates_but_allows_repeated_ids(tmp_path):
         qa.load_questions(path)
 
 
+def test_repeated_ids_are_refused_with_their_line_numbers(tmp_path):
+    # Line 3 is blank; 7 and "7" are one id to the scorers (compared as strings).
+    lines = [json.dumps({"question_id": 7, "text": "a"}), json.dumps({"question_id": 8, "text": "b"}), "",
+             json.dumps({"question_id": "7", "text": "c"}), json.dumps({"question_id": 8, "text": "d"})]
+    path = write_lines(tmp_path / "q.jsonl", lines)
+    with pytest.raises(ValueError) as info:
+        qa.load_question_file(path, repeated_ids=False)
+    message = str(info.value)
+    assert message.startswith(f"{path}: 2 repeated question_id(s): question_id '7' on line 1, line 4; "
+                              "question_id '8' on line 2, line 5;")
+    assert "\n" not in message and "--repeated-ids" in message
+    assert [q["text"] for q in qa.load_question_file(path, repeated_ids=True)] == ["a", "b", "c", "d"]
+    unique = write_lines(tmp_path / "u.jsonl", [json.dumps({"question_id": i, "text": "t"}) for i in range(3)])
+    assert len(qa.load_question_file(unique, repeated_ids=False)) == 3
+
+
+def test_eval_cli_refuses_repeated_ids_before_loading_the_model(tmp_path, capsys):
+    from llava_jax.infer.evaluate import main
+
+    path = write_lines(tmp_path / "q.jsonl", [json.dumps({"question_id": i % 2, "text": f"t{i}"}) for i in range(3)])
+    (tmp_path / "images").mkdir()
+    code = main(["--model", str(tmp_path / "no_model"), "--questions", str(path), "--images", str(tmp_path / "images"),
+                 "--answers", str(tmp_path / "a.jsonl"), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert "question_id '0' on line 1, line 3" in err
+    assert not (tmp_path / "a.jsonl").exists()
+
+
 def test_load_scienceqa_questions_like_model_vqa_science(tmp_path):
     path = tmp_path / "llava_test_CQM-A.json"
     path.write_text(json.dumps([
