@@ -1,7 +1,8 @@
 """MMBench and MMBench-CN: question files from the official TSV, the submission file, and local accuracy.
 
     python -m llava_jax.infer.mmbench --tsv mmbench_dev_20230712.tsv --out-dir mmbench/ [--all-rounds] [--lang cn]
-    python -m llava_jax.eval --questions mmbench/questions.jsonl --images mmbench/images --answers ans.jsonl
+    python -m llava_jax.eval --questions mmbench/questions.jsonl --images mmbench/images --answers ans.jsonl \\
+        [--repeated-ids (with --all-rounds: the rounds share their row's id)]
     python -m llava_jax.infer.score mmbench --answers ans.jsonl --tsv mmbench_dev_20230712.tsv --upload up.xlsx
 
 The TSV (columns index, question, hint, A-D, answer (dev), category, l2-category, source, image (base64),
