@@ -17,10 +17,12 @@ dtypes: `param_dtype` is the storage dtype (default: the checkpoint's), `dtype` 
 Sharding: every importer and `load` take `mesh=`; each parameter then goes straight into its sharding
 (logical axis rules of `llava_jax.sharding`) as it is read.
 
-Files: `importers.py` (one importer per source, with the renaming tables in `hf_llava.py`, `hf_llama.py`,
-`hf_clip.py`, `hf_original.py`), `export.py` (to Hugging Face), `native.py` (our own format),
-`checkpoint_io.py` (reading and writing checkpoint files), `build.py` (filling a model from tensors and back),
-`params.py` (parameter names).
+Files: `families.py` (one row per model family: model and config classes, config and tensor names both
+ways, the preprocessing files of an export; import, export and our format read it), `hf_<family>.py` (what
+a row points at) and `hf_original.py` (the official LLaVA layout), `importers.py` (one importer per source),
+`export.py` (to Hugging Face: model -> named tensors, config, preprocessing), `native.py` (our own format),
+`checkpoint_io.py` (reading and writing checkpoint files), `build.py` (the import side: filling an abstract
+model leaf by leaf), `params.py` (parameter names).
 """
 
 from llava_jax.convert.checkpoint_io import CheckpointError, CheckpointReader

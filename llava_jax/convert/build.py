@@ -1,6 +1,6 @@
-"""Models from tensors and back: abstract creation, runtime config fields, leaf-by-leaf filling from
-checkpoint tensors (`load_params`: the full model exists once in memory plus at most one stacked leaf being
-assembled), vocabulary growth, and model -> named tensor thunks for writing.
+"""Models from tensors (the import side): abstract creation, runtime config fields, leaf-by-leaf filling
+from checkpoint tensors (`load_params`: the full model exists once in memory plus at most one stacked leaf
+being assembled) and vocabulary growth. The way back (model -> named tensors) is in `export.py`.
 """
 
 from __future__ import annotations
@@ -146,29 +146,6 @@ def _read(sources, name, shape, dtype, transform) -> np.ndarray:
                               f"the model expects {tuple(shape)} for '{name}'")
     return value.astype(dtype, copy=False)
 
-def model_tensors(model: nnx.Module) -> dict[str, Callable[[], np.ndarray]]:
-    """{Hugging Face name: thunk producing that tensor on the host}; stacked leaves are sliced lazily."""
-    leaves = _leaves(model)
-    out = {}
-    for name, (path, layer) in param_names.hf_names(model).items():
-        var = leaves[path]
-        if layer is None:
-            out[name] = lambda var=var: np.asarray(jax.device_get(var.get_value()))
-        else:
-            out[name] = lambda var=var, layer=layer: np.asarray(jax.device_get(var.get_value()[layer]))
-    return out
-
-
-def tensor_specs(model: nnx.Module) -> dict[str, jax.ShapeDtypeStruct]:
-    """{Hugging Face name: shape and dtype} without touching the values."""
-    leaves = _leaves(model)
-    out = {}
-    for name, (path, layer) in param_names.hf_names(model).items():
-        value = leaves[path].get_value()
-        shape = value.shape if layer is None else value.shape[1:]
-        out[name] = jax.ShapeDtypeStruct(shape, value.dtype)
-    return out
-
 def _flat(tree: dict, prefix: tuple = ()) -> Iterator[tuple[tuple, object]]:
     for k, v in tree.items():
         if isinstance(v, dict):
@@ -220,13 +197,3 @@ def vocab_transforms(prefix: str, grow: int, tied: bool) -> dict:
         return {}
     names = [prefix + "model.embed_tokens.weight"] + ([] if tied else [prefix + "lm_head.weight"])
     return {n: pad_rows(grow) for n in names}
-
-
-def check_stacked(model: nnx.Module, what: str) -> None:
-    """Raises TypeError when the model's repeated layers are unstacked (the decode layout of `load_model` and
-    `Generator`), whose parameter names no conversion table knows."""
-    for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        keys = [str(k) for k in path]
-        if "layers" in keys[:-1] and keys[keys.index("layers") + 1].isdigit():
-            raise TypeError(f"{what}: the model has per-layer weight buffers (the decode layout of load_model / "
-                            "Generator); export a model from convert (from_hf, load, ...) or from training")

@@ -6,53 +6,63 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
+from typing import Callable
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 import transformers
 
 from llava_jax.atomic_files import replaced_directory
-from llava_jax.convert.build import check_stacked, model_tensors, tensor_specs, vocab_transforms
+from llava_jax.convert import families
+from llava_jax.convert import params as param_names
+from llava_jax.convert.build import _leaves, vocab_transforms
 from llava_jax.convert.checkpoint_io import write_safetensors
-from llava_jax.convert.hf_clip import clip_config_to_hf
-from llava_jax.convert.hf_llama import llama_config_to_hf
-from llava_jax.convert.hf_llava import llava_config_to_hf
-from llava_jax.models.clip_vit import CLIPVisionModel
-from llava_jax.models.llama import LlamaForCausalLM
-from llava_jax.models.llava import LlavaForConditionalGeneration
+from llava_jax.data.conversation import IMAGE_TOKEN
+from llava_jax.data.images import CLIP_MEAN, CLIP_STD
 
-IMAGE_TOKEN = "<image>"
-# OpenAI CLIP normalization (CLIPImageProcessor defaults, REFERENCE.md).
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-def _model_kind(model: nnx.Module) -> str:
-    for cls, kind in ((LlavaForConditionalGeneration, "llava"), (LlamaForCausalLM, "llama"),
-                      (CLIPVisionModel, "clip")):
-        if isinstance(model, cls):
-            return kind
-    raise TypeError(f"to_hf: cannot export a {type(model).__name__} (expected LlavaForConditionalGeneration, "
-                    f"LlamaForCausalLM or CLIPVisionModel)")
+__all__ = ["to_hf", "add_image_token", "check_stacked", "model_tensors", "tensor_specs", "IMAGE_TOKEN",
+           "CLIP_MEAN", "CLIP_STD"]
 
 
-def _hf_config(model: nnx.Module, kind: str) -> dict:
+def check_stacked(model: nnx.Module, what: str) -> None:
+    """Raises TypeError when the model's repeated layers are unstacked (the decode layout of `load_model` and
+    `Generator`), whose parameter names no conversion table knows."""
+    for path, _ in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        keys = [str(k) for k in path]
+        if "layers" in keys[:-1] and keys[keys.index("layers") + 1].isdigit():
+            raise TypeError(f"{what}: the model has per-layer weight buffers (the decode layout of load_model / "
+                            "Generator); export a model from convert (from_hf, load, ...) or from training")
+
+
+def model_tensors(model: nnx.Module) -> dict[str, Callable[[], np.ndarray]]:
+    """{Hugging Face name: thunk producing that tensor on the host}; stacked leaves are sliced lazily."""
+    leaves = _leaves(model)
+    out = {}
+    for name, (path, layer) in param_names.hf_names(model).items():
+        var = leaves[path]
+        if layer is None:
+            out[name] = lambda var=var: np.asarray(jax.device_get(var.get_value()))
+        else:
+            out[name] = lambda var=var, layer=layer: np.asarray(jax.device_get(var.get_value()[layer]))
+    return out
+
+
+def tensor_specs(model: nnx.Module) -> dict[str, jax.ShapeDtypeStruct]:
+    """{Hugging Face name: shape and dtype} without touching the values."""
+    leaves = _leaves(model)
+    out = {}
+    for name, (path, layer) in param_names.hf_names(model).items():
+        value = leaves[path].get_value()
+        shape = value.shape if layer is None else value.shape[1:]
+        out[name] = jax.ShapeDtypeStruct(shape, value.dtype)
+    return out
+
+
+def _hf_config(model: nnx.Module, family: families.Family) -> dict:
     """Our config -> Hugging Face config dict (with architectures and dtype)."""
-    cfg = model.config
-    if kind == "llava":
-        d, arch = llava_config_to_hf(cfg), "LlavaForConditionalGeneration"
-        d["text_config"] = {k: v for k, v in d["text_config"].items() if k != "architectures"}
-    elif kind == "llama":
-        d = llama_config_to_hf(cfg)
-        arch = {"mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}.get(d.get("model_type"),
-                                                                                 "LlamaForCausalLM")
-    else:
-        d, arch = clip_config_to_hf(cfg), "CLIPVisionModel"
-    param_dtype = cfg.text.param_dtype if kind == "llava" else cfg.param_dtype
-    return {**d, "architectures": [arch], "dtype": jnp.dtype(param_dtype).name}
-
-
-def _text_config_dict(hf_config: dict, kind: str) -> dict:
-    return hf_config["text_config"] if kind == "llava" else hf_config
+    return {**family.config_to_hf(model.config), "dtype": jnp.dtype(family.param_dtype(model.config)).name}
 
 
 def _write_hf_config(hf_config: dict, path: Path) -> None:
@@ -87,28 +97,6 @@ def add_image_token(tokenizer, image_token_index: int):
     return tokenizer
 
 
-def _default_image_processor(vision_cfg):
-    """CLIPImageProcessor of OpenAI CLIP at the tower's resolution (resize shortest side, center crop)."""
-    size = vision_cfg.image_size
-    return transformers.CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-                              do_resize=True, do_center_crop=True, resample=3, do_rescale=True,
-                              rescale_factor=1 / 255, do_normalize=True, image_mean=list(CLIP_MEAN),
-                              image_std=list(CLIP_STD), do_convert_rgb=True)
-
-
-def _load_image_processor(image_processor, vision_cfg):
-    if image_processor is None:
-        return _default_image_processor(vision_cfg)
-    if isinstance(image_processor, (str, os.PathLike)):
-        image_processor = transformers.AutoImageProcessor.from_pretrained(str(image_processor),
-                                                                           trust_remote_code=False)
-    crop = getattr(image_processor, "crop_size", None) or {}
-    if crop and (crop.get("height"), crop.get("width")) != (vision_cfg.image_size,) * 2:
-        raise ValueError(f"image processor: crop size {crop} does not match the vision tower's image_size "
-                         f"{vision_cfg.image_size}")
-    return image_processor
-
-
 def to_hf(model: nnx.Module, path: str | os.PathLike, tokenizer=None, image_processor=None,
           max_shard_size: int | str = "5GB", chat_template: str | None = None) -> Path:
     """Exports a model to a Hugging Face folder, streaming tensors shard by shard.
@@ -133,43 +121,34 @@ def to_hf(model: nnx.Module, path: str | os.PathLike, tokenizer=None, image_proc
       export is refused (FileExistsError).
     """
     path = Path(path)
-    kind = _model_kind(model)
+    family = families.of_model(model)
     check_stacked(model, "to_hf")
-    hf_config = _hf_config(model, kind)
+    hf_config = _hf_config(model, family)
     tensors, specs = model_tensors(model), tensor_specs(model)
-    tok = _load_tokenizer(tokenizer) if tokenizer is not None else None
-    if tok is not None and kind != "clip":
-        if kind == "llava":
+    tok = _load_tokenizer(tokenizer) if tokenizer is not None and family.decoder is not None else None
+    if tok is not None:
+        if family.image_token:
             add_image_token(tok, model.config.image_token_index)
         if chat_template is not None:
             tok.chat_template = chat_template
-        text = _text_config_dict(hf_config, kind)
-        grow = len(tok) - text["vocab_size"]
-        if grow > 0:
-            prefix = "language_model." if kind == "llava" else ""
-            for name, pad in vocab_transforms(prefix, grow, text.get("tie_word_embeddings", False)).items():
-                tensors[name] = (lambda thunk, pad: lambda: pad(thunk()))(tensors[name], pad)
-                shape = specs[name].shape
-                specs[name] = type(specs[name])((shape[0] + grow,) + tuple(shape[1:]), specs[name].dtype)
-            text["vocab_size"] = len(tok)
+        decoder = family.decoder
+        _fit_vocab(tensors, specs, hf_config[decoder.hf_key] if decoder.hf_key else hf_config, decoder.prefix,
+                   len(tok))
     with replaced_directory(path) as tmp:  # a previous export at `path` is replaced whole, or left intact
         write_safetensors(tensors, specs, tmp, max_shard_size=max_shard_size)
         _write_hf_config(hf_config, tmp)
-        _write_preprocessing(model, kind, tmp, tok, image_processor, chat_template)
+        family.write_preprocessing(model, tmp, tok, image_processor, chat_template)
     return path
 
 
-def _write_preprocessing(model, kind: str, path: Path, tokenizer, image_processor, chat_template) -> None:
-    if kind == "llama":
-        if tokenizer is not None:
-            tokenizer.save_pretrained(path)
+def _fit_vocab(tensors: dict, specs: dict, text_config: dict, prefix: str, vocab: int) -> None:
+    """Pads embed_tokens (and an untied lm_head) with mean rows, in place, when the tokenizer's `vocab`
+    outgrows the decoder's vocab_size; the config's vocab_size follows."""
+    grow = vocab - text_config["vocab_size"]
+    if grow <= 0:
         return
-    vision_cfg = model.config.vision if kind == "llava" else model.config
-    processor = _load_image_processor(image_processor, vision_cfg)
-    if kind == "clip" or tokenizer is None:
-        processor.save_pretrained(path)
-        return
-    transformers.LlavaProcessor(image_processor=processor, tokenizer=tokenizer, patch_size=vision_cfg.patch_size,
-                   vision_feature_select_strategy=model.config.vision_feature_select_strategy,
-                   chat_template=chat_template, image_token=IMAGE_TOKEN,
-                   num_additional_image_tokens=1).save_pretrained(path)
+    for name, pad in vocab_transforms(prefix, grow, text_config.get("tie_word_embeddings", False)).items():
+        tensors[name] = (lambda thunk, pad: lambda: pad(thunk()))(tensors[name], pad)
+        shape = specs[name].shape
+        specs[name] = jax.ShapeDtypeStruct((shape[0] + grow,) + tuple(shape[1:]), specs[name].dtype)
+    text_config["vocab_size"] = vocab

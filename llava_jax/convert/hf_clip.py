@@ -8,10 +8,13 @@ the vision tower does not use.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any, Mapping
 
 import transformers
 
+from llava_jax.data.images import CLIP_MEAN, CLIP_STD
 from llava_jax.models.clip_vit import CLIPVisionConfig
 
 _VISION_MODULES = ("embeddings.", "pre_layrnorm.", "encoder.", "post_layernorm.")
@@ -51,6 +54,11 @@ def clip_config_to_hf(cfg: CLIPVisionConfig) -> dict:
     return {"model_type": "clip_vision_model", **d, "projection_dim": 768, "attention_dropout": 0.0}
 
 
+def clip_hf_config(cfg: CLIPVisionConfig) -> dict:
+    """config.json of an exported CLIPVisionModel."""
+    return {**clip_config_to_hf(cfg), "architectures": ["CLIPVisionModel"]}
+
+
 def clip_tensor_name_to_ours(name: str) -> str | None:
     """A Hugging Face CLIP tensor name -> our name; None for tensors outside the vision tower.
 
@@ -74,3 +82,32 @@ def clip_tensors_to_ours(tensors: Mapping[str, Any]) -> dict[str, Any]:
         if ours is not None:
             out[ours] = value
     return out
+
+
+def _default_image_processor(vision_cfg: CLIPVisionConfig) -> transformers.CLIPImageProcessor:
+    """CLIPImageProcessor of OpenAI CLIP at the tower's resolution (resize shortest side, center crop)."""
+    size = vision_cfg.image_size
+    return transformers.CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
+                                           do_resize=True, do_center_crop=True, resample=3, do_rescale=True,
+                                           rescale_factor=1 / 255, do_normalize=True, image_mean=list(CLIP_MEAN),
+                                           image_std=list(CLIP_STD), do_convert_rgb=True)
+
+
+def clip_image_processor(image_processor, vision_cfg: CLIPVisionConfig):
+    """The image processor an export writes: `image_processor` (a folder or a transformers image processor)
+    checked against the tower's resolution, or CLIP's default at that resolution when None."""
+    if image_processor is None:
+        return _default_image_processor(vision_cfg)
+    if isinstance(image_processor, (str, os.PathLike)):
+        image_processor = transformers.AutoImageProcessor.from_pretrained(str(image_processor),
+                                                                           trust_remote_code=False)
+    crop = getattr(image_processor, "crop_size", None) or {}
+    if crop and (crop.get("height"), crop.get("width")) != (vision_cfg.image_size,) * 2:
+        raise ValueError(f"image processor: crop size {crop} does not match the vision tower's image_size "
+                         f"{vision_cfg.image_size}")
+    return image_processor
+
+
+def write_clip_preprocessing(model, path: Path, tokenizer, image_processor, chat_template) -> None:
+    """preprocessor_config.json of a CLIP tower export (a tokenizer has no place in it)."""
+    clip_image_processor(image_processor, model.config).save_pretrained(path)

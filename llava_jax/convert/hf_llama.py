@@ -6,6 +6,7 @@ The parameter names need no table: `llava_jax.models.llama` mirrors transformers
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Mapping
 
 import transformers
@@ -15,6 +16,11 @@ from llava_jax.models.llama import LlamaConfig
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 _ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 _RUNTIME_FIELDS = ("dtype", "param_dtype", "scan_layers", "remat", "attention_impl")
+
+
+def llama_tensor_name_to_ours(name: str) -> str | None:
+    """Checkpoint names are ours already; rotary caches old checkpoints carry are skipped."""
+    return None if name.endswith(".rotary_emb.inv_freq") else name
 
 
 def _as_hf_config(hf_config: Mapping[str, Any] | transformers.PretrainedConfig) -> transformers.PretrainedConfig:
@@ -123,3 +129,9 @@ def llama_config_to_hf(cfg: LlamaConfig) -> dict[str, Any]:
     if model_type == "qwen2":
         d.update(use_sliding_window=False, sliding_window=None)
     return d
+
+
+def write_llama_preprocessing(model, path: Path, tokenizer, image_processor, chat_template) -> None:
+    """A decoder export holds its tokenizer (when given) and nothing else to preprocess with."""
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)

@@ -9,11 +9,14 @@ Our parameter names are the classic on-disk layout of transformers' LlavaForCond
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any, Mapping
 
 import transformers
 
-from llava_jax.convert.hf_clip import clip_config_from_hf, clip_config_to_hf, clip_tensor_name_to_ours
+from llava_jax.convert.hf_clip import (clip_config_from_hf, clip_config_to_hf, clip_image_processor,
+                                       clip_tensor_name_to_ours)
+from llava_jax.data.conversation import IMAGE_TOKEN
 from llava_jax.convert.hf_llama import llama_config_from_hf, llama_config_to_hf
 from llava_jax.models.llava import LlavaConfig
 from llava_jax.models.projector import num_linears
@@ -154,3 +157,24 @@ def llava_config_to_hf(cfg: LlavaConfig) -> dict:
         num_linears(cfg.projector)  # validates
         d["projector_type"] = cfg.projector
     return d
+
+
+def llava_hf_config(cfg: LlavaConfig) -> dict:
+    """config.json of an exported LlavaForConditionalGeneration (the decoder's architectures left out)."""
+    d = llava_config_to_hf(cfg)
+    return {**d, "text_config": {k: v for k, v in d["text_config"].items() if k != "architectures"}}
+
+
+def write_llava_preprocessing(model, path: Path, tokenizer, image_processor, chat_template) -> None:
+    """preprocessor_config.json (CLIP's at the tower's resolution unless `image_processor` is given); with a
+    tokenizer also the tokenizer files and processor_config.json (LlavaProcessor: patch size, select strategy,
+    num_additional_image_tokens=1 for the CLS token)."""
+    cfg = model.config
+    processor = clip_image_processor(image_processor, cfg.vision)
+    if tokenizer is None:
+        processor.save_pretrained(path)
+        return
+    transformers.LlavaProcessor(image_processor=processor, tokenizer=tokenizer, patch_size=cfg.vision.patch_size,
+                                vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+                                chat_template=chat_template, image_token=IMAGE_TOKEN,
+                                num_additional_image_tokens=1).save_pretrained(path)

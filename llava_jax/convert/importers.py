@@ -15,11 +15,7 @@ from flax import nnx
 from llava_jax.convert import hf_original
 from llava_jax.convert.build import load_params, plan_sources, vocab_transforms, with_runtime
 from llava_jax.convert.checkpoint_io import CheckpointError, CheckpointReader, read_config
-from llava_jax.convert.hf_clip import clip_config_from_hf, clip_tensor_name_to_ours
-from llava_jax.convert.hf_llama import SUPPORTED_MODEL_TYPES, llama_config_from_hf
-from llava_jax.convert.hf_llava import llava_config_from_hf, llava_tensor_name_to_ours
-from llava_jax.models.clip_vit import CLIPVisionModel
-from llava_jax.models.llama import LlamaForCausalLM
+from llava_jax.convert.families import CLIP, LLAMA, Family, of_hf_config
 from llava_jax.models.llava import LlavaConfig, LlavaForConditionalGeneration
 
 def _dtypes(reader: CheckpointReader, dtype, param_dtype) -> dict:
@@ -27,18 +23,14 @@ def _dtypes(reader: CheckpointReader, dtype, param_dtype) -> dict:
     return {"param_dtype": jnp.dtype(param_dtype), "dtype": jnp.dtype(dtype or param_dtype)}
 
 
-def _ignore_tied_head(name: str) -> bool:
-    # Some tied-embedding checkpoints also store lm_head.weight; transformers ignores it too.
-    return name.endswith("lm_head.weight")
-
-
 def from_hf(path: str | os.PathLike, dtype=None, param_dtype=None, mesh=None, **runtime) -> nnx.Module:
     """Imports a Hugging Face checkpoint folder, detecting what it holds from config.json.
 
-    - model_type 'llava' -> LlavaForConditionalGeneration (classic, 4.52+ and 5.x tensor layouts);
     - an original LLaVA config (`mm_*` fields) -> `from_original_llava(path)`;
-    - 'clip_vision_model' / 'clip' -> CLIPVisionModel (vision part only);
-    - a LLaMA-family causal LM -> LlamaForCausalLM.
+    - otherwise the row of `convert.families` that claims its model_type (or, for LLaMA-family causal LMs,
+      its architectures): 'llava' -> LlavaForConditionalGeneration (classic, 4.52+ and 5.x tensor layouts),
+      'clip_vision_model' / 'clip' -> CLIPVisionModel (vision part only), llama / mistral / qwen2 ->
+      LlamaForCausalLM.
     Args:
       dtype, param_dtype: see the module docstring. runtime: scan_layers, remat.
       mesh: a `jax.sharding.Mesh`; each parameter is placed directly in its sharding (logical axis rules of
@@ -50,50 +42,25 @@ def from_hf(path: str | os.PathLike, dtype=None, param_dtype=None, mesh=None, **
     config = read_config(path)
     if hf_original.is_original_llava(config):
         return from_original_llava(path, dtype=dtype, param_dtype=param_dtype, mesh=mesh, **runtime)
-    model_type = config.get("model_type")
-    if model_type == "llava":
-        return _import_llava(path, config, dtype, param_dtype, mesh, runtime)
-    if model_type in ("clip", "clip_vision_model"):
-        return _import_clip(path, config, dtype, param_dtype, mesh, runtime)
-    if model_type in SUPPORTED_MODEL_TYPES or any(a.endswith("ForCausalLM") for a in config.get("architectures") or ()):
-        return _import_llama(path, config, dtype, param_dtype, mesh, runtime)
-    raise CheckpointError(f"{path / 'config.json'}: unknown model_type {model_type!r} / architectures "
-                          f"{config.get('architectures')}; expected a LLaVA, CLIP or LLaMA-family checkpoint")
+    family = of_hf_config(config)
+    if family is None:
+        raise CheckpointError(f"{path / 'config.json'}: unknown model_type {config.get('model_type')!r} / "
+                              f"architectures {config.get('architectures')}; expected a LLaVA, CLIP or "
+                              f"LLaMA-family checkpoint")
+    with CheckpointReader(path) as reader:
+        cfg = _config(family, path, config, **_dtypes(reader, dtype, param_dtype), **runtime)
+        create = lambda: family.model(cfg, rngs=nnx.Rngs(0))
+        sources = plan_sources(nnx.eval_shape(create), reader, _checked(reader, family.rename), ignore=family.ignore)
+        return load_params(create, sources, mesh=mesh)
 
 
-def _llama_config(path: Path, config: dict, **runtime):
+def _config(family: Family, path: Path, config: dict, **runtime):
+    """Our config of a family from a Hugging Face config dict, with runtime fields; errors name the file."""
     try:
-        cfg = llama_config_from_hf(config)
+        cfg = family.config_from_hf(config)
     except (ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path / 'config.json'}: {e}") from e
     return with_runtime(cfg, **runtime)
-
-
-def _clip_config(path: Path, config: dict, **runtime):
-    try:
-        return with_runtime(clip_config_from_hf(config), **runtime)
-    except (ValueError, KeyError, TypeError) as e:
-        raise CheckpointError(f"{path / 'config.json'}: {e}") from e
-
-
-def _import_llama(path, config, dtype, param_dtype, mesh, runtime):
-    with CheckpointReader(path) as reader:
-        cfg = _llama_config(path, config, **_dtypes(reader, dtype, param_dtype), **runtime)
-        create = lambda: LlamaForCausalLM(cfg, rngs=nnx.Rngs(0))
-        sources = plan_sources(nnx.eval_shape(create), reader, _skip_buffers, ignore=_ignore_tied_head)
-        return load_params(create, sources, mesh=mesh)
-
-
-def _skip_buffers(name: str) -> str | None:
-    return None if name.endswith(".rotary_emb.inv_freq") else name
-
-
-def _import_clip(path, config, dtype, param_dtype, mesh, runtime):
-    with CheckpointReader(path) as reader:
-        cfg = _clip_config(path, config, **_dtypes(reader, dtype, param_dtype), **runtime)
-        create = lambda: CLIPVisionModel(cfg, rngs=nnx.Rngs(0))
-        sources = plan_sources(nnx.eval_shape(create), reader, _checked(reader, clip_tensor_name_to_ours))
-        return load_params(create, sources, mesh=mesh)
 
 
 def _checked(reader: CheckpointReader, rename: Callable[[str], str | None]) -> Callable[[str], str | None]:
@@ -106,23 +73,6 @@ def _checked(reader: CheckpointReader, rename: Callable[[str], str | None]) -> C
             raise CheckpointError(f"{reader.file_of(name)}: {e}") from e
 
     return wrapped
-
-
-def _import_llava(path, config, dtype, param_dtype, mesh, runtime):
-    with CheckpointReader(path) as reader:
-        try:
-            cfg = llava_config_from_hf(config)
-        except (ValueError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{path / 'config.json'}: {e}") from e
-        cfg = with_runtime(cfg, **_dtypes(reader, dtype, param_dtype), **runtime)
-        create = lambda: LlavaForConditionalGeneration(cfg, rngs=nnx.Rngs(0))
-        sources = plan_sources(nnx.eval_shape(create), reader, _checked(reader, _skip(llava_tensor_name_to_ours)),
-                               ignore=_ignore_tied_head)
-        return load_params(create, sources, mesh=mesh)
-
-
-def _skip(rename):
-    return lambda name: None if name.endswith(".rotary_emb.inv_freq") else rename(name)
 
 def _round_up(n: int, multiple: int | None) -> int:
     return n if not multiple else -(-n // multiple) * multiple
@@ -163,16 +113,17 @@ def from_clip_and_llm(clip_path: str | os.PathLike, llm_path: str | os.PathLike,
     clip_config, llm_config = read_config(clip_path), read_config(llm_path)
     with CheckpointReader(clip_path) as clip, CheckpointReader(llm_path) as llm:
         dtypes = _dtypes(llm, dtype, param_dtype)
-        vision = _clip_config(clip_path, clip_config, **dtypes, **runtime)
-        text, image_token_index, grow = _grow_vocab(_llama_config(llm_path, llm_config, **dtypes, **runtime),
+        vision = _config(CLIP, clip_path, clip_config, **dtypes, **runtime)
+        text, image_token_index, grow = _grow_vocab(_config(LLAMA, llm_path, llm_config, **dtypes, **runtime),
                                                     image_token_index, pad_vocab_to_multiple_of)
         cfg = _make_llava_config(vision, text, projector=projector, image_token_index=image_token_index,
                                  vision_feature_layer=vision_feature_layer,
                                  vision_feature_select_strategy=vision_feature_select_strategy)
         create = lambda: LlavaForConditionalGeneration(cfg, rngs=nnx.Rngs(seed))
         abstract = nnx.eval_shape(create)
-        sources = {**plan_sources(abstract, clip, _checked(clip, clip_tensor_name_to_ours), prefix="vision_tower."),
-                   **plan_sources(abstract, llm, _skip_buffers, prefix="language_model.", ignore=_ignore_tied_head)}
+        sources = {**plan_sources(abstract, clip, _checked(clip, CLIP.rename), prefix="vision_tower."),
+                   **plan_sources(abstract, llm, _checked(llm, LLAMA.rename), prefix="language_model.",
+                                  ignore=LLAMA.ignore)}
         return load_params(create, sources, fresh=lambda n: n.startswith("multi_modal_projector."),
                            transform=vocab_transforms("language_model.", grow, text.tie_word_embeddings),
                            mesh=mesh)
@@ -205,13 +156,13 @@ def from_original_llava(path: str | os.PathLike, clip_path: str | os.PathLike | 
                                   f"named by mm_vision_tower={config.get('mm_vision_tower')!r}")
         dtypes = _dtypes(reader, dtype, param_dtype)
         if clip_path is not None:
-            vision = _clip_config(Path(clip_path), read_config(clip_path), **dtypes, **runtime)
+            vision = _config(CLIP, Path(clip_path), read_config(clip_path), **dtypes, **runtime)
         else:
             shapes = {o: reader.shape(n) for o, n in ours.items() if o.startswith("vision_tower.")}
-            vision = with_runtime(clip_config_from_hf(hf_original.vision_config_from_tensors(shapes)), **dtypes,
+            vision = with_runtime(CLIP.config_from_hf(hf_original.vision_config_from_tensors(shapes)), **dtypes,
                                   **runtime)
         text, image_token_index, grow = _grow_vocab(
-            _llama_config(path, hf_original.text_config(config), **dtypes, **runtime), image_token_index,
+            _config(LLAMA, path, hf_original.text_config(config), **dtypes, **runtime), image_token_index,
             pad_vocab_to_multiple_of)
         projector = hf_original.projector_type(config)
         cfg = _make_llava_config(vision, text, projector=projector, image_token_index=image_token_index,
@@ -219,10 +170,10 @@ def from_original_llava(path: str | os.PathLike, clip_path: str | os.PathLike | 
                                  vision_feature_select_strategy=hf_original.feature_strategy(config))
         create = lambda: LlavaForConditionalGeneration(cfg, rngs=nnx.Rngs(0))
         abstract = nnx.eval_shape(create)
-        sources = plan_sources(abstract, reader, rename, ignore=_ignore_tied_head)
+        sources = plan_sources(abstract, reader, rename, ignore=LLAMA.ignore)
         if not has_tower:
             with CheckpointReader(clip_path) as clip:
-                sources.update(plan_sources(abstract, clip, _checked(clip, clip_tensor_name_to_ours),
+                sources.update(plan_sources(abstract, clip, _checked(clip, CLIP.rename),
                                             prefix="vision_tower."))
                 return load_params(create, sources, mesh=mesh,
                                    transform=vocab_transforms("language_model.", grow, text.tie_word_embeddings))

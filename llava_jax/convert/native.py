@@ -17,23 +17,19 @@ from flax import nnx
 
 from llava_jax.atomic_files import replaced_directory
 from llava_jax.convert.checkpoint_io import CheckpointError, read_json
-from llava_jax.convert.build import (_flat, _is_abstract, _leaves, _place, check_stacked, fresh_leaves, leaf_shardings,
-                                     with_runtime)
-from llava_jax.models.clip_vit import CLIPVisionConfig, CLIPVisionModel
-from llava_jax.models.llama import LlamaConfig, LlamaForCausalLM
-from llava_jax.models.llava import LlavaConfig, LlavaForConditionalGeneration
+from llava_jax.convert.build import _flat, _is_abstract, _leaves, _place, fresh_leaves, leaf_shardings, with_runtime
+from llava_jax.convert.export import check_stacked
+from llava_jax.convert.families import FAMILIES
 from llava_jax.sharding import state_shardings
 
 MODEL_JSON = "model.json"
 PARAMS_DIR = "params"
 
-# The only types model.json may name (by "module:qualname", as `save` writes them); nothing named by the
-# file is ever imported or called.
-MODEL_TYPES = {f"{c.__module__}:{c.__qualname__}": c
-               for c in (LlavaForConditionalGeneration, LlamaForCausalLM, CLIPVisionModel)}
-CONFIG_TYPES = {f"{c.__module__}:{c.__qualname__}": c for c in (LlavaConfig, LlamaConfig, CLIPVisionConfig)}
-_CONFIG_OF = {LlavaForConditionalGeneration: LlavaConfig, LlamaForCausalLM: LlamaConfig,
-              CLIPVisionModel: CLIPVisionConfig}
+# The only types model.json may name (by "module:qualname", as `save` writes them): the model and config
+# classes of the families table, fixed in code; nothing named by the file is ever imported or called.
+MODEL_TYPES = {f"{f.model.__module__}:{f.model.__qualname__}": f.model for f in FAMILIES}
+CONFIG_TYPES = {f"{f.config.__module__}:{f.config.__qualname__}": f.config for f in FAMILIES}
+_CONFIG_OF = {f.model: f.config for f in FAMILIES}
 DTYPES = ("float32", "bfloat16", "float16", "float64", "int8", "int16", "int32", "int64", "uint8", "bool")
 
 
