@@ -7,9 +7,9 @@ the model's image merge (k-th image group of the row <- k-th image of the row) p
 in its own segment. The packer's state (its parent's position at the start of the current window and the
 rows of it already emitted) is part of the pipeline state, so a resumed run continues at the exact next row.
 
-A packed row: input_ids, labels (-100 on padding), segment_ids (1, 2, ... per sample; 0 = padding),
-positions (restarting at 0 per sample), attention_mask (segment_ids > 0) [L]; pixel_values [I, 3, S, S]
-and image_mask [I].
+A packed row holds the fields of `llava_jax.data.batch` without the rows axis: input_ids, labels (-100 on
+padding), segment_ids (1, 2, ... per sample; 0 = padding), positions (restarting at 0 per sample),
+attention_mask (segment_ids > 0) [L]; pixel_values [I, 3, S, S] and image_mask [I].
 
 `python -m llava_jax.data.packing` measures real tokens per computed token on a synthetic mix665k-like
 length mix, for length bucketing (the unpacked pipeline) and for packing.
@@ -25,7 +25,7 @@ from typing import Any, Mapping
 import grain
 import numpy as np
 
-from llava_jax.data.tokenize import IGNORE_INDEX
+from llava_jax.data import batch as batch_spec
 
 METHODS = ("none", "first_fit", "best_fit")
 
@@ -131,13 +131,10 @@ def pack_window(examples: list[Mapping[str, Any]], *, method: str, length: int, 
     """Packed rows (module doc) of `examples`; the samples of a row appear in the order they were placed."""
     lengths = np.asarray([len(e["input_ids"]) for e in examples])
     images = np.asarray([len(e["pixel_values"]) for e in examples])
-    pixel_shape = np.shape(examples[0]["pixel_values"])[1:]
+    layout = batch_spec.Layout(None, length, max_images, np.shape(examples[0]["pixel_values"])[1:], packed=True)
     out = []
     for members in assign_rows(lengths, images, method=method, length=length, max_images=max_images):
-        row = {"input_ids": np.full(length, pad_token_id, np.int32), "labels": np.full(length, IGNORE_INDEX, np.int32),
-               "segment_ids": np.zeros(length, np.int32), "positions": np.zeros(length, np.int32),
-               "pixel_values": np.zeros((max_images, *pixel_shape), np.float32),
-               "image_mask": np.zeros(max_images, bool)}
+        row = batch_spec.empty(layout, pad_token_id)
         start = image = 0
         for segment, i in enumerate(members, start=1):
             e, n, k = examples[i], lengths[i], images[i]
@@ -189,14 +186,12 @@ class LengthMix:
 def bucketing_efficiency(lengths: np.ndarray, batch: int, buckets: tuple[int, ...]) -> float:
     """Real / computed tokens when every batch of `batch` consecutive samples is padded to the smallest
     bucket holding its longest sample (the unpacked pipeline)."""
-    from llava_jax.data.pipeline import bucket_length
-
     n = len(lengths) // batch * batch
     real = computed = 0
     for start in range(0, n, batch):
         chunk = lengths[start:start + batch]
         real += int(chunk.sum())
-        computed += batch * bucket_length(int(chunk.max()), buckets)
+        computed += batch * batch_spec.bucket_length(int(chunk.max()), buckets)
     return real / computed
 
 

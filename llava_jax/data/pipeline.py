@@ -38,6 +38,9 @@ from typing import Any, NamedTuple
 import grain
 import numpy as np
 
+from llava_jax.data import batch as batch_spec
+from llava_jax.data import packing
+from llava_jax.data.batch import bucket_length  # noqa: F401  (re-exported)
 from llava_jax.data.errors import BadSample, DataFileError
 from llava_jax.data.grouping import group_by_modality_length
 from llava_jax.data.tokenize import IGNORE_INDEX
@@ -133,10 +136,8 @@ class PipelineConfig:
             raise ValueError(f"PipelineConfig.max_bad_in_row must be >= 1, got {self.max_bad_in_row}")
         if self.num_epochs is not None and self.num_epochs <= 0:
             raise ValueError(f"PipelineConfig.num_epochs must be positive or None, got {self.num_epochs}")
-        from llava_jax.data.packing import METHODS
-
-        if self.packing not in METHODS:
-            raise ValueError(f"PipelineConfig.packing {self.packing!r} is not one of {METHODS}")
+        if self.packing not in packing.METHODS:
+            raise ValueError(f"PipelineConfig.packing {self.packing!r} is not one of {packing.METHODS}")
         object.__setattr__(self, "pack_length", self.pack_length or buckets[-1])
         object.__setattr__(self, "max_images_per_row", self.max_images_per_row or self.max_images_per_sample)
         if self.packing != "none" and (self.pack_length < self.max_length or self.pack_window <= 0
@@ -375,32 +376,19 @@ class BadSampleCounter:
         self.first_ids = {k: list(v) for k, v in state["first_ids"].items()}
 
 
-def bucket_length(length: int, buckets: Sequence[int]) -> int:
-    """The smallest bucket >= length."""
-    for bucket in buckets:
-        if bucket >= length:
-            return bucket
-    raise ValueError(f"length {length} exceeds the largest length bucket {buckets[-1]}")
-
-
 def collate(examples: Sequence[dict], *, buckets: Sequence[int], pad_token_id: int, max_images: int,
-            image_size: int) -> dict[str, np.ndarray]:
-    """Right-pads examples into one batch of static shape.
+            image_size: int, rows: int | None = None) -> dict[str, np.ndarray]:
+    """Right-pads examples into one batch of static shape (the fields of `llava_jax.data.batch`).
 
     Returns:
       input_ids int32 [b, T], labels int32 [b, T] (-100 on padding), attention_mask int32 [b, T],
       pixel_values float32 [b, I, 3, S, S] (zeros in empty slots), image_mask bool [b, I];
-      T = the smallest bucket holding the longest example, I = max_images.
+      T = the smallest bucket holding the longest example, I = max_images, b = `rows` (padding rows after
+      the examples; default len(examples)).
     """
-    b = len(examples)
     t = bucket_length(max(len(e["input_ids"]) for e in examples), buckets)
-    batch = {
-        "input_ids": np.full((b, t), pad_token_id, np.int32),
-        "labels": np.full((b, t), IGNORE_INDEX, np.int32),
-        "attention_mask": np.zeros((b, t), np.int32),
-        "pixel_values": np.zeros((b, max_images, 3, image_size, image_size), np.float32),
-        "image_mask": np.zeros((b, max_images), bool),
-    }
+    layout = batch_spec.Layout(len(examples) if rows is None else rows, t, max_images, (3, image_size, image_size))
+    batch = batch_spec.empty(layout, pad_token_id)
     for row, example in enumerate(examples):
         n = len(example["input_ids"])
         batch["input_ids"][row, :n] = example["input_ids"]
@@ -583,8 +571,6 @@ def make_train_iterator(config: PipelineConfig, tokenizer=None, *, process_index
                                      max_images=config.max_images_per_sample, image_size=config.image_size)
         dataset = dataset.filter(counter).batch(rows, drop_remainder=True, batch_fn=batch_fn)
     else:
-        from llava_jax.data import packing
-
         dataset = packing.pack(dataset.filter(counter), method=config.packing, length=config.pack_length,
                                max_images=config.max_images_per_row, window=config.pack_window,
                                seed=config.seed + process_index, pad_token_id=pad_token_id)

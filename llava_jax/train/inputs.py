@@ -12,6 +12,7 @@ import ml_collections as mlc
 import numpy as np
 
 from llava_jax import sharding
+from llava_jax.data import batch as batch_spec
 from llava_jax.data import synthetic
 from llava_jax.data.images import ImageConfig
 from llava_jax.data.pipeline import PipelineConfig, make_train_iterator
@@ -119,9 +120,7 @@ def common_length(local: dict, pad_token_id: int) -> dict:
     target = int(np.max(multihost_utils.process_allgather(np.int32(length))))
     if target == length:
         return local
-    fill = {"input_ids": pad_token_id, "labels": step_lib.IGNORE_INDEX, "attention_mask": 0}
-    return {k: np.pad(v, ((0, 0), (0, target - length)), constant_values=fill[k]) if k in fill else v
-            for k, v in local.items()}
+    return batch_spec.pad_tokens(local, target, pad_token_id)
 
 
 def pad_token_id(tokenizer) -> int:

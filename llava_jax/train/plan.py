@@ -23,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from llava_jax import sharding
+from llava_jax.data import batch as batch_spec
 from llava_jax.train import model_init, recipes
 from llava_jax.train import optimizer as opt
 from llava_jax.train import step as step_lib
@@ -178,16 +179,12 @@ def batch_layout(c: mlc.ConfigDict) -> tuple[int, int, int]:
 
 
 def abstract_batch(c: mlc.ConfigDict, cfg, mesh) -> dict:
-    """A global batch in `batch_layout`, with segment ids and positions when packed."""
+    """A global batch in `batch_layout` (the fields of `llava_jax.data.batch`), sharded over the batch axes."""
     b, t, images = batch_layout(c)
     s = cfg.vision.image_size
-    shapes = {"input_ids": ((b, t), jnp.int32), "labels": ((b, t), jnp.int32),
-              "attention_mask": ((b, t), jnp.int32), "pixel_values": ((b, images, 3, s, s), jnp.float32),
-              "image_mask": ((b, images), jnp.bool_)}
-    if c.data.packing != "none":
-        shapes.update({name: ((b, t), jnp.int32) for name in step_lib.PACKED_INPUTS})
+    layout = batch_spec.Layout(b, t, images, (3, s, s), packed=c.data.packing != "none")
     return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))
-            for k, (shape, dtype) in shapes.items()}
+            for k, (shape, dtype) in batch_spec.shapes(layout).items()}
 
 
 def plan_step(c: mlc.ConfigDict, mesh: jax.sharding.Mesh) -> StepPlan:

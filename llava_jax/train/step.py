@@ -25,13 +25,13 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from llava_jax import sharding
-
+from llava_jax.data import batch as batch_spec
 from llava_jax.train import loss as loss_lib
 from llava_jax.train.loss import IGNORE_INDEX, token_cross_entropy  # noqa: F401  (re-exported)
 
 Batch = dict[str, jax.Array]
-# Batch entries passed to the model besides input_ids and the images: packed rows (`llava_jax.data.packing`).
-PACKED_INPUTS = ("segment_ids", "positions")
+# Batch entries passed to the model besides input_ids and the images: packed rows (`llava_jax.data.batch`).
+PACKED_INPUTS = batch_spec.PACKED_INPUTS
 
 
 @jax.tree_util.register_dataclass

@@ -1,0 +1,126 @@
+"""The batch contract: every field of a training batch with its axes, dtype and padding value.
+
+The collate function and the packer of the input pipeline build batches from it, `train.inputs.common_length`
+pads the token axis with its fill values, the planner lowers the step with its shapes and the train step
+passes its packed-only fields to the model. A batch is a dict of numpy arrays (jax.Arrays on the device):
+
+    field           axes                     dtype    padding
+    input_ids       rows, tokens             int32    the tokenizer's pad id
+    labels          rows, tokens             int32    -100 (no loss)
+    attention_mask  rows, tokens             int32    0
+    pixel_values    rows, images, pixels     float32  0
+    image_mask      rows, images             bool     False (empty image slot)
+    segment_ids     rows, tokens             int32    0 (packed only: 1, 2, ... per sample)
+    positions       rows, tokens             int32    0 (packed only: restart at 0 per sample)
+
+Axes: `rows` the batch rows (absent for the single row the packer builds), `tokens` T, `images` I (image
+slots of a row), `pixels` the shape of one preprocessed image (3, S, S). A row made of padding only (the
+last batch of a finite pass, see `data.pipeline`) is all fill values: no tokens attend, no label counts.
+
+A new field (say the token count of each image slot, for images of any resolution: axes (rows, images))
+is one more row of FIELDS and, for a new axis, one more size of `Layout`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from llava_jax.data.tokenize import IGNORE_INDEX
+
+PAD_TOKEN = "pad_token"  # fill value standing for the tokenizer's pad id
+
+
+@dataclasses.dataclass(frozen=True)
+class Field:
+    name: str
+    axes: tuple[str, ...]
+    dtype: type
+    fill: int | float | bool | str  # PAD_TOKEN: the pad id
+    packed_only: bool = False
+
+    def fill_value(self, pad_token_id: int):
+        return pad_token_id if self.fill == PAD_TOKEN else self.fill
+
+
+FIELDS = (
+    Field("input_ids", ("rows", "tokens"), np.int32, PAD_TOKEN),
+    Field("labels", ("rows", "tokens"), np.int32, IGNORE_INDEX),
+    Field("attention_mask", ("rows", "tokens"), np.int32, 0),
+    Field("pixel_values", ("rows", "images", "pixels"), np.float32, 0.0),
+    Field("image_mask", ("rows", "images"), np.bool_, False),
+    Field("segment_ids", ("rows", "tokens"), np.int32, 0, packed_only=True),
+    Field("positions", ("rows", "tokens"), np.int32, 0, packed_only=True),
+)
+# The fields the model takes besides input_ids and the images, present in packed batches only.
+PACKED_INPUTS = tuple(f.name for f in FIELDS if f.packed_only)
+TOKEN_FIELDS = tuple(f.name for f in FIELDS if "tokens" in f.axes)
+
+
+def fields(packed: bool) -> tuple[Field, ...]:
+    return tuple(f for f in FIELDS if packed or not f.packed_only)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """The sizes of a batch's axes: `rows` None for one row without the rows axis (a packed row)."""
+
+    rows: int | None
+    tokens: int
+    images: int
+    pixels: tuple[int, ...]
+    packed: bool = False
+
+    def shape(self, field: Field) -> tuple[int, ...]:
+        sizes = {"rows": () if self.rows is None else (self.rows,), "tokens": (self.tokens,),
+                 "images": (self.images,), "pixels": tuple(self.pixels)}
+        return tuple(size for axis in field.axes for size in sizes[axis])
+
+
+def shapes(layout: Layout) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """field -> (shape, dtype) of a batch in `layout`."""
+    return {f.name: (layout.shape(f), np.dtype(f.dtype)) for f in fields(layout.packed)}
+
+
+def empty(layout: Layout, pad_token_id: int) -> dict[str, np.ndarray]:
+    """A batch in `layout` made of padding only (every field at its fill value)."""
+    return {f.name: np.full(layout.shape(f), f.fill_value(pad_token_id), f.dtype) for f in fields(layout.packed)}
+
+
+def with_rows(rows: Sequence[Mapping[str, np.ndarray]], num_rows: int, layout: Layout,
+              pad_token_id: int) -> dict[str, np.ndarray]:
+    """Single rows (no rows axis) stacked into a batch of `num_rows`, padding rows after them."""
+    if len(rows) > num_rows:
+        raise ValueError(f"{len(rows)} rows do not fit a batch of {num_rows}")
+    batch = empty(dataclasses.replace(layout, rows=num_rows), pad_token_id)
+    for i, row in enumerate(rows):
+        for name, array in batch.items():
+            array[i] = row[name]
+    return batch
+
+
+def token_fill_values(pad_token_id: int) -> dict[str, int]:
+    """field -> padding value of every field with a token axis."""
+    return {f.name: f.fill_value(pad_token_id) for f in FIELDS if f.name in TOKEN_FIELDS}
+
+
+def pad_tokens(batch: Mapping[str, np.ndarray], length: int, pad_token_id: int) -> dict[str, np.ndarray]:
+    """Right-pads the token axis (the last) of every token field to `length`."""
+    fill = token_fill_values(pad_token_id)
+    return {k: np.pad(v, [(0, 0)] * (v.ndim - 1) + [(0, length - v.shape[-1])], constant_values=fill[k])
+            if k in fill else v for k, v in batch.items()}
+
+
+def padding_rows(batch: Mapping[str, np.ndarray]) -> np.ndarray:
+    """bool [rows]: the rows holding no sample (padding of a last, partial batch)."""
+    return ~np.asarray(batch["attention_mask"]).astype(bool).any(axis=-1)
+
+
+def bucket_length(length: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket >= length."""
+    for bucket in buckets:
+        if bucket >= length:
+            return bucket
+    raise ValueError(f"length {length} exceeds the largest length bucket {buckets[-1]}")
