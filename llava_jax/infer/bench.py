@@ -36,6 +36,7 @@ from flax import nnx
 
 from llava_jax import convert
 from llava_jax.convert.hf_llava import llava_config_to_hf
+from llava_jax.infer import decoding
 from llava_jax.infer import generate as gen_lib
 from llava_jax.models import clip_vit, llama
 from llava_jax.models.llava import PRESETS as LLAVA_PRESETS
@@ -172,7 +173,7 @@ def time_ours(model, rows, pixels, images: int, new_tokens: int, repeats: int) -
     key = jax.random.key(0)
 
     def prefill():
-        return gen_lib._prefill(gen.state, batch.ids, batch.mask, batch.pixels, batch.image_mask, batch.done, key,
+        return decoding.prefill(gen.state, batch.ids, batch.mask, batch.pixels, batch.image_mask, batch.done, key,
                                 params, static=static, cache_length=batch.ids.shape[1] + new_tokens,
                                 max_new_tokens=new_tokens)
 
@@ -182,7 +183,7 @@ def time_ours(model, rows, pixels, images: int, new_tokens: int, repeats: int) -
     def decode_time() -> float:
         carry = jax.block_until_ready(prefill())
         start = time.perf_counter()
-        carry = jax.block_until_ready(gen_lib._decode_loop(gen.state, carry, key, params, static=static))
+        carry = jax.block_until_ready(decoding.decode_loop(gen.state, carry, key, params, static=static))
         elapsed = time.perf_counter() - start
         assert (np.asarray(carry.lengths)[:len(rows)] == new_tokens).all()
         return elapsed

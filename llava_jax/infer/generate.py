@@ -1,4 +1,8 @@
-"""Batched text generation with a KV cache for LLaVA (and plain LLaMA-family) models.
+"""Batched text generation with a KV cache for LLaVA (and plain LLaMA-family) models: the `Generator` front.
+
+The pieces: `sampling` (next-token choice), `decoding` (the jitted prefill and decode loops, the buckets),
+`streaming` (stop strings, streamed text) and `loading` (`load_model`, `load_generator`); their public names are
+re-exported here.
 
     gen = Generator(model, tokenizer, template="llava_v1")
     gen.generate(["USER: <image>\\nWhat is shown? ASSISTANT:"], [[image]], max_new_tokens=64)
@@ -25,211 +29,33 @@ How a call runs:
   transformers.
 
 Loading: `load_model(path)` reads a Hugging Face folder, our `convert.save` format or a finished training
-workdir (through its `export_hf` folder) and picks the template (`default_template`).
+workdir (through its `export_hf` folder) and picks the template (`default_template`); `load_generator(path)`
+returns the `Generator` over it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import os
-from pathlib import Path
-from typing import Callable, Iterator, NamedTuple, Sequence
+from typing import Callable, Iterator, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from PIL import Image
 
 from llava_jax.data.conversation import IMAGE_TOKEN, Template, get_template, stop_strings
 from llava_jax.data.images import ImageConfig, preprocess
+from llava_jax.infer.decoding import (Carry, Static, bucket_length, decode_loop, decode_one, decoding_layout,
+                                      next_power_of_two, prefill)
+from llava_jax.infer.loading import ModelLoadError, default_template, load_generator, load_model
+from llava_jax.infer.sampling import Sampling, filter_logits, next_token
+from llava_jax.infer.streaming import TextStreamer, cut_at_stop
 
 Prompt = str | Sequence[int] | np.ndarray
 StreamCallback = Callable[[int, str], None]
 
-
-# ------------------------------------------------------------------------------------------ shapes
-
-
-def next_power_of_two(n: int) -> int:
-    return 1 << max(0, int(n) - 1).bit_length()
-
-
-def bucket_length(n: int) -> int:
-    """Padded prompt length for `n` tokens: powers of two (at least 16) up to 256, then multiples of 128."""
-    if n <= 256:
-        return max(16, next_power_of_two(n))
-    return -(-n // 128) * 128
-
-
-# ------------------------------------------------------------------------------------------ sampling
-
-
-def filter_logits(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
-    """transformers' warpers in their order: logits / temperature, top-k, then top-p (nucleus).
-
-    logits float32 [B, V]; temperature > 0; top_k int (0 = off; ties with the k-th value are kept);
-    top_p in (0, 1] (1 = off; the smallest set of most likely tokens whose mass reaches top_p, at least one).
-    Returns [B, V] with the removed tokens at -inf.
-    """
-    logits = logits / temperature
-    descending = -jnp.sort(-logits, axis=-1)
-    vocab = logits.shape[-1]
-    kth = jnp.take(descending, jnp.clip(top_k, 1, vocab) - 1, axis=-1)[..., None]
-    logits = jnp.where((top_k > 0) & (logits < kth), -jnp.inf, logits)
-    descending = jnp.where((top_k > 0) & (descending < kth), -jnp.inf, descending)
-    probs = jax.nn.softmax(descending, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs  # [B, V], exclusive
-    kept = (mass_before < top_p) | (jnp.arange(vocab) == 0)
-    # The smallest kept value in descending order is the threshold.
-    threshold = jnp.min(jnp.where(kept, descending, jnp.inf), axis=-1, keepdims=True)
-    return jnp.where((top_p < 1.0) & (logits < threshold), -jnp.inf, logits)
-
-
-@dataclasses.dataclass(frozen=True)
-class Sampling:
-    """temperature 0 = greedy (argmax); otherwise sampled after `filter_logits`."""
-
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-
-    def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-    def arrays(self) -> tuple[jax.Array, jax.Array, jax.Array]:
-        return (jnp.float32(max(self.temperature, 1e-6)), jnp.int32(self.top_k), jnp.float32(self.top_p))
-
-
-def next_token(logits: jax.Array, key: jax.Array, params: tuple, greedy: bool) -> jax.Array:
-    """logits float32 [B, V] -> token ids int32 [B]."""
-    if greedy:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return jax.random.categorical(key, filter_logits(logits, *params), axis=-1).astype(jnp.int32)
-
-
-# ------------------------------------------------------------------------------------------ jitted programs
-
-
-@dataclasses.dataclass(frozen=True)
-class _Static:
-    """Everything the compiled programs specialize on besides array shapes."""
-
-    graphdef: nnx.GraphDef
-    greedy: bool
-    eos_ids: tuple[int, ...]
-    stop_ids: tuple[tuple[int, ...], ...]
-    pad_id: int
-    split_prefill: bool = False  # prefill all but the last column, then the last (a text token in every row)
-
-
-def _decode(model, cache, ids, mask=None, pixels=None, image_mask=None):
-    """model.decode for LLaVA and for plain causal LMs (which take no images)."""
-    if hasattr(model, "embed_inputs"):
-        return model.decode(cache, ids, pixels, attention_mask=mask, image_mask=image_mask)
-    return model.decode(cache, ids, attention_mask=mask)
-
-
-def _language_model(model):
-    """The decoder that embeds generated tokens: a generated image token id is an ordinary token there, as in
-    transformers (images enter at the prefill only)."""
-    return getattr(model, "language_model", model)
-
-
-def decoding_layout(model):
-    """`model` with each decoder layer in its own weight buffers (`LlamaModel.unstack_layers`), the one layout
-    `Generator` decodes with: a layer loop over stacked weights copies each layer's slice every step, so a
-    memory-bound GPU decode step moves about twice the bytes (H100, 7B bf16, batch 1: 15.9 -> 6.4 ms).
-    A stacked model is left as it is and a copy is returned (new modules; the decoder's weights are copied
-    into per-layer buffers); an unstacked one is returned itself."""
-    if isinstance(_language_model(model).model.layers, nnx.List):
-        return model
-    graphdef, state = nnx.split(model)
-    decoder = nnx.merge(graphdef, state)  # new modules over the same arrays
-    _language_model(decoder).model.unstack_layers()
-    return decoder
-
-
-def _stopped(static: _Static, tokens: jax.Array, step: jax.Array) -> jax.Array:
-    """Whether each row ends at `step`: tokens int32 [B, N] (step = the last written column) -> bool [B]."""
-    last = tokens[:, step]
-    stop = jnp.isin(last, jnp.asarray(static.eos_ids, jnp.int32)) if static.eos_ids else jnp.zeros_like(last, bool)
-    for seq in static.stop_ids:
-        n = len(seq)
-        start = jnp.maximum(step - n + 1, 0)
-        tail = jax.lax.dynamic_slice_in_dim(tokens, start, n, axis=1)
-        stop |= (step + 1 >= n) & jnp.all(tail == jnp.asarray(seq, jnp.int32), axis=1)
-    return stop
-
-
-@functools.partial(jax.jit, static_argnames=("static", "cache_length", "max_new_tokens"))
-def _prefill(state, ids, mask, pixels, image_mask, done, key, sampling, *, static: _Static, cache_length: int,
-             max_new_tokens: int):
-    """Prompt ids [B, P] (left padded, mask [B, P]) -> (Carry after the first new token)."""
-    model = nnx.merge(static.graphdef, state)
-    cache = model.init_cache(ids.shape[0], cache_length)
-    if static.split_prefill:  # the logits of all but the last position are never computed (dead code)
-        _, cache = _decode(model, cache, ids[:, :-1], mask[:, :-1], pixels, image_mask)
-        logits, cache = _language_model(model).decode(cache, ids[:, -1:], attention_mask=mask[:, -1:])
-    else:
-        logits, cache = _decode(model, cache, ids, mask, pixels, image_mask)
-    token = next_token(logits[:, -1], jax.random.fold_in(key, 0), sampling, static.greedy)
-    token = jnp.where(done, static.pad_id, token)
-    tokens = jnp.full((ids.shape[0], max_new_tokens), static.pad_id, jnp.int32).at[:, 0].set(token)
-    lengths = jnp.where(done, 0, 1).astype(jnp.int32)
-    done = done | _stopped(static, tokens, jnp.int32(0))
-    return _Carry(cache, tokens, lengths, done, jnp.int32(1))
-
-
-class _Carry(NamedTuple):
-    """Decode state: cache, tokens int32 [B, N], lengths int32 [B], done bool [B], step int32 (next column)."""
-
-    cache: object
-    tokens: jax.Array
-    lengths: jax.Array
-    done: jax.Array
-    step: jax.Array
-
-
-def _step(static: _Static, model, carry: _Carry, key, sampling) -> _Carry:
-    """Feeds every row's last token and writes the next one at column `carry.step`."""
-    step, tokens, done = carry.step, carry.tokens, carry.done
-    last = jax.lax.dynamic_index_in_dim(tokens, step - 1, axis=1, keepdims=True)  # [B, 1]
-    logits, cache = _language_model(model).decode(carry.cache, last)
-    token = next_token(logits[:, -1], jax.random.fold_in(key, step), sampling, static.greedy)
-    token = jnp.where(done, static.pad_id, token)
-    tokens = jax.lax.dynamic_update_index_in_dim(tokens, token, step, axis=1)
-    lengths = carry.lengths + jnp.where(done, 0, 1)
-    done = done | _stopped(static, tokens, step)
-    return _Carry(cache, tokens, lengths, done, step + 1)
-
-
-@functools.partial(jax.jit, static_argnames=("static",), donate_argnames=("carry",))
-def _decode_loop(state, carry: _Carry, key, sampling, *, static: _Static) -> _Carry:
-    """Decodes until every row is done or the token buffer is full."""
-    model = nnx.merge(static.graphdef, state)
-    limit = carry.tokens.shape[1]
-    return jax.lax.while_loop(lambda c: (c.step < limit) & ~jnp.all(c.done),
-                              lambda c: _step(static, model, c, key, sampling), carry)
-
-
-@functools.partial(jax.jit, static_argnames=("static",), donate_argnames=("carry",))
-def _decode_one(state, carry: _Carry, key, sampling, *, static: _Static) -> _Carry:
-    """One decode step (streaming)."""
-    return _step(static, nnx.merge(static.graphdef, state), carry, key, sampling)
-
-
-# ------------------------------------------------------------------------------------------ host side
+# The prefill under its former name (callers count its compiled programs).
+_prefill = prefill
 
 
 @dataclasses.dataclass
@@ -434,12 +260,12 @@ class Generator:
         if ends.size:
             tokens = tokens[:ends[0]]
         text = self.tokenizer.decode(tokens.tolist(), skip_special_tokens=True)
-        return _cut_at_stop(text, stop)
+        return cut_at_stop(text, stop)
 
-    def static(self, batch: Batch, greedy: bool, stop_ids: tuple = ()) -> _Static:
+    def static(self, batch: Batch, greedy: bool, stop_ids: tuple = ()) -> Static:
         """The compile-time settings of a batch's programs."""
         last_is_text = self.image_token_index is None or not (batch.ids[:, -1] == self.image_token_index).any()
-        return _Static(self.graphdef, greedy, self.eos_token_ids, stop_ids, self.pad_id,
+        return Static(self.graphdef, greedy, self.eos_token_ids, stop_ids, self.pad_id,
                        split_prefill=last_is_text and batch.ids.shape[1] > 1)
 
     def _start(self, prompts, images, max_new_tokens, sampling: Sampling, rng, stop: tuple[str, ...],
@@ -453,7 +279,7 @@ class Generator:
         if ignore_eos:
             static = dataclasses.replace(static, eos_ids=())
         params = sampling.arrays()
-        carry = _prefill(self.state, batch.ids, batch.mask, batch.pixels, batch.image_mask, batch.done, key, params,
+        carry = prefill(self.state, batch.ids, batch.mask, batch.pixels, batch.image_mask, batch.done, key, params,
                          static=static, cache_length=batch.ids.shape[1] + max_new_tokens,
                          max_new_tokens=max_new_tokens)
         return carry, key, params, static, batch.num_rows
@@ -466,7 +292,7 @@ class Generator:
                                 stream, len(prompts))
         carry, key, params, static, num_rows = self._start(prompts, images, max_new_tokens, sampling, rng, stop,
                                                            min_rows)
-        carry = _decode_loop(self.state, carry, key, params, static=static)
+        carry = decode_loop(self.state, carry, key, params, static=static)
         tokens, lengths = jax.device_get((carry.tokens, carry.lengths))
         return tokens[:num_rows], lengths[:num_rows]
 
@@ -494,7 +320,7 @@ class Generator:
             yield tokens[:num_rows], lengths[:num_rows], done[:num_rows]
             if done.all() or int(carry.step) >= limit:
                 return
-            carry = _decode_one(self.state, carry, key, params, static=static)
+            carry = decode_one(self.state, carry, key, params, static=static)
 
     def _stream(self, steps: Iterator, stop: tuple[str, ...], stream: StreamCallback,
                 num_rows: int) -> tuple[np.ndarray, np.ndarray]:
@@ -509,146 +335,7 @@ class Generator:
         return tokens, lengths
 
 
-# ------------------------------------------------------------------------------------------ loading
-
-
-class ModelLoadError(ValueError):
-    """A model folder that cannot be used for generation; the message names the folder and what is wrong."""
-
-
-def default_template(name: str, tokenizer=None, text_model_type: str | None = None) -> str:
-    """The conversation template of a model, by the official CLI's rule on the model name, extended:
-
-    "llama-3" / "llama3" in the name or a tokenizer with `<|eot_id|>` -> llama_3; "llama-2" / "llama_2" ->
-    llama_2; "mistral" in the name or a Mistral text model -> mistral_instruct; otherwise llava_v1 (LLaVA v1 and
-    LLaVA-1.5 Vicuna models; the official CLI picks it for every name with "v1").
-    """
-    name = name.lower()
-    vocab = tokenizer.get_vocab() if tokenizer is not None else {}
-    if "llama-3" in name or "llama3" in name or "<|eot_id|>" in vocab:
-        return "llama_3"
-    if "llama-2" in name or "llama_2" in name:
-        return "llama_2"
-    if "mistral" in name or text_model_type == "mistral":
-        return "mistral_instruct"
-    return "llava_v1"
-
-
-def _workdir_export(path: Path) -> tuple[Path, str | None]:
-    """A training workdir -> (its Hugging Face export folder, its data template)."""
-    import json
-
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"{path}: unreadable training config.json ({e})") from None
-    data = config.get("data") if isinstance(config, dict) else None
-    export = config.get("export_hf") if isinstance(config, dict) else None
-    template = data.get("template") if isinstance(data, dict) else None
-    if not isinstance(template, (str, type(None))) or not isinstance(export, (str, type(None))):
-        raise ModelLoadError(f"{path / 'config.json'}: export_hf and data.template must be strings")
-    if not export or not (Path(export) / "config.json").is_file():
-        raise ModelLoadError(f"{path}: a training workdir without a finished Hugging Face export (its config's "
-                             f"export_hf is {export!r}); load the exported folder, or finish the run with "
-                             "export_hf set")
-    return Path(export), template
-
-
-def load_model(path: str | os.PathLike, *, dtype=None, tokenizer: str | os.PathLike | None = None):
-    """Loads a model for generation -> (model, tokenizer, image_config, template name).
-
-    PATH is a Hugging Face LLaVA / LLaMA folder (config.json + weights; tokenizer and preprocessor_config.json
-    read from it), a folder in our format (`convert.save`: model.json + params/; the tokenizer from the same
-    folder or `tokenizer`), or a finished training workdir (config.json + checkpoints/): its `export_hf` folder.
-    The model comes in `decoding_layout` (per-layer weight buffers, for `Generator`; not for `convert`).
-    The template is the workdir's `data.template` or `default_template(folder name)`.
-    Raises:
-      ModelLoadError naming the folder.
-    """
-    from transformers import AutoTokenizer
-
-    from llava_jax import convert
-
-    path = Path(path)
-    if not path.is_dir():
-        raise ModelLoadError(f"model folder not found: {path}")
-    template = None
-    if (path / "checkpoints").is_dir() and (path / "config.json").is_file():
-        path, template = _workdir_export(path)
-    try:
-        if (path / "model.json").is_file():
-            model = convert.load(path, **({"dtype": dtype} if dtype else {}))
-        elif (path / "config.json").is_file():
-            model = convert.from_hf(path, dtype=dtype)
-        else:
-            raise ModelLoadError(f"{path}: not a model folder (no config.json or model.json)")
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer or path), trust_remote_code=False)
-    except ModelLoadError:
-        raise
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ModelLoadError(f"{path}: cannot load the model or its tokenizer: {e}") from e
-    _language_model(model).model.unstack_layers()  # in place: the one copy of the weights
-    image_config = None
-    if hasattr(model, "embed_inputs"):
-        image_config = _image_config(path, model.config.vision.image_size)
-    text = model.config.text if hasattr(model.config, "text") else model.config
-    template = template or default_template(path.name, tokenizer, "mistral" if text.sliding_window else None)
-    return model, tokenizer, image_config, template
-
-
-def _image_config(path: Path, image_size: int) -> ImageConfig:
-    """The folder's preprocessor_config.json (LLaVA-1.5 "pad" aspect) or CLIP's defaults at the tower's size."""
-    if not (path / "preprocessor_config.json").is_file():
-        return ImageConfig(size=image_size, crop_size=image_size, aspect="pad")
-    try:
-        config = ImageConfig.from_hf(path, aspect="pad")
-    except (ValueError, TypeError) as e:
-        raise ModelLoadError(f"{path / 'preprocessor_config.json'}: {e}") from e
-    if config.crop_size != image_size:
-        raise ModelLoadError(f"{path / 'preprocessor_config.json'}: crop size {config.crop_size} differs from the "
-                             f"vision tower's image_size {image_size}")
-    return config
-
-
-def _cut_at_stop(text: str, stop: Sequence[str]) -> str:
-    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=len(text))
-    return text[:cut]
-
-
-class TextStreamer:
-    """Emits the new part of one row's decoded text, holding back what may still become a stop string or an
-    incomplete character. `update(tokens)` with the row's tokens so far; `stopped` once a stop string is seen;
-    `text` the answer so far (cut at the stop string); `flush()` emits the rest."""
-
-    def __init__(self, generator: Generator, stop: tuple[str, ...], emit: Callable[[str], None]):
-        self.generator, self.stop, self.emit = generator, stop, emit
-        self.sent, self.text, self.stopped = 0, "", False
-
-    def update(self, tokens: np.ndarray) -> None:
-        full = self.generator.tokenizer.decode(
-            np.asarray(tokens)[~np.isin(tokens, self.generator.eos_token_ids)].tolist(), skip_special_tokens=True)
-        self.text = _cut_at_stop(full, self.stop)
-        self.stopped = len(self.text) < len(full)
-        safe = len(self.text) - max([_held_back(self.text, s) for s in self.stop] + [0])
-        if self.text.endswith("\ufffd"):
-            safe = min(safe, len(self.text) - 1)
-        if safe > self.sent:
-            self.emit(self.text[self.sent:safe])
-            self.sent = safe
-
-    def flush(self) -> None:
-        if len(self.text) > self.sent:
-            self.emit(self.text[self.sent:])
-            self.sent = len(self.text)
-
-
-def _held_back(text: str, stop: str) -> int:
-    """Length of the longest end of `text` that is a proper beginning of `stop`."""
-    for n in range(min(len(stop) - 1, len(text)), 0, -1):
-        if text.endswith(stop[:n]):
-            return n
-    return 0
-
 
 __all__ = ["Generator", "Batch", "Sampling", "ModelLoadError", "TextStreamer", "bucket_length", "decoding_layout",
-           "default_template", "filter_logits", "load_model", "next_token"]
+           "default_template", "filter_logits", "load_generator", "load_model", "next_token", "next_power_of_two",
+           "cut_at_stop", "Carry", "Static"]

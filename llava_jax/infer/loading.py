@@ -1,0 +1,131 @@
+"""Opening a model for generation: `load_model` (a Hugging Face folder, our `convert.save` format or a finished
+training workdir, with its tokenizer, image preprocessing and template) and `load_generator`, the one way chat,
+serve, eval and bench open a model."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from llava_jax.data.images import ImageConfig
+from llava_jax.infer.decoding import language_model
+
+
+class ModelLoadError(ValueError):
+    """A model folder that cannot be used for generation; the message names the folder and what is wrong."""
+
+
+def default_template(name: str, tokenizer=None, text_model_type: str | None = None) -> str:
+    """The conversation template of a model, by the official CLI's rule on the model name, extended:
+
+    "llama-3" / "llama3" in the name or a tokenizer with `<|eot_id|>` -> llama_3; "llama-2" / "llama_2" ->
+    llama_2; "mistral" in the name or a Mistral text model -> mistral_instruct; otherwise llava_v1 (LLaVA v1 and
+    LLaVA-1.5 Vicuna models; the official CLI picks it for every name with "v1").
+    """
+    name = name.lower()
+    vocab = tokenizer.get_vocab() if tokenizer is not None else {}
+    if "llama-3" in name or "llama3" in name or "<|eot_id|>" in vocab:
+        return "llama_3"
+    if "llama-2" in name or "llama_2" in name:
+        return "llama_2"
+    if "mistral" in name or text_model_type == "mistral":
+        return "mistral_instruct"
+    return "llava_v1"
+
+
+def _workdir_export(path: Path) -> tuple[Path, str | None]:
+    """A training workdir -> (its Hugging Face export folder, its data template)."""
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as e:
+        raise ModelLoadError(f"{path}: unreadable training config.json ({e})") from None
+    data = config.get("data") if isinstance(config, dict) else None
+    export = config.get("export_hf") if isinstance(config, dict) else None
+    template = data.get("template") if isinstance(data, dict) else None
+    if not isinstance(template, (str, type(None))) or not isinstance(export, (str, type(None))):
+        raise ModelLoadError(f"{path / 'config.json'}: export_hf and data.template must be strings")
+    if not export or not (Path(export) / "config.json").is_file():
+        raise ModelLoadError(f"{path}: a training workdir without a finished Hugging Face export (its config's "
+                             f"export_hf is {export!r}); load the exported folder, or finish the run with "
+                             "export_hf set")
+    return Path(export), template
+
+
+def load_model(path: str | os.PathLike, *, dtype=None, tokenizer: str | os.PathLike | None = None):
+    """Loads a model for generation -> (model, tokenizer, image_config, template name).
+
+    PATH is a Hugging Face LLaVA / LLaMA folder (config.json + weights; tokenizer and preprocessor_config.json
+    read from it), a folder in our format (`convert.save`: model.json + params/; the tokenizer from the same
+    folder or `tokenizer`), or a finished training workdir (config.json + checkpoints/): its `export_hf` folder.
+    The model comes in `decoding_layout` (per-layer weight buffers, for `Generator`; not for `convert`).
+    The template is the workdir's `data.template` or `default_template(folder name)`.
+    Raises:
+      ModelLoadError naming the folder.
+    """
+    from transformers import AutoTokenizer
+
+    from llava_jax import convert
+
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelLoadError(f"model folder not found: {path}")
+    template = None
+    if (path / "checkpoints").is_dir() and (path / "config.json").is_file():
+        path, template = _workdir_export(path)
+    try:
+        if (path / "model.json").is_file():
+            model = convert.load(path, **({"dtype": dtype} if dtype else {}))
+        elif (path / "config.json").is_file():
+            model = convert.from_hf(path, dtype=dtype)
+        else:
+            raise ModelLoadError(f"{path}: not a model folder (no config.json or model.json)")
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer or path), trust_remote_code=False)
+    except ModelLoadError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ModelLoadError(f"{path}: cannot load the model or its tokenizer: {e}") from e
+    language_model(model).model.unstack_layers()  # in place: the one copy of the weights
+    image_config = None
+    if hasattr(model, "embed_inputs"):
+        image_config = _image_config(path, model.config.vision.image_size)
+    text = model.config.text if hasattr(model.config, "text") else model.config
+    template = template or default_template(path.name, tokenizer, "mistral" if text.sliding_window else None)
+    return model, tokenizer, image_config, template
+
+
+def _image_config(path: Path, image_size: int) -> ImageConfig:
+    """The folder's preprocessor_config.json (LLaVA-1.5 "pad" aspect) or CLIP's defaults at the tower's size."""
+    if not (path / "preprocessor_config.json").is_file():
+        return ImageConfig(size=image_size, crop_size=image_size, aspect="pad")
+    try:
+        config = ImageConfig.from_hf(path, aspect="pad")
+    except (ValueError, TypeError) as e:
+        raise ModelLoadError(f"{path / 'preprocessor_config.json'}: {e}") from e
+    if config.crop_size != image_size:
+        raise ModelLoadError(f"{path / 'preprocessor_config.json'}: crop size {config.crop_size} differs from the "
+                             f"vision tower's image_size {image_size}")
+    return config
+
+
+def load_generator(path: str | os.PathLike, *, dtype=None, template: str | None = None,
+                   tokenizer: str | os.PathLike | None = None, **load_options):
+    """`load_model` -> a `Generator`, as chat, serve, eval and bench open a model.
+
+    template: a template name that replaces the model's own (`load_model`'s); it is checked before the model
+    loads. dtype, tokenizer and `load_options` go to `load_model`.
+    Raises:
+      ModelLoadError naming the folder, or the unknown template.
+    """
+    from llava_jax.data.conversation import get_template
+    from llava_jax.infer.generate import Generator
+
+    try:
+        chosen = get_template(template) if template else None
+    except KeyError as e:
+        raise ModelLoadError(e.args[0]) from None
+    model, tokenizer, image_config, default = load_model(path, dtype=dtype, tokenizer=tokenizer, **load_options)
+    return Generator(model, tokenizer, image_config=image_config, template=chosen or default)
+
+
+__all__ = ["ModelLoadError", "default_template", "load_model", "load_generator"]
