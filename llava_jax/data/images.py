@@ -23,8 +23,11 @@ import dataclasses
 import io
 import json
 import os
+import stat
 import warnings
-from typing import Any, Mapping
+import zipfile
+import zlib
+from typing import Any, BinaryIO, Callable, Mapping
 
 import numpy as np
 from etils import epath
@@ -154,27 +157,23 @@ def load_image(data: bytes | str | os.PathLike, *, sample_id: str | None = None,
     """Decodes an image file into an RGB PIL image, as the official code: `Image.open(f).convert("RGB")`.
 
     Args:
-      data: the file's bytes, or its path (local or any etils epath, e.g. gs://).
+      data: the file's bytes, or its path (local or any etils epath, e.g. gs://), read by `read_image_bytes`.
       sample_id: the dataset id, for error messages.
       name: what to call the file in error messages (defaults to the path).
       max_pixels: width * height above which the file is rejected from its header, before decoding.
       exif_transpose: rotate / flip by the EXIF orientation tag (see the module docstring).
 
     Raises:
-      BadSample: "missing_image" (no such path), "image_too_large" (over max_pixels or a decompression
-        bomb), "corrupt_image" (not an image, truncated, undecodable).
+      BadSample: "missing_image" (no such path), "image_too_large" (over max_pixels, a decompression
+        bomb or a file over DEFAULT_MAX_IMAGE_BYTES), "corrupt_image" (not an image, truncated, undecodable).
     """
     name = name or (f"<{len(data)} bytes>" if isinstance(data, (bytes, bytearray, memoryview)) else str(data))
     if not isinstance(data, (bytes, bytearray, memoryview)):
-        data = _read_path(data, name, sample_id)
+        data = read_image_bytes(data, name=name, sample_id=sample_id)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # PIL's bomb warning (we check ourselves) and palette warnings
         try:
-            image = Image.open(io.BytesIO(data))
-            width, height = image.size
-            if width * height > max_pixels:
-                raise BadSample("image_too_large", f"image {name} is {width}x{height}, over the limit of "
-                                f"{max_pixels} pixels", sample_id)
+            image = _open_within(data, name, max_pixels, sample_id)
             image.load()
             if exif_transpose:
                 image = ImageOps.exif_transpose(image)
@@ -182,8 +181,6 @@ def load_image(data: bytes | str | os.PathLike, *, sample_id: str | None = None,
             rgb.info.pop("transparency", None)  # else transformers' processors composite that colour on white
         except BadSample:
             raise
-        except Image.DecompressionBombError as e:
-            raise BadSample("image_too_large", f"image {name}: {e}", sample_id) from e
         except (OSError, SyntaxError, ValueError, EOFError, MemoryError) as e:
             raise BadSample("corrupt_image", f"cannot decode image {name}: {e}", sample_id) from e
     if rgb.width == 0 or rgb.height == 0:
@@ -191,17 +188,84 @@ def load_image(data: bytes | str | os.PathLike, *, sample_id: str | None = None,
     return rgb
 
 
-def _read_path(path: str | os.PathLike, name: str, sample_id: str | None) -> bytes:
+def _open_within(data: bytes, name: str, max_pixels: int, sample_id: str | None) -> Image.Image:
+    """`Image.open` (the header only), refused over `max_pixels` in our words. PIL refuses a file over twice
+    `Image.MAX_IMAGE_PIXELS` inside `Image.open`, in its own words and before telling the size: then the
+    size comes from `header_size` and our limit is still the one reported."""
+    def check(width: int, height: int) -> None:
+        if width * height > max_pixels:
+            raise BadSample("image_too_large", f"image {name} is {width}x{height}, over the limit of "
+                            f"{max_pixels} pixels", sample_id)
+
     try:
-        with epath.Path(path).open("rb") as f:
-            data = f.read(DEFAULT_MAX_IMAGE_BYTES + 1)
+        image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:
+        size = header_size(data)
+        if size:
+            check(*size)
+        raise BadSample("image_too_large", f"image {name}: {e}", sample_id) from e
+    check(*image.size)
+    return image
+
+
+def header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from an image file's header, read by PIL's registered format plugins (what `Image.open`
+    tries) without decoding pixels and without PIL's own pixel limit; None when no plugin reads it."""
+    Image.init()
+    for format_id in Image.ID:
+        factory, accept = Image.OPEN[format_id]
+        if accept is not None and accept(data[:16]) in (False, None, ""):
+            continue
+        try:
+            return factory(io.BytesIO(data), "").size
+        except Exception:  # noqa: BLE001 - not this format (or refused by the plugin): try the next one
+            continue
+    return None
+
+
+def read_image_bytes(source: str | os.PathLike | Callable[[], BinaryIO], *, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+                     name: str | None = None, sample_id: str | None = None) -> bytes:
+    """The one bounded read of an image file: never more than `max_bytes` + 1 bytes come into memory, whatever
+    the file's size or header says. Every reader uses it: `load_image`, the image folders and zip archives
+    of the sources, the server's file: URLs.
+
+    Args:
+      source: a path (local or any etils epath), or a function opening a binary file (a zip archive member).
+      max_bytes: the largest file accepted.
+      name: what to call the file in error messages (defaults to the path).
+      sample_id: the dataset id, for error messages.
+
+    Raises:
+      BadSample: "missing_image" (no such file, or a folder), "unreadable_image" (permissions, symlink loops,
+        not a regular file), "corrupt_image" (a zip member that does not inflate), "image_too_large".
+    """
+    name = name or str(source)
+    opener = source if callable(source) else lambda: _open_regular_file(source)
+    try:
+        with opener() as f:
+            data = f.read(max_bytes + 1)
     except FileNotFoundError as e:
         raise BadSample("missing_image", f"image file not found: {name}", sample_id) from e
-    except (OSError, ValueError) as e:
+    except IsADirectoryError as e:
+        raise BadSample("missing_image", f"image {name} is a folder", sample_id) from e
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError) as e:
         raise BadSample("corrupt_image", f"cannot read image {name}: {e}", sample_id) from e
-    if len(data) > DEFAULT_MAX_IMAGE_BYTES:
-        raise BadSample("image_too_large", f"image {name} is over {DEFAULT_MAX_IMAGE_BYTES} bytes", sample_id)
+    except (OSError, ValueError) as e:
+        raise BadSample("unreadable_image", f"cannot read image {name}: {e}", sample_id) from e
+    if len(data) > max_bytes:
+        raise BadSample("image_too_large", f"image {name} is over the limit of {max_bytes} bytes", sample_id)
     return data
+
+
+def _open_regular_file(path: str | os.PathLike) -> BinaryIO:
+    """Opens a file for reading; a local FIFO or device (which could block or never end) is refused first."""
+    if "://" not in str(path):
+        mode = os.stat(path).st_mode
+        if stat.S_ISDIR(mode):
+            raise IsADirectoryError(str(path))
+        if not stat.S_ISREG(mode):
+            raise OSError("not a regular file")
+    return epath.Path(path).open("rb")
 
 
 def expand_to_square(image: Image.Image, background: tuple[int, ...]) -> Image.Image:

@@ -23,7 +23,7 @@ import numpy as np
 from etils import epath
 
 from llava_jax.data.errors import BadSample, DataFileError
-from llava_jax.data.images import DEFAULT_MAX_IMAGE_BYTES
+from llava_jax.data.images import DEFAULT_MAX_IMAGE_BYTES, read_image_bytes
 from llava_jax.data.paths import resolve_inside, safe_relative_path
 
 
@@ -124,21 +124,9 @@ class ImageFolder:
         self.max_bytes = max_bytes
 
     def read(self, relative: str, sample_id: str | None) -> bytes:
-        path = epath.Path(resolve_inside(self.root, relative, sample_id))
-        try:
-            with path.open("rb") as f:
-                data = f.read(self.max_bytes + 1)
-        except FileNotFoundError as e:
-            raise BadSample("missing_image", f"image {relative!r} not found under {self.root}", sample_id) from e
-        except IsADirectoryError as e:
-            raise BadSample("missing_image", f"image {relative!r} under {self.root} is a folder", sample_id) from e
-        except (OSError, ValueError) as e:  # symlink loops, permissions, special files
-            raise BadSample("unreadable_image", f"cannot read image {relative!r} under {self.root}: {e}",
-                            sample_id) from e
-        if len(data) > self.max_bytes:
-            raise BadSample("image_too_large", f"image {relative!r} under {self.root} is over "
-                            f"{self.max_bytes} bytes", sample_id)
-        return data
+        path = resolve_inside(self.root, relative, sample_id)
+        return read_image_bytes(path, max_bytes=self.max_bytes, name=f"{relative!r} under {self.root}",
+                                sample_id=sample_id)
 
 
 class ImageZip:
@@ -191,15 +179,9 @@ class ImageZip:
         if info.file_size > self.max_bytes:  # checked before inflating anything
             raise BadSample("image_too_large", f"{member!r} in {self.archive} inflates to {info.file_size} bytes, "
                             f"over {self.max_bytes}", sample_id)
-        try:
-            with archive.open(info) as f:
-                data = f.read(self.max_bytes + 1)  # bounded even if the header lies
-        except (zipfile.BadZipFile, OSError, EOFError, ValueError, NotImplementedError) as e:
-            raise BadSample("corrupt_image", f"cannot read {member!r} from {self.archive}: {e}", sample_id) from e
-        if len(data) > self.max_bytes:
-            raise BadSample("image_too_large", f"{member!r} in {self.archive} is over {self.max_bytes} bytes",
-                            sample_id)
-        return data
+        # Bounded even if the header lies.
+        return read_image_bytes(lambda: archive.open(info), max_bytes=self.max_bytes,
+                                name=f"{member!r} in {self.archive}", sample_id=sample_id)
 
 
 def image_store(image_root: str | os.PathLike, *,

@@ -7,6 +7,7 @@ colour for aspect "pad" (llava.mm_utils), then transformers' PIL `CLIPImageProce
 import importlib
 import importlib.util
 import io
+import os
 import struct
 import sys
 import types
@@ -19,8 +20,8 @@ from transformers import CLIPImageProcessorPil
 from transformers.image_utils import load_image as hf_load_image
 
 from llava_jax.data.errors import BadSample
-from llava_jax.data.images import (CLIP_MEAN, CLIP_STD, ImageConfig, expand_to_square, load_image,
-                                   preprocess)
+from llava_jax.data.images import (CLIP_MEAN, CLIP_STD, ImageConfig, expand_to_square, header_size, load_image,
+                                   preprocess, read_image_bytes)
 
 
 def official(module: str):
@@ -216,6 +217,55 @@ def test_too_large_images_are_rejected_before_decoding():
         load_image(FILES["rgb_640x480.png"], max_pixels=640 * 480 - 1)
     assert error.value.reason == "image_too_large"
     assert load_image(FILES["rgb_640x480.png"], max_pixels=640 * 480).size == (640, 480)
+
+
+def test_pixel_limit_past_pils_own_bomb_limit_is_reported_in_our_words():
+    # 20000 x 20000 is over twice PIL's MAX_IMAGE_PIXELS: Image.open itself refuses it, in its own words.
+    bomb = png_header(20_000, 20_000)
+    assert header_size(bomb) == (20_000, 20_000) and header_size(b"not an image") is None
+    with pytest.raises(BadSample) as error:
+        load_image(bomb, name="bomb.png", max_pixels=300 * 300)
+    assert str(error.value) == "image bomb.png is 20000x20000, over the limit of 90000 pixels [image_too_large]"
+    assert header_size(FILES["ycbcr.jpg"]) == Image.open(io.BytesIO(FILES["ycbcr.jpg"])).size
+
+
+def test_one_bounded_reader_for_paths_folders_and_archive_members(tmp_path):
+    import threading
+    import zipfile
+
+    from llava_jax.data.sources import ImageFolder, ImageZip
+
+    with open(tmp_path / "huge.png", "wb") as f:  # sparse: 1 GiB that must never be read into memory
+        f.truncate(1 << 30)
+    (tmp_path / "ok.png").write_bytes(FILES["rgb_640x480.png"])
+    size = len(FILES["rgb_640x480.png"])
+    with zipfile.ZipFile(tmp_path / "images.zip", "w") as archive:
+        archive.writestr("img/ok.png", FILES["rgb_640x480.png"])
+    readers = {"path": lambda name, limit: read_image_bytes(tmp_path / name, max_bytes=limit),
+               "folder": lambda name, limit: ImageFolder(str(tmp_path), max_bytes=limit).read(name, "s1"),
+               "zip": lambda name, limit: ImageZip(str(tmp_path / "images.zip"), max_bytes=limit).read(f"img/{name}",
+                                                                                                       "s1")}
+    for kind, read in readers.items():
+        assert read("ok.png", size) == FILES["rgb_640x480.png"], kind
+        with pytest.raises(BadSample, match=f"over (the limit of )?{size - 1}( bytes)?") as error:
+            read("ok.png", size - 1)  # a zip member: refused from its header, before inflating
+        assert error.value.reason == "image_too_large", kind
+    with pytest.raises(BadSample, match="over the limit of 1000 bytes"):
+        readers["folder"]("huge.png", 1000)
+    os.mkfifo(tmp_path / "pipe.png")  # opening a FIFO for reading would wait for a writer forever
+    outcome = []
+    reader = threading.Thread(target=lambda: outcome.append(_reason_of(readers["folder"], "pipe.png")), daemon=True)
+    reader.start()
+    reader.join(10)
+    assert outcome == ["unreadable_image"]
+
+
+def _reason_of(read, name):
+    try:
+        read(name, 1000)
+    except BadSample as e:
+        return e.reason
+    return None
 
 
 def test_extreme_aspect_ratios_are_rejected_only_when_resized(expand2square):

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from llava_jax.data.conversation import IMAGE_TOKEN, Template, generation_prompt
 from llava_jax.data.errors import BadSample
-from llava_jax.data.images import load_image, preprocess
+from llava_jax.data.images import load_image, preprocess, read_image_bytes
 from llava_jax.data.paths import resolve_inside
 from llava_jax.infer.generate import Generator
 
@@ -188,12 +188,10 @@ def _local_file(url: str, field: str, policy: ImagePolicy) -> bytes:
         real = Path(resolve_inside(root, path.relative_to(root).as_posix()))
     except BadSample:
         raise outside from None
-    if not real.is_file():
-        raise ApiError(400, f"{field}: image file not found: {path}", field)
-    size = real.stat().st_size
-    if size > policy.max_bytes:
-        raise _too_large(field, size, policy.max_bytes)
-    return real.read_bytes()
+    try:
+        return read_image_bytes(real, max_bytes=policy.max_bytes, name=str(path))
+    except BadSample as e:
+        raise ApiError(413 if e.reason == "image_too_large" else 400, f"{field}: {e}", field) from None
 
 
 def _remote(url: str, field: str, policy: ImagePolicy) -> bytes:
