@@ -23,7 +23,6 @@ import argparse
 import dataclasses
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llava_jax import convert
+from llava_jax import cli, convert
 from llava_jax.convert.hf_llava import llava_config_to_hf
 from llava_jax.infer import generate as gen_lib
 from llava_jax.models import clip_vit, llama
@@ -311,15 +310,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@cli.command()
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.new_tokens < 2:
-        print("error: --new-tokens must be >= 2", file=sys.stderr)
-        return 2
+        raise cli.UsageError("--new-tokens must be >= 2")
     if args.model and args.compare_transformers:
-        print("error: --compare-transformers draws its own weights; use it with --preset, not --model",
-              file=sys.stderr)
-        return 2
+        raise cli.UsageError("--compare-transformers draws its own weights; use it with --preset, not --model")
     run_generate(args)
     return 0
 

@@ -20,6 +20,7 @@ from typing import Callable, Sequence
 
 from PIL import Image
 
+from llava_jax import cli
 from llava_jax.data.errors import BadSample
 from llava_jax.data.images import ImageConfig, load_image
 from llava_jax.data.paths import resolve_inside
@@ -134,27 +135,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@cli.command(OSError, KeyError, ValueError)  # ModelLoadError and BadSample are ValueErrors
 def main(argv: Sequence[str] | None = None) -> int:
     from llava_jax.data.conversation import get_template
-    from llava_jax.infer.generate import ModelLoadError, load_model
+    from llava_jax.infer.generate import load_model
 
     args = build_parser().parse_args(argv)
-    try:
-        get_template(args.template)
-        if not Path(args.questions).is_file():
-            raise FileNotFoundError(f"question file not found: {args.questions}")
-        if not Path(args.images).is_dir():
-            raise FileNotFoundError(f"image folder not found: {args.images}")
-        check_image_paths(questions_lib.load_question_file(args.questions), args.images)  # before loading the model
-        model, tokenizer, image_config, _ = load_model(args.model, dtype=args.dtype, tokenizer=args.tokenizer)
-        evaluate(model, tokenizer, args.questions, args.images, args.answers, template=args.template,
-                 image_config=image_config, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                 temperature=args.temperature, model_id=args.model_id or Path(args.model).resolve().name,
-                 progress=not args.no_progress)
-    except (ModelLoadError, OSError, BadSample, KeyError, ValueError) as e:
-        message = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"error: {message}", file=sys.stderr)
-        return 2
+    get_template(args.template)
+    if not Path(args.questions).is_file():
+        raise FileNotFoundError(f"question file not found: {args.questions}")
+    if not Path(args.images).is_dir():
+        raise FileNotFoundError(f"image folder not found: {args.images}")
+    check_image_paths(questions_lib.load_question_file(args.questions), args.images)  # before loading the model
+    model, tokenizer, image_config, _ = load_model(args.model, dtype=args.dtype, tokenizer=args.tokenizer)
+    evaluate(model, tokenizer, args.questions, args.images, args.answers, template=args.template,
+             image_config=image_config, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+             temperature=args.temperature, model_id=args.model_id or Path(args.model).resolve().name,
+             progress=not args.no_progress)
     print(f"answers written to {args.answers}", file=sys.stderr)
     return 0
 

@@ -20,7 +20,6 @@ import argparse
 import dataclasses
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llava_jax import convert
+from llava_jax import cli, convert
 from llava_jax.convert.build import with_runtime
 from llava_jax.data.packing import LengthMix, pack_window, segment_lengths
 from llava_jax.data.pipeline import collate
@@ -279,12 +278,12 @@ def add_parser(commands) -> None:
     t.add_argument("--json", help="write the results here")
 
 
+@cli.command()
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llava_jax.bench", description=__doc__.split("\n")[0])
     add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     if args.batch <= 0 or args.seq <= 0 or args.repeats <= 0:
-        print("error: --batch, --seq and --repeats must be positive", file=sys.stderr)
-        return 2
+        raise cli.UsageError("--batch, --seq and --repeats must be positive")
     run_train(args)
     return 0

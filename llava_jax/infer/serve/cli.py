@@ -13,13 +13,12 @@ import contextlib
 import logging
 import os
 import socket
-import sys
 import threading
 import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
-EXIT_BAD_INPUT = 2
+from llava_jax import cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -134,15 +133,12 @@ def _check_installed(ui: bool) -> None:
         raise BadArgs(f"{', '.join(missing)} not installed: pip install -e '.[serve]'")
 
 
+@cli.command(BadArgs)
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        _check_installed(args.ui)
-        _check(args)
-        engine = build_engine(args)
-    except BadArgs as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    _check_installed(args.ui)
+    _check(args)
+    engine = build_engine(args)
     logging.basicConfig(level=args.log_level.upper())
     if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         logging.warning("serving on %s without --api-key: anyone who reaches this address can use the model",
