@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from llava_jax import cli
+from llava_jax.models.dtypes import DTYPES
 
 DESCRIPTION = """\
 Convert checkpoints between Hugging Face folders and the llava_jax format.
@@ -35,13 +36,12 @@ Typical flows:
       python -m llava_jax.convert export ./ckpt/llava15 ./llava15-hf --tokenizer ./vicuna-7b-v1.5
 """
 
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _add_dtype_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--param-dtype", choices=DTYPES, default=None,
+    p.add_argument("--param-dtype", choices=tuple(DTYPES), default=None,
                    help="storage dtype of the parameters (default: the checkpoint's, so bf16 stays bf16)")
-    p.add_argument("--dtype", choices=DTYPES, default=None,
+    p.add_argument("--dtype", choices=tuple(DTYPES), default=None,
                    help="compute dtype stored in the config (default: the parameter dtype)")
 
 
@@ -117,7 +117,7 @@ def _export_args(sub) -> None:
                    help="image processor folder (default: CLIP's, at the tower's resolution)")
     p.add_argument("--chat-template", type=Path, default=None, help="Jinja chat template file to store")
     p.add_argument("--max-shard-size", default="5GB", help="e.g. 5GB, 500MB (default: 5GB)")
-    p.add_argument("--param-dtype", choices=DTYPES, default=None, help="cast the exported weights")
+    p.add_argument("--param-dtype", choices=tuple(DTYPES), default=None, help="cast the exported weights")
 
 
 def _dtypes(args) -> dict:

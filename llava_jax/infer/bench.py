@@ -37,6 +37,7 @@ from llava_jax import cli, convert
 from llava_jax.convert.hf_llava import llava_config_to_hf
 from llava_jax.infer import generate as gen_lib
 from llava_jax.models import clip_vit, llama
+from llava_jax.models.dtypes import DTYPES
 from llava_jax.models.llava import PRESETS as LLAVA_PRESETS
 from llava_jax.models.llava import LlavaConfig, LlavaForConditionalGeneration
 
@@ -57,8 +58,6 @@ PRESETS: dict[str, LlavaConfig] = {
                                num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=4096)),
     "llava_1_5_7b": LLAVA_PRESETS["llava_1_5_7b"],
 }
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 # Peak memory bandwidth in bytes/s by device kind (substring of jax's device_kind, first match wins).
 BANDWIDTH = (

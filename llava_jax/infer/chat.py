@@ -18,6 +18,7 @@ from typing import Callable, Sequence, TextIO
 from llava_jax import cli
 from llava_jax.data.conversation import IMAGE_TOKEN, generation_prompt, get_template
 from llava_jax.data.errors import BadSample
+from llava_jax.models.dtypes import DTYPES
 
 
 class ChatError(Exception):
@@ -81,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--temperature", type=float, default=0.2, help="0 = greedy (official CLI default 0.2)")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+    parser.add_argument("--dtype", choices=tuple(DTYPES),
                         help="compute and storage dtype (default: the checkpoint's)")
     parser.add_argument("--tokenizer", help="tokenizer folder (default: the model folder)")
     return parser

@@ -24,6 +24,7 @@ from llava_jax import cli
 from llava_jax.data.errors import BadSample
 from llava_jax.data.images import ImageConfig, load_image
 from llava_jax.data.paths import resolve_inside
+from llava_jax.models.dtypes import DTYPES
 from llava_jax.infer import questions as questions_lib
 from llava_jax.infer.generate import Generator
 
@@ -129,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--model-id", help="written into every answer (default: the model folder's name)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--dtype", choices=tuple(DTYPES))
     parser.add_argument("--tokenizer", help="tokenizer folder (default: the model folder)")
     parser.add_argument("--no-progress", action="store_true")
     return parser

@@ -37,6 +37,7 @@ from llava_jax.data.pipeline import collate
 from llava_jax.infer.bench import PRESETS as GENERATE_PRESETS
 from llava_jax.infer.bench import _transformers_model
 from llava_jax.models import clip_vit, llama
+from llava_jax.models.dtypes import DTYPES
 from llava_jax.models.llava import LlavaConfig, LlavaForConditionalGeneration
 from llava_jax.train import lora as lora_lib
 from llava_jax.train import metrics, recipes
@@ -51,7 +52,6 @@ PRESETS: dict[str, LlavaConfig] = {
         text=llama.LlamaConfig(vocab_size=32064, hidden_size=2048, intermediate_size=5504, num_hidden_layers=24,
                                num_attention_heads=16, max_position_embeddings=4096)),
 }
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def synthetic_samples(cfg: LlavaConfig, n: int, seq: int, seed: int = 0) -> list[dict]:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 from llava_jax import cli
+from llava_jax.models.dtypes import DTYPES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model-name", help="the model id in /v1/models and answers (default: the folder's name)")
     p.add_argument("--template", help="conversation template (default: chosen from the model, as the chat CLI)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--dtype", choices=tuple(DTYPES))
     p.add_argument("--tokenizer", help="tokenizer folder (default: the model folder)")
     p.add_argument("--max-batch", type=int, default=16, help="most requests decoded together")
     p.add_argument("--max-queue", type=int, default=256, help="most waiting requests; more get 429")
