@@ -8,7 +8,8 @@ dtype is given):
 - `from_original_llava(path, clip_path=None)`: the official `model.mm_projector.*` layout.
 
 Export: `to_hf(model, path, tokenizer=None)` writes a folder that transformers' `from_pretrained` and
-`AutoProcessor.from_pretrained` load. Our own format: `save(model, dir)` / `load(dir)` (Orbax + JSON; the
+`AutoProcessor.from_pretrained` load. `load_folder(path)` reads ours or a Hugging Face folder;
+`resolve_workdir(path)` turns a finished training workdir into its export folder (as chat and serve do). Our own format: `save(model, dir)` / `load(dir)` (Orbax + JSON; the
 types `model.json` may name are an allow-list, nothing it names is imported). Exports and saves are written
 to a temporary sibling folder and renamed into place (`llava_jax.atomic_files`).
 
@@ -21,14 +22,17 @@ Files: `families.py` (one row per model family: model and config classes, config
 ways, the preprocessing files of an export; import, export and our format read it), `hf_<family>.py` (what
 a row points at) and `hf_original.py` (the official LLaVA layout), `importers.py` (one importer per source),
 `export.py` (to Hugging Face: model -> named tensors, config, preprocessing), `native.py` (our own format),
+`folders.py` (what a model path is: ours, Hugging Face, or a training workdir standing for its export),
 `checkpoint_io.py` (reading and writing checkpoint files), `build.py` (the import side: filling an abstract
 model leaf by leaf), `params.py` (parameter names).
 """
 
 from llava_jax.convert.checkpoint_io import CheckpointError, CheckpointReader
+from llava_jax.convert.folders import FolderError, load_folder, resolve_workdir
 from llava_jax.convert.export import CLIP_MEAN, CLIP_STD, IMAGE_TOKEN, add_image_token, to_hf
 from llava_jax.convert.importers import from_clip_and_llm, from_hf, from_original_llava
 from llava_jax.convert.native import load, save
 
 __all__ = ["from_hf", "from_clip_and_llm", "from_original_llava", "to_hf", "save", "load", "add_image_token",
-           "CheckpointError", "CheckpointReader", "IMAGE_TOKEN", "CLIP_MEAN", "CLIP_STD"]
+           "CheckpointError", "CheckpointReader", "IMAGE_TOKEN", "CLIP_MEAN", "CLIP_STD", "FolderError",
+           "load_folder", "resolve_workdir"]

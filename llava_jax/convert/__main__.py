@@ -14,6 +14,9 @@ import sys
 import time
 from pathlib import Path
 
+from llava_jax import cli
+from llava_jax.models.dtypes import DTYPES
+
 DESCRIPTION = """\
 Convert checkpoints between Hugging Face folders and the llava_jax format.
 
@@ -33,13 +36,12 @@ Typical flows:
       python -m llava_jax.convert export ./ckpt/llava15 ./llava15-hf --tokenizer ./vicuna-7b-v1.5
 """
 
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _add_dtype_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--param-dtype", choices=DTYPES, default=None,
+    p.add_argument("--param-dtype", choices=tuple(DTYPES), default=None,
                    help="storage dtype of the parameters (default: the checkpoint's, so bf16 stays bf16)")
-    p.add_argument("--dtype", choices=DTYPES, default=None,
+    p.add_argument("--dtype", choices=tuple(DTYPES), default=None,
                    help="compute dtype stored in the config (default: the parameter dtype)")
 
 
@@ -106,7 +108,8 @@ def _export_args(sub) -> None:
                                    "(config.json, safetensors shards + index in the classic layout, "
                                    "preprocessor_config.json; with --tokenizer also the tokenizer with <image> "
                                    "added and processor_config.json for AutoProcessor).")
-    p.add_argument("our_dir", type=Path, help="llava_jax checkpoint folder (model.json + params/)")
+    p.add_argument("our_dir", type=Path, help="llava_jax checkpoint folder (model.json + params/), a Hugging Face "
+                   "folder, or a finished training workdir (its export_hf folder, as chat and serve take it)")
     p.add_argument("hf_dir", type=Path, help="output folder")
     p.add_argument("--tokenizer", type=Path, default=None,
                    help="tokenizer folder (e.g. the LLM's); <image> is added when absent")
@@ -114,20 +117,16 @@ def _export_args(sub) -> None:
                    help="image processor folder (default: CLIP's, at the tower's resolution)")
     p.add_argument("--chat-template", type=Path, default=None, help="Jinja chat template file to store")
     p.add_argument("--max-shard-size", default="5GB", help="e.g. 5GB, 500MB (default: 5GB)")
-    p.add_argument("--param-dtype", choices=DTYPES, default=None, help="cast the exported weights")
+    p.add_argument("--param-dtype", choices=tuple(DTYPES), default=None, help="cast the exported weights")
 
 
 def _dtypes(args) -> dict:
     return {"dtype": args.dtype, "param_dtype": args.param_dtype}
 
 
+@cli.command(OSError, ValueError, TypeError, KeyError)  # CheckpointError is a ValueError.
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    try:
-        return _run(args)
-    except (OSError, ValueError, TypeError, KeyError) as e:  # CheckpointError is a ValueError.
-        print("error: " + " ".join(str(e).split()), file=sys.stderr)  # user errors: one line, exit 2
-        return 2
+    return _run(_parser().parse_args(argv))
 
 
 def _run(args) -> int:
@@ -148,7 +147,7 @@ def _run(args) -> int:
                                             pad_vocab_to_multiple_of=args.pad_vocab_to_multiple_of,
                                             **_dtypes(args))
     else:
-        model = convert.load(args.our_dir, param_dtype=args.param_dtype)
+        model = convert.load_folder(convert.resolve_workdir(args.our_dir)[0], param_dtype=args.param_dtype)
         chat_template = args.chat_template.read_text() if args.chat_template else None
         out = convert.to_hf(model, args.hf_dir, tokenizer=args.tokenizer, image_processor=args.image_processor,
                             max_shard_size=args.max_shard_size, chat_template=chat_template)

@@ -20,6 +20,7 @@ from llava_jax.convert.checkpoint_io import CheckpointError, read_json
 from llava_jax.convert.build import _flat, _is_abstract, _leaves, _place, fresh_leaves, leaf_shardings, with_runtime
 from llava_jax.convert.export import check_stacked
 from llava_jax.convert.families import FAMILIES
+from llava_jax.models.dtypes import DTYPES
 from llava_jax.sharding import state_shardings
 
 MODEL_JSON = "model.json"
@@ -30,7 +31,8 @@ PARAMS_DIR = "params"
 MODEL_TYPES = {f"{f.model.__module__}:{f.model.__qualname__}": f.model for f in FAMILIES}
 CONFIG_TYPES = {f"{f.config.__module__}:{f.config.__qualname__}": f.config for f in FAMILIES}
 _CONFIG_OF = {f.model: f.config for f in FAMILIES}
-DTYPES = ("float32", "bfloat16", "float16", "float64", "int8", "int16", "int32", "int64", "uint8", "bool")
+# The dtypes a stored config may name: the model dtypes and, for fields that hold other arrays, these.
+STORED_DTYPES = (*DTYPES, "float64", "int8", "int16", "int32", "int64", "uint8", "bool")
 
 
 class FormatError(CheckpointError):
@@ -63,14 +65,14 @@ def config_to_json(value):
 
 
 def config_from_json(data, where: str = MODEL_JSON):
-    """Plain JSON -> config: dataclasses only from `CONFIG_TYPES`, dtypes only from `DTYPES`.
+    """Plain JSON -> config: dataclasses only from `CONFIG_TYPES`, dtypes only from `STORED_DTYPES`.
     Raises FormatError naming `where` for anything else."""
     if isinstance(data, list):
         return [config_from_json(v, where) for v in data]
     if not isinstance(data, dict):
         return data
     if "__dtype__" in data:
-        return jnp.dtype(_allowed(DTYPES, data["__dtype__"], "dtype", where))
+        return jnp.dtype(_allowed(STORED_DTYPES, data["__dtype__"], "dtype", where))
     if "__tuple__" in data:
         return tuple(config_from_json(v, where) for v in data["__tuple__"])
     if "__dataclass__" in data:

@@ -18,6 +18,7 @@ import time
 import numpy as np
 from PIL import Image
 
+from llava_jax import cli
 from llava_jax.data.images import ImageConfig, load_image, preprocess
 
 _JPEGS: list[bytes] = []
@@ -84,6 +85,7 @@ def images_per_second(num: int, workers: int) -> tuple[float, float]:
         return num / (time.perf_counter() - start), num / cpu
 
 
+@cli.command()
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker process counts")

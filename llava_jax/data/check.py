@@ -26,7 +26,7 @@ import numpy as np
 from etils import epath
 from PIL import Image
 
-from llava_jax import atomic_files
+from llava_jax import atomic_files, cli
 from llava_jax.data.conversation import IMAGE_TOKEN, get_template
 from llava_jax.data.errors import BadSample
 from llava_jax.data.images import DEFAULT_MAX_PIXELS, ImageConfig, check_image_size, load_image
@@ -291,6 +291,7 @@ def _map(checker: SampleChecker, count: int, workers: int):
         _WORKER_CHECKER = None
 
 
+@cli.command(OSError, ValueError, KeyError)
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llava_jax.data.check", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -309,20 +310,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--strict", action="store_true", help="exit with code 1 when any sample is bad")
     parser.add_argument("--json", help="also write the report as JSON to this file")
     args = parser.parse_args(argv)
-    try:
-        _check_arguments(args)
-        report = check_dataset(args.data, args.images, tokenizer=args.tokenizer, template=args.template,
-                               max_length=args.max_length, image_seq_length=args.image_seq_length,
-                               limit=args.limit, workers=args.workers, max_pixels=args.max_pixels,
-                               aspect=args.aspect, max_images=args.max_images)
-        if report.total == 0:
-            raise ValueError(f"{args.data}: no samples")
-        print(report.format())
-        if args.json:
-            write_json(args.json, report.to_dict())
-    except (OSError, ValueError, KeyError) as error:
-        print("error: " + " ".join(str(error).split()), file=sys.stderr)
-        return 2
+    _check_arguments(args)
+    report = check_dataset(args.data, args.images, tokenizer=args.tokenizer, template=args.template,
+                           max_length=args.max_length, image_seq_length=args.image_seq_length,
+                           limit=args.limit, workers=args.workers, max_pixels=args.max_pixels,
+                           aspect=args.aspect, max_images=args.max_images)
+    if report.total == 0:
+        raise ValueError(f"{args.data}: no samples")
+    print(report.format())
+    if args.json:
+        write_json(args.json, report.to_dict())
     return 1 if args.strict and report.num_bad else 0
 
 

@@ -23,6 +23,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from llava_jax import cli
 from llava_jax.data import instruct
 from llava_jax.data.coco_context import ImageContext, file_stem, load_coco
 from llava_jax.atomic_files import write_text
@@ -113,13 +114,10 @@ def run(args) -> dict:
     return report
 
 
+@cli.command(OSError, ValueError)
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        report = run(args)
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    report = run(args)
     for name in args.families:
         r = report[name]
         print(f"{name}: {r['samples']} samples of {r['images']} images -> {r['output']} "

@@ -25,6 +25,7 @@ from typing import Any, Mapping
 import grain
 import numpy as np
 
+from llava_jax import cli
 from llava_jax.data import batch as batch_spec
 
 METHODS = ("none", "first_fit", "best_fit")
@@ -213,6 +214,7 @@ def packing_efficiency(lengths: np.ndarray, has_image: np.ndarray, *, method: st
     return real / computed, samples / max(computed // length, 1)
 
 
+@cli.command()
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Real tokens per computed token: length bucketing against packing, "
                                             "on a synthetic mix665k-like length mix (see LengthMix).")

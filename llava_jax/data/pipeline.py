@@ -43,6 +43,7 @@ from llava_jax.data import packing
 from llava_jax.data.batch import bucket_length  # noqa: F401  (re-exported)
 from llava_jax.data.errors import BadSample, DataFileError
 from llava_jax.data.grouping import group_by_modality_length
+from llava_jax.data import tokenize
 from llava_jax.data.tokenize import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ class PipelineConfig:
       image_seq_length: image tokens per image in the prompt.
       max_images_per_sample: I, the image slots of a row; samples with more are skipped.
       image_token_id: the `<image>` token; None adds it to the tokenizer if missing.
-      pad_token_id: None uses the tokenizer's pad token, else its unk token (as LLaVA).
+      pad_token_id: None: `tokenize.pad_token_id(tokenizer)` (its pad, else unk as LLaVA, else eos token).
       strict: raise the first BadSample instead of skipping and counting.
       max_bad_in_row: that many bad samples in a row stop the run (DataFileError): a dataset whose samples
         are all bad would otherwise be skipped through forever.
@@ -482,14 +483,6 @@ def _process_index_and_count(process_index: int | None, process_count: int | Non
     return process_index, process_count
 
 
-def _pad_token_id(tokenizer) -> int:
-    pad = getattr(tokenizer, "pad_token_id", None)
-    pad = getattr(tokenizer, "unk_token_id", None) if pad is None else pad
-    if pad is None:
-        raise ValueError("the tokenizer has neither a pad nor an unk token: set PipelineConfig.pad_token_id")
-    return int(pad)
-
-
 def _use_default_absl_flags() -> None:
     """grain's worker processes read absl flags: outside an absl app, take their defaults."""
     from absl import flags
@@ -555,7 +548,7 @@ def make_train_iterator(config: PipelineConfig, tokenizer=None, *, process_index
         if tokenizer is None:
             raise ValueError("make_train_iterator needs a tokenizer (or a sample_processor)")
         sample_processor = default_sample_processor(config, tokenizer)
-    pad_token_id = config.pad_token_id if config.pad_token_id is not None else _pad_token_id(tokenizer)
+    pad_token_id = config.pad_token_id if config.pad_token_id is not None else tokenize.pad_token_id(tokenizer)
     samples = sample_dataset(config, sample_processor, process_index=process_index, process_count=process_count)
     dataset = samples.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads,
                                                          prefetch_buffer_size=config.read_buffer_size))

@@ -21,6 +21,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+from llava_jax import cli
 from llava_jax.atomic_files import write_text
 
 OPTIONS = ("A", "B", "C", "D", "E")
@@ -125,6 +126,7 @@ def load_split(base_dir: str | os.PathLike, split: str) -> tuple[dict, list[str]
     return problems, list(splits[split])
 
 
+@cli.command(OSError, ValueError)  # json.JSONDecodeError is a ValueError
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llava_jax.data.scienceqa", description=__doc__.split("\n")[0])
     parser.add_argument("--base-dir", required=True, help="folder with problems.json and pid_splits.json")
@@ -132,13 +134,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--prompt-format", default="QCM-LEA", help="training QCM-LEA; the evaluation file is CQM-A")
     parser.add_argument("--out", help="output JSON (default <base-dir>/llava_<split>_<format>.json)")
     args = parser.parse_args(argv)
-    try:
-        check_format(args.prompt_format)
-        problems, split_ids = load_split(args.base_dir, args.split)
-        samples = convert(problems, split_ids, args.prompt_format)
-    except (OSError, ValueError, json.JSONDecodeError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    check_format(args.prompt_format)
+    problems, split_ids = load_split(args.base_dir, args.split)
+    samples = convert(problems, split_ids, args.prompt_format)
     out = Path(args.out or Path(args.base_dir) / f"llava_{args.split}_{args.prompt_format}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     write_text(out, json.dumps(samples, indent=2, ensure_ascii=False) + "\n")

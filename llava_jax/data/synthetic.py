@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from llava_jax import atomic_files
+from llava_jax import atomic_files, cli
 
 SHAPES = ("circle", "square", "triangle", "diamond")
 COLORS = {
@@ -477,6 +477,7 @@ def build_tokenizer(out_dir: str | Path) -> Path:
     return out_dir
 
 
+@cli.command(OSError, ValueError)
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m llava_jax.data.synthetic", description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="output folder")

@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import re
-import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,6 +27,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 from etils import epath
 
+from llava_jax import cli
 from llava_jax.data.errors import BadSample
 
 logger = logging.getLogger(__name__)
@@ -200,6 +200,7 @@ def _text(value: bytes | str) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
+@cli.command(OSError, ValueError, exits=True)  # unreadable inputs, unwritable output
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Write a LLaVA JSON dataset to ArrayRecord shards (TFDS layout) "
                                      "with the images embedded.")
@@ -209,11 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", default=None, help="config name (default: from the annotation file name)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    try:
-        version_dir = build(args.data, args.images, args.out, name=args.name)
-    except (OSError, ValueError) as error:  # unreadable inputs, unwritable output: one line, exit 2
-        print("error: " + " ".join(str(error).split()), file=sys.stderr)
-        sys.exit(2)
+    version_dir = build(args.data, args.images, args.out, name=args.name)
     name = version_dir.parent.name
     source = TfdsLlavaSource(args.out, name)
     print(f"wrote {len(source)} samples to {version_dir}; skipped: {source.skipped() or 'none'}")

@@ -48,6 +48,18 @@ def add_image_token(tokenizer) -> int:
     return _single_token_id(tokenizer, IMAGE_TOKEN)
 
 
+def pad_token_id(tokenizer) -> int:
+    """The id a batch is padded with: the tokenizer's pad token, else its unk token (the official LLaVA sets
+    pad_token = unk_token), else its eos token (what transformers' generate pads with). Padded positions are
+    out of attention and loss, so any real token does; a tokenizer with none of the three is refused."""
+    for name in ("pad_token_id", "unk_token_id", "eos_token_id"):
+        token_id = getattr(tokenizer, name, None)
+        if token_id is not None:
+            return int(token_id)
+    raise ValueError("the tokenizer has no pad, unk or eos token to pad batches with: set "
+                     "PipelineConfig.pad_token_id")
+
+
 def _single_token_id(tokenizer, token: str) -> int | None:
     ids = tokenizer(token, add_special_tokens=False).input_ids
     return ids[0] if len(ids) == 1 else None

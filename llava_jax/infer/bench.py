@@ -23,7 +23,6 @@ import argparse
 import dataclasses
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,11 +33,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llava_jax import convert
+from llava_jax import cli, convert
 from llava_jax.convert.hf_llava import llava_config_to_hf
 from llava_jax.infer import decoding
 from llava_jax.infer import generate as gen_lib
 from llava_jax.models import clip_vit, llama
+from llava_jax.models.dtypes import DTYPES
 from llava_jax.models.llava import PRESETS as LLAVA_PRESETS
 from llava_jax.models.llava import LlavaConfig, LlavaForConditionalGeneration
 
@@ -59,8 +59,6 @@ PRESETS: dict[str, LlavaConfig] = {
                                num_attention_heads=8, num_key_value_heads=8, max_position_embeddings=4096)),
     "llava_1_5_7b": LLAVA_PRESETS["llava_1_5_7b"],
 }
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 # Peak memory bandwidth in bytes/s by device kind (substring of jax's device_kind, first match wins).
 BANDWIDTH = (
@@ -312,15 +310,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@cli.command()
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.new_tokens < 2:
-        print("error: --new-tokens must be >= 2", file=sys.stderr)
-        return 2
+        raise cli.UsageError("--new-tokens must be >= 2")
     if args.model and args.compare_transformers:
-        print("error: --compare-transformers draws its own weights; use it with --preset, not --model",
-              file=sys.stderr)
-        return 2
+        raise cli.UsageError("--compare-transformers draws its own weights; use it with --preset, not --model")
     run_generate(args)
     return 0
 

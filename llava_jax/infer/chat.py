@@ -15,10 +15,10 @@ import argparse
 import sys
 from typing import Callable, Sequence, TextIO
 
+from llava_jax import cli
 from llava_jax.data.conversation import IMAGE_TOKEN, generation_prompt, get_template
 from llava_jax.data.errors import BadSample
-
-EXIT_BAD_INPUT = 2
+from llava_jax.models.dtypes import DTYPES
 
 
 class ChatError(Exception):
@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--temperature", type=float, default=0.2, help="0 = greedy (official CLI default 0.2)")
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+    parser.add_argument("--dtype", choices=tuple(DTYPES),
                         help="compute and storage dtype (default: the checkpoint's)")
     parser.add_argument("--tokenizer", help="tokenizer folder (default: the model folder)")
     return parser
@@ -138,11 +138,11 @@ def interact(chat: Chat, stdin: TextIO, stdout: TextIO) -> None:
         stdout.flush()
 
 
+@cli.command(ChatError)
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.max_new_tokens < 1:
-        print("error: --max-new-tokens must be >= 1", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        raise cli.UsageError("--max-new-tokens must be >= 1")
     try:
         chat = _open_chat(args)
         if args.prompt is not None:
@@ -150,9 +150,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout.write("\n")
         else:
             interact(chat, sys.stdin, sys.stdout)
-    except ChatError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         sys.stdout.write("\n")
     return 0

@@ -20,9 +20,11 @@ from typing import Callable, Sequence
 
 from PIL import Image
 
+from llava_jax import cli
 from llava_jax.data.errors import BadSample
 from llava_jax.data.images import ImageConfig, load_image
 from llava_jax.data.paths import resolve_inside
+from llava_jax.models.dtypes import DTYPES
 from llava_jax.infer import questions as questions_lib
 from llava_jax.infer.generate import Generator
 
@@ -130,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--model-id", help="written into every answer (default: the model folder's name)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
+    parser.add_argument("--dtype", choices=tuple(DTYPES))
     parser.add_argument("--tokenizer", help="tokenizer folder (default: the model folder)")
     parser.add_argument("--repeated-ids", action="store_true", help="accept a question_id asked several times "
                         "with different texts (MME, MMBench --all-rounds); otherwise refused, naming the lines")
@@ -138,28 +140,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@cli.command(OSError, KeyError, ValueError)  # ModelLoadError and BadSample are ValueErrors
 def main(argv: Sequence[str] | None = None) -> int:
     from llava_jax.data.conversation import get_template
-    from llava_jax.infer.generate import ModelLoadError, load_model
+    from llava_jax.infer.generate import load_model
 
     args = build_parser().parse_args(argv)
-    try:
-        get_template(args.template)
-        if not Path(args.questions).is_file():
-            raise FileNotFoundError(f"question file not found: {args.questions}")
-        if not Path(args.images).is_dir():
-            raise FileNotFoundError(f"image folder not found: {args.images}")
-        questions = questions_lib.load_question_file(args.questions, args.repeated_ids)
-        check_image_paths(questions, args.images)  # before loading the model
-        model, tokenizer, image_config, _ = load_model(args.model, dtype=args.dtype, tokenizer=args.tokenizer)
-        evaluate(model, tokenizer, args.questions, args.images, args.answers, template=args.template,
-                 image_config=image_config, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                 temperature=args.temperature, model_id=args.model_id or Path(args.model).resolve().name,
-                 progress=not args.no_progress, repeated_ids=args.repeated_ids)
-    except (ModelLoadError, OSError, BadSample, KeyError, ValueError) as e:
-        message = e.args[0] if isinstance(e, KeyError) and e.args else e
-        print(f"error: {message}", file=sys.stderr)
-        return 2
+    get_template(args.template)
+    if not Path(args.questions).is_file():
+        raise FileNotFoundError(f"question file not found: {args.questions}")
+    if not Path(args.images).is_dir():
+        raise FileNotFoundError(f"image folder not found: {args.images}")
+    questions = questions_lib.load_question_file(args.questions, args.repeated_ids)
+    check_image_paths(questions, args.images)  # before loading the model
+    model, tokenizer, image_config, _ = load_model(args.model, dtype=args.dtype, tokenizer=args.tokenizer)
+    evaluate(model, tokenizer, args.questions, args.images, args.answers, template=args.template,
+             image_config=image_config, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+             temperature=args.temperature, model_id=args.model_id or Path(args.model).resolve().name,
+             progress=not args.no_progress, repeated_ids=args.repeated_ids)
     print(f"answers written to {args.answers}", file=sys.stderr)
     return 0
 

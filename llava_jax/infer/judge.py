@@ -36,6 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
+from llava_jax import cli
 from llava_jax.atomic_files import write_text
 from llava_jax.data.llm_client import ChatClient, add_client_arguments, client_from_args, failure_line
 from llava_jax.infer.questions import read_jsonl
@@ -302,17 +303,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@cli.command(OSError, ValueError, KeyError)
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    client = client_from_args(args, str(getattr(args, args.output_arg)) + ".cache.sqlite")
     try:
-        client = client_from_args(args, str(getattr(args, args.output_arg)) + ".cache.sqlite")
-        try:
-            summary, failed = args.run(args, client)
-        finally:
-            client.close()
-    except (OSError, ValueError, KeyError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        summary, failed = args.run(args, client)
+    finally:
+        client.close()
     usage = client.usage.report(args.input_price, args.output_price)
     print(json.dumps({**summary, "usage": usage}, indent=2))
     if failed:

@@ -4,7 +4,6 @@ serve, eval and bench open a model."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -34,24 +33,6 @@ def default_template(name: str, tokenizer=None, text_model_type: str | None = No
     return "llava_v1"
 
 
-def _workdir_export(path: Path) -> tuple[Path, str | None]:
-    """A training workdir -> (its Hugging Face export folder, its data template)."""
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError) as e:
-        raise ModelLoadError(f"{path}: unreadable training config.json ({e})") from None
-    data = config.get("data") if isinstance(config, dict) else None
-    export = config.get("export_hf") if isinstance(config, dict) else None
-    template = data.get("template") if isinstance(data, dict) else None
-    if not isinstance(template, (str, type(None))) or not isinstance(export, (str, type(None))):
-        raise ModelLoadError(f"{path / 'config.json'}: export_hf and data.template must be strings")
-    if not export or not (Path(export) / "config.json").is_file():
-        raise ModelLoadError(f"{path}: a training workdir without a finished Hugging Face export (its config's "
-                             f"export_hf is {export!r}); load the exported folder, or finish the run with "
-                             "export_hf set")
-    return Path(export), template
-
-
 def load_model(path: str | os.PathLike, *, dtype=None, tokenizer: str | os.PathLike | None = None):
     """Loads a model for generation -> (model, tokenizer, image_config, template name).
 
@@ -70,19 +51,12 @@ def load_model(path: str | os.PathLike, *, dtype=None, tokenizer: str | os.PathL
     path = Path(path)
     if not path.is_dir():
         raise ModelLoadError(f"model folder not found: {path}")
-    template = None
-    if (path / "checkpoints").is_dir() and (path / "config.json").is_file():
-        path, template = _workdir_export(path)
     try:
-        if (path / "model.json").is_file():
-            model = convert.load(path, **({"dtype": dtype} if dtype else {}))
-        elif (path / "config.json").is_file():
-            model = convert.from_hf(path, dtype=dtype)
-        else:
-            raise ModelLoadError(f"{path}: not a model folder (no config.json or model.json)")
+        path, template = convert.resolve_workdir(path)
+        model = convert.load_folder(path, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer or path), trust_remote_code=False)
-    except ModelLoadError:
-        raise
+    except convert.FolderError as e:
+        raise ModelLoadError(str(e)) from None
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ModelLoadError(f"{path}: cannot load the model or its tokenizer: {e}") from e
     language_model(model).model.unstack_layers()  # in place: the one copy of the weights

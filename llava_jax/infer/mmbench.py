@@ -39,6 +39,7 @@ from pathlib import Path
 
 from PIL import Image
 
+from llava_jax import cli
 from llava_jax.atomic_files import write_text
 
 OPTIONS = ("A", "B", "C", "D")
@@ -214,6 +215,7 @@ def write_submission(path: PathLike, header: Sequence[str], table: Sequence[Sequ
         raise ValueError(f"{path}: the upload must end in .xlsx or .tsv")
 
 
+@cli.command(OSError, ValueError)
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llava_jax.infer.mmbench", description=__doc__.split("\n")[0])
     parser.add_argument("--tsv", required=True, help="the MMBench / MMBench-CN TSV")
@@ -221,11 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--all-rounds", action="store_true", help="one question per rotation of the options")
     parser.add_argument("--lang", default="en", choices=sorted(INSTRUCTION))
     args = parser.parse_args(argv)
-    try:
-        count = build_questions(args.tsv, args.out_dir, all_rounds=args.all_rounds, lang=args.lang)
-    except (OSError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    count = build_questions(args.tsv, args.out_dir, all_rounds=args.all_rounds, lang=args.lang)
     print(f"{count} questions -> {Path(args.out_dir) / 'questions.jsonl'}", file=sys.stderr)
     return 0
 

@@ -21,10 +21,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Sequence
 
-from llava_jax import atomic_files
+from llava_jax import atomic_files, cli
 from llava_jax.infer import scorers
 from llava_jax.infer.questions import read_jsonl
 
@@ -142,12 +141,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@cli.command(OSError, ValueError, exits=True)
 def main(argv: Sequence[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    try:
-        result = args.run(args)
-    except (OSError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    result = args.run(args)
     text = json.dumps(result, indent=2)
     print(text)
     if args.output:

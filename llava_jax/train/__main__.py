@@ -12,6 +12,8 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from llava_jax import cli
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file, e.g. configs/stage2.py:demo.",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, logs, TensorBoard); local or a "
@@ -31,12 +33,6 @@ def quiet_library_logs() -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
 
 
-def fail(message: str) -> None:
-    """Exits 2 with one line on stderr."""
-    print(" ".join(str(message).split()), file=sys.stderr)
-    sys.exit(2)
-
-
 def parse_flags(argv: list[str]) -> list[str]:
     """absl flag parsing whose user errors (unknown flag or config field, bad value, broken config file) are
     one line and exit 2."""
@@ -44,17 +40,16 @@ def parse_flags(argv: list[str]) -> list[str]:
         remaining = flags.FLAGS(argv)
         _CONFIG.value.keys()  # a config file that cannot be loaded fails here, not later with a traceback
         return remaining
-    except OSError as e:
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        fail(f"error: --config: {lines[-1] if lines else e}")
+    except OSError as e:  # a missing config file: 'error: --config: FILE: No such file or directory'
+        cli.fail(f"error: --config: {cli.describe(e)}")
     except flags.Error as e:
         lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         cause = lines[-1] if len(lines) > 1 else ""
-        fail(f"error: {lines[0] if lines else e}{' ' + cause if cause else ''}")
+        cli.fail(f"error: {lines[0] if lines else e}{' ' + cause if cause else ''}")
     except (KeyError, AttributeError) as e:  # --config.<field> naming no field
         name = str(e.args[0] if e.args else e).split("\n")[0].strip("'\"")
         given = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.") and name in a.split("=")[0]]
-        fail(f"error: unknown config field {(given or [name])[0]} ({name!r} is not a field)")
+        cli.fail(f"error: unknown config field {(given or [name])[0]} ({name!r} is not a field)")
 
 
 def check_workdir(workdir: str) -> None:
@@ -63,14 +58,14 @@ def check_workdir(workdir: str) -> None:
         return
     path = os.path.abspath(workdir)
     if os.path.exists(path) and not os.path.isdir(path):
-        fail(f"error: --workdir {workdir} is not a folder")
+        cli.fail(f"error: --workdir {workdir} is not a folder")
     parent = path
     while not os.path.exists(parent):
         parent = os.path.dirname(parent)
     if not os.path.isdir(parent):
-        fail(f"error: --workdir {workdir} cannot be created: {parent} is not a folder")
+        cli.fail(f"error: --workdir {workdir} cannot be created: {parent} is not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
-        fail(f"error: --workdir {workdir} is not writable ({parent})")
+        cli.fail(f"error: --workdir {workdir} is not writable ({parent})")
 
 
 def main(argv):
@@ -88,21 +83,21 @@ def main(argv):
         loop.run(config, workdir, config_name=config_name)
     except model_init.MissingInputs as e:
         print(e, file=sys.stderr)
-        sys.exit(2)
+        sys.exit(cli.EXIT_BAD_INPUT)
     except checkpoint.NoIntactCheckpoint as e:
-        fail(f"cannot resume: {e}")
+        cli.fail(f"cannot resume: {e}")
     except BadSample as e:
-        fail(f"bad sample (data.strict is set): {e}")
+        cli.fail(f"bad sample (data.strict is set): {e}")
     except DataFileError as e:
-        fail(f"error: {e}")
+        cli.fail(f"error: {e}")
     except loop.NonFiniteError as e:
         print(f"training stopped: {e}", file=sys.stderr)
         sys.exit(3)
     except OSError as e:  # workdir, data or weight files the system refuses
-        fail(f"error: {e}")
+        cli.fail(f"error: {e}")
     except ValueError as e:
         if str(e).startswith("config."):
-            fail(f"invalid config: {e}")
+            cli.fail(f"invalid config: {e}")
         raise
 
 

@@ -20,7 +20,6 @@ import argparse
 import dataclasses
 import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,13 +30,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llava_jax import convert
+from llava_jax import cli, convert
 from llava_jax.convert.build import with_runtime
 from llava_jax.data.packing import LengthMix, pack_window, segment_lengths
 from llava_jax.data.pipeline import collate
 from llava_jax.infer.bench import PRESETS as GENERATE_PRESETS
 from llava_jax.infer.bench import _transformers_model
 from llava_jax.models import clip_vit, llama
+from llava_jax.models.dtypes import DTYPES
 from llava_jax.models.llava import LlavaConfig, LlavaForConditionalGeneration
 from llava_jax.train import lora as lora_lib
 from llava_jax.train import metrics, recipes
@@ -52,7 +52,6 @@ PRESETS: dict[str, LlavaConfig] = {
         text=llama.LlamaConfig(vocab_size=32064, hidden_size=2048, intermediate_size=5504, num_hidden_layers=24,
                                num_attention_heads=16, max_position_embeddings=4096)),
 }
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def synthetic_samples(cfg: LlavaConfig, n: int, seq: int, seed: int = 0) -> list[dict]:
@@ -279,12 +278,12 @@ def add_parser(commands) -> None:
     t.add_argument("--json", help="write the results here")
 
 
+@cli.command()
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llava_jax.bench", description=__doc__.split("\n")[0])
     add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     if args.batch <= 0 or args.seq <= 0 or args.repeats <= 0:
-        print("error: --batch, --seq and --repeats must be positive", file=sys.stderr)
-        return 2
+        raise cli.UsageError("--batch, --seq and --repeats must be positive")
     run_train(args)
     return 0

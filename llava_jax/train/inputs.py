@@ -17,6 +17,7 @@ from llava_jax.data import synthetic
 from llava_jax.data.images import ImageConfig
 from llava_jax.data.pipeline import PipelineConfig, make_train_iterator
 from llava_jax.data.sources import LlavaJsonSource
+from llava_jax.data.tokenize import pad_token_id  # noqa: F401  (inputs.pad_token_id: the rule training pads by)
 from llava_jax.train import model_init
 from llava_jax.train import step as step_lib
 from llava_jax.train.distributed import barrier
@@ -123,6 +124,3 @@ def common_length(local: dict, pad_token_id: int) -> dict:
     return batch_spec.pad_tokens(local, target, pad_token_id)
 
 
-def pad_token_id(tokenizer) -> int:
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.unk_token_id
-    return 0 if pad is None else int(pad)

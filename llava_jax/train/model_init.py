@@ -8,15 +8,13 @@ import os
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import ml_collections as mlc
 from flax import nnx
 
 from llava_jax.models import clip_vit, llama
+from llava_jax.models.dtypes import DTYPES  # also read as model_init.DTYPES by setup, inputs and plan
 from llava_jax.models.llava import LlavaConfig, LlavaForConditionalGeneration
 from llava_jax import sharding
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 class MissingInputs(SystemExit):

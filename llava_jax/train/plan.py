@@ -463,7 +463,7 @@ def partitioned_hlo(compiled) -> str:
 
 
 def main() -> None:
-    import sys
+    from llava_jax import cli
 
     from absl import app, flags
     from ml_collections import config_flags
@@ -481,8 +481,7 @@ def main() -> None:
         try:
             target = parse_target(topology.value, devices.value)
             print(format_report(run(config.value, target, mesh.value), config.value), flush=True)
-        except ValueError as e:
-            print(f"plan: {e}", file=sys.stderr)
-            sys.exit(2)
+        except (ValueError, OSError) as e:  # OSError: a missing config file
+            cli.fail(cli.error_line(e))
 
     app.run(run_main)

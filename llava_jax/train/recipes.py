@@ -12,6 +12,8 @@ import math
 
 import ml_collections as mlc
 
+from llava_jax.models.dtypes import DTYPES
+
 MODELS = ("vicuna7b", "vicuna13b", "llama3_8b", "demo")
 DATA_VARIANTS = ("scienceqa",)
 
@@ -274,7 +276,7 @@ def validate(c: mlc.ConfigDict) -> None:
     need(c.data.image_aspect in ("pad", "resize"), "data.image_aspect", "must be 'pad' or 'resize'")
     need(max(c.data.length_buckets) >= c.data.max_length, "data.length_buckets",
          f"the largest bucket must be >= data.max_length ({c.data.max_length})")
-    need(c.model.dtype in ("float32", "bfloat16", "float16"), "model.dtype", f"unknown dtype {c.model.dtype!r}")
+    need(c.model.dtype in DTYPES, "model.dtype", f"unknown dtype {c.model.dtype!r}")
     need(c.model.remat in _remat_policies(), "model.remat",
          f"unknown policy {c.model.remat!r}; choose one of {sorted(_remat_policies())}")
     need(c.model.attention_impl in ("xla", "cudnn", "splash"), "model.attention_impl",

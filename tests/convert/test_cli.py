@@ -53,3 +53,23 @@ def test_import_then_export_in_subprocess(tmp_path):
         assert np.array_equal(got.astype(np.float32), src.get(name).astype("bfloat16").astype(np.float32)), name
     assert json.loads((tmp_path / "out" / "config.json").read_text())["dtype"] == "bfloat16"
     assert isinstance(transformers.AutoProcessor.from_pretrained(tmp_path / "out"), transformers.LlavaProcessor)
+
+
+def test_export_takes_a_training_workdir_as_chat_and_serve_do(tmp_path, capsys):
+    """A finished training workdir stands for its export_hf folder (`convert.resolve_workdir`, the function
+    chat and serve use); one without a finished export is one line naming it, exit 2."""
+    helpers.save_tiny_llama(tmp_path / "export")
+    workdir = tmp_path / "run"
+    (workdir / "checkpoints").mkdir(parents=True)
+    (workdir / "config.json").write_text(json.dumps({"export_hf": str(tmp_path / "export")}))
+    assert main(["export", str(workdir), str(tmp_path / "out")]) == 0
+    src, out = checkpoint_io.CheckpointReader(tmp_path / "export"), checkpoint_io.CheckpointReader(tmp_path / "out")
+    assert set(out.names()) == set(src.names())
+    for name in src.names():
+        assert np.array_equal(out.get(name), src.get(name)), name
+    (workdir / "config.json").write_text(json.dumps({"export_hf": str(tmp_path / "nowhere")}))
+    capsys.readouterr()
+    assert main(["export", str(workdir), str(tmp_path / "out2")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {workdir}: a training workdir without a finished") and err.count("\n") == 1
+    assert not (tmp_path / "out2").exists()

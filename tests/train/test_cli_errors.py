@@ -64,3 +64,13 @@ def test_strict_mode_stops_training_with_one_line_naming_the_sample(tmp_path, de
     assert "Traceback" not in done.stderr
     assert last.startswith("bad sample (data.strict is set): sample ") and "[corrupt_image]" in last
     assert f"sample {str(first['id'])!r}" in last
+
+
+def test_missing_config_file_is_one_line_naming_it(tmp_path, jax_cache):
+    """Training and the planner: `error: ...configs/nope.py: No such file or directory`, no raw [Errno 2]."""
+    for module, *more in (("llava_jax.train",), ("llava_jax.plan", "--devices=cpu:1")):
+        done = subprocess.run([sys.executable, "-m", module, "--config=configs/nope.py", *more], cwd=REPO,
+                              env=cli_env(jax_cache), capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2, (module, done.stderr[-3000:])
+        assert done.stderr.count("\n") == 1 and "Errno" not in done.stderr, (module, done.stderr)
+        assert done.stderr.startswith("error: ") and "configs/nope.py: No such file or directory" in done.stderr

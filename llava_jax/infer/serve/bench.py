@@ -26,6 +26,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
+from llava_jax import cli
 from llava_jax.atomic_files import write_text
 
 
@@ -126,22 +127,19 @@ def server_process(args, timeout_s: float = 600.0) -> Iterator[str]:
         server.wait(30)
 
 
+@cli.command(RuntimeError)
 def main(argv: Sequence[str] | None = None) -> int:
     import httpx
 
     args = build_parser().parse_args(argv)
     requests = demo_requests(args.requests, args.max_tokens, ignore_eos=args.ignore_eos)
-    try:
-        with server_process(args) as url:
-            warm_up(url, requests, args.clients)
-            one = run(url, requests, 1)
-            before = httpx.get(url + "/health", timeout=30).json()
-            many = run(url, requests, args.clients)
-            after = httpx.get(url + "/health", timeout=30).json()
-        many["mean_batch"] = (after["rows"] - before["rows"]) / max(after["batches"] - before["batches"], 1)
-    except RuntimeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    with server_process(args) as url:
+        warm_up(url, requests, args.clients)
+        one = run(url, requests, 1)
+        before = httpx.get(url + "/health", timeout=30).json()
+        many = run(url, requests, args.clients)
+        after = httpx.get(url + "/health", timeout=30).json()
+    many["mean_batch"] = (after["rows"] - before["rows"]) / max(after["batches"] - before["batches"], 1)
     print(f"{'':>22} {'tokens/s':>9} {'requests/s':>10} {'p50 s':>7} {'p95 s':>7} {'tokens':>7}")
     for name, r in (("one by one", one), (f"{args.clients} concurrent clients", many)):
         print(f"{name:>22} {r['tokens_per_s']:9.1f} {r['requests_per_s']:10.2f} {r['p50_latency_s']:7.3f} "

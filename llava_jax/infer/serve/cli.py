@@ -13,13 +13,13 @@ import contextlib
 import logging
 import os
 import socket
-import sys
 import threading
 import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
-EXIT_BAD_INPUT = 2
+from llava_jax import cli
+from llava_jax.models.dtypes import DTYPES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model-name", help="the model id in /v1/models and answers (default: the folder's name)")
     p.add_argument("--template", help="conversation template (default: chosen from the model, as the chat CLI)")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--dtype", choices=tuple(DTYPES))
     p.add_argument("--tokenizer", help="tokenizer folder (default: the model folder)")
     p.add_argument("--max-batch", type=int, default=16, help="most requests decoded together")
     p.add_argument("--max-queue", type=int, default=256, help="most waiting requests; more get 429")
@@ -134,15 +134,12 @@ def _check_installed(ui: bool) -> None:
         raise BadArgs(f"{', '.join(missing)} not installed: pip install -e '.[serve]'")
 
 
+@cli.command(BadArgs)
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        _check_installed(args.ui)
-        _check(args)
-        engine = build_engine(args)
-    except BadArgs as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+    _check_installed(args.ui)
+    _check(args)
+    engine = build_engine(args)
     logging.basicConfig(level=args.log_level.upper())
     if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         logging.warning("serving on %s without --api-key: anyone who reaches this address can use the model",
