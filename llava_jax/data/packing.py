@@ -78,14 +78,15 @@ class WindowPackIterator(grain.DatasetIterator):
         return row
 
     def _fill(self, index: int) -> None:
-        self._window_start = self._parent.get_state()
+        start = self._parent.get_state()
         examples = []
         for example in self._parent:
             examples.append(example)
             if len(examples) == self._window:
                 break
-        if not examples:
+        if not examples:  # the stream ended: the state stays at the last window (restorable)
             raise StopIteration
+        self._window_start = start
         rows = pack_window(examples, method=self._method, length=self._length, max_images=self._max_images,
                            pad_token_id=self._pad)
         order = np.random.default_rng([self._seed, index]).permutation(len(rows))

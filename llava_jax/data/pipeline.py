@@ -21,8 +21,15 @@ Worker processes are spawned (grain `mp_prefetch`): a training script that sets 
 needs the usual `if __name__ == "__main__":` guard.
 
 A bad sample's slot is refilled by the next sample of the same process, so a process stream that met
-bad samples runs slightly ahead of the others. With finite `num_epochs` processes can therefore end a
-few batches apart: bound training by a step count.
+bad samples runs slightly ahead of the others.
+
+A finite pass (`num_epochs` set) sees every sample exactly once: its last batch is filled up with padding
+rows (every field at its `llava_jax.data.batch` fill value: no token attends, no label counts) and keeps
+`b` rows, so a jitted step does not recompile. One process stops after its last sample. Several processes
+each yield as many batches as the sample order has global batches (a count every process knows), a process
+whose samples end early (bad samples, a short last global batch) going on with padding-only batches;
+packed, that count is the bound for one sample a row, so the last batches of a multi-process packed pass
+are mostly padding.
 """
 
 from __future__ import annotations
@@ -401,6 +408,48 @@ def collate(examples: Sequence[dict], *, buckets: Sequence[int], pad_token_id: i
     return batch
 
 
+class PaddedEnd(grain.IterDataset):
+    """A finite stream of batches made exactly `count` batches long by padding batches after its end
+    (`count` None: as long as it is)."""
+
+    def __init__(self, parent: grain.IterDataset, count: int | None, padding: Mapping[str, np.ndarray]):
+        super().__init__(parent)
+        self._count, self._padding = count, padding
+
+    def __iter__(self) -> "PaddedEndIterator":
+        return PaddedEndIterator(self._parent.__iter__(), self._count, self._padding)
+
+
+class PaddedEndIterator(grain.DatasetIterator):
+    def __init__(self, parent: grain.DatasetIterator, count: int | None, padding: Mapping[str, np.ndarray]):
+        super().__init__(parent)
+        self._count, self._padding = count, padding
+        self._yielded, self._ended = 0, False
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        if self._count is not None and self._yielded >= self._count:
+            raise StopIteration
+        batch = None
+        if not self._ended:
+            try:
+                batch = next(self._parent)
+            except StopIteration:
+                self._ended = True
+        if batch is None:
+            if self._count is None:
+                raise StopIteration
+            batch = {k: v.copy() for k, v in self._padding.items()}
+        self._yielded += 1
+        return batch
+
+    def get_state(self) -> dict[str, Any]:
+        return {"parent": self._parent.get_state(), "yielded": self._yielded, "ended": self._ended}
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        self._parent.set_state(state["parent"])
+        self._yielded, self._ended = int(state["yielded"]), bool(state["ended"])
+
+
 class TrainIterator(grain.DatasetIterator):
     """The per-process batch iterator: checkpointable, with bad-sample and padding statistics.
 
@@ -491,6 +540,34 @@ def _use_default_absl_flags() -> None:
         flags.FLAGS.mark_as_parsed()
 
 
+def batch_layout(config: PipelineConfig, rows: int) -> batch_spec.Layout:
+    """The layout of this process's batches (`rows` rows; T the smallest length bucket when unpacked)."""
+    packed = config.packing != "none"
+    return batch_spec.Layout(rows, config.pack_length if packed else config.length_buckets[0],
+                             config.max_images_per_row if packed else config.max_images_per_sample,
+                             (3, config.image_size, config.image_size), packed=packed)
+
+
+def batches(config: PipelineConfig, examples: grain.IterDataset, *, rows: int, pad_token_id: int,
+            seed: int) -> grain.IterDataset:
+    """Batches of `rows` rows: padded samples, or packed rows. An endless stream drops its remainder (there
+    is none); a finite one fills its last batch up with padding rows."""
+    drop = config.num_epochs is None
+    if config.packing == "none":
+        batch_fn = functools.partial(collate, buckets=config.length_buckets, pad_token_id=pad_token_id,
+                                     max_images=config.max_images_per_sample, image_size=config.image_size,
+                                     rows=rows)
+        return examples.batch(rows, drop_remainder=drop, batch_fn=batch_fn)
+    packed = packing.pack(examples, method=config.packing, length=config.pack_length,
+                          max_images=config.max_images_per_row, window=config.pack_window, seed=seed,
+                          pad_token_id=pad_token_id)
+    if drop:
+        return packed.batch(rows, drop_remainder=True)
+    layout = dataclasses.replace(batch_layout(config, rows), rows=None)
+    return packed.batch(rows, drop_remainder=False, batch_fn=functools.partial(
+        batch_spec.with_rows, num_rows=rows, layout=layout, pad_token_id=pad_token_id))
+
+
 def default_sample_processor(config: PipelineConfig, tokenizer) -> LlavaSampleProcessor:
     """The LLaVA processor of `config`: template, image config, image token, max length."""
     image_token_id = config.image_token_id
@@ -541,7 +618,9 @@ def make_train_iterator(config: PipelineConfig, tokenizer=None, *, process_index
       an iterator of dicts with input_ids int32 [b, T], labels int32 [b, T], attention_mask int32 [b, T],
       pixel_values float32 [b, I, 3, S, S], image_mask bool [b, I]; b = global_batch_size /
       process_count, T one of `config.length_buckets`, I = max_images_per_sample. Packed
-      (`config.packing`): T = pack_length, I = max_images_per_row, plus segment_ids and positions [b, T].
+      (`config.packing`): T = pack_length, I = max_images_per_row, plus segment_ids and positions [b, T]
+      (the fields of `llava_jax.data.batch`). With finite `num_epochs` every sample comes once and the last
+      batches are filled up with padding rows (module doc); `batch.padding_rows(batch)` tells them apart.
     """
     process_index, process_count = _process_index_and_count(process_index, process_count)
     if sample_processor is None:
@@ -559,13 +638,9 @@ def make_train_iterator(config: PipelineConfig, tokenizer=None, *, process_index
     counter = BadSampleCounter(strict=config.strict, log_first=config.log_first_bad,
                                max_in_row=config.max_bad_in_row)
     rows = config.global_batch_size // process_count
-    if config.packing == "none":
-        batch_fn = functools.partial(collate, buckets=config.length_buckets, pad_token_id=pad_token_id,
-                                     max_images=config.max_images_per_sample, image_size=config.image_size)
-        dataset = dataset.filter(counter).batch(rows, drop_remainder=True, batch_fn=batch_fn)
-    else:
-        dataset = packing.pack(dataset.filter(counter), method=config.packing, length=config.pack_length,
-                               max_images=config.max_images_per_row, window=config.pack_window,
-                               seed=config.seed + process_index, pad_token_id=pad_token_id)
-        dataset = dataset.batch(rows, drop_remainder=True)
+    dataset = batches(config, dataset.filter(counter), rows=rows, pad_token_id=pad_token_id,
+                      seed=config.seed + process_index)
+    if config.num_epochs is not None:
+        count = None if process_count == 1 else len(samples) // rows
+        dataset = PaddedEnd(dataset, count, batch_spec.empty(batch_layout(config, rows), pad_token_id))
     return TrainIterator(iter(dataset), counter, report_every=config.report_every)

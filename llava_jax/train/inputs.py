@@ -84,14 +84,15 @@ def make_data(c: mlc.ConfigDict, tokenizer, model_cfg, demo_paths, seed_offset: 
 
 
 class HeldOut:
-    """The held-out loss: token-weighted cross entropy over the first `data.eval_batches` batches of
-    `data.eval_json` (images under `data.images`), the same batches every time."""
+    """The held-out loss: token-weighted cross entropy over the first `data.eval_batches` batches of one pass
+    over `data.eval_json` (images under `data.images`), the same batches every time. Each sample counts at
+    most once: a file shorter than the batches ends in a batch filled up with padding rows (no loss)."""
 
     def __init__(self, c: mlc.ConfigDict, tokenizer, model_cfg, demo_paths, graphdef, pad_token_id: int):
         images = demo_paths.images if demo_paths is not None else c.data.images
         pc = PipelineConfig(sources=(LlavaJsonSource(c.data.eval_json, images),), template=c.data.template,
                             max_length=c.data.max_length, length_buckets=tuple(c.data.length_buckets),
-                            global_batch_size=c.train.global_batch_size, seed=c.train.seed, num_epochs=None,
+                            global_batch_size=c.train.global_batch_size, seed=c.train.seed, num_epochs=1,
                             image_config=image_config(c, model_cfg), image_seq_length=model_cfg.image_seq_length,
                             image_token_id=model_cfg.image_token_index, worker_count=0, report_every=0)
         iterator = make_train_iterator(pc, tokenizer)

@@ -17,16 +17,13 @@ import dataclasses
 import re
 
 import jax
-import jax.numpy as jnp
 import ml_collections as mlc
 import numpy as np
 from flax import nnx
 
 from llava_jax import sharding
 from llava_jax.data import batch as batch_spec
-from llava_jax.train import model_init, recipes
-from llava_jax.train import optimizer as opt
-from llava_jax.train import step as step_lib
+from llava_jax.train import model_init, recipes, setup
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,14 +123,15 @@ def target_devices(target: Target) -> list:
 DEMO_VOCAB = 512
 
 
-def model_config(c: mlc.ConfigDict):
-    """The run's LlavaConfig (preset + runtime fields) without reading any checkpoint."""
+def model_config(c: mlc.ConfigDict, *, vocab_size: int = DEMO_VOCAB, image_token_index: int = 3):
+    """The run's LlavaConfig (preset + runtime fields) without reading any checkpoint. The demo's vocabulary
+    comes from its generated tokenizer: `vocab_size` and `image_token_index` stand for it (512 is of its
+    order)."""
     from llava_jax.models.llava import PRESETS
 
     if c.model.preset == "demo":
-        # The demo's vocabulary comes from its generated tokenizer; 512 is of its order.
-        cfg = model_init.demo_model_config(vocab_size=DEMO_VOCAB, image_size=c.demo.image_size,
-                                           image_token_index=3, patch_size=c.demo.patch_size)
+        cfg = model_init.demo_model_config(vocab_size=vocab_size, image_size=c.demo.image_size,
+                                           image_token_index=image_token_index, patch_size=c.demo.patch_size)
     else:
         cfg = dataclasses.replace(PRESETS[c.model.preset], projector=c.model.projector,
                                   vision_feature_layer=c.model.vision_feature_layer)
@@ -141,15 +139,12 @@ def model_config(c: mlc.ConfigDict):
 
 
 def abstract_model(c: mlc.ConfigDict, cfg):
-    """The model as shapes only (LoRA adapters attached when the config asks)."""
+    """The model as shapes only, with the LoRA adapters training attaches."""
     from llava_jax.models.llava import LlavaForConditionalGeneration
 
     def build():
-        model = LlavaForConditionalGeneration(cfg, rngs=nnx.Rngs(0))
-        if c.lora.enabled:
-            from llava_jax.train import lora
-            lora.add_adapters(model, rank=c.lora.rank, alpha=c.lora.alpha, dropout=c.lora.dropout,
-                              rngs=nnx.Rngs(1))
+        model = LlavaForConditionalGeneration(cfg, rngs=nnx.Rngs(c.train.seed))
+        setup.attach_lora(c, model)
         return model
 
     return nnx.eval_shape(build)
@@ -166,8 +161,8 @@ class StepPlan:
     batch_shapes: dict
 
 
-def _with_shardings(tree, shardings, dtype_of=lambda x: x.dtype):
-    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, dtype_of(x), sharding=s), tree, shardings)
+def _with_shardings(tree, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
 def batch_layout(c: mlc.ConfigDict) -> tuple[int, int, int]:
@@ -187,36 +182,28 @@ def abstract_batch(c: mlc.ConfigDict, cfg, mesh) -> dict:
             for k, (shape, dtype) in batch_spec.shapes(layout).items()}
 
 
-def plan_step(c: mlc.ConfigDict, mesh: jax.sharding.Mesh) -> StepPlan:
-    """Builds the run's train step (as the training loop does) over abstract inputs on `mesh`."""
-    cfg = model_config(c)
-    model = abstract_model(c, cfg)
-    groups = opt.resolve_groups(nnx.state(model, nnx.Param), [tuple(r) for r in c.trainable])
-    vision_trained = any(g is not None for path, g in groups.items() if path.startswith("vision_tower/"))
-    model.config = cfg = dataclasses.replace(cfg, freeze_vision_tower=not vision_trained)
-    graphdef, trainable, frozen, rest = opt.split_model(model, groups)
-    param_dtype, frozen_dtype = model_init.DTYPES[c.model.param_dtype], model_init.DTYPES[c.model.frozen_dtype]
-    floating = lambda x, d: d if jnp.issubdtype(x.dtype, jnp.floating) else x.dtype
-    trainable = _with_shardings(trainable, sharding.state_shardings(trainable, mesh), lambda x: param_dtype)
-    frozen = _with_shardings(frozen, sharding.state_shardings(frozen, mesh), lambda x: floating(x, frozen_dtype))
-    rest = _with_shardings(rest, sharding.state_shardings(rest, mesh))
-    specs = {g: opt.GroupSpec(1e-4) for g in ("llm", "lora", "projector", "vision")}
-    tx = opt.make_optimizer(groups, specs, total_steps=1000, warmup_ratio=c.optim.warmup_ratio,
-                            clip_norm=c.optim.clip_norm)
-    state_shardings = step_lib.state_shardings(trainable, tx, mesh)
-    abstract_state = _with_shardings(jax.eval_shape(lambda t: step_lib.init_state(t, tx), trainable),
-                                     state_shardings)
-    fn = step_lib.make_train_step(graphdef, tx, microbatches=c.train.microbatches,
-                                  compute_dtype=model_init.DTYPES[c.model.dtype], dropout_seed=c.train.seed,
-                                  loss_chunk=c.train.loss_chunk)
-    jitted = step_lib.jit_train_step(fn, mesh, state_shardings, sharding_of(frozen), sharding_of(rest))
-    batch = abstract_batch(c, cfg, mesh)
-    return StepPlan(jitted, (abstract_state, frozen, rest, batch), mesh, cfg, groups,
+PLAN_STEPS = 1000   # the schedule's length when the config counts epochs (the data is not read here)
+
+
+def abstract_parts(c: mlc.ConfigDict, cfg, mesh) -> setup.Parts:
+    """Training's split of the model (`setup.split_parts`), as shapes in their shardings on `mesh`."""
+    parts = setup.split_parts(c, abstract_model(c, cfg))
+    place = lambda tree: _with_shardings(tree, sharding.state_shardings(tree, mesh))
+    return dataclasses.replace(parts, trainable=place(parts.trainable), frozen=place(parts.frozen),
+                               rest=place(parts.rest))
+
+
+def plan_step(c: mlc.ConfigDict, mesh: jax.sharding.Mesh, cfg=None) -> StepPlan:
+    """The run's train step, built by training's own builders (`train.setup`) over abstract inputs on `mesh`.
+
+    cfg: the model config (default `model_config(c)`)."""
+    parts = abstract_parts(c, model_config(c) if cfg is None else cfg, mesh)
+    tx = setup.make_optimizer(c, parts.groups, c.train.num_steps if c.train.num_steps > 0 else PLAN_STEPS)
+    state = jax.eval_shape(setup.state_initializer(parts, tx, mesh), parts.trainable)
+    jitted = setup.compile_step(c, parts, tx, mesh, state)
+    batch = abstract_batch(c, parts.model_cfg, mesh)
+    return StepPlan(jitted, (state, parts.frozen, parts.rest, batch), mesh, parts.model_cfg, parts.groups,
                     {k: v.shape for k, v in batch.items()})
-
-
-def sharding_of(tree):
-    return jax.tree.map(lambda x: x.sharding, tree)
 
 
 def lower_and_compile(plan: StepPlan):

@@ -76,12 +76,9 @@ def setup(c: mlc.ConfigDict, workdir, *, config_name: str = "config") -> Run:
     parts = model_parts(c, mesh, tokenizer, demo_paths, is_main)
     data = inputs.make_data(c, tokenizer, parts.model_cfg, demo_paths)
     steps, specs = total_steps(c, data.num_samples), group_specs(c)
-    tx = opt.make_optimizer(parts.groups, specs, total_steps=steps, warmup_ratio=c.optim.warmup_ratio,
-                            clip_norm=c.optim.clip_norm, b1=c.optim.b1, b2=c.optim.b2, eps=c.optim.eps)
-    tx = step_lib.maybe_spike_guard(tx, c.train.spike_guard)
+    tx = make_optimizer(c, parts.groups, steps)
     with jax.set_mesh(mesh):
-        state = jax.jit(lambda t: step_lib.init_state(t, tx),
-                        out_shardings=step_lib.state_shardings(parts.trainable, tx, mesh))(parts.trainable)
+        state = state_initializer(parts, tx, mesh)(parts.trainable)
     checkpointer = ckpt_lib.Checkpointer(workdir, keep=c.keep_checkpoints)
     start, state = restore_latest(c, workdir, checkpointer, state, data, is_main)
     pad_id = inputs.pad_token_id(tokenizer)
@@ -108,22 +105,40 @@ def model_parts(c: mlc.ConfigDict, mesh, tokenizer, demo_paths, is_main: bool) -
                                    image_size=c.demo.image_size if demo_paths else None)
     if c.stage == 2 and c.model.stage1_workdir:
         restore_stage1_projector(model, c.model.stage1_workdir)
+    attach_lora(c, model)
+    return split_parts(c, model, show_groups=is_main)
+
+
+def attach_lora(c: mlc.ConfigDict, model: nnx.Module) -> None:
+    """The config's LoRA adapters, added to `model` in place (nothing when LoRA is off)."""
     if c.lora.enabled:
         lora.add_adapters(model, rank=c.lora.rank, alpha=c.lora.alpha, dropout=c.lora.dropout,
                           rngs=nnx.Rngs(c.train.seed + 1))
+
+
+def split_parts(c: mlc.ConfigDict, model: nnx.Module, *, show_groups: bool = False) -> Parts:
+    """Resolves the trainable rules, sets the tower's freeze flag and splits `model` (arrays, or shapes under
+    `nnx.eval_shape`) into trainable / frozen / other state in their storage dtypes."""
     params = nnx.state(model, nnx.Param)
     groups = opt.resolve_groups(params, [tuple(r) for r in c.trainable])
     # The tower's output is cut from the gradient only when no rule trains the tower.
     model.config = model_cfg = dataclasses.replace(model.config, freeze_vision_tower=not vision_trained(groups))
-    if is_main:
+    if show_groups:
         print(opt.group_table(params, groups), flush=True)
     del params
     graphdef, trainable, frozen, rest = opt.split_model(model, groups)
     del model
-    trainable = jax.tree.map(lambda x: x.astype(model_init.DTYPES[c.model.param_dtype]), trainable)
-    frozen = jax.tree.map(lambda x: x.astype(model_init.DTYPES[c.model.frozen_dtype])
-                          if jnp.issubdtype(x.dtype, jnp.floating) else x, frozen)
+    param_dtype, frozen_dtype = model_init.DTYPES[c.model.param_dtype], model_init.DTYPES[c.model.frozen_dtype]
+    trainable = jax.tree.map(lambda x: _as_dtype(x, param_dtype), trainable)
+    frozen = jax.tree.map(lambda x: _as_dtype(x, frozen_dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                          frozen)
     return Parts(graphdef, trainable, frozen, rest, groups, model_cfg)
+
+
+def _as_dtype(x, dtype):
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(x.shape, dtype, sharding=x.sharding)
+    return x.astype(dtype)
 
 
 def vision_trained(groups: dict) -> bool:
@@ -149,8 +164,23 @@ def group_specs(c: mlc.ConfigDict) -> dict[str, opt.GroupSpec]:
             "vision": opt.GroupSpec(pick(o.vision_lr), o.weight_decay)}
 
 
+def make_optimizer(c: mlc.ConfigDict, groups: dict, steps: int) -> optax.GradientTransformation:
+    """The run's optimizer: AdamW per group with the schedule over `steps`, under the spike guard when on."""
+    tx = opt.make_optimizer(groups, group_specs(c), total_steps=steps, warmup_ratio=c.optim.warmup_ratio,
+                            clip_norm=c.optim.clip_norm, b1=c.optim.b1, b2=c.optim.b2, eps=c.optim.eps)
+    return step_lib.maybe_spike_guard(tx, c.train.spike_guard)
+
+
+def state_initializer(parts: Parts, tx: optax.GradientTransformation, mesh):
+    """jitted trainable -> TrainState, the optimizer state placed in its parameters' shardings (apply it to
+    arrays, or `jax.eval_shape` it for the sharded shapes)."""
+    return jax.jit(lambda t: step_lib.init_state(t, tx),
+                   out_shardings=step_lib.state_shardings(parts.trainable, tx, mesh))
+
+
 def compile_step(c: mlc.ConfigDict, parts: Parts, tx: optax.GradientTransformation, mesh, state):
-    """The jitted train step with explicit shardings: those of the state, frozen and other arrays as built."""
+    """The jitted train step with explicit shardings: those of the state, frozen and other arrays as built
+    (arrays or sharded shapes)."""
     shardings = lambda tree: jax.tree.map(lambda x: x.sharding, tree)
     step = step_lib.make_train_step(parts.graphdef, tx, microbatches=c.train.microbatches,
                                     compute_dtype=model_init.DTYPES[c.model.dtype], dropout_seed=c.train.seed,

@@ -91,3 +91,19 @@ def test_a_packed_recipe_is_planned_with_its_packed_rows():
     unpacked = plan.recipes.stage_config(2, "demo")
     unpacked.train.global_batch_size = 4
     assert plan.batch_layout(unpacked) == (4, unpacked.data.max_length, 1)
+
+
+def test_the_planner_lowers_the_step_training_lowers(tmp_path):
+    """Training's step (built by `train.setup` on the demo data, lowered with a real batch) and the planner's
+    (abstract shapes) have the same StableHLO on 8 fake devices, with LoRA, the spike guard, Adam's b1/b2/eps,
+    loss_chunk and microbatches set; dropping the spike guard from the planner's config changes it."""
+    import json
+
+    done = subprocess.run([sys.executable, os.path.join("tests", "train", "plan_hlo_script.py"), str(tmp_path)],
+                          capture_output=True, text=True, timeout=900, cwd=REPO,
+                          env=dict(os.environ, PYTHONPATH=REPO))
+    assert done.returncode == 0, done.stderr[-3000:]
+    found = json.loads(done.stdout.strip().splitlines()[-1])
+    assert found["lines"] > 1000
+    assert found["equal"], "\n".join(found["diff"])
+    assert not found["without_guard_equal"]
