@@ -116,6 +116,8 @@ def check_image_paths(questions: Sequence[dict], image_root: str | os.PathLike) 
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from llava_jax.models.quant import add_quantize_argument
+
     parser = argparse.ArgumentParser(prog="python -m llava_jax.eval", description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="a Hugging Face LLaVA folder, a llava_jax folder or a "
                         "finished training workdir")
@@ -131,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--tokenizer", help="tokenizer folder (default: the model folder)")
     parser.add_argument("--no-progress", action="store_true")
+    add_quantize_argument(parser)
     return parser
 
 
@@ -146,7 +149,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not Path(args.images).is_dir():
             raise FileNotFoundError(f"image folder not found: {args.images}")
         check_image_paths(questions_lib.load_question_file(args.questions), args.images)  # before loading the model
-        model, tokenizer, image_config, _ = load_model(args.model, dtype=args.dtype, tokenizer=args.tokenizer)
+        model, tokenizer, image_config, _ = load_model(args.model, dtype=args.dtype, tokenizer=args.tokenizer,
+                                                       quantize=args.quantize)
         evaluate(model, tokenizer, args.questions, args.images, args.answers, template=args.template,
                  image_config=image_config, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                  temperature=args.temperature, model_id=args.model_id or Path(args.model).resolve().name,
