@@ -109,8 +109,8 @@ def model_parts(c: mlc.ConfigDict, mesh, tokenizer, demo_paths, is_main: bool) -
     if c.stage == 2 and c.model.stage1_workdir:
         restore_stage1_projector(model, c.model.stage1_workdir)
     if c.lora.enabled:
-        lora.add_adapters(model, rank=c.lora.rank, alpha=c.lora.alpha, dropout=c.lora.dropout,
-                          rngs=nnx.Rngs(c.train.seed + 1))
+        lora.add_adapters(lora.quantized_base(model, c.lora.quantize_base, c.lora.group_size), rank=c.lora.rank,
+                          alpha=c.lora.alpha, dropout=c.lora.dropout, rngs=nnx.Rngs(c.train.seed + 1))
     params = nnx.state(model, nnx.Param)
     groups = opt.resolve_groups(params, [tuple(r) for r in c.trainable])
     # The tower's output is cut from the gradient only when no rule trains the tower.
