@@ -32,6 +32,7 @@ setup(
         "array-record>=0.8,<0.9",
         "grain>=0.2.18,<0.3",
         "einops>=0.8,<0.9",
+        "qwix>=0.1.8,<0.2",  # weight-only quantization numerics (llava_jax.models.quant)
         "ml_collections>=1.1,<2",
         "pillow>=12.3,<14",  # gradio (the serve extra) still requires pillow < 13
         "etils[epath]>=1.15",

@@ -5,6 +5,7 @@
     python -m llava_jax.convert import-clip-llm --clip CLIP_DIR --llm LLM_DIR OUT_DIR [--projector mlp2x_gelu]
     python -m llava_jax.convert import-original LLAVA_DIR OUT_DIR [--clip CLIP_DIR]
     python -m llava_jax.convert export OUR_DIR HF_DIR [--tokenizer TOK_DIR] [--max-shard-size 5GB]
+    python -m llava_jax.convert quantize --model DIR --bits 8|4 [--group-size 128] --out OUT_DIR
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m llava_jax.convert", description=DESCRIPTION,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_import_llava_args, _import_clip_llm_args, _import_original_args, _export_args):
+    for add in (_import_llava_args, _import_clip_llm_args, _import_original_args, _export_args, _quantize_args):
         add(sub)
     return parser
 
@@ -120,6 +121,19 @@ def _export_args(sub) -> None:
     p.add_argument("--param-dtype", choices=tuple(DTYPES), default=None, help="cast the exported weights")
 
 
+def _quantize_args(sub) -> None:
+    p = sub.add_parser("quantize", help="model folder -> weight-only int8 / int4 folder (llava_jax format)",
+                       description="Quantize the language model's Linear weights and output head (int8: one "
+                                   "scale per output channel; int4: one per group of inputs); the tokenizer "
+                                   "and preprocessor files are copied. load_model, chat, eval, serve and bench "
+                                   "read the result like any model folder.")
+    p.add_argument("--model", type=Path, required=True, help="Hugging Face or llava_jax model folder")
+    p.add_argument("--out", type=Path, required=True, help="output folder (llava_jax format)")
+    p.add_argument("--bits", type=int, choices=(8, 4), required=True)
+    p.add_argument("--group-size", type=int, default=128, help="int4 group length along the inputs (default 128)")
+    p.add_argument("--include-vision", action="store_true", help="also the vision tower and the projector")
+
+
 def _dtypes(args) -> dict:
     return {"dtype": args.dtype, "param_dtype": args.param_dtype}
 
@@ -131,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args) -> int:
     import llava_jax.convert as convert
+    from llava_jax.models.quant import dequantize_model
 
     start = time.time()
     if args.command == "import-llava":
@@ -142,12 +157,21 @@ def _run(args) -> int:
                                           image_token_index=args.image_token_index,
                                           pad_vocab_to_multiple_of=args.pad_vocab_to_multiple_of, seed=args.seed,
                                           **_dtypes(args))
+    elif args.command == "quantize":
+        from llava_jax.convert.quantize import param_bytes, quantize_folder
+        from llava_jax.models.quant import QuantConfig
+
+        out = quantize_folder(args.model, args.out, QuantConfig(args.bits, args.group_size, args.include_vision))
+        print(f"quantized {args.model} to {out} (int{args.bits}, params {param_bytes(out) / 2**20:.1f} MiB) "
+              f"in {time.time() - start:.1f}s")
+        return 0
     elif args.command == "import-original":
         model = convert.from_original_llava(args.llava_dir, clip_path=args.clip,
                                             pad_vocab_to_multiple_of=args.pad_vocab_to_multiple_of,
                                             **_dtypes(args))
     else:
-        model = convert.load_folder(convert.resolve_workdir(args.our_dir)[0], param_dtype=args.param_dtype)
+        model = dequantize_model(convert.load_folder(convert.resolve_workdir(args.our_dir)[0],
+                                                     param_dtype=args.param_dtype))  # no-op for floats
         chat_template = args.chat_template.read_text() if args.chat_template else None
         out = convert.to_hf(model, args.hf_dir, tokenizer=args.tokenizer, image_processor=args.image_processor,
                             max_shard_size=args.max_shard_size, chat_template=chat_template)

@@ -21,6 +21,7 @@ from llava_jax.convert.build import _flat, _is_abstract, _leaves, _place, fresh_
 from llava_jax.convert.export import check_stacked
 from llava_jax.convert.families import FAMILIES
 from llava_jax.models.dtypes import DTYPES
+from llava_jax.models.quant import QuantConfig, quantize_model, quantization_of
 from llava_jax.sharding import state_shardings
 
 MODEL_JSON = "model.json"
@@ -30,6 +31,7 @@ PARAMS_DIR = "params"
 # classes of the families table, fixed in code; nothing named by the file is ever imported or called.
 MODEL_TYPES = {f"{f.model.__module__}:{f.model.__qualname__}": f.model for f in FAMILIES}
 CONFIG_TYPES = {f"{f.config.__module__}:{f.config.__qualname__}": f.config for f in FAMILIES}
+CONFIG_TYPES[f"{QuantConfig.__module__}:{QuantConfig.__qualname__}"] = QuantConfig
 _CONFIG_OF = {f.model: f.config for f in FAMILIES}
 # The dtypes a stored config may name: the model dtypes and, for fields that hold other arrays, these.
 STORED_DTYPES = (*DTYPES, "float64", "int8", "int16", "int32", "int64", "uint8", "bool")
@@ -107,8 +109,19 @@ def read_meta(path: Path) -> tuple[type, object]:
     return cls, config
 
 
+def read_quantization(path: Path) -> QuantConfig | None:
+    """The `quantization` entry of a folder's model.json (a `QuantConfig`), None for a float model."""
+    meta = read_json(path / MODEL_JSON, FormatError)
+    entry = meta.get("quantization") if isinstance(meta, dict) else None
+    config = None if entry is None else config_from_json(entry, str(path / MODEL_JSON))
+    if config is not None and not isinstance(config, QuantConfig):
+        raise FormatError(f"{path / MODEL_JSON}: quantization must be a QuantConfig, got {type(config).__name__}")
+    return config
+
+
 def save(model: nnx.Module, out_dir: str | os.PathLike) -> Path:
-    """Writes our format: `model.json` (model type + config as plain JSON) and `params/` (an Orbax checkpoint).
+    """Writes our format: `model.json` (model type + config as plain JSON, and the `QuantConfig` of a quantized
+    model) and `params/` (an Orbax checkpoint).
 
     The model must be one of `MODEL_TYPES`. The folder is written as a temporary sibling and renamed into
     place: a previous save there is replaced whole, or left intact when this one fails.
@@ -119,6 +132,8 @@ def save(model: nnx.Module, out_dir: str | os.PathLike) -> Path:
         raise TypeError(f"save: {type(model).__name__} is not one of {', '.join(sorted(MODEL_TYPES))}")
     check_stacked(model, "save")
     meta = {"model": name, "config": config_to_json(model.config)}
+    if quantization_of(model) is not None:
+        meta["quantization"] = config_to_json(quantization_of(model))
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     with replaced_directory(out_dir) as tmp:
         with ocp.StandardCheckpointer() as checkpointer:
@@ -134,9 +149,11 @@ def load(path: str | os.PathLike, mesh: jax.sharding.Mesh | None = None, **runti
     path = Path(path).absolute()
     cls, config = read_meta(path)
     config = with_runtime(config, **runtime)
+    quantization = read_quantization(path)
 
     def create():
-        return cls(config, rngs=nnx.Rngs(0))
+        model = cls(config, rngs=nnx.Rngs(0))
+        return model if quantization is None else quantize_model(model, quantization)
 
     abstract = nnx.eval_shape(create)
     targets = nnx.to_pure_dict(nnx.state(abstract, nnx.Param))

@@ -37,7 +37,8 @@ from llava_jax import cli, convert
 from llava_jax.convert.hf_llava import llava_config_to_hf
 from llava_jax.infer import decoding
 from llava_jax.infer import generate as gen_lib
-from llava_jax.models import clip_vit, llama
+from llava_jax.infer.quant_quality import decode_memory
+from llava_jax.models import clip_vit, llama, quant
 from llava_jax.models.dtypes import DTYPES
 from llava_jax.models.llava import PRESETS as LLAVA_PRESETS
 from llava_jax.models.llava import LlavaConfig, LlavaForConditionalGeneration
@@ -238,14 +239,15 @@ def time_transformers(hf, rows, pixels, new_tokens: int, repeats: int) -> Timing
 def decode_weight_bytes(model) -> int:
     """Bytes of the parameters one decode step reads: the language model's."""
     state = nnx.state(model.language_model, nnx.Param)
-    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
+    return sum(x.size * jax.dtypes.itemsize_bits(x.dtype) // 8 for x in jax.tree.leaves(state))  # int4: 1/2
 
 
 def bench_models(args):
     """(our model, transformers model or None): a checkpoint from `load_model`, or a preset's random weights."""
     if args.model:
-        return gen_lib.load_model(args.model, dtype=DTYPES[args.dtype])[0], None
-    return build_models(PRESETS[args.preset], DTYPES[args.dtype], args.compare_transformers)
+        return gen_lib.load_model(args.model, dtype=DTYPES[args.dtype], quantize=args.quantize)[0], None
+    ours, hf = build_models(PRESETS[args.preset], DTYPES[args.dtype], args.compare_transformers)
+    return quant.as_quantized(ours, args.quantize), hf
 
 
 def run_generate(args) -> list[dict]:
@@ -261,6 +263,9 @@ def run_generate(args) -> list[dict]:
           f"{args.dtype}, prompt {args.images} x {cfg.image_seq_length} image + {args.prompt_len} text tokens,"
           f" {args.new_tokens} new tokens, {device.device_kind} ({device.platform})"
           + (f", bandwidth {bandwidth / 1e12:.2f} TB/s" if bandwidth else ""))
+    memory = decode_memory(model, max(args.batch_sizes), args.images * cfg.image_seq_length + args.prompt_len
+                           + args.new_tokens)
+    print("decode step memory (XLA analysis): " + ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in memory.items()))
     header = f"{'batch':>5} {'impl':>12} {'compile_s':>9} {'ttft_ms':>9} {'decode_tok/s':>12} {'step_ms':>8}"
     print(header + ("  bw_bound" if bandwidth else "") + ("  ratio(ours/hf)" if hf is not None else ""))
     results = []
@@ -273,6 +278,7 @@ def run_generate(args) -> list[dict]:
             line = (f"{t.batch:>5} {t.impl:>12} {t.compile_s:>9.2f} {t.ttft_s * 1e3:>9.1f} "
                     f"{t.decode_tokens_per_s:>12.1f} {t.step_s * 1e3:>8.2f}")
             record = {"preset": args.model or args.preset, "dtype": args.dtype, "device": device.device_kind,
+                      "quantize": args.quantize, "decode_memory": memory,
                       **dataclasses.asdict(t), "decode_tokens_per_s": t.decode_tokens_per_s, "step_s": t.step_s}
             if bandwidth and t.impl == "llava_jax":
                 fraction = weight_bytes / bandwidth / t.step_s
@@ -307,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", help="a model folder or training workdir (load_model) instead of a preset")
     g.add_argument("--bandwidth-gbs", type=float, help="memory bandwidth for the bound (default: by device kind)")
     g.add_argument("--json", help="write the results here")
+    quant.add_quantize_argument(g)
     return parser
 
 

@@ -72,6 +72,8 @@ class Chat:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from llava_jax.models.quant import add_quantize_argument
+
     parser = argparse.ArgumentParser(prog="python -m llava_jax.chat", description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True,
                         help="a Hugging Face LLaVA folder, a llava_jax folder (convert.save) or a training workdir")
@@ -85,6 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=tuple(DTYPES),
                         help="compute and storage dtype (default: the checkpoint's)")
     parser.add_argument("--tokenizer", help="tokenizer folder (default: the model folder)")
+    add_quantize_argument(parser)
     return parser
 
 
@@ -103,7 +106,8 @@ def _open_chat(args) -> Chat:
     except KeyError as e:
         raise ChatError(e.args[0]) from None
     try:
-        model, tokenizer, image_config, default = load_model(args.model, dtype=args.dtype, tokenizer=args.tokenizer)
+        model, tokenizer, image_config, default = load_model(args.model, dtype=args.dtype, tokenizer=args.tokenizer,
+                                                             quantize=args.quantize)
     except (ModelLoadError, FileNotFoundError) as e:
         raise ChatError(str(e)) from None
     generator = Generator(model, tokenizer, image_config=image_config, template=template or default)

@@ -120,6 +120,8 @@ def check_image_paths(questions: Sequence[dict], image_root: str | os.PathLike) 
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from llava_jax.models.quant import add_quantize_argument
+
     parser = argparse.ArgumentParser(prog="python -m llava_jax.eval", description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="a Hugging Face LLaVA folder, a llava_jax folder or a "
                         "finished training workdir")
@@ -137,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repeated-ids", action="store_true", help="accept a question_id asked several times "
                         "with different texts (MME, MMBench --all-rounds); otherwise refused, naming the lines")
     parser.add_argument("--no-progress", action="store_true")
+    add_quantize_argument(parser)
     return parser
 
 
@@ -153,7 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise FileNotFoundError(f"image folder not found: {args.images}")
     questions = questions_lib.load_question_file(args.questions, args.repeated_ids)
     check_image_paths(questions, args.images)  # before loading the model
-    model, tokenizer, image_config, _ = load_model(args.model, dtype=args.dtype, tokenizer=args.tokenizer)
+    model, tokenizer, image_config, _ = load_model(args.model, dtype=args.dtype, tokenizer=args.tokenizer,
+                                                   quantize=args.quantize)
     evaluate(model, tokenizer, args.questions, args.images, args.answers, template=args.template,
              image_config=image_config, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
              temperature=args.temperature, model_id=args.model_id or Path(args.model).resolve().name,

@@ -33,7 +33,8 @@ def default_template(name: str, tokenizer=None, text_model_type: str | None = No
     return "llava_v1"
 
 
-def load_model(path: str | os.PathLike, *, dtype=None, tokenizer: str | os.PathLike | None = None):
+def load_model(path: str | os.PathLike, *, dtype=None, tokenizer: str | os.PathLike | None = None,
+               quantize=None):
     """Loads a model for generation -> (model, tokenizer, image_config, template name).
 
     PATH is a Hugging Face LLaVA / LLaMA folder (config.json + weights; tokenizer and preprocessor_config.json
@@ -41,12 +42,15 @@ def load_model(path: str | os.PathLike, *, dtype=None, tokenizer: str | os.PathL
     folder or `tokenizer`), or a finished training workdir (config.json + checkpoints/): its `export_hf` folder.
     The model comes in `decoding_layout` (per-layer weight buffers, for `Generator`; not for `convert`).
     The template is the workdir's `data.template` or `default_template(folder name)`.
+    quantize: None, 8, 4 or a `models.quant.QuantConfig`: weight-only quantization at load time (a folder
+    written by `convert quantize` is quantized already).
     Raises:
       ModelLoadError naming the folder.
     """
     from transformers import AutoTokenizer
 
     from llava_jax import convert
+    from llava_jax.models import quant
 
     path = Path(path)
     if not path.is_dir():
@@ -59,6 +63,10 @@ def load_model(path: str | os.PathLike, *, dtype=None, tokenizer: str | os.PathL
         raise ModelLoadError(str(e)) from None
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ModelLoadError(f"{path}: cannot load the model or its tokenizer: {e}") from e
+    try:
+        model = quant.as_quantized(model, quantize)
+    except ValueError as e:
+        raise ModelLoadError(f"{path}: {e}") from e
     language_model(model).model.unstack_layers()  # in place: the one copy of the weights
     image_config = None
     if hasattr(model, "embed_inputs"):

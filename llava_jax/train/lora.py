@@ -16,6 +16,11 @@ for direct calls.
 
 Trainable rules: `recipes.STAGE2_LORA_RULES` selects `language_model/.*/lora_[ab]`. Before a Hugging
 Face export, `merged(model)` folds the adapters into the base weights: W + lora_scale * B @ A.
+
+QLoRA (`lora.quantize_base` 8 / 4): `quantized_base` stores the language model's Linear weights int8 / int4
+(`llava_jax.models.quant`) before the adapters are attached; each layer dequantizes its weights inside the
+step (the scan body), the adapters and their optimizer state stay float32, and `merged` dequantizes the base
+(to the scales' dtype) before folding the adapters in, so the export is an ordinary float folder.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from llava_jax.models import layers
+from llava_jax.models import layers, quant
 from llava_jax.models.layers import Linear
 
 LORA_AXIS = "lora"
@@ -128,10 +133,21 @@ def add_adapters(model: nnx.Module, *, rank: int, alpha: float, dropout: float =
     return model
 
 
+def quantized_base(model: nnx.Module, bits: int, group_size: int = 128) -> nnx.Module:
+    """QLoRA: the language model's weights quantized in place (bits 8 / 4; 0 leaves the model float). The
+    vision tower and the projector stay float. Returns `model`."""
+    if not bits:
+        return model
+    return quant.quantize_model(model, quant.QuantConfig(bits=bits, group_size=group_size))
+
+
 def merged(model: nnx.Module) -> nnx.Module:
     """A copy of `model` with every adapter folded into its base weight (W + scale * B @ A, computed in
-    float32, stored in W's dtype) and removed. `model` itself keeps its adapters."""
+    float32, stored in W's dtype) and removed; a quantized base (QLoRA) is dequantized first. `model` itself
+    keeps its adapters."""
     out = nnx.clone(model)
+    if quant.quantization_of(out) is not None:  # QLoRA: a float base to merge into
+        quant.dequantize_model(out)
     for _, linear in list(adapted_linears(out)):
         weight = linear.weight[...]
         delta = jnp.einsum("...or,...ri->...oi", linear.lora_b[...].astype(jnp.float32),
@@ -143,4 +159,4 @@ def merged(model: nnx.Module) -> nnx.Module:
     return out
 
 
-__all__ = ["add_adapters", "merged", "adapted_linears", "kaiming_uniform", "LORA_AXIS"]
+__all__ = ["add_adapters", "merged", "quantized_base", "adapted_linears", "kaiming_uniform", "LORA_AXIS"]

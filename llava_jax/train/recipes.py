@@ -136,7 +136,9 @@ def stage_config(stage: int, arg: str | None) -> mlc.ConfigDict:
     c.model = _model(name)
     c.data = _data(name, stage)
 
-    c.lora = mlc.ConfigDict(dict(enabled=lora, rank=128, alpha=256.0, dropout=0.05))
+    # quantize_base 8 / 4: QLoRA, the frozen language model stored int8 / int4 (`models.quant`); 0: off.
+    c.lora = mlc.ConfigDict(dict(enabled=lora, rank=128, alpha=256.0, dropout=0.05, quantize_base=0,
+                                 group_size=128))
     # A tuple of (regex, group) pairs, so `--config.trainable="(('.*', 'llm'),)"` works on the command line.
     c.trainable = tuple(STAGE1_RULES if stage == 1 else STAGE2_LORA_RULES if lora else
                         DEMO_STAGE2_RULES if name == "demo" else STAGE2_RULES)
@@ -297,6 +299,10 @@ def validate(c: mlc.ConfigDict) -> None:
          "set either model.llava_path or model.stage1_workdir, not both")
     if c.lora.enabled:
         need(c.stage == 2, "lora.enabled", "LoRA is for stage 2")
+        need(c.lora.quantize_base in (0, 4, 8), "lora.quantize_base", "must be 0 (off), 8 or 4")
+        need(c.lora.group_size > 0, "lora.group_size", "must be positive")
+    else:
+        need(not c.lora.quantize_base, "lora.quantize_base", "quantizes the base of a LoRA run: set lora.enabled")
     for i, rule in enumerate(c.trainable):
         need(len(rule) == 2, f"trainable[{i}]", f"must be (regex, group or None), got {rule!r}")
     sizes = [c.mesh.data, c.mesh.fsdp, c.mesh.tensor]

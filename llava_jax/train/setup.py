@@ -112,8 +112,8 @@ def model_parts(c: mlc.ConfigDict, mesh, tokenizer, demo_paths, is_main: bool) -
 def attach_lora(c: mlc.ConfigDict, model: nnx.Module) -> None:
     """The config's LoRA adapters, added to `model` in place (nothing when LoRA is off)."""
     if c.lora.enabled:
-        lora.add_adapters(model, rank=c.lora.rank, alpha=c.lora.alpha, dropout=c.lora.dropout,
-                          rngs=nnx.Rngs(c.train.seed + 1))
+        lora.add_adapters(lora.quantized_base(model, c.lora.quantize_base, c.lora.group_size), rank=c.lora.rank,
+                          alpha=c.lora.alpha, dropout=c.lora.dropout, rngs=nnx.Rngs(c.train.seed + 1))
 
 
 def split_parts(c: mlc.ConfigDict, model: nnx.Module, *, show_groups: bool = False) -> Parts:

@@ -23,6 +23,8 @@ from llava_jax.models.dtypes import DTYPES
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from llava_jax.models.quant import add_quantize_argument
+
     p = argparse.ArgumentParser(prog="python -m llava_jax.serve", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True,
                    help="a Hugging Face LLaVA folder, a llava_jax folder (convert.save) or a training workdir")
@@ -48,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=1024, help="the largest max_tokens a request may ask for")
     p.add_argument("--ui", action="store_true", help="serve the web chat at /ui")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
+    add_quantize_argument(p)
     return p
 
 
@@ -73,7 +76,8 @@ def build_engine(args):
 
     try:
         template = get_template(args.template) if args.template else None
-        model, tokenizer, image_config, default = load_model(args.model, dtype=args.dtype, tokenizer=args.tokenizer)
+        model, tokenizer, image_config, default = load_model(args.model, dtype=args.dtype, tokenizer=args.tokenizer,
+                                                             quantize=args.quantize)
     except (ModelLoadError, FileNotFoundError) as e:
         raise BadArgs(str(e)) from None
     except KeyError as e:
