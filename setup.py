@@ -39,6 +39,7 @@ setup(
         "numpy>=2.4,<3",
         "tensorboardX>=2.6",
         "tqdm>=4.70",
+        "xxhash>=3.4,<5",  # checkpoint checksums
     ],
     extras_require={
         # The OpenAI-compatible server and the web chat (python -m llava_jax.serve).

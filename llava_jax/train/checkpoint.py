@@ -6,29 +6,39 @@ process, and JSON metadata. Frozen parameters are not saved: they are rebuilt fr
 initialization (the same Hugging Face checkpoints or seed) on resume. Saves are asynchronous and atomic
 (Orbax writes to a temporary directory and renames it when complete); the last `keep` are kept.
 
-Resume heals itself: `restore_latest` restores the newest checkpoint that reads back whole. Newer damaged
-ones (a missing or truncated file, a half-deleted folder, bad metadata) are moved, never deleted, to
-`<workdir>/checkpoints.damaged/<step>` with a warning naming them; when none reads back, it stops with
-`NoIntactCheckpoint`, one line saying what to do.
+Every checkpoint carries checksums of what it saved (`llava_jax.train.checksums`), checked on restore.
+Resume heals itself: `restore_latest` restores the newest checkpoint that reads back whole, and the same as
+it was saved, on every process. Newer damaged ones (a missing, truncated or altered file, a half-deleted
+folder, bad metadata) are moved, never deleted, to `<workdir>/checkpoints.damaged/<step>` with a warning
+naming them; when none reads back, it stops with `NoIntactCheckpoint`, one line saying what to do.
+`restore_newest_state` (another run's state, e.g. stage 1's projector) runs the same search.
+
+A save that fails (a full disk) raises `SaveFailed`, one line, after removing its unfinished folder.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import shutil
-from typing import Any
+from typing import Any, Callable
 
 import grain
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
+
+from llava_jax.train import checksums, distributed
 
 
 class NoIntactCheckpoint(RuntimeError):
     """Every checkpoint of a workdir failed to restore (the message is one line saying what to do)."""
+
+
+class SaveFailed(RuntimeError):
+    """A checkpoint could not be written (the message is one line naming the step and the disk)."""
 
 
 class Checkpointer:
@@ -40,26 +50,81 @@ class Checkpointer:
         self.directory = epath.Path(workdir) / "checkpoints"
         self.damaged_directory = epath.Path(workdir) / "checkpoints.damaged"
         self._keep, self._async_save = keep, async_save
+        self._saving, self._failed = None, False  # the step of the save not known finished yet
         self.manager = self._open_manager()
+        # Reads run on each process alone (no Orbax barrier): a failure on one process is agreed on by the
+        # restore search, where every process takes the same collectives.
+        here = jax.process_index()
+        self._reader = ocp.Checkpointer(
+            ocp.CompositeCheckpointHandler(**_item_handlers()),
+            multiprocessing_options=ocp.options.MultiprocessingOptions(primary_host=here, active_processes={here}))
+        _quiet_orbax_save_tracebacks()
 
     def _open_manager(self) -> ocp.CheckpointManager:
         return ocp.CheckpointManager(
             self.directory,
             options=ocp.CheckpointManagerOptions(max_to_keep=self._keep, create=True,
                                                  enable_async_checkpointing=self._async_save),
-            item_handlers={"state": ocp.StandardCheckpointHandler(),
-                           "data": grain.checkpoint.CheckpointHandler(),
-                           "meta": ocp.JsonCheckpointHandler()},
-        )
+            item_handlers=_item_handlers())
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any, *, data_iterator=None, meta: dict | None = None) -> bool:
-        items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta or {})}
+        """Starts saving `step` (in the background when asynchronous) with the checksums of what it saves.
+        Raises SaveFailed when this save, or the previous one, fails."""
+        self._finish_saving()
+        meta = meta or {}
+        data_state = data_iterator.get_state() if data_iterator is not None else None
+        part = checksums.manifest(state, meta=meta, data_state=data_state)
+        items = {"state": ocp.args.StandardSave(state), "meta": ocp.args.JsonSave(meta),
+                 checksums.ITEM: checksums.ManifestSave(part)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-        return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        self._saving = step
+        try:
+            self._check_room(part["bytes"])
+            return self.manager.save(step, args=ocp.args.Composite(**items), force=True)
+        except Exception as error:  # noqa: BLE001 - whatever stopped the write, the run stops on it
+            raise self._save_failed(error) from error
+
+    def _check_room(self, needed: int) -> None:
+        """A local disk without room for the arrays a process is about to write fails the save on every
+        process before it starts (a disk that fills during the save fails it in the background)."""
+        mount = _mount(self.directory)
+        short = mount is not None and shutil.disk_usage(mount).free < needed
+        if distributed.on_any_process(short):
+            raise OSError(errno.ENOSPC, f"no space left on device for its {needed / 2**20:.1f} MiB of arrays"
+                          if short else "no space left on the disk of another process")
+
+    def check_saves(self) -> None:
+        """Raises SaveFailed when a background save has failed (cheap: call it every step)."""
+        if self._saving is not None and not self.manager.is_saving_in_progress():
+            self._finish_saving()
+
+    def _finish_saving(self) -> None:
+        """Waits for the save in flight; raises SaveFailed if it failed."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as error:  # noqa: BLE001 - whatever stopped the write, the run stops on it
+            raise self._save_failed(error) from error
+        self._saving = None
+
+    def _save_failed(self, error: BaseException) -> SaveFailed:
+        """Removes the unfinished step folder and says which step failed, on which disk, and what is left."""
+        step, self._failed = self._saving, True
+        removed = []
+        if jax.process_index() == 0 and self.directory.is_dir():
+            for tmp in self.directory.glob(f"{step}.orbax-checkpoint-tmp*"):
+                shutil.rmtree(os.fspath(tmp), ignore_errors=True)
+                removed.append(tmp.name)
+        intact = [s for s in self.candidate_steps() if s != step]
+        return SaveFailed(
+            f"the checkpoint of step {step} could not be saved to {self.directory / str(step)}: "
+            f"{_save_error(error)}{_disk(self.directory)}; "
+            f"{'removed the partial ' + ', '.join(removed) + '; ' if removed else ''}"
+            f"{f'checkpoints up to step {intact[0]} are intact' if intact else 'no earlier checkpoint'} "
+            f"(rerun the same command to resume from there)")
 
     def restore(self, step: int, abstract_state: Any, *, data_iterator=None,
                 global_batch_size: int | None = None) -> tuple[Any, dict]:
@@ -67,67 +132,87 @@ class Checkpointer:
         leaves with `.sharding`; any mesh or process count); sets `data_iterator`'s position in place.
 
         A data position saved by a different number of processes is translated (needs `global_batch_size`).
-        -> (state, meta)."""
+        What was read back is checked against the checkpoint's checksums. -> (state, meta)."""
         items = {"state": ocp.args.StandardRestore(abstract_state), "meta": ocp.args.JsonRestore()}
         translate = data_iterator is not None and not self._data_file(step).exists()
         if data_iterator is not None and not translate:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        restored = self._read(step, items, check_data=data_iterator is not None)
         if translate:
             data_iterator.set_state(self._translated_data_state(step, global_batch_size))
         return restored["state"], dict(restored["meta"] or {})
 
+    def _read(self, step: int, items: dict, *, check_data: bool = False):
+        """The `items` of `step`, read on this process alone and verified against its checksums (a
+        checkpoint saved without them is read with a warning)."""
+        folder = self.directory / str(step)
+        verified = (folder / checksums.ITEM).is_dir()
+        if verified:
+            items[checksums.ITEM] = checksums.ManifestRestore()
+        restored = self._reader.restore(folder, args=ocp.args.Composite(**items))
+        if verified:
+            checksums.verify(restored[checksums.ITEM], state=restored["state"],
+                             meta=restored["meta"] if "meta" in items else None,
+                             data_dir=folder / "data" if check_data else None)
+        else:
+            logging.warning("checkpoint %s has no checksums (saved by an older version): not verified", folder)
+        return restored
+
     def restore_latest(self, abstract_state: Any, *, data_iterator=None,
                        global_batch_size: int | None = None) -> tuple[int, Any, dict] | None:
-        """Restores the newest checkpoint that reads back whole (see `restore`) -> (step, state, meta), or
-        None when there is no checkpoint.
+        """Restores the newest checkpoint that reads back whole on every process (see `restore`) ->
+        (step, state, meta), or None when there is no checkpoint.
 
         Newer checkpoints that fail to restore are moved to `checkpoints.damaged/<step>` (by process 0) with
         a warning naming them. Raises NoIntactCheckpoint when every checkpoint fails; nothing is moved then.
         """
+        found = self._search(
+            lambda step: self.restore(step, abstract_state, data_iterator=data_iterator,
+                                      global_batch_size=global_batch_size),
+            set_aside=True, advice=f"If the run's config changed, rerun with the original one; otherwise move "
+                                   f"{self.directory} away (nothing is deleted) to start from step 0, or use "
+                                   f"another --workdir")
+        if found is None:
+            return None
+        step, (state, meta) = found
+        return step, state, meta
+
+    def restore_newest_state(self) -> tuple[int, Any]:
+        """The raw saved `state` of the newest checkpoint that reads back on every process (another run's,
+        e.g. stage 1's projector): damaged newer ones are skipped with a warning and left in place.
+
+        Raises FileNotFoundError without checkpoints, NoIntactCheckpoint when none reads back."""
+        found = self._search(lambda step: self._read(step, {"state": ocp.args.StandardRestore()})["state"],
+                             set_aside=False, advice="Rerun the run that wrote them to save new ones")
+        if found is None:
+            raise FileNotFoundError(f"{self.directory}: no checkpoint")
+        return found
+
+    def _search(self, read: Callable[[int], Any], *, set_aside: bool, advice: str) -> tuple[int, Any] | None:
+        """(step, read(step)) of the newest step that `read` reads on every process, or None without any.
+
+        Every process tries the same steps (those any of them sees), newest first, and skips a step that
+        failed on any of them. Raises NoIntactCheckpoint (ending with `advice`) when none reads back."""
         failures = []
-        for step in self.candidate_steps():
+        for step in reversed(distributed.union_over_processes(self.candidate_steps())):
             try:
-                state, meta = self.restore(step, abstract_state, data_iterator=data_iterator,
-                                           global_batch_size=global_batch_size)
-                reason = None
+                value, reason = read(step), None
             except Exception as error:  # noqa: BLE001 - any failure to read a checkpoint back is damage
-                reason = _one_line(error)
-            reason = _agreed(reason)
-            if reason is not None:
+                value, reason = None, _one_line(error)
+            if distributed.on_any_process(reason is not None):
+                reason = reason or "restored here but not on every process"
                 logging.warning("checkpoint %s is damaged and cannot be restored (%s); trying an older one",
                                 self.directory / str(step), reason)
                 failures.append((step, reason))
                 continue
-            if failures:
+            if failures and set_aside:
                 self._set_aside([s for s, _ in failures], step)
-            return step, state, meta
+            return step, value
         if failures:
             steps = ", ".join(str(s) for s, _ in failures)
-            raise NoIntactCheckpoint(
-                f"no checkpoint in {self.directory} can be restored (steps {steps}; newest: {failures[0][1]}). "
-                f"If the run's config changed, rerun with the original one; otherwise move {self.directory} "
-                f"away (nothing is deleted) to start from step 0, or use another --workdir")
+            raise NoIntactCheckpoint(f"no checkpoint in {self.directory} can be restored (steps {steps}; "
+                                     f"newest: {failures[0][1]}). {advice}")
         return None
-
-    def restore_newest_state(self) -> tuple[int, Any]:
-        """The raw saved `state` of the newest checkpoint that reads back (another run's, e.g. stage 1's
-        projector): damaged newer ones are skipped with a warning and left in place.
-
-        Raises FileNotFoundError without checkpoints, NoIntactCheckpoint when none reads back."""
-        failures = []
-        for step in self.candidate_steps():
-            try:
-                restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-                return step, restored["state"]
-            except Exception as error:  # noqa: BLE001 - any failure to read a checkpoint back is damage
-                logging.warning("checkpoint %s is damaged and cannot be restored (%s); trying an older one",
-                                self.directory / str(step), _one_line(error))
-                failures.append(str(step))
-        if failures:
-            raise NoIntactCheckpoint(f"no checkpoint in {self.directory} can be restored (steps "
-                                     f"{', '.join(failures)}); rerun the run that wrote them to save new ones")
-        raise FileNotFoundError(f"{self.directory}: no checkpoint")
 
     def candidate_steps(self) -> list[int]:
         """Every step with a folder, finished by Orbax or not (a damaged one may not list), newest first."""
@@ -140,7 +225,7 @@ class Checkpointer:
         """Moves damaged step folders out of Orbax's way (a later save of that step must not collide)."""
         if jax.process_index() == 0:
             self.damaged_directory.mkdir(parents=True, exist_ok=True)
-            for step in steps:
+            for step in (s for s in steps if (self.directory / str(s)).exists()):
                 target = self.damaged_directory / str(step)
                 suffix = 1
                 while target.exists():
@@ -148,7 +233,7 @@ class Checkpointer:
                 shutil.move(os.fspath(self.directory / str(step)), os.fspath(target))
                 logging.warning("resumed from step %d; damaged checkpoint %s moved to %s (not deleted)", restored,
                                 self.directory / str(step), target)
-        _barrier("llava_jax checkpoints set aside")
+        distributed.barrier("llava_jax checkpoints set aside")
         self.manager.close()
         self.manager = self._open_manager()
 
@@ -179,11 +264,26 @@ class Checkpointer:
                 "real_tokens": 0, "positions": 0}
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        """Waits for the save in flight; raises SaveFailed if it failed."""
+        self._finish_saving()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Waits for the save in flight (raises SaveFailed if it failed) and closes."""
+        try:
+            if not self._failed:
+                self._finish_saving()
+        finally:
+            self._reader.close()
+            try:
+                self.manager.close()
+            except Exception:  # noqa: BLE001 - a failed save was raised once, as SaveFailed
+                if not self._failed:
+                    raise
+
+
+def _item_handlers() -> dict:
+    return {"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler(),
+            "meta": ocp.JsonCheckpointHandler(), checksums.ITEM: checksums.ManifestHandler()}
 
 
 def _one_line(error: BaseException, limit: int = 300) -> str:
@@ -192,19 +292,48 @@ def _one_line(error: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-def _agreed(reason: str | None) -> str | None:
-    """A restore failed on any process fails on all (every process resumes from the same step)."""
-    if jax.process_count() == 1:
-        return reason
-    from jax.experimental import multihost_utils
-    failed = multihost_utils.process_allgather(np.int32(reason is not None))
-    return reason or ("restored here but not on every process" if np.any(failed) else None)
+def _save_error(error: BaseException) -> str:
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC and error.strerror:
+        return error.strerror
+    if "No space left on device" in str(error):  # Orbax / TensorStore wrap the system's error
+        return "no space left on device"
+    return _one_line(error, limit=200)
 
 
-def _barrier(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(name)
+def _mount(directory: epath.Path) -> str | None:
+    """The mount point of a local folder (None for a bucket)."""
+    if "://" in os.fspath(directory):
+        return None
+    path = os.path.abspath(os.fspath(directory))
+    while not os.path.ismount(path):
+        path = os.path.dirname(path)
+    return path
+
+
+def _disk(directory: epath.Path) -> str:
+    """" (disk DIR: N MiB free of M MiB)" for a local folder, "" for a bucket."""
+    mount = _mount(directory)
+    if mount is None:
+        return ""
+    usage = shutil.disk_usage(mount)
+    return f" (disk {mount}: {usage.free / 2**20:.1f} MiB free of {usage.total / 2**20:.0f} MiB)"
+
+
+class _DropSaveTracebacks(logging.Filter):
+    """Orbax logs the traceback of a failed background save itself, from several threads; the Checkpointer
+    raises the failure as SaveFailed, one line, so these copies are dropped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and "orbax" in record.pathname)
+
+
+_SAVE_TRACEBACKS = _DropSaveTracebacks()
+
+
+def _quiet_orbax_save_tracebacks() -> None:
+    for name in ("absl", "orbax"):
+        if _SAVE_TRACEBACKS not in logging.getLogger(name).filters:
+            logging.getLogger(name).addFilter(_SAVE_TRACEBACKS)
 
 
 def abstract_like(tree: Any) -> Any:

@@ -8,6 +8,7 @@ import signal
 
 import jax
 import ml_collections as mlc
+import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
@@ -45,6 +46,30 @@ def check_distributed(d: mlc.ConfigDict) -> None:
 def barrier(name: str) -> None:
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(name)
+
+
+def on_any_process(flag: bool) -> bool:
+    """Whether `flag` holds on some process (a collective: every process gets the same answer)."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+
+
+def union_over_processes(values: list[int]) -> list[int]:
+    """The sorted union of every process's non-negative ints (a collective)."""
+    if jax.process_count() == 1:
+        return sorted(set(values))
+    longest = int(np.max(multihost_utils.process_allgather(np.int32(len(values)))))
+    padded = np.full(max(longest, 1), -1, np.int32)
+    padded[:len(values)] = values
+    return sorted({int(v) for v in np.ravel(multihost_utils.process_allgather(padded)) if v >= 0})
+
+
+def from_main_process(value: int) -> int:
+    """Process 0's `value` on every process (a collective)."""
+    if jax.process_count() == 1:
+        return value
+    return int(multihost_utils.broadcast_one_to_all(np.int32(value)))
 
 
 def make_run_mesh(c: mlc.ConfigDict):
