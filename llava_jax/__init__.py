@@ -15,6 +15,24 @@ cheap to start.
 from __future__ import annotations
 
 import importlib
+import logging
+
+# transformers' notices that do not apply to a JAX project, dropped before transformers is first imported (every
+# entry point imports this package first): it says "PyTorch was not found. Models won't be available ..." (we
+# use its tokenizers and configs only) and, without torchvision, "`CLIPImageProcessor` requires torchvision (not
+# installed); falling back to `CLIPImageProcessorPil` ..." (the PIL processor is the one LLaVA was trained with).
+FOREIGN_NOTICES = ("PyTorch was not found. Models won't be available",
+                   "`CLIPImageProcessor` requires torchvision (not installed); falling back to `CLIPImageProcessorPil`")
+
+
+class _DropForeignNotices(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(FOREIGN_NOTICES)
+
+
+for _logger in ("transformers", "transformers.utils.import_utils"):
+    if not any(isinstance(f, _DropForeignNotices) for f in logging.getLogger(_logger).filters):
+        logging.getLogger(_logger).addFilter(_DropForeignNotices())
 
 _EXPORTS = {
     "llava_jax.models": ("CLIPVisionConfig", "CLIPVisionModel", "LlamaConfig", "LlamaForCausalLM", "LlavaConfig",
