@@ -36,27 +36,29 @@ def check_stacked(model: nnx.Module, what: str) -> None:
                             "Generator); export a model from convert (from_hf, load, ...) or from training")
 
 
+def _named_leaves(model: nnx.Module):
+    """(Hugging Face name, the leaf holding it, its layer index or None) for every tensor of the model."""
+    leaves = _leaves(model)
+    for name, (path, layer) in param_names.hf_names(model).items():
+        yield name, leaves[path], layer
+
+
 def model_tensors(model: nnx.Module) -> dict[str, Callable[[], np.ndarray]]:
     """{Hugging Face name: thunk producing that tensor on the host}; stacked leaves are sliced lazily."""
-    leaves = _leaves(model)
-    out = {}
-    for name, (path, layer) in param_names.hf_names(model).items():
-        var = leaves[path]
+    def thunk(var, layer):
         if layer is None:
-            out[name] = lambda var=var: np.asarray(jax.device_get(var.get_value()))
-        else:
-            out[name] = lambda var=var, layer=layer: np.asarray(jax.device_get(var.get_value()[layer]))
-    return out
+            return lambda: np.asarray(jax.device_get(var.get_value()))
+        return lambda: np.asarray(jax.device_get(var.get_value()[layer]))
+
+    return {name: thunk(var, layer) for name, var, layer in _named_leaves(model)}
 
 
 def tensor_specs(model: nnx.Module) -> dict[str, jax.ShapeDtypeStruct]:
     """{Hugging Face name: shape and dtype} without touching the values."""
-    leaves = _leaves(model)
     out = {}
-    for name, (path, layer) in param_names.hf_names(model).items():
-        value = leaves[path].get_value()
-        shape = value.shape if layer is None else value.shape[1:]
-        out[name] = jax.ShapeDtypeStruct(shape, value.dtype)
+    for name, var, layer in _named_leaves(model):
+        value = var.get_value()
+        out[name] = jax.ShapeDtypeStruct(value.shape if layer is None else value.shape[1:], value.dtype)
     return out
 
 

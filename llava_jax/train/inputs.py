@@ -17,7 +17,6 @@ from llava_jax.data import synthetic
 from llava_jax.data.images import ImageConfig
 from llava_jax.data.pipeline import PipelineConfig, make_train_iterator
 from llava_jax.data.sources import LlavaJsonSource
-from llava_jax.data.tokenize import pad_token_id  # noqa: F401  (inputs.pad_token_id: the rule training pads by)
 from llava_jax.train import model_init
 from llava_jax.train import step as step_lib
 from llava_jax.train.distributed import barrier

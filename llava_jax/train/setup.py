@@ -14,6 +14,7 @@ import optax
 from flax import nnx
 
 from llava_jax.atomic_files import write_text
+from llava_jax.data.tokenize import pad_token_id
 from llava_jax.train import checkpoint as ckpt_lib
 from llava_jax.train import distributed, inputs, lora, model_init, recipes
 from llava_jax.train import metrics as metrics_lib
@@ -81,7 +82,7 @@ def setup(c: mlc.ConfigDict, workdir, *, config_name: str = "config") -> Run:
         state = state_initializer(parts, tx, mesh)(parts.trainable)
     checkpointer = ckpt_lib.Checkpointer(workdir, keep=c.keep_checkpoints)
     start, state = restore_latest(c, workdir, checkpointer, state, data, is_main)
-    pad_id = inputs.pad_token_id(tokenizer)
+    pad_id = pad_token_id(tokenizer)
     held_out = inputs.HeldOut(c, tokenizer, parts.model_cfg, demo_paths, parts.graphdef, pad_id) \
         if c.data.eval_json and c.eval_every > 0 else None
     return Run(c=c, workdir=workdir, is_main=is_main, mesh=mesh, tokenizer=tokenizer, model_cfg=parts.model_cfg,

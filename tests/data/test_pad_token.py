@@ -9,7 +9,7 @@ import pytest
 import transformers
 
 from llava_jax.data import tokenize
-from llava_jax.train import inputs
+from llava_jax.train import inputs, setup
 
 
 def test_llama2_pads_with_unk_as_the_official_llava(llama2_tokenizer_dir):
@@ -34,7 +34,7 @@ def test_fallbacks_and_refusal():
 
 def test_training_and_the_pipeline_pad_alike(tmp_path):
     """A tokenizer without a pad token: the pipeline pads its rows with unk, the id training's common length
-    pads with across processes (setup: inputs.pad_token_id)."""
+    pads with across processes (train.setup reads the same data.tokenize.pad_token_id)."""
     from llava_jax.data.images import ImageConfig
     from llava_jax.data.pipeline import PipelineConfig, make_train_iterator
     from llava_jax.data.sources import LlavaJsonSource
@@ -50,4 +50,4 @@ def test_training_and_the_pipeline_pad_alike(tmp_path):
     batch = next(iter(make_train_iterator(config, tok, process_index=0, process_count=1)))
     padded = batch["input_ids"][batch["attention_mask"] == 0]
     assert padded.size and (padded == tok.unk_token_id).all()
-    assert inputs.pad_token_id is tokenize.pad_token_id and inputs.pad_token_id(tok) == tok.unk_token_id
+    assert setup.pad_token_id is tokenize.pad_token_id and not hasattr(inputs, "pad_token_id")
