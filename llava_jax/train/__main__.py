@@ -1,8 +1,9 @@
 """python -m llava_jax.train --config=configs/stage2.py[:variant] [--workdir=DIR] [--config.field=value ...]
 
 Exit status: 0 done (or preempted after saving a checkpoint), 2 a user error, printed as one line (an invalid
-flag, config field or value, missing weights/data, an unusable workdir, no intact checkpoint, a bad sample
-in data.strict mode), 3 stopped after train.max_nonfinite non-finite steps in a row. Library INFO logs (absl, Orbax) are off unless
+flag, config field or value, missing weights/data, an unusable workdir or one another job holds, no intact
+checkpoint, a bad sample in data.strict mode), 3 stopped after train.max_nonfinite non-finite steps in a row,
+1 a checkpoint that could not be saved (one line: the step and the disk) or an unexpected error. Library INFO logs (absl, Orbax) are off unless
 --verbosity=0 is given.
 """
 
@@ -72,7 +73,7 @@ def main(argv):
     del argv
     quiet_library_logs()
     from llava_jax.data.errors import BadSample, DataFileError
-    from llava_jax.train import checkpoint, loop, model_init
+    from llava_jax.train import checkpoint, loop, model_init, workdir_lock
 
     config = _CONFIG.value
     config_name = flags.FLAGS["config"].config_filename if hasattr(flags.FLAGS["config"], "config_filename") \
@@ -86,6 +87,11 @@ def main(argv):
         sys.exit(cli.EXIT_BAD_INPUT)
     except checkpoint.NoIntactCheckpoint as e:
         cli.fail(f"cannot resume: {e}")
+    except workdir_lock.WorkdirLocked as e:
+        cli.fail(f"error: {e}")
+    except checkpoint.SaveFailed as e:
+        print(f"training stopped: {e}", file=sys.stderr)
+        sys.exit(1)
     except BadSample as e:
         cli.fail(f"bad sample (data.strict is set): {e}")
     except DataFileError as e:

@@ -61,13 +61,13 @@ def _written_here(leaf) -> dict[str, Any]:
 def manifest(state, *, meta: dict | None, data_state: dict | None) -> dict:
     """This process's part of the manifest of a checkpoint of `state`, `meta` and `data_state` ("bytes": the
     size of the array shards it writes)."""
-    leaves = ocp.tree.to_flat_dict(state)
-    shards = {path: _written_here(leaf) for path, leaf in leaves.items()}
-    host = jax.device_get(shards)  # one transfer for every shard
-    arrays = {array_name(path): {"dtype": str(np.dtype(leaves[path].dtype)), "shape": list(np.shape(leaves[path])),
-                                 "shards": {k: digest(v) for k, v in host[path].items()}}
-              for path in leaves}
-    part = {"arrays": arrays, "data": {}, "bytes": sum(v.nbytes for shard in host.values() for v in shard.values())}
+    arrays, written = {}, 0
+    for path, leaf in ocp.tree.to_flat_dict(state).items():
+        host = jax.device_get(_written_here(leaf))  # one array at a time: host memory stays bounded
+        arrays[array_name(path)] = {"dtype": str(np.dtype(leaf.dtype)), "shape": list(np.shape(leaf)),
+                                    "shards": {k: digest(v) for k, v in host.items()}}
+        written += sum(v.nbytes for v in host.values())
+    part = {"arrays": arrays, "data": {}, "bytes": written}
     if data_state is not None:
         part["data"][data_file_name()] = json_digest(data_state)
     if jax.process_index() == 0:

@@ -60,11 +60,15 @@ def run(c: mlc.ConfigDict, workdir: str | os.PathLike, *, config_name: str = "co
     {"step", "eval_loss"} lines every `eval_every` steps when `data.eval_json` is set),
     TensorBoard logs, checkpoints and `result.json`. Returns {"step", "history" (the logged lines),
     "bad_samples", "model" (the final model, when training completed)}.
-    Raises ValueError("config.<field>: ...") on bad settings, MissingInputs, NonFiniteError.
+    Raises ValueError("config.<field>: ...") on bad settings, MissingInputs, NonFiniteError, SaveFailed (a
+    checkpoint could not be written: the run stops, its unfinished folder removed), WorkdirLocked.
     """
     r = setup(c, workdir, config_name=config_name)
-    step, history = train_loop(r, hooks)
-    return finish(r, step, history)
+    try:
+        step, history = train_loop(r, hooks)
+        return finish(r, step, history)
+    finally:
+        r.lock.release()
 
 
 def train_loop(r: Run, hooks: Sequence[Hook] = ()) -> tuple[int, list[dict]]:
@@ -82,6 +86,7 @@ def train_loop(r: Run, hooks: Sequence[Hook] = ()) -> tuple[int, list[dict]]:
                     hook.before_step(r, step + 1, local)
                 r.state, m = r.train_step(r.state, r.frozen, r.rest, to_global(local, r.mesh))
                 step += 1
+                r.checkpointer.check_saves()  # a failed background save stops the run here
                 books.flush(pending)  # the previous step, while this one runs
                 pending = (step, m, books.counts(local, data_wait))
                 if r.held_out is not None and (step % r.c.eval_every == 0 or step == r.steps):

@@ -16,7 +16,7 @@ from flax import nnx
 from llava_jax.atomic_files import write_text
 from llava_jax.data.tokenize import pad_token_id
 from llava_jax.train import checkpoint as ckpt_lib
-from llava_jax.train import distributed, inputs, lora, model_init, recipes
+from llava_jax.train import distributed, inputs, lora, model_init, recipes, workdir_lock
 from llava_jax.train import metrics as metrics_lib
 from llava_jax.train import optimizer as opt
 from llava_jax.train import step as step_lib
@@ -48,6 +48,7 @@ class Run:
     held_out: inputs.HeldOut | None
     flop_model: metrics_lib.FlopModel
     pad_token_id: int
+    lock: workdir_lock.WorkdirLock  # this job's hold on the workdir
 
 
 @dataclasses.dataclass
@@ -63,13 +64,24 @@ class Parts:
 
 
 def setup(c: mlc.ConfigDict, workdir, *, config_name: str = "config") -> Run:
-    """Checks the config, starts the processes, builds everything and restores the latest checkpoint."""
+    """Checks the config, starts the processes, takes the workdir's lock (released on failure here, else by
+    `Run.lock.release()`), builds everything and restores the latest checkpoint. Raises WorkdirLocked."""
     check_config(c, config_name)
     distributed.maybe_initialize_distributed(c)
-    workdir, is_main = Path(workdir), jax.process_index() == 0
+    workdir = Path(workdir)
     mesh = distributed.make_run_mesh(c)
     distributed.check_batch_layout(c, mesh)
     workdir.mkdir(parents=True, exist_ok=True)
+    lock = workdir_lock.acquire(workdir)
+    try:
+        return build_run(c, workdir, mesh, config_name, lock)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def build_run(c: mlc.ConfigDict, workdir: Path, mesh, config_name: str, lock: workdir_lock.WorkdirLock) -> Run:
+    is_main = jax.process_index() == 0
     if is_main:
         write_text(workdir / "config.json", c.to_json_best_effort(indent=2))
     demo_paths = inputs.prepare_demo_data(c, workdir) if c.model.preset == "demo" else None
@@ -89,7 +101,7 @@ def setup(c: mlc.ConfigDict, workdir, *, config_name: str = "config") -> Run:
                groups=parts.groups, specs=specs, tx=tx, graphdef=parts.graphdef, state=state, frozen=parts.frozen,
                rest=parts.rest, data=data, steps=steps, start=start, checkpointer=checkpointer,
                train_step=compile_step(c, parts, tx, mesh, state), held_out=held_out,
-               flop_model=flop_model(c, parts), pad_token_id=pad_id)
+               flop_model=flop_model(c, parts), pad_token_id=pad_id, lock=lock)
 
 
 def check_config(c: mlc.ConfigDict, config_name: str) -> None:
