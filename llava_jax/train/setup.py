@@ -15,7 +15,7 @@ from flax import nnx
 
 from llava_jax.atomic_files import write_text
 from llava_jax.train import checkpoint as ckpt_lib
-from llava_jax.train import distributed, inputs, lora, model_init, recipes
+from llava_jax.train import distributed, inputs, lora, model_init, phases, recipes
 from llava_jax.train import metrics as metrics_lib
 from llava_jax.train import optimizer as opt
 from llava_jax.train import step as step_lib
@@ -71,7 +71,7 @@ def setup(c: mlc.ConfigDict, workdir, *, config_name: str = "config") -> Run:
     workdir.mkdir(parents=True, exist_ok=True)
     if is_main:
         write_text(workdir / "config.json", c.to_json_best_effort(indent=2))
-    demo_paths = inputs.prepare_demo_data(c, workdir) if c.model.preset == "demo" else None
+    demo_paths = phases.prepare_demo_data(c, workdir) if c.model.preset == "demo" else None
     tokenizer = model_init.load_tokenizer(c, demo_paths.tokenizer if demo_paths else None)
     parts = model_parts(c, mesh, tokenizer, demo_paths, is_main)
     data = inputs.make_data(c, tokenizer, parts.model_cfg, demo_paths)
