@@ -11,14 +11,19 @@ Reported per layout: step time (median after a compiled warm-up), real tokens/s,
 tokens, and memory (the device's peak bytes in use on GPU / TPU; the compiled step's arguments + temporaries
 everywhere). `--compare-transformers` also times transformers' LlavaForConditionalGeneration (PyTorch, same
 weights, the unpacked batches, AdamW, the same trainable parameters; peft LoRA with `--lora`), interleaving
-its steps with ours, and checks that both compute the same loss on the first batch.
+its steps with ours, and checks that both compute the same loss on the first batch. Both sides then run on the
+same `--threads` cores (this process's CPU affinity, which sizes XLA's CPU thread pools and bounds them, and
+`torch.set_num_threads`); each reports min / median / max over `--repeats` interleaved rounds, and the ratio of
+median real tokens/s comes with a verdict that says "too noisy to decide" when the min-max ranges overlap.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -92,7 +97,7 @@ def make_batches(cfg: LlavaConfig, batch: int, seq: int, steps: int, seed: int =
 class StepTiming:
     layout: str
     impl: str
-    step_s: float
+    times_s: list[float]
     compile_s: float
     real_tokens: int
     computed_tokens: int
@@ -100,9 +105,14 @@ class StepTiming:
     memory_bytes: int | None = None
     loss: float | None = None
 
+    @property
+    def step_s(self) -> float:
+        return statistics.median(self.times_s)
+
     def row(self, peak: float | None) -> dict:
         out = dataclasses.asdict(self)
-        out.update(tokens_per_s=self.real_tokens / self.step_s, token_efficiency=self.real_tokens /
+        out.update(step_s=self.step_s, step_min_s=min(self.times_s), step_max_s=max(self.times_s),
+                   tokens_per_s=self.real_tokens / self.step_s, token_efficiency=self.real_tokens /
                    self.computed_tokens, tflops_per_s=self.flops / self.step_s / 1e12)
         if peak:
             out["mfu"] = self.flops / self.step_s / peak
@@ -226,8 +236,8 @@ def run_train(args) -> list[dict]:
     for name, result in results.items():
         layout, compile_s, memory = info[name]
         real, computed, flops = batch_stats(batches[layout], flop_model, cfg.image_seq_length)
-        timing = StepTiming(layout, name.split("/")[1], statistics.median(result["times"]), compile_s, real, computed,
-                            flops, memory, result["first_loss"])
+        timing = StepTiming(layout, name.split("/")[1], result["times"], compile_s, real, computed, flops, memory,
+                            result["first_loss"])
         rows.append(timing.row(peak))
     report(args, rows, cfg)
     if args.json:
@@ -238,26 +248,73 @@ def run_train(args) -> list[dict]:
 def report(args, rows: list[dict], cfg: LlavaConfig) -> None:
     device = jax.devices()[0]
     kind = f"LoRA r{args.lora_rank}" if args.lora else "full"
+    threads = f", {args.threads} threads on both sides" if args.threads else ""
     print(f"bench train: preset {args.preset}, {kind} stage 2, batch {args.batch} x seq {args.seq}, {args.dtype}, "
           f"remat {args.remat}, attention {args.attention}, {device.device_kind} ({device.platform}), "
-          f"median of {args.repeats} interleaved steps")
-    print(f"{'layout':>9} {'impl':>12} {'step_ms':>9} {'tokens/s':>9} {'real/comp':>9} {'TFLOP/s':>8} {'MFU':>6} "
-          f"{'mem_MiB':>8} {'loss@1':>8}")
+          f"{args.repeats} interleaved rounds{threads}")
+    print(f"{'layout':>9} {'impl':>12} {'step_ms':>9} {'min-max_ms':>15} {'tokens/s':>9} {'real/comp':>9} "
+          f"{'TFLOP/s':>8} {'MFU':>6} {'mem_MiB':>8} {'loss@1':>8}")
     for r in rows:
         mfu = f"{100 * r['mfu']:5.1f}%" if "mfu" in r else "   n/a"
         mem = f"{r['memory_bytes'] / 2**20:8.0f}" if r["memory_bytes"] else "     n/a"
-        print(f"{r['layout']:>9} {r['impl']:>12} {r['step_s'] * 1e3:9.1f} {r['tokens_per_s']:9.0f} "
+        spread = f"{r['step_min_s'] * 1e3:.1f}-{r['step_max_s'] * 1e3:.1f}"
+        print(f"{r['layout']:>9} {r['impl']:>12} {r['step_s'] * 1e3:9.1f} {spread:>15} {r['tokens_per_s']:9.0f} "
               f"{r['token_efficiency']:9.3f} {r['tflops_per_s']:8.3f} {mfu} {mem} {r['loss']:8.4f}")
     by = {(r["layout"], r["impl"]): r for r in rows}
     if ("unpacked", "transformers") in by:
         ref = by[("unpacked", "transformers")]
         for layout in ("unpacked", "packed"):
-            ours = by[(layout, "llava_jax")]
-            ratio = ours["tokens_per_s"] / ref["tokens_per_s"]
-            print(f"ratio llava_jax {layout} / transformers unpacked: {ratio:.2f}x real tokens/s")
+            ratio, verdict = compare_rates(token_rates(by[(layout, "llava_jax")]), token_rates(ref))
+            print(f"ratio llava_jax {layout} / transformers unpacked: {ratio:.2f}x median real tokens/s: {verdict}")
     stats = device.memory_stats() or {}
     if "peak_bytes_in_use" in stats:
         print(f"device peak memory: {stats['peak_bytes_in_use'] / 2**30:.2f} GiB")
+
+
+def token_rates(row: dict) -> list[float]:
+    """Real tokens/s of each timed round of a result row."""
+    return [row["real_tokens"] / t for t in row["times_s"]]
+
+
+def compare_rates(ours: Sequence[float], theirs: Sequence[float]) -> tuple[float, str]:
+    """(ratio of the medians ours / theirs, verdict) of two samples of a rate (higher is faster). The verdict
+    is undecided when the min-max ranges overlap: then the noise of the runs is as large as the gap."""
+    ratio = statistics.median(ours) / statistics.median(theirs)
+    ranges = f"llava_jax {min(ours):.0f}-{max(ours):.0f}, transformers {min(theirs):.0f}-{max(theirs):.0f}"
+    if min(ours) <= max(theirs) and min(theirs) <= max(ours):
+        return ratio, (f"too noisy to decide, the min-max ranges overlap ({ranges}); rerun with more --repeats "
+                       "on a quieter machine")
+    return ratio, f"llava_jax {'faster' if ratio > 1 else 'slower'} ({ranges}, no overlap)"
+
+
+@contextlib.contextmanager
+def pinned_threads(count: int | None):
+    """Runs both sides on the same `count` cores: this process's CPU affinity (XLA sizes its CPU thread pools
+    from it when its backend starts, and no thread runs outside it) and `torch.set_num_threads`. Restored
+    afterwards. None: nothing pinned."""
+    if not count:
+        yield
+        return
+    before = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, sorted(before)[:count])
+    torch = _torch_or_none()
+    torch_before = torch.get_num_threads() if torch else None
+    if torch:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, before)
+        if torch:
+            torch.set_num_threads(torch_before)
+
+
+def _torch_or_none():
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
 
 
 def add_parser(commands) -> None:
@@ -273,7 +330,9 @@ def add_parser(commands) -> None:
     t.add_argument("--remat", default="none", help="remat policy (llava_jax.models.layers.REMAT_POLICIES)")
     t.add_argument("--attention", default="xla", help="attention kernel: xla, cudnn, splash")
     t.add_argument("--loss-chunk", type=int, default=512)
-    t.add_argument("--repeats", type=int, default=5)
+    t.add_argument("--repeats", type=int, default=5, help="interleaved rounds timed (min / median / max)")
+    t.add_argument("--threads", type=int, help="cores for both sides (CPU affinity and torch threads; default with "
+                   "--compare-transformers: all this process may use)")
     t.add_argument("--peak-tflops", type=float, default=-1.0, help="device peak (default: by device kind)")
     t.add_argument("--json", help="write the results here")
 
@@ -283,7 +342,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m llava_jax.bench", description=__doc__.split("\n")[0])
     add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    if args.batch <= 0 or args.seq <= 0 or args.repeats <= 0:
-        raise cli.UsageError("--batch, --seq and --repeats must be positive")
-    run_train(args)
+    cores = len(os.sched_getaffinity(0))
+    if args.batch <= 0 or args.seq <= 0 or args.repeats <= 0 or not 0 < (args.threads or 1) <= cores:
+        raise cli.UsageError(f"--batch, --seq and --repeats must be positive, --threads within 1..{cores} (the "
+                             "cores this process may use)")
+    if args.threads is None and args.compare_transformers:
+        args.threads = cores
+    with pinned_threads(args.threads):
+        run_train(args)
     return 0

@@ -24,7 +24,7 @@ from flax import nnx
 from llava_jax import atomic_files, convert
 from llava_jax.data import packing
 from llava_jax.train import checkpoint as ckpt_lib
-from llava_jax.train import demo, distributed, lora
+from llava_jax.train import demo, distributed, lora, phases
 from llava_jax.train import metrics as metrics_lib
 from llava_jax.train import optimizer as opt
 from llava_jax.train import step as step_lib
@@ -66,14 +66,16 @@ def run(c: mlc.ConfigDict, workdir: str | os.PathLike, *, config_name: str = "co
     r = setup(c, workdir, config_name=config_name)
     try:
         step, history = train_loop(r, hooks)
-        return finish(r, step, history)
+        result = finish(r, step, history)
     finally:
         r.lock.release()
+    phases.outputs(r.c, r.workdir, completed=step >= r.steps)
+    return result
 
 
 def train_loop(r: Run, hooks: Sequence[Hook] = ()) -> tuple[int, list[dict]]:
     """Steps from `r.start` to `r.steps` (or a preemption); returns (last step, logged lines)."""
-    books = Bookkeeping(r, hooks)
+    books, clock = Bookkeeping(r, hooks), phases.StepClock(r.start)
     preemption = distributed.Preemption()
     pending, step = None, r.start
     try:
@@ -84,7 +86,9 @@ def train_loop(r: Run, hooks: Sequence[Hook] = ()) -> tuple[int, list[dict]]:
                 data_wait = time.perf_counter() - t_wait
                 for hook in hooks:
                     hook.before_step(r, step + 1, local)
+                t_step = time.perf_counter()
                 r.state, m = r.train_step(r.state, r.frozen, r.rest, to_global(local, r.mesh))
+                clock.dispatched(local, time.perf_counter() - t_step)
                 step += 1
                 r.checkpointer.check_saves()  # a failed background save stops the run here
                 books.flush(pending)  # the previous step, while this one runs
@@ -102,6 +106,7 @@ def train_loop(r: Run, hooks: Sequence[Hook] = ()) -> tuple[int, list[dict]]:
                     stop_preempted(r, step)
                     break
             books.flush(pending)
+            clock.finished(step)
     finally:
         preemption.restore()
         books.close()
@@ -201,17 +206,22 @@ def finish(r: Run, step: int, history: list[dict]) -> dict:
     if r.c.export_hf:
         export(r, final)
     if r.c.model.preset == "demo" and r.c.demo.evaluate:
+        start = time.perf_counter()
         result["demo_eval"] = demo.evaluate(final, r.tokenizer, r.data.demo_paths, r.c, r.workdir)
+        phases.say(f"evaluate: {r.c.demo.num_eval} held-out questions, with images and with blank images, in "
+                   f"{phases.seconds(time.perf_counter() - start)}")
         if r.is_main:
             write_result(r.workdir, result)
     return result
 
 
 def export(r: Run, final: nnx.Module) -> None:
+    start = time.perf_counter()
     gathered = distributed.gather_to_host(final)  # every process takes part; process 0 writes
     if r.is_main:
         convert.to_hf(gathered, r.c.export_hf, tokenizer=r.tokenizer)
-        print(f"exported Hugging Face LLaVA to {r.c.export_hf}", flush=True)
+        print(f"export: Hugging Face LLaVA in {phases.seconds(time.perf_counter() - start)} -> {r.c.export_hf}",
+              flush=True)
 
 
 def write_result(workdir: Path, result: dict) -> None:

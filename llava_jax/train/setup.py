@@ -16,7 +16,7 @@ from flax import nnx
 from llava_jax.atomic_files import write_text
 from llava_jax.data.tokenize import pad_token_id
 from llava_jax.train import checkpoint as ckpt_lib
-from llava_jax.train import distributed, inputs, lora, model_init, recipes, workdir_lock
+from llava_jax.train import distributed, inputs, lora, model_init, phases, recipes, workdir_lock
 from llava_jax.train import metrics as metrics_lib
 from llava_jax.train import optimizer as opt
 from llava_jax.train import step as step_lib
@@ -84,7 +84,7 @@ def build_run(c: mlc.ConfigDict, workdir: Path, mesh, config_name: str, lock: wo
     is_main = jax.process_index() == 0
     if is_main:
         write_text(workdir / "config.json", c.to_json_best_effort(indent=2))
-    demo_paths = inputs.prepare_demo_data(c, workdir) if c.model.preset == "demo" else None
+    demo_paths = phases.prepare_demo_data(c, workdir) if c.model.preset == "demo" else None
     tokenizer = model_init.load_tokenizer(c, demo_paths.tokenizer if demo_paths else None)
     parts = model_parts(c, mesh, tokenizer, demo_paths, is_main)
     data = inputs.make_data(c, tokenizer, parts.model_cfg, demo_paths)

@@ -36,3 +36,30 @@ def test_bench_train_lora_against_peft(tmp_path, capsys):
     ours, ref = rows[("unpacked", "llava_jax")], rows[("unpacked", "transformers")]
     assert abs(ours["loss"] - ref["loss"]) < 1e-4 * abs(ref["loss"])
     assert "LoRA r4 stage 2" in capsys.readouterr().out
+
+
+def test_ratio_of_medians_and_a_verdict_only_when_the_ranges_do_not_overlap():
+    from llava_jax.train.bench import compare_rates
+
+    ratio, verdict = compare_rates([100.0, 120.0, 110.0], [50.0, 70.0, 55.0])
+    assert ratio == 110.0 / 55.0 and verdict.startswith("llava_jax faster")
+    ratio, verdict = compare_rates([40.0, 45.0, 41.0], [50.0, 70.0, 55.0])
+    assert ratio == 41.0 / 55.0 and verdict.startswith("llava_jax slower")
+    # 0.86x and 2.63x from the same command: the ranges overlap, no verdict.
+    ratio, verdict = compare_rates([86.0, 263.0, 150.0], [100.0, 120.0, 110.0])
+    assert ratio == 150.0 / 110.0 and verdict.startswith("too noisy to decide")
+    assert "llava_jax 86-263, transformers 100-120" in verdict
+
+
+def test_both_sides_are_pinned_to_the_same_cores_then_restored():
+    import os
+
+    import torch
+
+    from llava_jax.train.bench import pinned_threads
+
+    cores, threads = os.sched_getaffinity(0), torch.get_num_threads()
+    with pinned_threads(1):
+        assert len(os.sched_getaffinity(0)) == 1 and torch.get_num_threads() == 1
+    assert os.sched_getaffinity(0) == cores and torch.get_num_threads() == threads
+    assert bench.main(["train", "--threads", str(len(cores) + 1)]) == 2
