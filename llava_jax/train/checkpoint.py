@@ -119,12 +119,12 @@ class Checkpointer:
                 shutil.rmtree(os.fspath(tmp), ignore_errors=True)
                 removed.append(tmp.name)
         intact = [s for s in self.candidate_steps() if s != step]
+        left = f"checkpoints up to step {intact[0]} are intact (rerun the same command to resume from there)" \
+            if intact else "there is no earlier checkpoint (a rerun starts from step 0)"
         return SaveFailed(
             f"the checkpoint of step {step} could not be saved to {self.directory / str(step)}: "
             f"{_save_error(error)}{_disk(self.directory)}; "
-            f"{'removed the partial ' + ', '.join(removed) + '; ' if removed else ''}"
-            f"{f'checkpoints up to step {intact[0]} are intact' if intact else 'no earlier checkpoint'} "
-            f"(rerun the same command to resume from there)")
+            f"{'removed the partial ' + ', '.join(removed) + '; ' if removed else ''}{left}")
 
     def restore(self, step: int, abstract_state: Any, *, data_iterator=None,
                 global_batch_size: int | None = None) -> tuple[Any, dict]:
@@ -320,20 +320,23 @@ def _disk(directory: epath.Path) -> str:
 
 
 class _DropSaveTracebacks(logging.Filter):
-    """Orbax logs the traceback of a failed background save itself, from several threads; the Checkpointer
-    raises the failure as SaveFailed, one line, so these copies are dropped."""
+    """Orbax logs the traceback of a failed background save itself, from several threads, and re-raises the
+    error to the Checkpointer, which raises SaveFailed (one line): those log copies are dropped."""
+
+    RERAISED_FROM = ("async_checkpointer.py", "future.py", "checkpoint_manager.py")
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and "orbax" in record.pathname)
+        return not (record.exc_info and "orbax" in record.pathname
+                    and os.path.basename(record.pathname) in self.RERAISED_FROM)
 
 
 _SAVE_TRACEBACKS = _DropSaveTracebacks()
 
 
 def _quiet_orbax_save_tracebacks() -> None:
-    for name in ("absl", "orbax"):
-        if _SAVE_TRACEBACKS not in logging.getLogger(name).filters:
-            logging.getLogger(name).addFilter(_SAVE_TRACEBACKS)
+    absl_logger = logging.getLogger("absl")  # Orbax logs through absl
+    if _SAVE_TRACEBACKS not in absl_logger.filters:
+        absl_logger.addFilter(_SAVE_TRACEBACKS)
 
 
 def abstract_like(tree: Any) -> Any:
