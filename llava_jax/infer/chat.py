@@ -15,7 +15,7 @@ import argparse
 import sys
 from typing import Callable, Sequence, TextIO
 
-from llava_jax.data.conversation import IMAGE_TOKEN, generation_prompt, get_template
+from llava_jax.data.conversation import IMAGE_TOKEN, generation_prompt
 from llava_jax.data.errors import BadSample
 
 EXIT_BAD_INPUT = 2
@@ -85,12 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                         help="compute and storage dtype (default: the checkpoint's)")
     parser.add_argument("--tokenizer", help="tokenizer folder (default: the model folder)")
+    parser.add_argument("--warm-up", action="store_true",
+                        help="compile every prompt length's programs before the first turn (kept in the model's "
+                             "persistent compilation cache), so no turn waits for a compile")
     return parser
 
 
 def _open_chat(args) -> Chat:
     from llava_jax.data.images import load_image
-    from llava_jax.infer.generate import Generator, ModelLoadError, load_model
+    from llava_jax.infer.loading import ModelLoadError, load_generator
 
     image = None
     if args.image is not None:
@@ -99,18 +102,20 @@ def _open_chat(args) -> Chat:
         except BadSample as e:
             raise ChatError(str(e)) from None
     try:
-        template = get_template(args.template) if args.template else None
-    except KeyError as e:
-        raise ChatError(e.args[0]) from None
-    try:
-        model, tokenizer, image_config, default = load_model(args.model, dtype=args.dtype, tokenizer=args.tokenizer)
+        generator = load_generator(args.model, dtype=args.dtype, template=args.template, tokenizer=args.tokenizer)
     except (ModelLoadError, FileNotFoundError) as e:
         raise ChatError(str(e)) from None
-    generator = Generator(model, tokenizer, image_config=image_config, template=template or default)
     if image is not None and not generator.is_llava:
         raise ChatError(f"{args.model} is a text-only model; it cannot take --image")
+    if args.warm_up:
+        generator.warm_up(images=(int(image is not None),), max_new_tokens=args.max_new_tokens,
+                          greedy=args.temperature == 0, stream=True, progress=_progress_line)
     return Chat(generator, image, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                 top_p=args.top_p, seed=args.seed)
+
+
+def _progress_line(line: str) -> None:
+    print(f"\r{line:<72}", end="", file=sys.stderr, flush=True)
 
 
 def _write(out: TextIO) -> Callable[[str], None]:

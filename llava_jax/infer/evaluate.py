@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     from llava_jax.data.conversation import get_template
-    from llava_jax.infer.generate import ModelLoadError, load_model
+    from llava_jax.infer.loading import ModelLoadError, load_generator
 
     args = build_parser().parse_args(argv)
     try:
@@ -146,11 +146,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not Path(args.images).is_dir():
             raise FileNotFoundError(f"image folder not found: {args.images}")
         check_image_paths(questions_lib.load_question_file(args.questions), args.images)  # before loading the model
-        model, tokenizer, image_config, _ = load_model(args.model, dtype=args.dtype, tokenizer=args.tokenizer)
-        evaluate(model, tokenizer, args.questions, args.images, args.answers, template=args.template,
-                 image_config=image_config, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                 temperature=args.temperature, model_id=args.model_id or Path(args.model).resolve().name,
-                 progress=not args.no_progress)
+        generator = load_generator(args.model, dtype=args.dtype, template=args.template, tokenizer=args.tokenizer)
+        evaluate(generator.model, generator.tokenizer, args.questions, args.images, args.answers,
+                 template=args.template, image_config=generator.image_config, batch_size=args.batch_size,
+                 max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                 model_id=args.model_id or Path(args.model).resolve().name, progress=not args.no_progress)
     except (ModelLoadError, OSError, BadSample, KeyError, ValueError) as e:
         message = e.args[0] if isinstance(e, KeyError) and e.args else e
         print(f"error: {message}", file=sys.stderr)
