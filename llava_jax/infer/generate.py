@@ -49,7 +49,7 @@ from llava_jax.infer.decoding import (Carry, Static, bucket_length, decode_loop,
                                       next_power_of_two, prefill, token_buffer)
 from llava_jax.infer.loading import ModelLoadError, default_template, load_generator, load_model
 from llava_jax.infer.sampling import Sampling, filter_logits, next_token
-from llava_jax.infer.streaming import TextStreamer, cut_at_stop
+from llava_jax.infer.streaming import IncrementalDecoder, TextStreamer, cut_at_stop
 
 Prompt = str | Sequence[int] | np.ndarray
 StreamCallback = Callable[[int, str], None]
@@ -113,6 +113,7 @@ class Generator:
         self.pad_id = int(pad if pad is not None else (self.eos_token_ids or (0,))[0])
         self.bucket = bucket
         self.min_buffer = 0  # the token buffer of the warmed-up programs (`warm_up`)
+        self._stop_id_cache: dict[tuple[str, ...], tuple[tuple[int, ...], ...]] = {}
         self.graphdef, self.state = nnx.split(self.model)
 
     @property
@@ -208,12 +209,15 @@ class Generator:
     def _stop_ids(self, stop: Sequence[str]) -> tuple[tuple[int, ...], ...]:
         """Token sequences of the stop strings that tokenize to something decoding back to exactly themselves
         (ending a row on them is then safe: the decoded text holds the stop string and is cut there)."""
-        out = []
-        for s in stop:
-            ids = self.tokenizer(s, add_special_tokens=False).input_ids
-            if ids and self.tokenizer.decode(ids) == s:
-                out.append(tuple(int(i) for i in ids))
-        return tuple(out)
+        stop = tuple(stop)
+        if stop not in self._stop_id_cache:  # tokenized once, not per batch
+            out = []
+            for s in stop:
+                ids = self.tokenizer(s, add_special_tokens=False).input_ids
+                if ids and self.tokenizer.decode(ids) == s:
+                    out.append(tuple(int(i) for i in ids))
+            self._stop_id_cache[stop] = tuple(out)
+        return self._stop_id_cache[stop]
 
     # -------------------------------------------------------------------------------- generation
 
@@ -373,4 +377,4 @@ class Generator:
 
 __all__ = ["Generator", "Batch", "Sampling", "ModelLoadError", "TextStreamer", "bucket_length", "decoding_layout",
            "default_template", "filter_logits", "load_generator", "load_model", "next_token", "next_power_of_two",
-           "cut_at_stop", "Carry", "Static"]
+           "cut_at_stop", "Carry", "Static", "IncrementalDecoder"]
