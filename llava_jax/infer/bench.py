@@ -173,8 +173,7 @@ def time_ours(model, rows, pixels, images: int, new_tokens: int, repeats: int) -
 
     def prefill():
         return decoding.prefill(gen.state, batch.ids, batch.mask, batch.pixels, batch.image_mask, batch.done, key,
-                                params, static=static, cache_length=batch.ids.shape[1] + new_tokens,
-                                max_new_tokens=new_tokens)
+                                params, np.int32(new_tokens), static=static, buffer=new_tokens)
 
     def first_token():
         return jax.block_until_ready(prefill().tokens)
@@ -243,9 +242,9 @@ def decode_weight_bytes(model) -> int:
 
 
 def bench_models(args):
-    """(our model, transformers model or None): a checkpoint from `load_model`, or a preset's random weights."""
+    """(our model, transformers model or None): a checkpoint (`load_generator`), or a preset's random weights."""
     if args.model:
-        return gen_lib.load_model(args.model, dtype=DTYPES[args.dtype], quantize=args.quantize)[0], None
+        return gen_lib.load_generator(args.model, dtype=DTYPES[args.dtype], quantize=args.quantize).model, None
     ours, hf = build_models(PRESETS[args.preset], DTYPES[args.dtype], args.compare_transformers)
     return quant.as_quantized(ours, args.quantize), hf
 

@@ -16,7 +16,7 @@ import sys
 from typing import Callable, Sequence, TextIO
 
 from llava_jax import cli
-from llava_jax.data.conversation import IMAGE_TOKEN, generation_prompt, get_template
+from llava_jax.data.conversation import IMAGE_TOKEN, generation_prompt
 from llava_jax.data.errors import BadSample
 from llava_jax.models.dtypes import DTYPES
 
@@ -88,12 +88,15 @@ def build_parser() -> argparse.ArgumentParser:
                         help="compute and storage dtype (default: the checkpoint's)")
     parser.add_argument("--tokenizer", help="tokenizer folder (default: the model folder)")
     add_quantize_argument(parser)
+    parser.add_argument("--warm-up", action="store_true",
+                        help="compile every prompt length's programs before the first turn (kept in the model's "
+                             "persistent compilation cache), so no turn waits for a compile")
     return parser
 
 
 def _open_chat(args) -> Chat:
     from llava_jax.data.images import load_image
-    from llava_jax.infer.generate import Generator, ModelLoadError, load_model
+    from llava_jax.infer.loading import ModelLoadError, load_generator
 
     image = None
     if args.image is not None:
@@ -102,19 +105,21 @@ def _open_chat(args) -> Chat:
         except BadSample as e:
             raise ChatError(str(e)) from None
     try:
-        template = get_template(args.template) if args.template else None
-    except KeyError as e:
-        raise ChatError(e.args[0]) from None
-    try:
-        model, tokenizer, image_config, default = load_model(args.model, dtype=args.dtype, tokenizer=args.tokenizer,
-                                                             quantize=args.quantize)
+        generator = load_generator(args.model, dtype=args.dtype, template=args.template, tokenizer=args.tokenizer,
+                                   quantize=args.quantize)
     except (ModelLoadError, FileNotFoundError) as e:
         raise ChatError(str(e)) from None
-    generator = Generator(model, tokenizer, image_config=image_config, template=template or default)
     if image is not None and not generator.is_llava:
         raise ChatError(f"{args.model} is a text-only model; it cannot take --image")
+    if args.warm_up:
+        generator.warm_up(images=(int(image is not None),), max_new_tokens=args.max_new_tokens,
+                          greedy=args.temperature == 0, stream=True, progress=_progress_line)
     return Chat(generator, image, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                 top_p=args.top_p, seed=args.seed)
+
+
+def _progress_line(line: str) -> None:
+    print(f"\r{line:<72}", end="", file=sys.stderr, flush=True)
 
 
 def _write(out: TextIO) -> Callable[[str], None]:

@@ -15,6 +15,12 @@ from flax import nnx
 from llava_jax.infer.sampling import next_token
 
 
+def token_buffer(max_new_tokens: int) -> int:
+    """Token buffer (and extra cache) length for `max_new_tokens`: powers of two, at least 16; the bound itself is
+    traced (`Carry.limit`), so the programs compile once per buffer, not per value."""
+    return max(16, next_power_of_two(max_new_tokens))
+
+
 def next_power_of_two(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
@@ -79,21 +85,23 @@ def _stopped(static: Static, tokens: jax.Array, step: jax.Array) -> jax.Array:
 
 
 class Carry(NamedTuple):
-    """Decode state: cache, tokens int32 [B, N], lengths int32 [B], done bool [B], step int32 (next column)."""
+    """Decode state: cache, tokens int32 [B, N], lengths int32 [B], done bool [B], step int32 (next column),
+    limit int32 (the columns to fill, <= N: a traced bound, so every max_new_tokens up to N shares one program)."""
 
     cache: object
     tokens: jax.Array
     lengths: jax.Array
     done: jax.Array
     step: jax.Array
+    limit: jax.Array
 
 
-@functools.partial(jax.jit, static_argnames=("static", "cache_length", "max_new_tokens"))
-def prefill(state, ids, mask, pixels, image_mask, done, key, sampling, *, static: Static, cache_length: int,
-            max_new_tokens: int):
-    """Prompt ids [B, P] (left padded, mask [B, P]) -> (Carry after the first new token)."""
+@functools.partial(jax.jit, static_argnames=("static", "buffer"))
+def prefill(state, ids, mask, pixels, image_mask, done, key, sampling, limit, *, static: Static, buffer: int):
+    """Prompt ids [B, P] (left padded, mask [B, P]) -> (Carry after the first new token): a cache of P + buffer
+    positions, a token buffer [B, buffer] of which `limit` (int32, 1..buffer) columns are decoded."""
     model = nnx.merge(static.graphdef, state)
-    cache = model.init_cache(ids.shape[0], cache_length)
+    cache = model.init_cache(ids.shape[0], ids.shape[1] + buffer)
     if static.split_prefill:  # the logits of all but the last position are never computed (dead code)
         _, cache = _decode(model, cache, ids[:, :-1], mask[:, :-1], pixels, image_mask)
         logits, cache = language_model(model).decode(cache, ids[:, -1:], attention_mask=mask[:, -1:])
@@ -101,10 +109,10 @@ def prefill(state, ids, mask, pixels, image_mask, done, key, sampling, *, static
         logits, cache = _decode(model, cache, ids, mask, pixels, image_mask)
     token = next_token(logits[:, -1], jax.random.fold_in(key, 0), sampling, static.greedy)
     token = jnp.where(done, static.pad_id, token)
-    tokens = jnp.full((ids.shape[0], max_new_tokens), static.pad_id, jnp.int32).at[:, 0].set(token)
+    tokens = jnp.full((ids.shape[0], buffer), static.pad_id, jnp.int32).at[:, 0].set(token)
     lengths = jnp.where(done, 0, 1).astype(jnp.int32)
     done = done | _stopped(static, tokens, jnp.int32(0))
-    return Carry(cache, tokens, lengths, done, jnp.int32(1))
+    return Carry(cache, tokens, lengths, done, jnp.int32(1), jnp.asarray(limit, jnp.int32))
 
 
 def _step(static: Static, model, carry: Carry, key, sampling) -> Carry:
@@ -117,15 +125,14 @@ def _step(static: Static, model, carry: Carry, key, sampling) -> Carry:
     tokens = jax.lax.dynamic_update_index_in_dim(tokens, token, step, axis=1)
     lengths = carry.lengths + jnp.where(done, 0, 1)
     done = done | _stopped(static, tokens, step)
-    return Carry(cache, tokens, lengths, done, step + 1)
+    return Carry(cache, tokens, lengths, done, step + 1, carry.limit)
 
 
 @functools.partial(jax.jit, static_argnames=("static",), donate_argnames=("carry",))
 def decode_loop(state, carry: Carry, key, sampling, *, static: Static) -> Carry:
-    """Decodes until every row is done or the token buffer is full."""
+    """Decodes until every row is done or `carry.limit` columns are filled."""
     model = nnx.merge(static.graphdef, state)
-    limit = carry.tokens.shape[1]
-    return jax.lax.while_loop(lambda c: (c.step < limit) & ~jnp.all(c.done),
+    return jax.lax.while_loop(lambda c: (c.step < c.limit) & ~jnp.all(c.done),
                               lambda c: _step(static, model, c, key, sampling), carry)
 
 
@@ -136,4 +143,4 @@ def decode_one(state, carry: Carry, key, sampling, *, static: Static) -> Carry:
 
 
 __all__ = ["Static", "Carry", "prefill", "decode_loop", "decode_one", "decoding_layout", "language_model",
-           "bucket_length", "next_power_of_two"]
+           "bucket_length", "next_power_of_two", "token_buffer"]

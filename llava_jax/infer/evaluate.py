@@ -146,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
 @cli.command(OSError, KeyError, ValueError)  # ModelLoadError and BadSample are ValueErrors
 def main(argv: Sequence[str] | None = None) -> int:
     from llava_jax.data.conversation import get_template
-    from llava_jax.infer.generate import load_model
+    from llava_jax.infer.loading import load_generator
 
     args = build_parser().parse_args(argv)
     get_template(args.template)
@@ -156,12 +156,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise FileNotFoundError(f"image folder not found: {args.images}")
     questions = questions_lib.load_question_file(args.questions, args.repeated_ids)
     check_image_paths(questions, args.images)  # before loading the model
-    model, tokenizer, image_config, _ = load_model(args.model, dtype=args.dtype, tokenizer=args.tokenizer,
-                                                   quantize=args.quantize)
-    evaluate(model, tokenizer, args.questions, args.images, args.answers, template=args.template,
-             image_config=image_config, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-             temperature=args.temperature, model_id=args.model_id or Path(args.model).resolve().name,
-             progress=not args.no_progress, repeated_ids=args.repeated_ids)
+    generator = load_generator(args.model, dtype=args.dtype, template=args.template, tokenizer=args.tokenizer,
+                               quantize=args.quantize)
+    evaluate(generator.model, generator.tokenizer, args.questions, args.images, args.answers,
+             template=args.template, image_config=generator.image_config, batch_size=args.batch_size,
+             max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+             model_id=args.model_id or Path(args.model).resolve().name, progress=not args.no_progress,
+             repeated_ids=args.repeated_ids)
     print(f"answers written to {args.answers}", file=sys.stderr)
     return 0
 

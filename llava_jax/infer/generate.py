@@ -46,10 +46,10 @@ from PIL import Image
 from llava_jax.data.conversation import IMAGE_TOKEN, Template, get_template, stop_strings
 from llava_jax.data.images import ImageConfig, preprocess
 from llava_jax.infer.decoding import (Carry, Static, bucket_length, decode_loop, decode_one, decoding_layout,
-                                      next_power_of_two, prefill)
+                                      next_power_of_two, prefill, token_buffer)
 from llava_jax.infer.loading import ModelLoadError, default_template, load_generator, load_model
 from llava_jax.infer.sampling import Sampling, filter_logits, next_token
-from llava_jax.infer.streaming import TextStreamer, cut_at_stop
+from llava_jax.infer.streaming import IncrementalDecoder, TextStreamer, cut_at_stop
 
 Prompt = str | Sequence[int] | np.ndarray
 StreamCallback = Callable[[int, str], None]
@@ -112,6 +112,8 @@ class Generator:
         pad = getattr(tokenizer, "pad_token_id", None)
         self.pad_id = int(pad if pad is not None else (self.eos_token_ids or (0,))[0])
         self.bucket = bucket
+        self.min_buffer = 0  # the token buffer of the warmed-up programs (`warm_up`)
+        self._stop_id_cache: dict[tuple[str, ...], tuple[tuple[int, ...], ...]] = {}
         self.graphdef, self.state = nnx.split(self.model)
 
     @property
@@ -207,12 +209,15 @@ class Generator:
     def _stop_ids(self, stop: Sequence[str]) -> tuple[tuple[int, ...], ...]:
         """Token sequences of the stop strings that tokenize to something decoding back to exactly themselves
         (ending a row on them is then safe: the decoded text holds the stop string and is cut there)."""
-        out = []
-        for s in stop:
-            ids = self.tokenizer(s, add_special_tokens=False).input_ids
-            if ids and self.tokenizer.decode(ids) == s:
-                out.append(tuple(int(i) for i in ids))
-        return tuple(out)
+        stop = tuple(stop)
+        if stop not in self._stop_id_cache:  # tokenized once, not per batch
+            out = []
+            for s in stop:
+                ids = self.tokenizer(s, add_special_tokens=False).input_ids
+                if ids and self.tokenizer.decode(ids) == s:
+                    out.append(tuple(int(i) for i in ids))
+            self._stop_id_cache[stop] = tuple(out)
+        return self._stop_id_cache[stop]
 
     # -------------------------------------------------------------------------------- generation
 
@@ -269,7 +274,7 @@ class Generator:
                        split_prefill=last_is_text and batch.ids.shape[1] > 1)
 
     def _start(self, prompts, images, max_new_tokens, sampling: Sampling, rng, stop: tuple[str, ...],
-               min_rows: int = 1, ignore_eos: bool = False):
+               min_rows: int = 1, ignore_eos: bool = False, buffer: int | None = None):
         """Batches the prompts and runs the prefill -> (carry, key, sampling arrays, static, real rows)."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -279,10 +284,42 @@ class Generator:
         if ignore_eos:
             static = dataclasses.replace(static, eos_ids=())
         params = sampling.arrays()
+        buffer = max(buffer or 0, self.min_buffer, token_buffer(max_new_tokens))
         carry = prefill(self.state, batch.ids, batch.mask, batch.pixels, batch.image_mask, batch.done, key, params,
-                         static=static, cache_length=batch.ids.shape[1] + max_new_tokens,
-                         max_new_tokens=max_new_tokens)
+                        np.int32(max_new_tokens), static=static, buffer=buffer)
         return carry, key, params, static, batch.num_rows
+
+    def warm_up(self, *, rows: Sequence[int] = (1,), images: Sequence[int] = (0,), max_new_tokens: int = 128,
+                greedy: bool = True, stream: bool = False, max_prompt_tokens: int | None = None,
+                buffer: int | None = None, progress: Callable[[str], None] | None = None) -> int:
+        """Compiles, before any request, the programs requests of these shapes run, so that none compiles on
+        the request path: for each row count, images per row and prompt bucket (from the shortest prompt with
+        those images up to `max_prompt_tokens`, default the context), the prefill and the decode loop (`stream`:
+        the one-step decode) for the default stop strings and `token_buffer(max_new_tokens)` (or `buffer`), which
+        later calls then use for any smaller max_new_tokens. `progress(line)` is called before each shape;
+        returns how many shapes were compiled."""
+        self.min_buffer = max(self.min_buffer, buffer or token_buffer(max_new_tokens))
+        shapes = [(r, i, p) for r in rows for i in images
+                  for p in self.prompt_buckets(i, max_prompt_tokens or self.context_length)]
+        sampling, stop = Sampling(0.0 if greedy else 1.0), self._stops(None)
+        for k, (num_rows, num_images, width) in enumerate(shapes):
+            if progress is not None:
+                progress(f"compiling {k + 1}/{len(shapes)}: {num_rows} row(s), {num_images} image(s), prompt "
+                         f"bucket {width}")
+            prompt = np.full(width, self.pad_id, np.int32)
+            prompt[1:1 + num_images * self.image_seq_length] = self.image_token_index or 0
+            pixels = [np.zeros((3,) + (self.model.config.vision.image_size,) * 2, np.float32)] * num_images \
+                if num_images else []
+            carry, key, params, static, _ = self._start([prompt] * num_rows, [pixels] * num_rows, 1, sampling,
+                                                        None, stop, min_rows=num_rows)
+            (decode_one if stream else decode_loop)(self.state, carry, key, params, static=static)
+        return len(shapes)
+
+    def prompt_buckets(self, num_images: int, max_tokens: int) -> list[int]:
+        """The padded prompt lengths of prompts with `num_images` images and at most `max_tokens` tokens."""
+        shortest = num_images * self.image_seq_length + 2  # BOS, the images, a text token
+        longest = min(max_tokens, self.context_length)
+        return sorted({self.bucket(n) for n in range(shortest, longest + 1)})
 
     def _run(self, prompts, images, max_new_tokens, sampling: Sampling, rng, stop: tuple[str, ...],
              stream: StreamCallback | None, min_rows: int = 1) -> tuple[np.ndarray, np.ndarray]:
@@ -294,31 +331,33 @@ class Generator:
                                                            min_rows)
         carry = decode_loop(self.state, carry, key, params, static=static)
         tokens, lengths = jax.device_get((carry.tokens, carry.lengths))
-        return tokens[:num_rows], lengths[:num_rows]
+        return tokens[:num_rows, :max_new_tokens], lengths[:num_rows]
 
     def decode_steps(self, prompts: Sequence[Prompt], images: Sequence[Sequence] | None = None, *,
                      max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                      rng: jax.Array | int | None = None, stop: Sequence[str] | None = None, min_rows: int = 1,
-                     ignore_eos: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+                     ignore_eos: bool = False, buffer: int | None = None
+                     ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """Decodes one step at a time, driven from the host (streaming, serving).
 
-        Same arguments as `generate`; `ignore_eos`: rows go on past an EOS (benchmarks). Yields
+        Same arguments as `generate`; `ignore_eos`: rows go on past an EOS (benchmarks); `buffer`: the token
+        buffer to compile for (at least `token_buffer(max_new_tokens)`; a server keeps it fixed). Yields
         `(tokens int32 [R, max_new_tokens], lengths int32 [R], done bool [R])` of the R real rows after the
         prefill and after every decode step, until every row is done (EOS or a stop string's tokens) or the
         token buffer is full. A caller that needs no more steps stops iterating.
         """
         return self._steps(prompts, images, max_new_tokens, Sampling(temperature, top_k, top_p), rng,
-                           self._stops(stop), min_rows, ignore_eos)
+                           self._stops(stop), min_rows, ignore_eos, buffer)
 
     def _steps(self, prompts, images, max_new_tokens, sampling: Sampling, rng, stop: tuple[str, ...],
-               min_rows: int = 1, ignore_eos: bool = False) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+               min_rows: int = 1, ignore_eos: bool = False, buffer: int | None = None
+               ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         carry, key, params, static, num_rows = self._start(prompts, images, max_new_tokens, sampling, rng, stop,
-                                                           min_rows, ignore_eos)
-        limit = carry.tokens.shape[1]
+                                                           min_rows, ignore_eos, buffer)
         while True:
             tokens, lengths, done = jax.device_get((carry.tokens, carry.lengths, carry.done))
-            yield tokens[:num_rows], lengths[:num_rows], done[:num_rows]
-            if done.all() or int(carry.step) >= limit:
+            yield tokens[:num_rows, :max_new_tokens], lengths[:num_rows], done[:num_rows]
+            if done.all() or int(carry.step) >= max_new_tokens:
                 return
             carry = decode_one(self.state, carry, key, params, static=static)
 
@@ -338,4 +377,4 @@ class Generator:
 
 __all__ = ["Generator", "Batch", "Sampling", "ModelLoadError", "TextStreamer", "bucket_length", "decoding_layout",
            "default_template", "filter_logits", "load_generator", "load_model", "next_token", "next_power_of_two",
-           "cut_at_stop", "Carry", "Static"]
+           "cut_at_stop", "Carry", "Static", "IncrementalDecoder"]

@@ -90,9 +90,34 @@ def _image_config(path: Path, image_size: int) -> ImageConfig:
     return config
 
 
+COMPILE_CACHE_ENV = "LLAVA_JAX_COMPILE_CACHE"  # a folder for JAX's persistent compilation cache; "" turns it off
+
+
+def compile_cache_dir(path: str | os.PathLike) -> Path | None:
+    """Where the compiled generation programs of the model at `path` are kept between runs: $LLAVA_JAX_COMPILE_CACHE
+    if set ("" = nowhere), else `compile_cache/` in the training workdir or model folder (None if not writable)."""
+    if COMPILE_CACHE_ENV in os.environ:
+        return Path(os.environ[COMPILE_CACHE_ENV]) if os.environ[COMPILE_CACHE_ENV] else None
+    path = Path(path)
+    return path / "compile_cache" if path.is_dir() and os.access(path, os.W_OK) else None
+
+
+def use_compile_cache(directory: str | os.PathLike | None) -> None:
+    """Points JAX's persistent compilation cache at `directory` (every program, however fast it compiled), so a
+    later chat, eval or serve of the same model loads its programs instead of compiling them."""
+    import jax
+
+    if directory is None:
+        return
+    jax.config.update("jax_compilation_cache_dir", str(directory))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
 def load_generator(path: str | os.PathLike, *, dtype=None, template: str | None = None,
                    tokenizer: str | os.PathLike | None = None, **load_options):
-    """`load_model` -> a `Generator`, as chat, serve, eval and bench open a model.
+    """`load_model` -> a `Generator`, as chat, serve, eval and bench open a model, with JAX's persistent
+    compilation cache in `compile_cache_dir(path)`.
 
     template: a template name that replaces the model's own (`load_model`'s); it is checked before the model
     loads. dtype, tokenizer and `load_options` go to `load_model`.
@@ -106,8 +131,10 @@ def load_generator(path: str | os.PathLike, *, dtype=None, template: str | None 
         chosen = get_template(template) if template else None
     except KeyError as e:
         raise ModelLoadError(e.args[0]) from None
+    use_compile_cache(compile_cache_dir(path))
     model, tokenizer, image_config, default = load_model(path, dtype=dtype, tokenizer=tokenizer, **load_options)
     return Generator(model, tokenizer, image_config=image_config, template=chosen or default)
 
 
-__all__ = ["ModelLoadError", "default_template", "load_model", "load_generator"]
+__all__ = ["ModelLoadError", "default_template", "load_model", "load_generator", "compile_cache_dir",
+           "use_compile_cache"]

@@ -67,7 +67,7 @@ def served(tmp_path_factory):
     model_dir = tmp_path_factory.mktemp("self_served") / "llava-v1.5-tiny"
     tokenizer = save_llama2_llava(model_dir, LLAMA2_TOKENIZER)
     args = cli.build_parser().parse_args(["--model", str(model_dir), "--max-batch", "8", "--batch-window-ms", "20",
-                                          "--max-tokens", str(MAX_TOKENS)])
+                                          "--max-tokens", str(MAX_TOKENS), "--warm-up", "none"])
     engine = cli.build_engine(args)
     try:
         with cli.serve_in_background(cli.build_app(args, engine)) as url:

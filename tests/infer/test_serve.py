@@ -12,6 +12,7 @@ import io
 import itertools
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -67,7 +68,8 @@ def media(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def engine(model_dir):
-    args = cli.build_parser().parse_args(["--model", str(model_dir), "--max-batch", "8", "--batch-window-ms", "50"])
+    args = cli.build_parser().parse_args(["--model", str(model_dir), "--max-batch", "8", "--batch-window-ms", "50",
+                                          "--warm-up", "none"])
     engine = cli.build_engine(args)
     yield engine
     engine.close()
@@ -299,6 +301,30 @@ def test_bad_command_line_is_one_line_and_status_2(tmp_path, capsys):
     assert capsys.readouterr().err == f"error: model folder not found: {tmp_path / 'nowhere'}\n"
     assert cli.main(["--model", str(tmp_path), "--allowed-media-dir", str(tmp_path / "none")]) == 2
     assert "--allowed-media-dir: folder not found" in capsys.readouterr().err
+
+
+def test_the_server_prints_the_api_and_web_chat_addresses_once_it_listens(model_dir):
+    pytest.importorskip("gradio", reason="the web chat needs the serve extra's gradio")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+    server = subprocess.Popen([sys.executable, "-m", "llava_jax.serve", "--model", str(model_dir), "--port", str(port),
+                               "--ui", "--log-level", "warning", "--warm-up", "none"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                              text=True, env=env, cwd=REPO)
+    killer = threading.Timer(300, server.kill)  # a hung start fails the test instead of hanging it
+    killer.start()
+    try:
+        lines = [server.stdout.readline().rstrip("\n") for _ in range(2)]
+        base = f"http://127.0.0.1:{port}"
+        assert lines == [f"OpenAI-compatible API at {base}/v1 (POST {base}/v1/chat/completions)",
+                         f"web chat at {base}/ui"]
+        assert httpx.get(base + "/v1/models", timeout=TIMEOUT).status_code == 200  # listening when printed
+        assert httpx.get(base + "/ui", timeout=TIMEOUT, follow_redirects=True).status_code == 200
+    finally:
+        killer.cancel()
+        server.terminate()
+        server.wait(30)
 
 
 def test_evaluation_through_the_server_equals_llava_jax_eval(server, client, engine, tmp_path):

@@ -93,7 +93,7 @@ def chat_in_browser(url: str, image: Path, questions, max_tokens: int, screensho
 def test_web_chat_streams_the_chat_cli_answers(model_dir, image_file, tmp_path):
     chromium()
     expected = cli_answers(model_dir, image_file, ASKED, MAX_NEW)
-    args = cli.build_parser().parse_args(["--model", str(model_dir), "--ui"])
+    args = cli.build_parser().parse_args(["--model", str(model_dir), "--ui", "--warm-up", "none"])
     engine = cli.build_engine(args)
     try:
         with cli.serve_in_background(cli.build_app(args, engine)) as url:

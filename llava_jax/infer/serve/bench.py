@@ -108,7 +108,8 @@ def server_process(args, timeout_s: float = 600.0) -> Iterator[str]:
         port = sock.getsockname()[1]
     command = [sys.executable, "-m", "llava_jax.serve", "--model", args.model, "--port", str(port),
                "--max-batch", str(args.max_batch), "--max-queue", str(max(args.requests, 1)),
-               "--batch-window-ms", str(args.batch_window_ms), "--log-level", "warning"]
+               "--batch-window-ms", str(args.batch_window_ms), "--log-level", "warning",
+               "--warm-up", "none"]  # warm_up below compiles the shapes it times
     server = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + timeout_s
     try:

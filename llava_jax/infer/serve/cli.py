@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import threading
+import sys
 import time
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -49,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prompt-tokens", type=int, help="default: the model's context")
     p.add_argument("--max-tokens", type=int, default=1024, help="the largest max_tokens a request may ask for")
     p.add_argument("--ui", action="store_true", help="serve the web chat at /ui")
+    p.add_argument("--warm-up", choices=("greedy", "all", "none"), default="greedy",
+                   help="compile at start-up the programs of greedy requests (all: sampled ones too; none: on the "
+                        "first request of each shape); kept in the persistent compilation cache")
     p.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
     add_quantize_argument(p)
     return p
@@ -70,21 +74,23 @@ def _check(args) -> None:
 
 def build_engine(args):
     """Loads the model as the chat CLI does -> a started Engine."""
-    from llava_jax.data.conversation import get_template
-    from llava_jax.infer.generate import Generator, ModelLoadError, load_model
+    from llava_jax.infer.loading import ModelLoadError, load_generator
     from llava_jax.infer.serve.engine import Engine
 
     try:
-        template = get_template(args.template) if args.template else None
-        model, tokenizer, image_config, default = load_model(args.model, dtype=args.dtype, tokenizer=args.tokenizer,
-                                                             quantize=args.quantize)
+        generator = load_generator(args.model, dtype=args.dtype, template=args.template, tokenizer=args.tokenizer,
+                                   quantize=args.quantize)
     except (ModelLoadError, FileNotFoundError) as e:
         raise BadArgs(str(e)) from None
-    except KeyError as e:
-        raise BadArgs(e.args[0]) from None
-    generator = Generator(model, tokenizer, image_config=image_config, template=template or default)
-    return Engine(generator, max_batch=args.max_batch, max_queue=args.max_queue,
-                  batch_window_s=args.batch_window_ms / 1000).start()
+    engine = Engine(generator, max_batch=args.max_batch, max_queue=args.max_queue,
+                    batch_window_s=args.batch_window_ms / 1000, max_tokens=args.max_tokens)
+    if args.warm_up != "none":
+        start = time.monotonic()
+        count = engine.warm_up(args.max_prompt_tokens, sampled=args.warm_up == "all",
+                               progress=lambda line: print(f"\r{line:<72}", end="", file=sys.stderr, flush=True))
+        print(f"\r{f'compiled {count} shape(s) in {time.monotonic() - start:.1f} s':<72}", file=sys.stderr,
+              flush=True)
+    return engine.start()
 
 
 def build_app(args, engine):
@@ -129,6 +135,28 @@ def serve_in_background(app, host: str = "127.0.0.1", port: int = 0, timeout_s: 
         sock.close()
 
 
+def listening_lines(host: str, port: int, ui: bool) -> list[str]:
+    """What a user opens: the API's base URL and, with the web chat, its page."""
+    base = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+    lines = [f"OpenAI-compatible API at {base}/v1 (POST {base}/v1/chat/completions)"]
+    if ui:
+        lines.append(f"web chat at {base}/ui")
+    return lines
+
+
+def run_server(app, host: str, port: int, log_level: str = "info", ui: bool = False) -> None:
+    """uvicorn's `run`, printing `listening_lines` once the socket listens."""
+    import uvicorn
+
+    class AnnouncingServer(uvicorn.Server):
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            if self.started:
+                print("\n".join(listening_lines(host, port, ui)), flush=True)
+
+    AnnouncingServer(uvicorn.Config(app, host=host, port=port, log_level=log_level)).run()
+
+
 def _check_installed(ui: bool) -> None:
     import importlib.util
 
@@ -148,13 +176,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         logging.warning("serving on %s without --api-key: anyone who reaches this address can use the model",
                         args.host)
-    import uvicorn
-
     try:
-        uvicorn.run(build_app(args, engine), host=args.host, port=args.port, log_level=args.log_level)
+        run_server(build_app(args, engine), args.host, args.port, args.log_level, ui=args.ui)
     finally:
         engine.close()
     return 0
 
 
-__all__ = ["BadArgs", "build_parser", "build_engine", "build_app", "serve_in_background", "main"]
+__all__ = ["BadArgs", "build_parser", "build_engine", "build_app", "serve_in_background", "run_server",
+           "listening_lines", "main"]

@@ -30,7 +30,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from llava_jax.data.conversation import stop_strings
-from llava_jax.infer.generate import Generator, TextStreamer, next_power_of_two
+from llava_jax.infer.generate import Generator, TextStreamer, next_power_of_two, token_buffer
 
 log = logging.getLogger(__name__)
 
@@ -94,14 +94,17 @@ class Engine:
       max_queue: most jobs waiting; `submit` raises QueueFull beyond.
       batch_window_s: how long the oldest waiting job may wait for requests on their way.
       seed: base of the sampling keys of jobs without a seed.
+      max_tokens: the largest max_tokens a job may ask for: every batch decodes into one token buffer that holds
+        it (`token_buffer`), so the compiled programs depend on the rows and the prompt bucket only.
     """
 
     def __init__(self, generator: Generator, *, max_batch: int = 16, max_queue: int = 64,
-                 batch_window_s: float = 0.05, seed: int = 0):
+                 batch_window_s: float = 0.05, seed: int = 0, max_tokens: int = 1024):
         if max_batch < 1 or max_queue < 1:
             raise ValueError(f"max_batch and max_queue must be >= 1, got {max_batch} and {max_queue}")
         self.generator, self.max_batch, self.max_queue = generator, max_batch, max_queue
         self.batch_window_s = batch_window_s
+        self.buffer = token_buffer(max_tokens)
         self.template_stops = tuple(stop_strings(generator.template)) if generator.template is not None else ()
         self._waiting: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
@@ -115,6 +118,17 @@ class Engine:
     def start(self) -> "Engine":
         self._thread.start()
         return self
+
+    def warm_up(self, max_prompt_tokens: int | None = None, sampled: bool = False,
+                progress: Callable[[str], None] | None = None) -> int:
+        """Compiles (or loads from the persistent cache) every program a greedy batch (and with `sampled`, a
+        sampled one) of up to `max_batch` rows, with or without images, of prompts up to `max_prompt_tokens`
+        runs; call before `start`. Returns the shapes compiled."""
+        rows = sorted({next_power_of_two(n) for n in range(1, self.max_batch + 1)})  # as make_batch pads them
+        images = (0, 1) if self.generator.is_llava else (0,)
+        return sum(self.generator.warm_up(rows=rows, images=images, greedy=greedy, stream=True,
+                                          max_prompt_tokens=max_prompt_tokens, buffer=self.buffer, progress=progress)
+                   for greedy in ((True, False) if sampled else (True,)))
 
     def close(self, timeout: float | None = 10.0) -> None:
         with self._cond:
@@ -194,13 +208,14 @@ class Engine:
         self.rows += len(batch)
         first = batch[0]
         seed = first.seed if first.seed is not None else next(self._keys)
-        # Token buffers in powers of two: few compiled programs; rows end at their own max_tokens.
-        buffer = min(next_power_of_two(max(j.max_tokens for j in batch)),
-                     self.generator.context_length - min(j.ids.size for j in batch))
+        # One token buffer for every batch (few compiled programs); the bound is traced, rows end at their own
+        # max_tokens, and no row decodes past the context.
+        limit = min(max(j.max_tokens for j in batch), self.generator.context_length - min(j.ids.size for j in batch))
         stops = () if first.ignore_eos else self.template_stops
         steps = self.generator.decode_steps([j.ids for j in batch], [list(j.pixels) for j in batch],
-                                            max_new_tokens=max(buffer, 1), temperature=first.temperature,
-                                            top_p=first.top_p, rng=seed, stop=stops, ignore_eos=first.ignore_eos)
+                                            max_new_tokens=max(limit, 1), temperature=first.temperature,
+                                            top_p=first.top_p, rng=seed, stop=stops, ignore_eos=first.ignore_eos,
+                                            buffer=self.buffer)
         rows = [_Row(self.generator, job, stops) for job in batch]
         self._last_rows = len(batch)
         try:
