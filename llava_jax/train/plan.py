@@ -140,15 +140,16 @@ def model_config(c: mlc.ConfigDict):
 
 
 def abstract_model(c: mlc.ConfigDict, cfg):
-    """The model as shapes only (LoRA adapters attached when the config asks)."""
+    """The model as shapes only (LoRA adapters attached when the config asks, over an int8 / int4 base with
+    lora.quantize_base)."""
     from llava_jax.models.llava import LlavaForConditionalGeneration
 
     def build():
         model = LlavaForConditionalGeneration(cfg, rngs=nnx.Rngs(0))
         if c.lora.enabled:
             from llava_jax.train import lora
-            lora.add_adapters(model, rank=c.lora.rank, alpha=c.lora.alpha, dropout=c.lora.dropout,
-                              rngs=nnx.Rngs(1))
+            lora.add_adapters(lora.quantized_base(model, c.lora.quantize_base, c.lora.group_size),
+                              rank=c.lora.rank, alpha=c.lora.alpha, dropout=c.lora.dropout, rngs=nnx.Rngs(1))
         return model
 
     return nnx.eval_shape(build)
@@ -329,7 +330,7 @@ def _local_bytes(tree) -> float:
     total = 0.0
     for leaf in jax.tree.leaves(tree):
         shape = leaf.sharding.shard_shape(leaf.shape) if getattr(leaf, "sharding", None) is not None else leaf.shape
-        total += float(np.prod(shape)) * np.dtype(leaf.dtype).itemsize
+        total += float(np.prod(shape)) * jax.dtypes.itemsize_bits(leaf.dtype) / 8  # int4: half a byte
     return total
 
 
