@@ -132,6 +132,7 @@ def _quantize_args(sub) -> None:
     p.add_argument("--bits", type=int, choices=(8, 4), required=True)
     p.add_argument("--group-size", type=int, default=128, help="int4 group length along the inputs (default 128)")
     p.add_argument("--include-vision", action="store_true", help="also the vision tower and the projector")
+    _add_dtype_args(p)
 
 
 def _dtypes(args) -> dict:
@@ -161,7 +162,8 @@ def _run(args) -> int:
         from llava_jax.convert.quantize import param_bytes, quantize_folder
         from llava_jax.models.quant import QuantConfig
 
-        out = quantize_folder(args.model, args.out, QuantConfig(args.bits, args.group_size, args.include_vision))
+        out = quantize_folder(args.model, args.out, QuantConfig(args.bits, args.group_size, args.include_vision),
+                              **_dtypes(args))
         print(f"quantized {args.model} to {out} (int{args.bits}, params {param_bytes(out) / 2**20:.1f} MiB) "
               f"in {time.time() - start:.1f}s")
         return 0

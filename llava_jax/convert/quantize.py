@@ -11,6 +11,8 @@ import os
 import shutil
 from pathlib import Path
 
+import jax.numpy as jnp
+
 from llava_jax.convert.native import MODEL_JSON, PARAMS_DIR, load, save
 from llava_jax.models.quant import QuantConfig, quantization_of, quantize_model
 
@@ -26,17 +28,19 @@ def read_model(path: str | os.PathLike, **dtypes):
 
     path = Path(path)
     if (path / MODEL_JSON).is_file():
-        return load(path, **{k: v for k, v in dtypes.items() if v is not None})
+        return load(path, **{k: jnp.dtype(v) for k, v in dtypes.items() if v is not None})
     if (path / "config.json").is_file():
         return from_hf(path, **dtypes)
     raise FileNotFoundError(f"{path}: not a model folder (no config.json or {MODEL_JSON})")
 
 
-def quantize_folder(model_dir: str | os.PathLike, out_dir: str | os.PathLike, config: QuantConfig) -> Path:
-    """Reads `model_dir`, quantizes it with `config` and saves it to `out_dir` (our format) with the
+def quantize_folder(model_dir: str | os.PathLike, out_dir: str | os.PathLike, config: QuantConfig, *,
+                    dtype=None, param_dtype=None) -> Path:
+    """Reads `model_dir` (`dtype` / `param_dtype`: as the importers; the scales and the unquantized weights
+    keep the storage dtype), quantizes it with `config` and saves it to `out_dir` (our format) with the
     tokenizer and preprocessor files. Returns the output folder."""
     model_dir = Path(model_dir)
-    model = read_model(model_dir)
+    model = read_model(model_dir, dtype=dtype, param_dtype=param_dtype)
     if quantization_of(model) is not None:
         raise ValueError(f"{model_dir}: already quantized ({quantization_of(model)})")
     out = save(quantize_model(model, config), out_dir)

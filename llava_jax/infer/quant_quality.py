@@ -6,10 +6,19 @@
   length, averaged over answers.
 - `decode_memory`: what XLA's memory analysis says one compiled decode step holds (weights, KV cache,
   temporaries), from abstract shapes only (nothing is allocated).
+
+    python -m llava_jax.infer.quant_quality --model HF_OR_OUR_DIR --questions Q.jsonl --images DIR \
+        --gold GOLD.jsonl --workdir OUT [--template v1]
+
+writes the quantized folders (`convert quantize`), answers the questions with each through the evaluation CLI
+(`python -m llava_jax.eval`, bf16 compute, greedy), scores them with the GQA exact-match scorer (the demo's)
+and prints a markdown table: decode-step weight bytes, greedy agreement with bf16 (on the answers' tokens),
+the largest per-layer and the logits' relative error, held-out accuracy.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Sequence
 
 import jax
@@ -100,4 +109,99 @@ def decode_memory(model, batch: int = 1, cache_length: int = 256) -> dict[str, i
             "temporaries": int(memory.temp_size_in_bytes)}
 
 
+VARIANTS = (("bf16", None, None), ("int8", 8, 128), ("int4 g128", 4, 128), ("int4 g32", 4, 32))
+
+
+def _variant_folder(model: Path, workdir: Path, name: str, bits, group) -> Path:
+    from llava_jax.convert.quantize import quantize_folder
+    from llava_jax.models.quant import QuantConfig
+
+    if bits is None:
+        return model
+    out = workdir / name.replace(" ", "_")
+    if (out / "model.json").is_file():
+        return out
+    return quantize_folder(model, out, QuantConfig(bits, group), dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+
+
+def _answer(folder: Path, args, answers: Path) -> None:
+    from llava_jax.infer import evaluate
+
+    if answers.is_file():
+        return
+    code = evaluate.main(["--model", str(folder), "--questions", str(args.questions), "--images", str(args.images),
+                          "--answers", str(answers), "--template", args.template, "--dtype", "bfloat16",
+                          "--batch-size", str(args.batch_size), "--max-new-tokens", str(args.max_new_tokens),
+                          "--no-progress"])
+    if code:
+        raise SystemExit(f"evaluation of {folder} failed (exit {code})")
+
+
+def _probe_ids(tokenizer, questions_path: Path, rows: int = 8) -> np.ndarray:
+    """[rows, T] text-only ids: the first questions, cut to the shortest."""
+    from llava_jax.infer import questions as questions_lib
+
+    encoded = [tokenizer(q["text"])["input_ids"] for q in questions_lib.load_question_file(questions_path)[:rows]]
+    length = min(len(e) for e in encoded)
+    return np.array([e[:length] for e in encoded], np.int32)
+
+
+def measure(args) -> list[dict]:
+    """One row per variant: name, weight bytes, agreement, max layer error, logits error, accuracy."""
+    from llava_jax.infer import scorers
+    from llava_jax.infer.generate import load_model
+
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    reference, tokenizer, *_ = load_model(args.model, dtype=jnp.bfloat16)
+    ids = _probe_ids(tokenizer, args.questions)
+    texts, rows = {}, []
+    for name, bits, group in VARIANTS:
+        folder = _variant_folder(args.model, args.workdir, name, bits, group)
+        answers = args.workdir / f"answers_{name.replace(' ', '_')}.jsonl"
+        _answer(folder, args, answers)
+        texts[name] = {a["question_id"]: a["text"] for a in scorers.load_answers(answers)}
+        model = load_model(folder, dtype=jnp.bfloat16)[0]
+        errors = layer_errors(reference, model, ids)
+        ref_ids = [tokenizer(texts["bf16"][q], add_special_tokens=False)["input_ids"] for q in sorted(texts["bf16"])]
+        ids_q = [tokenizer(texts[name].get(q, ""), add_special_tokens=False)["input_ids"] for q in sorted(texts["bf16"])]
+        rows.append({"variant": name, "weights": decode_memory(model)["weights"],
+                     "agreement": greedy_agreement(ref_ids, ids_q), "layer_error": max(errors[:-1]),
+                     "logits_error": errors[-1], "accuracy": scorers.score_gqa_files(answers, args.gold)["accuracy"]})
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    base = rows[0]["weights"]
+    lines = ["| weights | decode-step weight bytes (XLA) | greedy agreement with bf16 | max layer error | "
+             "logits error | held-out accuracy |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {r['weights'] / 2**10:.0f} KiB ({r['weights'] / base:.2f}x) | "
+                     f"{r['agreement']:.1%} | {r['layer_error']:.2%} | {r['logits_error']:.2%} | {r['accuracy']:.1%} |")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+    import json
+
+    p = argparse.ArgumentParser(prog="python -m llava_jax.infer.quant_quality", description=__doc__.split("\n")[0])
+    p.add_argument("--model", type=Path, required=True)
+    p.add_argument("--questions", type=Path, required=True)
+    p.add_argument("--images", type=Path, required=True)
+    p.add_argument("--gold", type=Path, required=True, help="the gold answers (GQA-style JSONL)")
+    p.add_argument("--workdir", type=Path, required=True)
+    p.add_argument("--template", default="v1")
+    p.add_argument("--batch-size", type=int, default=50)
+    p.add_argument("--max-new-tokens", type=int, default=8)
+    args = p.parse_args(argv)
+    rows = measure(args)
+    (args.workdir / "quant_table.json").write_text(json.dumps(rows, indent=2) + "\n")
+    print(format_table(rows))
+    return 0
+
+
 __all__ = ["layer_outputs", "layer_errors", "relative_error", "agreement", "greedy_agreement", "decode_memory"]
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -139,7 +139,8 @@ def model_config(c: mlc.ConfigDict, *, vocab_size: int = DEMO_VOCAB, image_token
 
 
 def abstract_model(c: mlc.ConfigDict, cfg):
-    """The model as shapes only, with the LoRA adapters training attaches."""
+    """The model as shapes only, with the LoRA adapters training attaches (over an int8 / int4 base with
+    lora.quantize_base)."""
     from llava_jax.models.llava import LlavaForConditionalGeneration
 
     def build():
@@ -313,7 +314,7 @@ def _local_bytes(tree) -> float:
     total = 0.0
     for leaf in jax.tree.leaves(tree):
         shape = leaf.sharding.shard_shape(leaf.shape) if getattr(leaf, "sharding", None) is not None else leaf.shape
-        total += float(np.prod(shape)) * np.dtype(leaf.dtype).itemsize
+        total += float(np.prod(shape)) * jax.dtypes.itemsize_bits(leaf.dtype) / 8  # int4: half a byte
     return total
 
 

@@ -89,3 +89,15 @@ def test_eval_cli_takes_quantize_flag(model_dir, tmp_path):
                "--answers", tmp_path / "a.jsonl", "--max-new-tokens", 4, "--quantize", 4, "--no-progress")
     assert done.returncode == 0, done.stderr
     assert json.loads((tmp_path / "a.jsonl").read_text().splitlines()[0])["question_id"] == 1
+
+
+def test_chat_serve_and_bench_parse_quantize():
+    from llava_jax.infer import bench, chat
+    from llava_jax.infer.serve import cli
+
+    assert chat.build_parser().parse_args(["--model", "m", "--quantize", "8"]).quantize == 8
+    assert cli.build_parser().parse_args(["--model", "m", "--quantize", "4"]).quantize == 4
+    assert bench.build_parser().parse_args(["generate", "--quantize", "4"]).quantize == 4
+    assert chat.build_parser().parse_args(["--model", "m"]).quantize is None
+    with pytest.raises(SystemExit):
+        chat.build_parser().parse_args(["--model", "m", "--quantize", "3"])

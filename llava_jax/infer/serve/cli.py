@@ -13,8 +13,8 @@ import contextlib
 import logging
 import os
 import socket
-import threading
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Iterator, Sequence
