@@ -7,6 +7,7 @@ from flax import nnx
 
 from llava_jax.convert import families, native
 from llava_jax.models.llama import LlamaConfig, LlamaForCausalLM
+from llava_jax.models.quant import QuantConfig
 
 
 def test_hf_configs_find_their_row():
@@ -30,7 +31,8 @@ def test_models_find_their_row_and_others_are_refused():
         families.of_model(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
 
 
-def test_our_formats_allow_lists_are_the_rows_classes():
+def test_our_formats_allow_lists_are_the_rows_classes_and_quant_config():
     assert set(native.MODEL_TYPES.values()) == {f.model for f in families.FAMILIES}
-    assert set(native.CONFIG_TYPES.values()) == {f.config for f in families.FAMILIES}
+    # and the quantization settings a quantized folder's model.json carries
+    assert set(native.CONFIG_TYPES.values()) == {f.config for f in families.FAMILIES} | {QuantConfig}
     assert all(name.startswith("llava_jax.models.") for name in [*native.MODEL_TYPES, *native.CONFIG_TYPES])
