@@ -56,6 +56,8 @@ setup(
             # Runs the official MMBench runner and submission conversion side by side.
             "pandas>=2",
             "pytest>=9,<10",
+            # The linter CI runs (settings in ruff.toml).
+            "ruff>=0.17,<0.18",
             # CPU build of PyTorch: the reference implementation in parity tests.
             "torch==2.13.0",
             # LoRA reference (the official LLaVA trains LoRA with peft).

@@ -22,7 +22,8 @@ from tests.convert import helpers
 def without_torch_env(tmp_path) -> dict:
     site = tmp_path / "site"
     site.mkdir()
-    (site / "sitecustomize.py").write_text("import sys\nsys.modules['torch'] = None\nsys.modules['torchvision'] = None\n")
+    hide = "import sys\nsys.modules['torch'] = None\nsys.modules['torchvision'] = None\n"
+    (site / "sitecustomize.py").write_text(hide)
     return {**os.environ, "PYTHONPATH": f"{site}{os.pathsep}{REPO_ROOT}", "JAX_PLATFORMS": "cpu"}
 
 

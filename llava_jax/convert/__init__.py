@@ -9,9 +9,10 @@ dtype is given):
 
 Export: `to_hf(model, path, tokenizer=None)` writes a folder that transformers' `from_pretrained` and
 `AutoProcessor.from_pretrained` load. `load_folder(path)` reads ours or a Hugging Face folder;
-`resolve_workdir(path)` turns a finished training workdir into its export folder (as chat and serve do). Our own format: `save(model, dir)` / `load(dir)` (Orbax + JSON; the
-types `model.json` may name are an allow-list, nothing it names is imported). Exports and saves are written
-to a temporary sibling folder and renamed into place (`llava_jax.atomic_files`).
+`resolve_workdir(path)` turns a finished training workdir into its export folder (as chat and serve do).
+Our own format: `save(model, dir)` / `load(dir)` (Orbax + JSON; the types `model.json` may name are an
+allow-list, nothing it names is imported). Exports and saves are written to a temporary sibling folder and
+renamed into place (`llava_jax.atomic_files`).
 
 dtypes: `param_dtype` is the storage dtype (default: the checkpoint's), `dtype` the compute dtype
 (default: `param_dtype`); `from_hf(path, dtype=jnp.float32)` also stores float32 when `param_dtype` is None.

@@ -77,7 +77,8 @@ def select_images(images: Sequence[ImageContext], ids_path: str | Path) -> list[
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m llava_jax.data.generate", description=__doc__.split("\n")[0],
-                                     epilog=__doc__.split("\n\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     epilog=__doc__.split("\n\n", 2)[2],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--captions", required=True, help="COCO captions_*.json")
     parser.add_argument("--instances", help="COCO instances_*.json (the boxes; without it, captions only)")
     parser.add_argument("--out-dir", required=True, help="where <family>.json, report.json and the cache go")

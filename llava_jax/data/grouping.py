@@ -96,8 +96,10 @@ def group_by_modality_length(
 
     image_indices = [i for i, length in enumerate(lengths) if length > 0]
     text_indices = [i for i, length in enumerate(lengths) if length < 0]
-    image_order = [image_indices[i] for i in group_by_length([lengths[i] for i in image_indices], batch_size, world_size, randperm)]
-    text_order = [text_indices[i] for i in group_by_length([-lengths[i] for i in text_indices], batch_size, world_size, randperm)]
+    image_order = [image_indices[i] for i in
+                   group_by_length([lengths[i] for i in image_indices], batch_size, world_size, randperm)]
+    text_order = [text_indices[i] for i in
+                  group_by_length([-lengths[i] for i in text_indices], batch_size, world_size, randperm)]
 
     megabatch_size = world_size * batch_size
     image_megabatches = [image_order[i : i + megabatch_size] for i in range(0, len(image_order), megabatch_size)]

@@ -338,8 +338,9 @@ def check_image_size(size: tuple[int, int], cfg: ImageConfig, *, sample_id: str 
                         f"of {cfg.max_aspect_ratio:g}:1", sample_id)
     built = max(size) ** 2 if cfg.aspect == "pad" else width * height
     if built > cfg.max_pixels:
-        raise BadSample("image_too_large", f"{where} is {width}x{height}; {'padded to a square ' if cfg.aspect == 'pad' else ''}"
-                        f"that is {built} pixels, over the limit of {cfg.max_pixels}", sample_id)
+        padded = "padded to a square " if cfg.aspect == "pad" else ""
+        raise BadSample("image_too_large", f"{where} is {width}x{height}; {padded}that is {built} pixels, over the "
+                        f"limit of {cfg.max_pixels}", sample_id)
 
 
 def preprocess(image: Image.Image, cfg: ImageConfig, *, sample_id: str | None = None) -> np.ndarray:

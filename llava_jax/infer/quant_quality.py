@@ -162,8 +162,9 @@ def measure(args) -> list[dict]:
         texts[name] = {a["question_id"]: a["text"] for a in scorers.load_answers(answers)}
         model = load_model(folder, dtype=jnp.bfloat16)[0]
         errors = layer_errors(reference, model, ids)
-        ref_ids = [tokenizer(texts["bf16"][q], add_special_tokens=False)["input_ids"] for q in sorted(texts["bf16"])]
-        ids_q = [tokenizer(texts[name].get(q, ""), add_special_tokens=False)["input_ids"] for q in sorted(texts["bf16"])]
+        questions = sorted(texts["bf16"])
+        ref_ids = [tokenizer(texts["bf16"][q], add_special_tokens=False)["input_ids"] for q in questions]
+        ids_q = [tokenizer(texts[name].get(q, ""), add_special_tokens=False)["input_ids"] for q in questions]
         rows.append({"variant": name, "weights": decode_memory(model)["weights"],
                      "agreement": greedy_agreement(ref_ids, ids_q), "layer_error": max(errors[:-1]),
                      "logits_error": errors[-1], "accuracy": scorers.score_gqa_files(answers, args.gold)["accuracy"]})

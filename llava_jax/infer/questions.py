@@ -20,7 +20,6 @@ import re
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
 
 from tqdm import tqdm
 

@@ -3,8 +3,8 @@
 Exit status: 0 done (or preempted after saving a checkpoint), 2 a user error, printed as one line (an invalid
 flag, config field or value, missing weights/data, an unusable workdir or one another job holds, no intact
 checkpoint, a bad sample in data.strict mode), 3 stopped after train.max_nonfinite non-finite steps in a row,
-1 a checkpoint that could not be saved (one line: the step and the disk) or an unexpected error. Library INFO logs (absl, Orbax) are off unless
---verbosity=0 is given.
+1 a checkpoint that could not be saved (one line: the step and the disk) or an unexpected error. Library INFO
+logs (absl, Orbax) are off unless --verbosity=0 is given.
 """
 
 import os

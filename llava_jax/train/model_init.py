@@ -7,7 +7,6 @@ import dataclasses
 import os
 from pathlib import Path
 
-import jax
 import ml_collections as mlc
 from flax import nnx
 

@@ -135,8 +135,8 @@ def make_train_step(graphdef: nnx.GraphDef, optimizer: optax.GradientTransformat
         def accumulate(carry, micro_and_key):
             grads, loss = carry
             mb, key = micro_and_key
-            (l, _), g = grad_fn(state.trainable, frozen, rest, mb, total, key)
-            return (jax.tree.map(jnp.add, grads, g), loss + l), None
+            (micro_loss, _), g = grad_fn(state.trainable, frozen, rest, mb, total, key)
+            return (jax.tree.map(jnp.add, grads, g), loss + micro_loss), None
 
         (grads, loss), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros((), jnp.float32)), (micro, keys))
         grad_norm = optax.global_norm(grads)

@@ -177,7 +177,8 @@ def test_llama_export_loads_in_transformers_bitwise(llama_bf16, tmp_path):
     out = convert.to_hf(convert.from_hf(path), tmp_path / "out", max_shard_size="40KB")
     reloaded, info = transformers.LlamaForCausalLM.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
-    assert (out / checkpoint_io.SAFE_INDEX).is_file() and json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    assert (out / checkpoint_io.SAFE_INDEX).is_file()
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     for name, tensor in hf.state_dict().items():
         got = reloaded.state_dict()[name]
         assert got.dtype == torch.bfloat16 and torch.equal(_bits_t(got), _bits_t(tensor)), name

@@ -299,7 +299,8 @@ def test_kill_and_resume_loses_nothing_and_repeats_no_call(tmp_path):
 def test_cli_bad_input_exits_2(tmp_path, capsys):
     cap = tmp_path / "captions.json"
     cap.write_text("[]")
-    assert generate.main(["--captions", str(cap), "--out-dir", str(tmp_path), "--base-url", "http://127.0.0.1:9/v1"]) == 2
+    args = ["--captions", str(cap), "--out-dir", str(tmp_path), "--base-url", "http://127.0.0.1:9/v1"]
+    assert generate.main(args) == 2
     assert "captions.json: not a COCO captions file" in capsys.readouterr().err
 
 

@@ -109,8 +109,8 @@ def tokenizer(tmp_path_factory):
 def pipeline(data, root, tokenizer, **overrides):
     from llava_jax.data.images import ImageConfig
 
-    config = dict(sources=(LlavaJsonSource(data, root),) if data else (), template="v1", max_length=64, global_batch_size=4,
-                  num_epochs=1, group_by_modality_length=True, image_seq_length=4, report_every=0,
+    config = dict(sources=(LlavaJsonSource(data, root),) if data else (), template="v1", max_length=64,
+                  global_batch_size=4, num_epochs=1, group_by_modality_length=True, image_seq_length=4, report_every=0,
                   image_config=ImageConfig(size=16, crop_size=16), read_threads=2)
     config.update(overrides)
     return make_train_iterator(PipelineConfig(**config), tokenizer, process_index=0, process_count=1)

@@ -44,7 +44,8 @@ PLAIN_SAMPLES = {
 OFFICIAL_MISMATCH = {
     ("v1", "ends_with_question"): turns("<image>\nWhat is it?", "A cat.", "And what else?"),
     ("v1", "quotes_the_template"): turns("Repeat: USER: hi ASSISTANT: yo", "USER: hi ASSISTANT: yo"),
-    ("llama_2", "answer_mentions_inst"): turns("What closes a turn?", "The tag [/INST] does.", "Thanks", "You're welcome!"),
+    ("llama_2", "answer_mentions_inst"): turns("What closes a turn?", "The tag [/INST] does.", "Thanks",
+                                               "You're welcome!"),
 }
 END_OF_TURN = {"plain": "\n", "v1": "</s>", "llava_v1": "</s>", "llama_2": " </s>", "mistral_instruct": " </s>",
                "chatml_direct": "<|im_end|>", "llama_3": "<|eot_id|>"}

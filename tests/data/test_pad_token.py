@@ -46,7 +46,8 @@ def test_training_and_the_pipeline_pad_alike(tmp_path):
     assert tok.pad_token_id is None and tok.unk_token_id is not None
     config = PipelineConfig(sources=(LlavaJsonSource(paths.stage2, paths.images),), template="v1", max_length=96,
                             length_buckets=(96,), global_batch_size=4, num_epochs=None, image_seq_length=4,
-                            image_config=ImageConfig(size=11, crop_size=11, aspect="pad"), read_threads=1, report_every=0)
+                            image_config=ImageConfig(size=11, crop_size=11, aspect="pad"), read_threads=1,
+                            report_every=0)
     batch = next(iter(make_train_iterator(config, tok, process_index=0, process_count=1)))
     padded = batch["input_ids"][batch["attention_mask"] == 0]
     assert padded.size and (padded == tok.unk_token_id).all()

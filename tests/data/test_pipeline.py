@@ -90,7 +90,8 @@ class StandInProcessor:
         if len(turns) < 2 or turns[1]["from"] != "gpt":
             raise BadSample("no_assistant_turn", "no gpt turn", record["id"])
         answer = [11 + len(w) for w in turns[1]["value"].split()]
-        prompt = [ID_BASE * (meta["source"] + 1) + meta["index"]] + [IMAGE_TOKEN] * IMAGE_SEQ * len(record["images"]) + [3, 4]
+        image_tokens = [IMAGE_TOKEN] * IMAGE_SEQ * len(record["images"])
+        prompt = [ID_BASE * (meta["source"] + 1) + meta["index"]] + image_tokens + [3, 4]
         pixels = [np.asarray(Image.open(io.BytesIO(b)).convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE)), np.float32)
                   .transpose(2, 0, 1) / 255 for b in record["images"]]
         return {
@@ -242,7 +243,8 @@ def test_bad_samples_are_skipped_counted_and_logged(caplog):
 
 def test_strict_mode_fails_fast_with_the_sample_message():
     source = ListSource(make_records(12), missing=frozenset({0, 1, 2, 3, 4, 5, 6}))
-    with pytest.raises(BadSample, match=r"^sample 'src0-\d+': image file 'img/\d+.png' not found \[missing_image\]") as error:
+    message = r"^sample 'src0-\d+': image file 'img/\d+.png' not found \[missing_image\]"
+    with pytest.raises(BadSample, match=message) as error:
         list(iterator_for([source], strict=True))
     assert error.value.reason == "missing_image" and error.value.sample_id.startswith("src0-")
     assert str(error.value).count("missing_image") == 1

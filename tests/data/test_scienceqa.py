@@ -13,7 +13,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 PROBLEMS = {
     "1": {"question": "Which figure of speech is used in this text?", "hint": "Sing, O goddess, the anger of Achilles.",
-          "choices": ["chiasmus", "apostrophe"], "answer": 1, "lecture": "Figures of speech are words.\nThey add meaning.",
+          "choices": ["chiasmus", "apostrophe"], "answer": 1,
+          "lecture": "Figures of speech are words.\nThey add meaning.",
           "solution": "The text uses apostrophe.", "image": None},
     "2": {"question": "What is the capital of Utah?", "hint": "", "choices": ["Salt Lake City", "Provo", "Denver"],
           "answer": 0, "lecture": "", "solution": "", "image": "image.png"},
@@ -32,7 +33,8 @@ def test_convert_qcm_lea_hand_worked():
             {"from": "gpt", "value": " The answer is A."}]},
         {"id": "1", "conversations": [
             {"from": "human", "value": "Which figure of speech is used in this text?\n"
-                                       "Context: Sing, O goddess, the anger of Achilles.\nOptions: (A) chiasmus (B) apostrophe"},
+                                       "Context: Sing, O goddess, the anger of Achilles.\n"
+                                       "Options: (A) chiasmus (B) apostrophe"},
             {"from": "gpt", "value": "Figures of speech are words.\nThey add meaning. The text uses apostrophe. "
                                      "The answer is B."}]},
     ]

@@ -35,7 +35,8 @@ def png_base64(seed: int) -> str:
 
 def mmbench_tsv(tmp_path, with_answer: bool = True):
     rows = [
-        [10, "What is shown?", "", "a cat", "a dog", "a bird", "a fish", "B", "object", png_base64(0), "s", "l2", "", "dev"],
+        [10, "What is shown?", "", "a cat", "a dog", "a bird", "a fish", "B", "object", png_base64(0), "s", "l2", "",
+         "dev"],
         [11, "Which season?", "The photo was taken outdoors.", "winter", "summer", "autumn", "", "C", "scene",
          png_base64(1), "s", "l2", "c", "dev"],
         [12, "How many?", "nan", "one", "two", "", "", "A", "object", png_base64(2), "s", "l2", "", "dev"],

@@ -130,7 +130,8 @@ def test_llava_bench_input_errors_name_the_question(tmp_path):
     client = types.SimpleNamespace(request=lambda messages, **p: {"messages": messages, **p})
     read = {name: read_jsonl(path) for name, path in paths.items()}
     with pytest.raises(ValueError, match=r"question 1: category 'llava_bench_detail' not in the rule file"):
-        judge.llava_bench_requests(client, read["questions"], read["context"], read["reference"], read["answers"], rules)
+        judge.llava_bench_requests(client, read["questions"], read["context"], read["reference"], read["answers"],
+                                   rules)
     with pytest.raises(ValueError, match=r"question 6: not answered in the answers file"):
         judge.llava_bench_requests(client, read["questions"], read["context"], read["reference"],
                                    read["answers"][:6], json.loads(judge.default_rules_path().read_text()))
@@ -174,7 +175,8 @@ def test_mm_vet_grades_and_scores_hand_worked(tmp_path):
     assert [g["score"] for g in json.loads(grades.read_text()).values()] == [[1.0], [0.5], [0.4], [0.0]]
     assert stub.total_answered() == 1 + 1 + 2 + 5  # P3: first ask and the four retries, then 0
     first = [r for r in requests if r["messages"][0]["content"].endswith("| P0 | ")][0]
-    assert first["messages"] == [{"role": "user", "content": judge.MMVET_GRADER_PROMPT + "\nQ0 | red <AND> white | P0 | "}]
+    prompt = judge.MMVET_GRADER_PROMPT + "\nQ0 | red <AND> white | P0 | "
+    assert first["messages"] == [{"role": "user", "content": prompt}]
     assert first["max_tokens"] == 3 and first["temperature"] == 0.0
     p3 = [r["temperature"] for r in stub.requests.values() if "| P3 | " in r["messages"][0]["content"]]
     assert sorted(p3) == [0.0, 0.0, 0.5, 1.0, 1.5]

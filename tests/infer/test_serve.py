@@ -310,7 +310,8 @@ def test_the_server_prints_the_api_and_web_chat_addresses_once_it_listens(model_
         port = sock.getsockname()[1]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
     server = subprocess.Popen([sys.executable, "-m", "llava_jax.serve", "--model", str(model_dir), "--port", str(port),
-                               "--ui", "--log-level", "warning", "--warm-up", "none"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                               "--ui", "--log-level", "warning", "--warm-up", "none"], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL,
                               text=True, env=env, cwd=REPO)
     killer = threading.Timer(300, server.kill)  # a hung start fails the test instead of hanging it
     killer.start()

@@ -1,7 +1,6 @@
 """Compiles the tiny stage-2 step on 8 fake CPU devices for each mesh and prints, as JSON, the collectives
 of the partitioner's output (run by test_layout_hlo.py in a fresh process)."""
 
-import glob
 import json
 import os
 import sys

@@ -1,5 +1,6 @@
 """User errors of the training CLI are one line on stderr and exit 2: unknown flags and config fields, values
-of the wrong type, broken config files and variants, a workdir that is a file, lies below one, or that the system refuses."""
+of the wrong type, broken config files and variants, a workdir that is a file, lies below one, or that the system
+refuses."""
 
 from __future__ import annotations
 
@@ -34,8 +35,9 @@ def cases(tmp_path):
 
 
 def test_user_errors_are_one_line_and_exit_2(tmp_path, jax_cache):
-    runs = {name: (subprocess.Popen([sys.executable, "-m", "llava_jax.train", *args], cwd=tmp_path, env=cli_env(jax_cache),
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), expected)
+    runs = {name: (subprocess.Popen([sys.executable, "-m", "llava_jax.train", *args], cwd=tmp_path,
+                                    env=cli_env(jax_cache), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    text=True), expected)
             for name, (args, expected) in cases(tmp_path).items()}
     for name, (process, expected) in runs.items():
         out, err = process.communicate(timeout=300)
