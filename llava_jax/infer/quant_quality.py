@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from llava_jax import cli
 from llava_jax.models.llama import rope_cos_sin
 
 
@@ -181,6 +182,7 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+@cli.command(OSError, ValueError)  # ModelLoadError is a ValueError
 def main(argv: Sequence[str] | None = None) -> int:
     import argparse
     import json
