@@ -27,17 +27,14 @@ import numpy as np
 from flax import nnx
 
 from llava_jax import cli
+from llava_jax.infer.decoding import language_model
 from llava_jax.models.llama import rope_cos_sin
-
-
-def _decoder(model):
-    return getattr(model, "language_model", model)
 
 
 def layer_outputs(model, input_ids: jax.Array) -> list[jax.Array]:
     """The residual stream [B, T, D] after each decoder layer (float32), then the logits [B, T, V], of a causal
     LM (or a LLaVA's language model; layers stacked or not) on unpadded ids [B, T]."""
-    llm = _decoder(model)
+    llm = language_model(model)
     graphdef, state = nnx.split(llm)
 
     @jax.jit
@@ -94,7 +91,7 @@ def greedy_agreement(reference: Sequence[Sequence[int]], others: Sequence[Sequen
 def decode_memory(model, batch: int = 1, cache_length: int = 256) -> dict[str, int]:
     """XLA's memory analysis of one compiled one-token decode step of `model`'s language model, from abstract
     shapes: {"weights", "cache", "arguments", "temporaries"} in bytes (weights = arguments - cache - ids)."""
-    llm = _decoder(model)
+    llm = language_model(model)
     graphdef, state = nnx.split(llm)
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
     cache = jax.eval_shape(lambda: llm.init_cache(batch, cache_length))
