@@ -1,7 +1,7 @@
 """The floors import one way: models, data and sharding.py < convert < infer < train.
 
 Every import of every module counts, those inside functions too (parsed with ast, nothing is imported).
-`sharding.py`, `atomic_files.py` and `cli.py` stand on the ground floor with models and data.
+`sharding.py`, `vision_layout.py`, `atomic_files.py` and `cli.py` stand on the ground floor with models and data.
 The top-level shims (chat.py, eval.py, bench.py, serve.py, judge.py, plan.py) and the package `__init__.py`
 stand above all floors.
 """
@@ -10,7 +10,8 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "llava_jax"
-FLOORS = {"models": 0, "data": 0, "sharding": 0, "atomic_files": 0, "cli": 0, "convert": 1, "infer": 2, "train": 3}
+FLOORS = {"models": 0, "data": 0, "sharding": 0, "vision_layout": 0, "atomic_files": 0, "cli": 0,
+          "convert": 1, "infer": 2, "train": 3}
 SHIMS = {"__init__.py", "chat.py", "eval.py", "bench.py", "serve.py", "judge.py", "plan.py"}
 
 
