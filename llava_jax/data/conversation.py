@@ -15,7 +15,7 @@ from typing import Literal, NamedTuple, Sequence
 
 IMAGE_TOKEN = "<image>"
 
-Style = Literal["plain", "two", "llama_2", "chatml", "llama_3"]
+Style = Literal["plain", "two", "llama_2", "chatml", "chatml_lines", "llama_3"]
 
 _LLAMA3_HEADER = "<|start_header_id|>{role}<|end_header_id|>\n\n"
 
@@ -26,7 +26,8 @@ class Template:
 
     Attributes:
       name: the canonical name (`get_template` also accepts aliases).
-      style: how turns are joined (the official `SeparatorStyle`; `chatml` is the official `MPT`).
+      style: how turns are joined (the official `SeparatorStyle`; `chatml` is the official `MPT`,
+        `chatml_lines` LLaVA-NeXT's `CHATML`: a newline after each role and after each end-of-turn).
       system: the system prompt ("" for none).
       roles: the (user, assistant) role strings as written in the prompt.
       sep: separator after user turns (`two`), between rounds (`llama_2`), or after every turn.
@@ -75,8 +76,14 @@ _ALL = (
     Template("chatml_direct", "chatml", "<|im_start|>system\nAnswer the questions.",
              ("<|im_start|>user\n", "<|im_start|>assistant\n"), "<|im_end|>"),
     Template("llama_3", "llama_3", _LLAVA_LLAMA_3_SYSTEM, ("user", "assistant"), "<|eot_id|>"),
+    # LLaVA-NeXT / OneVision on Qwen2 (the LLaVA-NeXT repo's conv_qwen, also named qwen_2 there).
+    Template("qwen_1_5", "chatml_lines", "<|im_start|>system\nYou are a helpful assistant.",
+             ("<|im_start|>user", "<|im_start|>assistant"), "<|im_end|>"),
+    Template("qwen_2_5", "chatml_lines",
+             "<|im_start|>system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.",
+             ("<|im_start|>user", "<|im_start|>assistant"), "<|im_end|>"),
 )
-_ALIASES = {"v1": "vicuna_v1"}
+_ALIASES = {"v1": "vicuna_v1", "qwen_2": "qwen_1_5"}
 
 TEMPLATES: dict[str, Template] = {t.name: t for t in _ALL}
 TEMPLATES.update({alias: TEMPLATES[name] for alias, name in _ALIASES.items()})
@@ -150,6 +157,20 @@ def _chatml(t: Template, messages: Sequence[str | None]) -> list[Segment]:
     return out
 
 
+def _chatml_lines(t: Template, messages: Sequence[str | None]) -> list[Segment]:
+    # The answer and its end-of-turn are supervised; the newline after it starts the next turn.
+    out = [Segment(t.system + t.sep + "\n" if t.system else "", False)]
+    for i, message in enumerate(messages):
+        role = t.roles[i % 2] + "\n"
+        if message is None:
+            out.append(Segment(role, False))
+        elif i % 2 == 0:
+            out.append(Segment(role + message + t.sep + "\n", False))
+        else:
+            out += [Segment(role, False), Segment(message + t.sep, True), Segment("\n", False)]
+    return out
+
+
 def _plain(t: Template, messages: Sequence[str | None]) -> list[Segment]:
     # The official get_prompt fails on a finished conversation (its sep2 is None); `sep` ends every turn here.
     out = [Segment(t.system, False)]
@@ -175,7 +196,8 @@ def _llama_3(t: Template, messages: Sequence[str | None]) -> list[Segment]:
     return out
 
 
-_STYLES = {"two": _two, "llama_2": _llama_2, "chatml": _chatml, "plain": _plain, "llama_3": _llama_3}
+_STYLES = {"two": _two, "llama_2": _llama_2, "chatml": _chatml, "chatml_lines": _chatml_lines, "plain": _plain,
+           "llama_3": _llama_3}
 
 
 def segments(template: Template, messages: Sequence[str | None]) -> list[Segment]:

@@ -48,7 +48,7 @@ OFFICIAL_MISMATCH = {
                                                "You're welcome!"),
 }
 END_OF_TURN = {"plain": "\n", "v1": "</s>", "llava_v1": "</s>", "llama_2": " </s>", "mistral_instruct": " </s>",
-               "chatml_direct": "<|im_end|>", "llama_3": "<|eot_id|>"}
+               "chatml_direct": "<|im_end|>", "llama_3": "<|eot_id|>", "qwen_2": "<|im_end|>"}
 
 # Like LLaMA-2's, the vocabulary has no piece for "USER" or "[INST": the official offsets rely on that.
 _TRAINING_TEXT = (
@@ -120,6 +120,27 @@ def llama3_tokenizer():
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
                                    pad_token="<|end_of_text|>", chat_template=LLAMA3_CHAT_TEMPLATE,
                                    model_max_length=2048)
+    add_image_token(fast)
+    return fast
+
+
+QWEN2_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# Qwen2-7B-Instruct's chat template (the default system prompt when the messages have none).
+QWEN2_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\n"
+    "You are a helpful assistant.<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + "
+    "message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant"
+    "\n' }}{% endif %}")
+
+
+@functools.cache
+def qwen2_tokenizer():
+    """A byte-level BPE with Qwen2's special tokens and chat template; no BOS, as Qwen2's tokenizer."""
+    tok = _train_bpe(models.BPE(), pre_tokenizers.ByteLevel(add_prefix_space=False), QWEN2_SPECIAL,
+                     pre_tokenizers.ByteLevel.alphabet(), 211)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                                   chat_template=QWEN2_CHAT_TEMPLATE, model_max_length=2048)
     add_image_token(fast)
     return fast
 
@@ -234,6 +255,29 @@ def test_llama_3_labels(sample_name):
     sample = ours(conversations, tok, "llama_3")
     assert sample.input_ids[0] == tok.bos_token_id and sample.labels[0] == IGNORE_INDEX
     assert_supervises_exactly_answers(sample, tok, "llama_3", conversations)
+
+
+def test_qwen_render_matches_qwen2s_chat_template():
+    """LLaVA-NeXT's qwen_1_5 / qwen_2 (CHATML) renders as Qwen2's own chat template with its default system."""
+    tok = qwen2_tokenizer()
+    template = conv.get_template("qwen_2")
+    assert template is conv.get_template("qwen_1_5")
+    values = [t["value"] for t in CHAT_SAMPLES["image_multi_turn"]]
+    chat = [{"role": ("user", "assistant")[i % 2], "content": v} for i, v in enumerate(values)]
+    assert conv.render(template, values) == tok.apply_chat_template(chat, tokenize=False)
+    assert conv.generation_prompt(template, values[:3]) == tok.apply_chat_template(
+        chat[:3], tokenize=False, add_generation_prompt=True)
+
+
+@pytest.mark.parametrize("sample_name", list(CHAT_SAMPLES))
+def test_qwen_labels_supervise_only_answers_and_their_end_of_turn(sample_name):
+    tok = qwen2_tokenizer()
+    conversations = CHAT_SAMPLES[sample_name]
+    sample = ours(conversations, tok, "qwen_2")
+    assert_supervises_exactly_answers(sample, tok, "qwen_2", conversations)
+    im_end = tok.convert_tokens_to_ids("<|im_end|>")
+    supervised_ends = [i for i, label in enumerate(sample.labels.tolist()) if label == im_end]
+    assert len(supervised_ends) == len(conversations) // 2  # the users' and the system's <|im_end|> are masked
 
 
 def test_v1_on_a_byte_level_tokenizer_where_official_fails():
