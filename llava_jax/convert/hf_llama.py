@@ -84,7 +84,8 @@ def llama_config_from_hf(hf_config: Mapping[str, Any] | transformers.PretrainedC
     )
 
 
-def _model_type(cfg: LlamaConfig) -> str:
+def hf_model_type(cfg: LlamaConfig) -> str:
+    """The Hugging Face model_type of a decoder config (llama, mistral or qwen2); ValueError where none fits."""
     if cfg.attention_bias and not cfg.o_proj_bias:
         if cfg.mlp_bias or cfg.sliding_window is not None:
             raise ValueError("LlamaConfig with q/k/v biases only (qwen2) cannot also have mlp_bias or a sliding "
@@ -104,7 +105,7 @@ def llama_config_to_hf(cfg: LlamaConfig) -> dict[str, Any]:
 
     `transformers.LlamaConfig(**d)` (or `AutoConfig.for_model(d["model_type"], **rest)`) accepts it.
     """
-    model_type = _model_type(cfg)
+    model_type = hf_model_type(cfg)
     rope_parameters = {"rope_type": "default", **(cfg.rope_scaling or {}), "rope_theta": float(cfg.rope_theta)}
     d = {
         "model_type": model_type,

@@ -19,8 +19,9 @@ def default_template(name: str, tokenizer=None, text_model_type: str | None = No
     """The conversation template of a model, by the official CLI's rule on the model name, extended:
 
     "llama-3" / "llama3" in the name or a tokenizer with `<|eot_id|>` -> llama_3; "llama-2" / "llama_2" ->
-    llama_2; "mistral" in the name or a Mistral text model -> mistral_instruct; otherwise llava_v1 (LLaVA v1 and
-    LLaVA-1.5 Vicuna models; the official CLI picks it for every name with "v1").
+    llama_2; "mistral" in the name or a Mistral text model -> mistral_instruct; "qwen" in the name or a Qwen2 text
+    model -> qwen_1_5 (LLaVA-NeXT / OneVision on Qwen); otherwise llava_v1 (LLaVA v1 and LLaVA-1.5 Vicuna
+    models; the official CLI picks it for every name with "v1").
     """
     name = name.lower()
     vocab = tokenizer.get_vocab() if tokenizer is not None else {}
@@ -30,6 +31,8 @@ def default_template(name: str, tokenizer=None, text_model_type: str | None = No
         return "llama_2"
     if "mistral" in name or text_model_type == "mistral":
         return "mistral_instruct"
+    if "qwen" in name or text_model_type == "qwen2":
+        return "qwen_1_5"
     return "llava_v1"
 
 
@@ -50,6 +53,7 @@ def load_model(path: str | os.PathLike, *, dtype=None, tokenizer: str | os.PathL
     from transformers import AutoTokenizer
 
     from llava_jax import convert
+    from llava_jax.convert import hf_llama
     from llava_jax.models import quant
 
     path = Path(path)
@@ -72,7 +76,7 @@ def load_model(path: str | os.PathLike, *, dtype=None, tokenizer: str | os.PathL
     if hasattr(model, "embed_inputs"):
         image_config = _image_config(path, model.config.vision.image_size)
     text = model.config.text if hasattr(model.config, "text") else model.config
-    template = template or default_template(path.name, tokenizer, "mistral" if text.sliding_window else None)
+    template = template or default_template(path.name, tokenizer, hf_llama.hf_model_type(text))
     return model, tokenizer, image_config, template
 
 

@@ -140,3 +140,5 @@ def test_default_template_rule():
     assert default_template("llava-llama-2-13b-chat") == "llama_2"
     assert default_template("llava-llama-3-8b") == "llama_3"
     assert default_template("my-run", text_model_type="mistral") == "mistral_instruct"
+    assert default_template("llava-onevision-qwen2-7b-ov-hf") == "qwen_1_5"
+    assert default_template("my-run", text_model_type="qwen2") == "qwen_1_5"
