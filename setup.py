@@ -44,6 +44,8 @@ setup(
     extras_require={
         # The OpenAI-compatible server and the web chat (python -m llava_jax.serve).
         "serve": SERVE,
+        # Video samples given as files (mp4, webm, ...); folders of frames need nothing more.
+        "video": ["av>=14,<19"],
         # GPT-assisted data generation and judged benchmarks (any OpenAI-compatible endpoint).
         "judge": ["openai>=1.40,<4", "openpyxl>=3.1,<4"],
         # Ahead-of-time compilation for TPU topologies on any host (python -m llava_jax.plan --topology=v5p-64).
@@ -62,6 +64,8 @@ setup(
             "torch==2.13.0",
             # LoRA reference (the official LLaVA trains LoRA with peft).
             "peft>=0.21.2,<0.22",
+            # Video files in the data tests.
+            "av>=14,<19",
         ],
     },
 )
