@@ -202,6 +202,31 @@ def test_single_counts_equal_llava_processor(tokenizer, strategy, cls_token, exp
     assert count_tokens(processor, "<image>", random_image(37, 91)) == layout.num_tokens((37, 91)) == expected
 
 
+def test_real_sizes_llava_next_336_and_onevision_384(tokenizer):
+    """The released configs' tiles and counts: LLaVA-NeXT (CLIP 336/14, its 5 pinpoints), OneVision (SigLIP
+    384/14 -> 27 x 27 = 729, its 36 pinpoints, anyres_max_9) and an 8-frame OneVision video."""
+    next_images = LlavaNextImageProcessorPil(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336},
+                                             image_grid_pinpoints=[[336, 672], [672, 336], [672, 672], [1008, 336],
+                                                                   [336, 1008]])
+    next_processor = LlavaNextProcessor(image_processor=next_images, tokenizer=tokenizer, patch_size=14,
+                                        vision_feature_select_strategy="default", num_additional_image_tokens=1)
+    ov_images = LlavaOnevisionImageProcessorPil(image_mean=SIGLIP_MEAN, image_std=SIGLIP_STD)
+    ov_processor = OnevisionProcessor(image_processor=ov_images, tokenizer=tokenizer, video_processor=None,
+                                      num_image_tokens=729, vision_feature_select_strategy="full")
+    next_layout = ImageLayout("anyres", 336, 14, next_images.image_grid_pinpoints)
+    ov_layout = ImageLayout("anyres", 384, 14, ov_images.image_grid_pinpoints, max_tiles=9)
+    image = random_image(333, 500)
+    for processor, layout, norm in ((next_images, next_layout, CLIP), (ov_images, ov_layout, SIGLIP)):
+        np.testing.assert_array_equal(image_tiles(image, layout, norm),
+                                      processor(image, return_tensors="np")["pixel_values"][0])
+    sizes = random_sizes(200, seed=7) + [(672, 672), (336, 336), (2304, 2304)]
+    for processor, layout in ((next_processor, next_layout), (ov_processor, ov_layout)):
+        expected = processor._get_num_multimodal_tokens(image_sizes=sizes)["num_image_tokens"]
+        assert [layout.num_tokens(size) for size in sizes] == expected
+    assert next_layout.num_tokens((672, 672)) == 576 + 48 * 48 + 48 == 2928
+    assert ImageLayout("video", 384, 14).num_video_tokens(8) == 8 * 14 * 14 + 1 == 1569
+
+
 # ---------------------------------------------------------------- bad input
 
 
