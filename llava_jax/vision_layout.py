@@ -18,7 +18,145 @@ rows is the image's token count, so counting and merging cannot disagree.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from typing import Sequence
+
+LAYOUT_KINDS = ("single", "anyres", "video")
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageLayout:
+    """How one image (or video) becomes tiles and tokens; the counts equal transformers' processors
+    (`LlavaNextProcessor`, `LlavaOnevisionProcessor`).
+
+    Attributes:
+      kind: "single" (one tile: LLaVA-1.5, OneVision's images of a multi-image sample), "anyres" (a base tile
+        plus the grid tiles of the best pinpoint; `max_tiles` > 0 makes it OneVision's "anyres_max_N") or
+        "video" (each frame one tile, pooled 2x2, one newline after the last frame).
+      tile_size: S, the tower's input side; every tile is [3, S, S].
+      patch_size: the tower's patch size; a tile has (S // patch_size)**2 patch features.
+      grid_pinpoints: ((height, width), ...) the AnyRes canvases, multiples of tile_size.
+      cls_token: the single / base tile keeps the tower's CLS feature too (strategy "full" on a CLIP tower).
+      newline: "single" only: a newline embedding follows the tile (OneVision's multi-image). AnyRes always
+        ends each grid feature row with one, video ends with one.
+      max_tiles: "anyres" only: N of "anyres_max_N", 0 for none.
+    """
+
+    kind: str
+    tile_size: int
+    patch_size: int
+    grid_pinpoints: tuple[tuple[int, int], ...] = ()
+    cls_token: bool = False
+    newline: bool = False
+    max_tiles: int = 0
+
+    def __post_init__(self):
+        object.__setattr__(self, "grid_pinpoints", tuple((int(h), int(w)) for h, w in self.grid_pinpoints))
+        if self.kind not in LAYOUT_KINDS:
+            raise ValueError(f"ImageLayout.kind must be one of {LAYOUT_KINDS}, got {self.kind!r}")
+        if not 0 < self.patch_size <= self.tile_size:
+            raise ValueError(f"ImageLayout.patch_size must be in 1..tile_size, got {self.patch_size} "
+                             f"(tile_size {self.tile_size})")
+        if self.max_tiles < 0 or (self.max_tiles and self.kind != "anyres"):
+            raise ValueError(f"ImageLayout.max_tiles must be >= 0 and only set for 'anyres', got {self.max_tiles}")
+        if self.newline and self.kind != "single":
+            raise ValueError(f"ImageLayout.newline is a 'single' option, not for {self.kind!r}")
+        if self.cls_token and self.kind == "video":
+            raise ValueError("ImageLayout.cls_token cannot be set for 'video' (frames are pooled patch grids)")
+        self._check_pinpoints()
+
+    def _check_pinpoints(self) -> None:
+        if self.kind == "anyres" and not self.grid_pinpoints:
+            raise ValueError("ImageLayout.grid_pinpoints must not be empty for 'anyres'")
+        for height, width in self.grid_pinpoints:
+            if height <= 0 or width <= 0 or height % self.tile_size or width % self.tile_size:
+                raise ValueError(f"ImageLayout.grid_pinpoints: {[height, width]} is not a positive multiple of "
+                                 f"tile_size {self.tile_size}")
+
+    @property
+    def patches_per_side(self) -> int:
+        """Patch features along a tile's side (SigLIP 384 / 14 -> 27: the tower drops the remainder)."""
+        return self.tile_size // self.patch_size
+
+    def num_tiles(self, image_size: tuple[int, int]) -> int:
+        """Pixel tiles of an image of (height, width): 1, or 1 + rows * cols for AnyRes; 1 a video frame."""
+        _check_image_size(image_size)
+        if self.kind != "anyres":
+            return 1
+        rows, cols = anyres_grid_shape(image_size, self.grid_pinpoints, self.tile_size)
+        return 1 + rows * cols
+
+    def num_tokens(self, image_size: tuple[int, int]) -> int:
+        """Feature vectors (image tokens) an image of (height, width) yields."""
+        _check_image_size(image_size)
+        if self.kind == "video":
+            raise ValueError("ImageLayout.num_tokens: a 'video' layout counts frames, use num_video_tokens")
+        side = self.patches_per_side
+        base = side * side + int(self.cls_token)
+        if self.kind == "single":
+            return base + int(self.newline)
+        rows, cols = self.grid_feature_shape(image_size)
+        return base + rows * cols + rows  # + one newline per feature row
+
+    def grid_feature_shape(self, image_size: tuple[int, int]) -> tuple[int, int]:
+        """(rows, cols) of an AnyRes image's grid features after unpadding (and anyres_max downsampling)."""
+        rows, cols = anyres_grid_shape(image_size, self.grid_pinpoints, self.tile_size)
+        side = self.patches_per_side
+        shape = unpadded_shape(image_size, (rows * side, cols * side))
+        return downsampled_shape(shape, self.max_tiles, side) if self.max_tiles else shape
+
+    def num_video_tokens(self, num_frames: int) -> int:
+        """Tokens of a video of `num_frames` frames: each frame's patch grid pooled to ceil(side / 2) a side,
+        one newline at the end (`LlavaOnevisionProcessor`)."""
+        if self.kind != "video":
+            raise ValueError(f"ImageLayout.num_video_tokens needs kind 'video', got {self.kind!r}")
+        if num_frames < 1:
+            raise ValueError(f"ImageLayout.num_video_tokens: num_frames must be >= 1, got {num_frames}")
+        pooled = math.ceil(self.patches_per_side / 2)
+        return num_frames * pooled * pooled + 1
+
+
+def max_tiles_from_aspect_ratio(vision_aspect_ratio: str) -> int:
+    """N of OneVision's `vision_aspect_ratio` "anyres_max_N"; 0 for plain "anyres"."""
+    if vision_aspect_ratio == "anyres":
+        return 0
+    prefix = "anyres_max_"
+    digits = vision_aspect_ratio[len(prefix):] if vision_aspect_ratio.startswith(prefix) else ""
+    if not digits.isdigit() or int(digits) < 1:
+        raise ValueError(f"vision_aspect_ratio must be 'anyres' or 'anyres_max_N' (N >= 1), got "
+                         f"{vision_aspect_ratio!r}")
+    return int(digits)
+
+
+def _check_image_size(image_size: tuple[int, int]) -> None:
+    height, width = image_size
+    if height < 1 or width < 1:
+        raise ValueError(f"image_size must be a positive (height, width), got {tuple(image_size)}")
+
+
+def unpadded_shape(image_size: tuple[int, int], grid_shape: tuple[int, int]) -> tuple[int, int]:
+    """(rows, cols) of a padded feature grid of `grid_shape` once the rows / columns of the letterbox padding
+    are removed, for an image of (height, width); transformers' arithmetic, `round(..., 7)` included."""
+    height, width = image_size
+    rows, cols = grid_shape
+    if width / height > cols / rows:
+        new_rows = int(round(height * (cols / width), 7))
+        rows -= (rows - new_rows) // 2 * 2
+    else:
+        new_cols = int(round(width * (rows / height), 7))
+        cols -= (cols - new_cols) // 2 * 2
+    return rows, cols
+
+
+def downsampled_shape(shape: tuple[int, int], max_tiles: int, patches_per_side: int) -> tuple[int, int]:
+    """OneVision's anyres_max_N: an unpadded grid of (rows, cols) features holding over 1.1**2 * N tiles'
+    worth is bilinearly resized by 1 / ratio, ratio = sqrt(rows * cols / (N * side**2))."""
+    rows, cols = shape
+    ratio = math.sqrt(rows * cols / (max_tiles * patches_per_side**2))
+    if ratio > 1.1:
+        return int(rows // ratio), int(cols // ratio)
+    return rows, cols
 
 
 def select_best_resolution(original_size: tuple[int, int], possible_resolutions: Sequence[Sequence[int]]

@@ -303,12 +303,22 @@ def center_crop(pixels: np.ndarray, side: int) -> np.ndarray:
 
 
 def normalize_table(cfg: ImageConfig) -> np.ndarray:
-    """[3, 256] float32: the normalized value of each uint8 level per channel, computed with the same
-    dtypes as transformers (rescale in float64 then float32, normalize in float32)."""
-    levels = (np.arange(256, dtype=np.float64) * cfg.rescale_factor).astype(np.float32)
-    mean = np.asarray(cfg.mean, np.float32)[:, None]
-    std = np.asarray(cfg.std, np.float32)[:, None]
+    """[3, 256] float32: the normalized value of each uint8 level per channel (`level_table`)."""
+    return level_table(cfg.rescale_factor, cfg.mean, cfg.std)
+
+
+def level_table(rescale_factor: float, mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """[3, 256] float32: (level * rescale_factor - mean) / std for each uint8 level and channel, computed with
+    the same dtypes as transformers (rescale in float64 then float32, normalize in float32)."""
+    levels = (np.arange(256, dtype=np.float64) * rescale_factor).astype(np.float32)
+    mean = np.asarray(mean, np.float32)[:, None]
+    std = np.asarray(std, np.float32)[:, None]
     return (levels[None, :] - mean) / std
+
+
+def normalize_levels(pixels: np.ndarray, table: np.ndarray) -> np.ndarray:
+    """[..., H, W, 3] uint8 -> [..., 3, H, W] float32 through a `level_table` (one lookup per channel)."""
+    return np.stack([table[channel].take(pixels[..., channel]) for channel in range(3)], axis=-3)
 
 
 _TABLES: dict[ImageConfig, np.ndarray] = {}
@@ -355,5 +365,4 @@ def preprocess(image: Image.Image, cfg: ImageConfig, *, sample_id: str | None = 
         image = expand_to_square(image, cfg.background)
     image = resize_shortest_edge(image, cfg.size, cfg.resample)
     pixels = center_crop(np.asarray(image), cfg.crop_size)  # [S, S, 3] uint8
-    table = _table(cfg)  # one lookup per channel does rescale + normalize
-    return np.stack([table[channel].take(pixels[..., channel]) for channel in range(3)])
+    return normalize_levels(pixels, _table(cfg))  # one lookup per channel does rescale + normalize
