@@ -8,6 +8,7 @@ build, vision_feature_select_strategy other than 'default', an unknown vision_as
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -149,18 +150,27 @@ def write_next_preprocessing(model, path: Path, tokenizer, image_processor, chat
         return
     if isinstance(cfg, LlavaOnevisionConfig):
         _check_video_token(tokenizer, cfg.video_token_index)
-        out = transformers.LlavaOnevisionProcessor(
-            image_processor=processor, tokenizer=tokenizer, video_processor=None,
-            num_image_tokens=_vision_tokens(cfg.vision),
-            vision_feature_select_strategy=cfg.vision_feature_select_strategy,
-            chat_template=chat_template, image_token=IMAGE_TOKEN, video_token=VIDEO_TOKEN,
-            vision_aspect_ratio=cfg.vision_aspect_ratio)
-    else:
-        out = transformers.LlavaNextProcessor(
-            image_processor=processor, tokenizer=tokenizer, patch_size=cfg.vision.patch_size,
-            vision_feature_select_strategy=cfg.vision_feature_select_strategy, chat_template=chat_template,
-            image_token=IMAGE_TOKEN, num_additional_image_tokens=1)
-    out.save_pretrained(path)
+        _write_onevision_processor(cfg, path, processor, tokenizer, chat_template)
+        return
+    transformers.LlavaNextProcessor(
+        image_processor=processor, tokenizer=tokenizer, patch_size=cfg.vision.patch_size,
+        vision_feature_select_strategy=cfg.vision_feature_select_strategy, chat_template=chat_template,
+        image_token=IMAGE_TOKEN, num_additional_image_tokens=1).save_pretrained(path)
+
+
+def _write_onevision_processor(cfg: LlavaOnevisionConfig, path: Path, image_processor, tokenizer,
+                               chat_template) -> None:
+    """LlavaOnevisionProcessor's files, written without building it (its video processor needs torchvision):
+    the image processor, the tokenizer, processor_config.json and chat_template.jinja."""
+    image_processor.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    fields = {"processor_class": "LlavaOnevisionProcessor", "image_token": IMAGE_TOKEN, "video_token": VIDEO_TOKEN,
+              "num_image_tokens": _vision_tokens(cfg.vision),
+              "vision_feature_select_strategy": cfg.vision_feature_select_strategy,
+              "vision_aspect_ratio": cfg.vision_aspect_ratio}
+    (Path(path) / "processor_config.json").write_text(json.dumps(fields, indent=2) + "\n")
+    if chat_template is not None:
+        (Path(path) / "chat_template.jinja").write_text(chat_template)
 
 
 def _vision_tokens(vision: CLIPVisionConfig) -> int:
