@@ -134,3 +134,14 @@ def test_export_refuses_a_projector_transformers_lacks(exported, tmp_path):
     model = type(ours)(cfg, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="projector 'linear'"):
         convert.to_hf(model, tmp_path / "out")
+
+
+def test_our_format_round_trip(exported, tmp_path):
+    """model.json + Orbax params: the config (pinpoints, aspect ratio) and every tensor come back."""
+    from llava_jax.convert import native
+
+    _, _, _, ours, _ = exported
+    back = native.load(native.save(ours, tmp_path / "native"))
+    assert type(back) is type(ours) and back.config == ours.config
+    a, b = state_dict(ours), state_dict(back)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
