@@ -30,10 +30,10 @@ def _text_fields() -> dict:
                 num_attention_heads=4, num_key_value_heads=2)
 
 
-def next_config() -> transformers.LlavaNextConfig:
+def next_config(vision_feature_layer=-2) -> transformers.LlavaNextConfig:
     return transformers.LlavaNextConfig(vision_config=clip_config(), text_config=transformers.LlamaConfig(
         **_text_fields()), image_token_index=IMAGE_ID, image_grid_pinpoints=PINPOINTS,
-        vision_feature_select_strategy="default", vision_feature_layer=-2, image_seq_length=25)
+        vision_feature_select_strategy="default", vision_feature_layer=vision_feature_layer, image_seq_length=25)
 
 
 def onevision_config(aspect: str = "anyres_max_1") -> transformers.LlavaOnevisionConfig:

@@ -66,6 +66,14 @@ def test_onevision_two_images_in_one_message_are_single_tiles(onevision_pair):
     H.assert_close(H.our_logits(ours, inputs), H.torch_logits(hf, inputs))
 
 
+def test_next_feature_layer_list_concatenates_layers(tmp_path):
+    hf = H.save(transformers.LlavaNextForConditionalGeneration, H.next_config(vision_feature_layer=[-3, -1]), tmp_path)
+    ours = convert.from_hf(tmp_path, dtype="float32")
+    assert ours.config.vision_feature_layer == (-3, -1) and ours.config.vision_feature_dim == 2 * 48
+    inputs = H.next_processor()(images=H.images((17, 88)), text="<image>\nWhat?", return_tensors="np")
+    H.assert_close(H.our_logits(ours, inputs), H.torch_logits(hf, inputs))
+
+
 def test_token_count_mismatch_is_a_clear_error(next_pair):
     _, ours = next_pair
     inputs = H.next_processor()(images=H.images((31, 77)), text="<image>\nHi", return_tensors="np")
