@@ -94,3 +94,34 @@ def test_configs_we_cannot_honour_are_refused():
         llava_next.LlavaNextConfig(image_grid_pinpoints=((336,),))
     with pytest.raises(ValueError, match="batch_num_images"):
         llava_next.image_taps(llava_next.LlavaNextConfig(), [(10, 10)], batch_num_images=[1])
+
+
+def test_onevision_greedy_generation_with_image_and_video_equals_transformers(onevision_pair):
+    """Prefill (image + video merged through the taps) then one-token steps on our KV cache."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+    from flax import nnx
+
+    hf, ours = onevision_pair
+    inputs = H.onevision_inputs([H.images((40, 33))], "<image>\nand " + "<video>" * H.video_token_count(8) + " so")
+    inputs["pixel_values_videos"] = H.video(seed=4)
+    ids, steps = inputs["input_ids"], 12
+    index, weight, tiles = llava_next.image_taps(ours.config, inputs["image_sizes"].tolist(), [1])
+    pix = jnp.asarray(inputs["pixel_values"][0, :tiles[0]])
+    vids, vtaps = jnp.asarray(inputs["pixel_values_videos"][0]), llava_next.video_taps(ours.config, [8])
+    graphdef, params = nnx.split(ours)
+    prefill = jax.jit(lambda p, c, i, x, t, v, vt: nnx.merge(graphdef, p).decode(
+        c, i, x, None, t, pixel_values_videos=v, video_taps=vt))
+    step = jax.jit(lambda p, c, i: nnx.merge(graphdef, p).decode(c, i))
+    logits, cache = prefill(params, ours.init_cache(1, ids.shape[1] + steps), jnp.asarray(ids), pix,
+                            (jnp.asarray(index), jnp.asarray(weight)), vids, tuple(map(jnp.asarray, vtaps)))
+    out = []
+    for _ in range(steps):
+        out.append(int(jnp.argmax(logits[0, -1])))
+        logits, cache = step(params, cache, jnp.asarray([[out[-1]]]))
+    with torch.no_grad():
+        ref = hf.generate(**{k: torch.as_tensor(v) for k, v in inputs.items()}, max_new_tokens=steps,
+                          min_new_tokens=steps, do_sample=False, pad_token_id=0)
+    ref = ref[0, ids.shape[1]:].tolist()
+    assert out == ref and len(set(ref)) > 3
