@@ -121,8 +121,10 @@ def torch_logits(model, inputs: dict) -> np.ndarray:
 def _forward():
     from flax import nnx
 
-    return nnx.jit(lambda model, ids, pix, taps, vids, vtaps: model(ids, pix, None, taps, pixel_values_videos=vids,
-                                                                     video_taps=vtaps))
+    def forward(model, ids, mask, pix, taps, vids, vtaps):
+        return model(ids, pix, mask, taps, pixel_values_videos=vids, video_taps=vtaps)
+
+    return nnx.jit(forward)
 
 
 def our_logits(model, inputs: dict) -> np.ndarray:
@@ -141,7 +143,9 @@ def our_logits(model, inputs: dict) -> np.ndarray:
         frames = np.asarray(inputs["pixel_values_videos"])
         vtaps = tuple(jnp.asarray(a) for a in llava_next.video_taps(model.config, [frames.shape[1]] * len(frames)))
         vids = jnp.asarray(frames.reshape((-1,) + frames.shape[2:]))
-    return np.asarray(_forward()(model, jnp.asarray(inputs["input_ids"]), pix, taps, vids, vtaps))
+    mask = inputs.get("attention_mask")
+    mask = None if mask is None else jnp.asarray(mask)
+    return np.asarray(_forward()(model, jnp.asarray(inputs["input_ids"]), mask, pix, taps, vids, vtaps))
 
 
 def assert_close(ours: np.ndarray, ref: np.ndarray, rel: float = 1e-4) -> None:

@@ -4,6 +4,7 @@ frames; and the refusals of configs we cannot honour."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import numpy as np
@@ -37,6 +38,20 @@ def test_next_two_odd_images_in_one_prompt(next_pair):
     assert isinstance(ours, llava_next.LlavaNextForConditionalGeneration)
     assert (inputs["input_ids"] == H.IMAGE_ID).sum() == len(llava_next.image_taps(ours.config, sizes)[0])
     H.assert_close(H.our_logits(ours, inputs), H.torch_logits(hf, inputs))
+
+
+def test_next_left_padded_batch_of_two_rows(next_pair):
+    """Two rows, one image each of a different size (so different token counts): image k of the batch
+    fills the k-th group of image tokens, padding masked."""
+    hf, ours = next_pair
+    processor = H.next_processor()
+    processor.tokenizer = copy.deepcopy(processor.tokenizer)  # the shared tokenizer stays unpadded
+    processor.tokenizer.pad_token, processor.tokenizer.padding_side = "<unk>", "left"
+    inputs = processor(images=H.images((31, 77), (45, 47)), text=["<image>\nA b c d e f g?", "Hi <image>\nx"],
+                       padding=True, return_tensors="np")
+    assert (inputs["attention_mask"] == 0).any()
+    valid = inputs["attention_mask"].astype(bool)
+    H.assert_close(H.our_logits(ours, inputs)[valid], H.torch_logits(hf, inputs)[valid])
 
 
 def test_next_square_image_uses_the_largest_pinpoint(next_pair):
