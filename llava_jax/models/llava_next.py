@@ -65,6 +65,10 @@ class LlavaNextConfig:
         if not pinpoints or any(len(p) != 2 or min(p) < 1 for p in pinpoints):
             raise ValueError(f"{name}: image_grid_pinpoints must be (height, width) pairs, got "
                              f"{self.image_grid_pinpoints!r}")
+        tile = self.vision.image_size
+        if any(v % tile for p in pinpoints for v in p):
+            raise ValueError(f"{name}: image_grid_pinpoints {[list(p) for p in pinpoints]} must be multiples of the "
+                             f"vision tower's image_size {tile} (whole tiles)")
         object.__setattr__(self, "image_grid_pinpoints", pinpoints)
         if self.vision_feature_select_strategy != "default":
             raise ValueError(f"{name}: vision_feature_select_strategy {self.vision_feature_select_strategy!r} is "

@@ -107,6 +107,8 @@ def test_configs_we_cannot_honour_are_refused():
         dataclasses.replace(base, vision_aspect_ratio="anyres_max_x")
     with pytest.raises(ValueError, match="image_grid_pinpoints"):
         llava_next.LlavaNextConfig(image_grid_pinpoints=((336,),))
+    with pytest.raises(ValueError, match="image_grid_pinpoints .* multiples of the vision tower's image_size 336"):
+        llava_next.LlavaNextConfig(image_grid_pinpoints=((336, 600),))
     with pytest.raises(ValueError, match="batch_num_images"):
         llava_next.image_taps(llava_next.LlavaNextConfig(), [(10, 10)], batch_num_images=[1])
 
