@@ -183,3 +183,151 @@ def anyres_grid_shape(image_size: tuple[int, int], grid_pinpoints: Sequence[Sequ
     """(rows, cols) of tiles for an image of (height, width) under AnyRes."""
     height, width = select_best_resolution(image_size, grid_pinpoints)
     return height // tile_size, width // tile_size
+
+
+# --- Feature taps: each image's tokens as a sparse linear map of its tile features and the newline. ---
+
+import math  # noqa: E402  (this section's imports, kept apart from the top of the file)
+
+import numpy as np  # noqa: E402
+
+TAPS = 4  # taps per token: a gather uses 1 (the others weigh 0), bilinear resampling 4
+
+
+def gather_taps(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Plain gather of `rows` (int [n]) -> (index int32 [n, TAPS], weight float32 [n, TAPS]) with one tap of
+    weight 1 (the padding taps point at row 0 with weight 0)."""
+    rows = np.asarray(rows, np.int32).reshape(-1)
+    index = np.zeros((rows.size, TAPS), np.int32)
+    weight = np.zeros((rows.size, TAPS), np.float32)
+    index[:, 0], weight[:, 0] = rows, 1.0
+    return index, weight
+
+
+def _linear_source(in_size: int, out_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """PyTorch's upsample source indices (align_corners=False, output size given, no antialias), float32
+    arithmetic as its CPU kernel: (i0 [out], i1 [out], lambda1 [out]) with out = (1 - l1) * x[i0] + l1 * x[i1]."""
+    scale = np.float32(in_size) / np.float32(out_size)
+    src = (np.arange(out_size, dtype=np.float32) + np.float32(0.5)) * scale - np.float32(0.5)
+    src = np.maximum(src, np.float32(0))
+    i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
+    lam = np.clip(src - i0.astype(np.float32), 0, 1).astype(np.float32)
+    i1 = i0 + (i0 < in_size - 1)
+    return i0, i1, lam
+
+
+def bilinear_taps(grid_rows: np.ndarray, out_h: int, out_w: int) -> tuple[np.ndarray, np.ndarray]:
+    """`F.interpolate(mode="bilinear", align_corners=False)` of a feature grid whose cell (y, x) is row
+    grid_rows[y, x] (int [H, W]) to [out_h, out_w] -> (index [out_h * out_w, 4], weight [out_h * out_w, 4]),
+    row-major over the output grid."""
+    in_h, in_w = grid_rows.shape
+    y0, y1, ly = _linear_source(in_h, out_h)
+    x0, x1, lx = _linear_source(in_w, out_w)
+    ys, xs = (y0, y0, y1, y1), (x0, x1, x0, x1)
+    wy, wx = (1 - ly, 1 - ly, ly, ly), (1 - lx, lx, 1 - lx, lx)
+    index = np.stack([grid_rows[y[:, None], x[None, :]] for y, x in zip(ys, xs)], axis=-1)
+    weight = np.stack([a[:, None] * b[None, :] for a, b in zip(wy, wx)], axis=-1).astype(np.float32)
+    return index.reshape(-1, TAPS).astype(np.int32), weight.reshape(-1, TAPS)
+
+
+def unpad_bounds(image_size: tuple[int, int], grid_h: int, grid_w: int) -> tuple[int, int, int, int]:
+    """(top, bottom, left, right) of the image's content in a [grid_h, grid_w] feature grid of its padded,
+    resized tiles (transformers' `unpad_image`); image_size: (height, width) of the original image."""
+    height, width = image_size
+    if width / height > grid_w / grid_h:
+        new_height = int(round(height * (grid_w / width), 7))
+        pad = (grid_h - new_height) // 2
+        return pad, grid_h - pad, 0, grid_w
+    new_width = int(round(width * (grid_h / height), 7))
+    pad = (grid_w - new_width) // 2
+    return 0, grid_h, pad, grid_w - pad
+
+
+def anyres_grid_rows(image_size: tuple[int, int], grid_pinpoints: Sequence[Sequence[int]], tile_size: int,
+                     patches_per_side: int) -> np.ndarray:
+    """The unpadded feature grid of an AnyRes image: int [h, w], each cell its row among the image's tile
+    features (tile-major, tile 0 = the base tile, then the grid tiles row by row)."""
+    rows, cols = anyres_grid_shape(image_size, grid_pinpoints, tile_size)
+    side, per_tile = patches_per_side, patches_per_side ** 2
+    y, x = np.arange(rows * side)[:, None], np.arange(cols * side)[None, :]
+    tile = 1 + (y // side) * cols + x // side
+    grid = tile * per_tile + (y % side) * side + x % side
+    top, bottom, left, right = unpad_bounds(image_size, rows * side, cols * side)
+    return grid[top:bottom, left:right]
+
+
+def max_tiles_of(vision_aspect_ratio: str) -> int | None:
+    """'anyres' -> None (no limit); 'anyres_max_N' -> N. Raises ValueError naming the field otherwise."""
+    if vision_aspect_ratio == "anyres":
+        return None
+    prefix = "anyres_max_"
+    tail = vision_aspect_ratio[len(prefix):] if vision_aspect_ratio.startswith(prefix) else ""
+    if not tail.isdigit() or int(tail) < 1:
+        raise ValueError(f"vision_aspect_ratio must be 'anyres' or 'anyres_max_<N>', got {vision_aspect_ratio!r}")
+    return int(tail)
+
+
+def _with_newlines(index: np.ndarray, weight: np.ndarray, h: int, w: int, newline: int):
+    """Row-major grid taps [h * w, 4] -> [h * (w + 1), 4] with a newline tap ending each grid row."""
+    nl_index, nl_weight = gather_taps(np.full(h, newline))
+    index = np.concatenate([index.reshape(h, w, TAPS), nl_index[:, None]], axis=1)
+    weight = np.concatenate([weight.reshape(h, w, TAPS), nl_weight[:, None]], axis=1)
+    return index.reshape(-1, TAPS), weight.reshape(-1, TAPS)
+
+
+def anyres_taps(image_size: tuple[int, int], grid_pinpoints: Sequence[Sequence[int]], tile_size: int,
+                patches_per_side: int, max_tiles: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Taps of one AnyRes image over `[tile features (num_tiles * patches); newline]`: the base tile's
+    patches, then the unpadded grid (bilinearly downsampled as LLaVA-OneVision's anyres_max_N when it holds
+    more than ~1.1x max_tiles tiles' worth of features), each of its rows ended by the newline.
+    image_size: (height, width). Returns (index int32 [n_tokens, 4], weight float32 [n_tokens, 4])."""
+    per_tile = patches_per_side ** 2
+    grid = anyres_grid_rows(image_size, grid_pinpoints, tile_size, patches_per_side)
+    rows, cols = anyres_grid_shape(image_size, grid_pinpoints, tile_size)
+    newline = (1 + rows * cols) * per_tile
+    h, w = grid.shape
+    index, weight = gather_taps(grid)
+    if max_tiles is not None:
+        ratio = math.sqrt(h * w / (max_tiles * patches_per_side ** 2))
+        if ratio > 1.1:
+            h, w = int(h // ratio), int(w // ratio)
+            index, weight = bilinear_taps(grid, h, w)
+    index, weight = _with_newlines(index, weight, h, w, newline)
+    base_index, base_weight = gather_taps(np.arange(per_tile))
+    return np.concatenate([base_index, index]), np.concatenate([base_weight, weight])
+
+
+def single_tile_taps(tile_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """One tile's features followed by the newline (LLaVA-OneVision's images in a multi-image message)."""
+    return gather_taps(np.arange(tile_tokens + 1))
+
+
+def video_taps(num_frames: int, patches_per_side: int) -> tuple[np.ndarray, np.ndarray]:
+    """A video of `num_frames` one-tile frames (LLaVA-OneVision): each frame's [s, s] feature map bilinearly
+    pooled to [ceil(s / 2), ceil(s / 2)], frame after frame, then one newline ending the video."""
+    side, per_tile = patches_per_side, patches_per_side ** 2
+    pooled = -(-side // 2)
+    frame = np.arange(per_tile).reshape(side, side)
+    parts = [bilinear_taps(frame + f * per_tile, pooled, pooled) for f in range(num_frames)]
+    parts.append(gather_taps([num_frames * per_tile]))
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def concat_taps(taps: Sequence[tuple[np.ndarray, np.ndarray]], tiles: Sequence[int], tile_tokens: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """Several images' taps -> taps over `[all images' tile features, image after image; newline]` (the
+    rows a model sees for one forward). taps[i] indexes image i's rows `[tiles[i] * tile_tokens; newline]`.
+    Returns (index int32 [sum n_tokens, 4], weight float32 [sum n_tokens, 4])."""
+    if len(taps) != len(tiles):
+        raise ValueError(f"concat_taps: {len(taps)} taps but {len(tiles)} tile counts")
+    total, offset, out_index = sum(tiles) * tile_tokens, 0, []
+    for (index, _), n in zip(taps, tiles):
+        own = n * tile_tokens
+        if index.size and int(index.max()) > own:
+            raise ValueError(f"concat_taps: taps index row {int(index.max())} beyond the {own} + 1 rows of "
+                             f"{n} tiles")
+        out_index.append(np.where(index == own, total, index + offset))
+        offset += own
+    if not taps:
+        return np.zeros((0, TAPS), np.int32), np.zeros((0, TAPS), np.float32)
+    return np.concatenate(out_index).astype(np.int32), np.concatenate([w for _, w in taps]).astype(np.float32)

@@ -13,10 +13,12 @@ from typing import Any, Callable
 
 from flax import nnx
 
-from llava_jax.convert import hf_clip, hf_llama, hf_llava
+from llava_jax.convert import hf_clip, hf_llama, hf_llava, hf_llava_next
 from llava_jax.models.clip_vit import CLIPVisionConfig, CLIPVisionModel
 from llava_jax.models.llama import LlamaConfig, LlamaForCausalLM
 from llava_jax.models.llava import LlavaConfig, LlavaForConditionalGeneration
+from llava_jax.models.llava_next import (LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaOnevisionConfig,
+                                         LlavaOnevisionForConditionalGeneration)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +60,17 @@ LLAVA = Family(
     rename=hf_llava.llava_tensor_name_to_ours, write_preprocessing=hf_llava.write_llava_preprocessing,
     decoder=Decoder(config=lambda c: c.text, hf_key="text_config", prefix="language_model."),
     image_token=True, ignore=_tied_head)
+LLAVA_NEXT = Family(
+    name="llava_next", model=LlavaNextForConditionalGeneration, config=LlavaNextConfig,
+    hf_model_types=("llava_next",), config_from_hf=hf_llava_next.next_config_from_hf,
+    config_to_hf=hf_llava_next.next_config_to_hf, rename=hf_llava_next.next_tensor_name_to_ours,
+    write_preprocessing=hf_llava_next.write_next_preprocessing,
+    decoder=Decoder(config=lambda c: c.text, hf_key="text_config", prefix="language_model."),
+    image_token=True, ignore=_tied_head)
+LLAVA_ONEVISION = dataclasses.replace(
+    LLAVA_NEXT, name="llava_onevision", model=LlavaOnevisionForConditionalGeneration, config=LlavaOnevisionConfig,
+    hf_model_types=("llava_onevision",), config_from_hf=hf_llava_next.onevision_config_from_hf,
+    config_to_hf=hf_llava_next.onevision_config_to_hf)
 LLAMA = Family(
     name="llama", model=LlamaForCausalLM, config=LlamaConfig, hf_model_types=hf_llama.SUPPORTED_MODEL_TYPES,
     config_from_hf=hf_llama.llama_config_from_hf, config_to_hf=hf_llama.llama_config_to_hf,
@@ -69,7 +82,7 @@ CLIP = Family(
     config_from_hf=hf_clip.clip_config_from_hf, config_to_hf=hf_clip.clip_hf_config,
     rename=hf_clip.clip_tensor_name_to_ours, write_preprocessing=hf_clip.write_clip_preprocessing)
 
-FAMILIES: tuple[Family, ...] = (LLAVA, LLAMA, CLIP)
+FAMILIES: tuple[Family, ...] = (LLAVA, LLAVA_NEXT, LLAVA_ONEVISION, LLAMA, CLIP)
 
 
 def of_model(model: nnx.Module, what: str = "to_hf") -> Family:

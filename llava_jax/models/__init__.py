@@ -1,4 +1,5 @@
-"""Models: the CLIP vision tower, projectors, the LLaMA-family decoder and the LLaVA composite.
+"""Models: the CLIP vision tower, projectors, the LLaMA-family decoder and the LLaVA composites (LLaVA-1.5,
+LLaVA-NeXT, LLaVA-OneVision).
 
 `PRESETS` holds every named config (CLIP towers, decoders and LLaVA models; the names do not collide).
 """
@@ -9,10 +10,13 @@ from llava_jax.models.llama import PRESETS as LLAMA_PRESETS
 from llava_jax.models.llama import KVCache, LlamaConfig, LlamaForCausalLM
 from llava_jax.models.llava import PRESETS as LLAVA_PRESETS
 from llava_jax.models.llava import LlavaConfig, LlavaForConditionalGeneration, merge_image_features
+from llava_jax.models.llava_next import (LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaOnevisionConfig,
+                                         LlavaOnevisionForConditionalGeneration)
 from llava_jax.models.projector import Projector
 
 PRESETS = {**CLIP_PRESETS, **LLAMA_PRESETS, **LLAVA_PRESETS}
 
 __all__ = ["CLIPVisionConfig", "CLIPVisionModel", "KVCache", "LlamaConfig", "LlamaForCausalLM", "LlavaConfig",
-           "LlavaForConditionalGeneration", "Projector", "merge_image_features", "PRESETS", "CLIP_PRESETS",
-           "LLAMA_PRESETS", "LLAVA_PRESETS"]
+           "LlavaForConditionalGeneration", "LlavaNextConfig", "LlavaNextForConditionalGeneration",
+           "LlavaOnevisionConfig", "LlavaOnevisionForConditionalGeneration", "Projector", "merge_image_features",
+           "PRESETS", "CLIP_PRESETS", "LLAMA_PRESETS", "LLAVA_PRESETS"]

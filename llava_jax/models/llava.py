@@ -99,6 +99,34 @@ PRESETS: dict[str, LlavaConfig] = {
 }
 
 
+def build_vision_tower(config, rngs: nnx.Rngs | None) -> nnx.Module:
+    """The vision tower of a composite config (its `vision` field): the one place a tower type is chosen."""
+    return CLIPVisionModel(config.vision, rngs=rngs)
+
+
+def build_projector(config, rngs: nnx.Rngs | None) -> Projector:
+    """`multi_modal_projector` of a composite config (projector, vision_feature_dim, text, bias fields)."""
+    return Projector(config.projector, config.vision_feature_dim, config.text.hidden_size,
+                     use_bias=config.multimodal_projector_bias, dtype=config.text.dtype,
+                     param_dtype=config.text.param_dtype, rngs=rngs)
+
+
+def project_image_features(tower: nnx.Module, projector: Projector, config, pixel_values: jax.Array) -> jax.Array:
+    """pixel_values [N, 3, H, W] -> tower features (feature layers, select strategy; gradient stopped for a
+    frozen tower) -> projector -> [N, tokens per tile, D_text]."""
+    features = tower.features(pixel_values, config.vision_feature_layer, config.vision_feature_select_strategy)
+    if config.freeze_vision_tower:
+        features = jax.lax.stop_gradient(features)
+    return projector(features.astype(config.text.dtype))
+
+
+def embed_placeholders(language_model: LlamaForCausalLM, input_ids: jax.Array, is_placeholder: jax.Array
+                       ) -> jax.Array:
+    """Token embeddings [B, T, D]; placeholder positions embed id 0 instead (an image token id may lie
+    outside the vocabulary, e.g. the official -200), to be overwritten by the merge."""
+    return language_model.embed(jnp.where(is_placeholder, 0, input_ids))
+
+
 def _concrete(x) -> np.ndarray | None:
     """x as a numpy array, or None when it is traced (inside jit)."""
     try:
@@ -178,21 +206,13 @@ class LlavaForConditionalGeneration(nnx.Module):
     def __init__(self, config: LlavaConfig, *, rngs: nnx.Rngs | None = None):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.config = config
-        self.vision_tower = CLIPVisionModel(config.vision, rngs=rngs)
-        self.multi_modal_projector = Projector(
-            config.projector, config.vision_feature_dim, config.text.hidden_size,
-            use_bias=config.multimodal_projector_bias, dtype=config.text.dtype,
-            param_dtype=config.text.param_dtype, rngs=rngs)
+        self.vision_tower = build_vision_tower(config, rngs)
+        self.multi_modal_projector = build_projector(config, rngs)
         self.language_model = LlamaForCausalLM(config.text, rngs=rngs)
 
     def get_image_features(self, pixel_values: jax.Array) -> jax.Array:
         """pixel_values [N, 3, H, W] -> projected image features [N, image_seq_length, D_text]."""
-        c = self.config
-        features = self.vision_tower.features(pixel_values, c.vision_feature_layer,
-                                              c.vision_feature_select_strategy)
-        if c.freeze_vision_tower:
-            features = jax.lax.stop_gradient(features)
-        return self.multi_modal_projector(features.astype(c.text.dtype))
+        return project_image_features(self.vision_tower, self.multi_modal_projector, self.config, pixel_values)
 
     def embed_inputs(self, input_ids: jax.Array, pixel_values: jax.Array | None = None,
                      image_mask: jax.Array | None = None, *, check_counts: bool = True) -> jax.Array:
@@ -213,8 +233,7 @@ class LlavaForConditionalGeneration(nnx.Module):
         if pixel_values is None:
             return self.language_model.embed(input_ids)
         is_image = input_ids == c.image_token_index
-        # The image token id may lie outside the vocabulary (e.g. the official -200): embed a valid id.
-        embeds = self.language_model.embed(jnp.where(is_image, 0, input_ids))
+        embeds = embed_placeholders(self.language_model, input_ids, is_image)
         return merge_image_features(embeds, is_image, self.get_image_features(pixel_values), image_mask)
 
     def _embed_row_aligned(self, input_ids, pixel_values, image_mask, check_counts: bool) -> jax.Array:
@@ -226,7 +245,7 @@ class LlavaForConditionalGeneration(nnx.Module):
         if check_counts:
             check_row_image_tokens(input_ids, c.image_token_index, c.image_seq_length, image_mask)
         is_image = input_ids == c.image_token_index
-        embeds = self.language_model.embed(jnp.where(is_image, 0, input_ids))
+        embeds = embed_placeholders(self.language_model, input_ids, is_image)
         features = self.get_image_features(pixel_values.reshape((b * i,) + pixel_values.shape[2:]))
         return merge_row_features(embeds, is_image, features.reshape((b, i) + features.shape[1:]), image_mask)
 
@@ -277,5 +296,6 @@ def count_params(config: LlavaConfig) -> int:
     return sum(int(np.prod(leaf.shape)) for leaf in jax.tree.leaves(state))
 
 
-__all__ = ["LlavaConfig", "LlavaForConditionalGeneration", "PRESETS", "check_image_tokens",
+__all__ = ["LlavaConfig", "LlavaForConditionalGeneration", "PRESETS", "build_projector", "build_vision_tower",
+           "check_image_tokens", "embed_placeholders", "project_image_features",
            "check_row_image_tokens", "merge_image_features", "merge_row_features", "count_params"]

@@ -18,8 +18,10 @@ def test_hf_configs_find_their_row():
         assert families.of_hf_config({"model_type": model_type}) is families.LLAMA
     # an unknown decoder model_type is still a causal LM by its architecture (its config then says what fails)
     assert families.of_hf_config({"model_type": "phi", "architectures": ["PhiForCausalLM"]}) is families.LLAMA
-    assert families.of_hf_config({"model_type": "llava_next",
-                                  "architectures": ["LlavaNextForConditionalGeneration"]}) is None
+    assert families.of_hf_config({"model_type": "llava_next"}) is families.LLAVA_NEXT
+    assert families.of_hf_config({"model_type": "llava_onevision"}) is families.LLAVA_ONEVISION
+    assert families.of_hf_config({"model_type": "llava_next_video",
+                                  "architectures": ["LlavaNextVideoForConditionalGeneration"]}) is None
 
 
 def test_models_find_their_row_and_others_are_refused():
@@ -27,6 +29,8 @@ def test_models_find_their_row_and_others_are_refused():
                       num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=16)
     assert families.of_model(nnx.eval_shape(lambda: LlamaForCausalLM(cfg, rngs=nnx.Rngs(0)))) is families.LLAMA
     with pytest.raises(TypeError, match="cannot export a Linear .expected LlavaForConditionalGeneration, "
+                                        "LlavaNextForConditionalGeneration, "
+                                        "LlavaOnevisionForConditionalGeneration, "
                                         "LlamaForCausalLM or CLIPVisionModel"):
         families.of_model(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
 

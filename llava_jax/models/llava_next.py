@@ -1,0 +1,283 @@
+"""LLaVA-NeXT and LLaVA-OneVision: LLaVA with AnyRes images (a base tile plus the tiles of the best grid
+pinpoint, the grid's features unpadded to the image's aspect ratio, an `image_newline` embedding ending each
+feature row), as transformers' LlavaNextForConditionalGeneration / LlavaOnevisionForConditionalGeneration.
+OneVision adds `vision_aspect_ratio` "anyres_max_N" (the unpadded grid bilinearly downsampled beyond ~N
+tiles), single-tile images when a message holds several, and videos (frames pooled 2x2, one newline each).
+
+Parameter names are the classic on-disk layout: `vision_tower.vision_model.*`, `multi_modal_projector.*`,
+`language_model.model.*`, `language_model.lm_head.weight`, `image_newline` [D_text].
+
+Shapes stay static under jit: the host computes each image's arrangement as feature taps
+(`llava_jax.vision_layout`, `image_taps` / `video_taps` below): the forward takes all images' tiles
+pixel_values [n_tiles, 3, S, S] and taps (index int32 [n_tokens, 4], weight float32 [n_tokens, 4]) over
+the rows `[tile features (n_tiles * tokens per tile); image_newline]`. The k-th image token of input_ids
+(counted over the whole batch, row by row) receives token k, as transformers' masked_scatter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from llava_jax import vision_layout
+from llava_jax.models import clip_vit, layers, llama
+from llava_jax.models.clip_vit import CLIPVisionConfig
+from llava_jax.models.llama import KVCache, LlamaConfig, LlamaForCausalLM
+from llava_jax.models.llava import (_concrete, build_projector, build_vision_tower, embed_placeholders,
+                                    merge_image_features, project_image_features)
+from llava_jax.models.projector import num_linears
+
+Taps = tuple[jax.Array, jax.Array]  # (index int32 [n_tokens, 4], weight float32 [n_tokens, 4])
+
+# llava-hf/llava-v1.6-* (336 px tiles).
+NEXT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
+
+
+@dataclasses.dataclass(frozen=True)
+class LlavaNextConfig:
+    """As `LlavaConfig`, with `image_grid_pinpoints` ((height, width) pixel sizes of the AnyRes grids) instead of
+    a fixed image_seq_length (an image's token count depends on its size: see `image_taps`)."""
+
+    vision: CLIPVisionConfig = dataclasses.field(default_factory=lambda: clip_vit.PRESETS["clip_l14_336"])
+    text: LlamaConfig = dataclasses.field(default_factory=lambda: llama.PRESETS["vicuna_7b"])
+    projector: str = "mlp2x_gelu"
+    image_token_index: int = 32000
+    image_grid_pinpoints: tuple[tuple[int, int], ...] = NEXT_PINPOINTS
+    vision_feature_layer: int | tuple[int, ...] = -2
+    vision_feature_select_strategy: str = "default"
+    multimodal_projector_bias: bool = True
+    freeze_vision_tower: bool = True
+
+    def __post_init__(self):
+        name = type(self).__name__
+        layer = self.vision_feature_layer
+        if not isinstance(layer, int):
+            object.__setattr__(self, "vision_feature_layer", tuple(int(i) for i in layer))
+        for i in self.feature_layers:
+            clip_vit.resolve_layer(i, self.vision.num_hidden_layers)
+        pinpoints = tuple(tuple(int(v) for v in p) for p in self.image_grid_pinpoints)
+        if not pinpoints or any(len(p) != 2 or min(p) < 1 for p in pinpoints):
+            raise ValueError(f"{name}: image_grid_pinpoints must be (height, width) pairs, got "
+                             f"{self.image_grid_pinpoints!r}")
+        tile = self.vision.image_size
+        if any(v % tile for p in pinpoints for v in p):
+            raise ValueError(f"{name}: image_grid_pinpoints {[list(p) for p in pinpoints]} must be multiples of the "
+                             f"vision tower's image_size {tile} (whole tiles)")
+        object.__setattr__(self, "image_grid_pinpoints", pinpoints)
+        if self.vision_feature_select_strategy != "default":
+            raise ValueError(f"{name}: vision_feature_select_strategy {self.vision_feature_select_strategy!r} is "
+                             f"not supported: AnyRes packing needs square patch grids, CLIP's CLS token would "
+                             f"break them (transformers fails too); use 'default'")
+        num_linears(self.projector)
+
+    @property
+    def feature_layers(self) -> tuple[int, ...]:
+        layer = self.vision_feature_layer
+        return (layer,) if isinstance(layer, int) else layer
+
+    @property
+    def vision_feature_dim(self) -> int:
+        return self.vision.hidden_size * len(self.feature_layers)
+
+    @property
+    def patches_per_side(self) -> int:
+        return self.vision.image_size // self.vision.patch_size
+
+    @property
+    def tile_tokens(self) -> int:
+        """Feature vectors the tower gives per tile (the "default" strategy: its patches)."""
+        return self.vision.num_patches
+
+    @property
+    def max_tiles(self) -> int | None:
+        """None: LLaVA-NeXT keeps the whole unpadded grid."""
+        return None
+
+
+@dataclasses.dataclass(frozen=True)
+class LlavaOnevisionConfig(LlavaNextConfig):
+    """LLaVA-NeXT plus `vision_aspect_ratio` ('anyres_max_N' or 'anyres') and videos (`video_token_index`)."""
+
+    image_token_index: int = 151646
+    video_token_index: int = 151647
+    vision_aspect_ratio: str = "anyres_max_9"
+
+    def __post_init__(self):
+        super().__post_init__()
+        vision_layout.max_tiles_of(self.vision_aspect_ratio)  # validates
+
+    @property
+    def max_tiles(self) -> int | None:
+        return vision_layout.max_tiles_of(self.vision_aspect_ratio)
+
+
+def image_tiles(config: LlavaNextConfig, image_size: tuple[int, int], single_tile: bool = False) -> int:
+    """Tiles of one image: the base tile plus the best pinpoint's grid (1 for a single-tile image)."""
+    if single_tile:
+        return 1
+    rows, cols = vision_layout.anyres_grid_shape(image_size, config.image_grid_pinpoints, config.vision.image_size)
+    return 1 + rows * cols
+
+
+def _single_tile_flags(image_sizes: Sequence, batch_num_images: Sequence[int] | None) -> list[bool]:
+    """OneVision: images of a message with several images are single tiles (transformers' batch_num_images)."""
+    if batch_num_images is None:
+        return [False] * len(image_sizes)
+    flags = [n != 1 for n in batch_num_images for _ in range(n)]
+    if len(flags) != len(image_sizes):
+        raise ValueError(f"batch_num_images {list(batch_num_images)} counts {len(flags)} images but "
+                         f"image_sizes holds {len(image_sizes)}")
+    return flags
+
+
+def image_taps(config: LlavaNextConfig, image_sizes: Sequence[Sequence[int]],
+               batch_num_images: Sequence[int] | None = None) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """Host side: the taps of all images of one forward and their tile counts.
+
+    image_sizes: (height, width) of each original image, in prompt order. batch_num_images (OneVision only):
+    images per message; a message with several gets single-tile images.
+    Returns (index int32 [n_tokens, 4], weight float32 [n_tokens, 4], tiles per image).
+    """
+    if batch_num_images is not None and not isinstance(config, LlavaOnevisionConfig):
+        raise ValueError("batch_num_images: single-tile images are a LLaVA-OneVision feature")
+    flags = _single_tile_flags(image_sizes, batch_num_images)
+    taps, tiles = [], []
+    for size, single in zip(image_sizes, flags):
+        size = (int(size[0]), int(size[1]))
+        tiles.append(image_tiles(config, size, single))
+        taps.append(vision_layout.single_tile_taps(config.tile_tokens) if single else vision_layout.anyres_taps(
+            size, config.image_grid_pinpoints, config.vision.image_size, config.patches_per_side, config.max_tiles))
+    index, weight = vision_layout.concat_taps(taps, tiles, config.tile_tokens)
+    return index, weight, tiles
+
+
+def video_taps(config: LlavaOnevisionConfig, num_frames: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Host side: the taps of all videos of one forward (num_frames per video, frames as tiles in order)."""
+    if not isinstance(config, LlavaOnevisionConfig):
+        raise ValueError("video_taps: videos are a LLaVA-OneVision feature")
+    taps = [vision_layout.video_taps(int(n), config.patches_per_side) for n in num_frames]
+    index, weight = vision_layout.concat_taps(taps, [int(n) for n in num_frames], config.tile_tokens)
+    return index, weight
+
+
+def apply_taps(rows: jax.Array, taps: Taps) -> jax.Array:
+    """rows [R, D], taps over them -> tokens [n_tokens, D] (sum of weight x row, float32 accumulation)."""
+    index, weight = taps
+    out = jnp.zeros((index.shape[0], rows.shape[-1]), jnp.float32)
+    for k in range(index.shape[1]):  # one [n_tokens, D] gather at a time
+        out = out + weight[:, k, None].astype(jnp.float32) * jnp.take(rows, index[:, k], axis=0).astype(jnp.float32)
+    return out.astype(rows.dtype)
+
+
+def check_placeholders(input_ids, token_index: int, taps: Taps, what: str) -> None:
+    """Raises ValueError when input_ids hold another number of `token_index` than the taps have tokens
+    (checked only when the values are concrete)."""
+    ids = _concrete(input_ids)
+    if ids is None:
+        return
+    have, need = int((ids == token_index).sum()), int(taps[0].shape[0])
+    if have != need:
+        raise ValueError(f"input_ids hold {have} {what} tokens (id {token_index}) but the {what}s give {need}")
+
+
+class AnyResLlava(nnx.Module):
+    """`vision_tower`, `multi_modal_projector`, `language_model` (LlamaForCausalLM), `image_newline` [D_text]."""
+
+    def __init__(self, config: LlavaNextConfig, *, rngs: nnx.Rngs | None = None):
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        self.config = config
+        self.vision_tower = build_vision_tower(config, rngs)
+        self.multi_modal_projector = build_projector(config, rngs)
+        hidden = config.text.hidden_size
+        self.image_newline = layers.param(rngs, layers.normal(1 / math.sqrt(hidden)), (hidden,), ("embed",),
+                                          config.text.param_dtype)
+        self.language_model = LlamaForCausalLM(config.text, rngs=rngs)
+
+    def get_image_tokens(self, pixel_values: jax.Array, taps: Taps) -> jax.Array:
+        """pixel_values [n_tiles, 3, S, S] (all images' tiles), taps -> image tokens [n_tokens, D_text]."""
+        c = self.config
+        features = project_image_features(self.vision_tower, self.multi_modal_projector, c, pixel_values)
+        newline = self.image_newline[...].astype(features.dtype)[None]
+        return apply_taps(jnp.concatenate([features.reshape(-1, features.shape[-1]), newline]), taps)
+
+    def _merge(self, embeds, input_ids, pixel_values, taps: Taps, token_index: int, what: str, check: bool):
+        if check:
+            check_placeholders(input_ids, token_index, taps, what)
+        tokens = self.get_image_tokens(pixel_values, taps)
+        return merge_image_features(embeds, input_ids == token_index, tokens[None])
+
+    def embed_inputs(self, input_ids: jax.Array, pixel_values: jax.Array | None = None,
+                     image_taps: Taps | None = None, *, pixel_values_videos: jax.Array | None = None,
+                     video_taps: Taps | None = None, check_counts: bool = True) -> jax.Array:
+        """input_ids [B, T] -> embeddings [B, T, D_text] with the image (and video) tokens merged in.
+
+        pixel_values [n_tiles, 3, S, S] with image_taps; pixel_values_videos [n_frames, 3, S, S] with
+        video_taps (OneVision). check_counts: raise when placeholders and taps disagree (concrete inputs)."""
+        c = self.config
+        placeholders = input_ids == c.image_token_index
+        video_index = getattr(c, "video_token_index", None)
+        if video_index is not None:
+            placeholders = placeholders | (input_ids == video_index)
+        embeds = embed_placeholders(self.language_model, input_ids, placeholders)
+        if pixel_values is not None:
+            if image_taps is None:
+                raise ValueError("embed_inputs: pixel_values need image_taps (llava_next.image_taps)")
+            embeds = self._merge(embeds, input_ids, pixel_values, image_taps, c.image_token_index, "image",
+                                 check_counts)
+        if pixel_values_videos is not None:
+            if video_taps is None or video_index is None:
+                raise ValueError("embed_inputs: pixel_values_videos need video_taps and a LLaVA-OneVision config")
+            embeds = self._merge(embeds, input_ids, pixel_values_videos, video_taps, video_index, "video",
+                                 check_counts)
+        return embeds
+
+    def __call__(self, input_ids: jax.Array, pixel_values: jax.Array | None = None,
+                 attention_mask: jax.Array | None = None, image_taps: Taps | None = None, *,
+                 pixel_values_videos: jax.Array | None = None, video_taps: Taps | None = None) -> jax.Array:
+        """input_ids [B, T], attention_mask [B, T] -> logits float32 [B, T, V] (see `embed_inputs`)."""
+        return self.logits(self.hidden_states(input_ids, pixel_values, attention_mask, image_taps,
+                                              pixel_values_videos=pixel_values_videos, video_taps=video_taps))
+
+    def hidden_states(self, input_ids: jax.Array, pixel_values: jax.Array | None = None,
+                      attention_mask: jax.Array | None = None, image_taps: Taps | None = None, *,
+                      pixel_values_videos: jax.Array | None = None, video_taps: Taps | None = None) -> jax.Array:
+        """As `__call__`, up to the decoder's final norm: hidden [B, T, D]."""
+        embeds = self.embed_inputs(input_ids, pixel_values, image_taps, pixel_values_videos=pixel_values_videos,
+                                   video_taps=video_taps)
+        return self.language_model.hidden_states(inputs_embeds=embeds, attention_mask=attention_mask)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """hidden [..., D] -> logits float32 [..., V]."""
+        return self.language_model.logits(hidden)
+
+    def init_cache(self, batch: int, max_length: int, dtype=None) -> KVCache:
+        return self.language_model.init_cache(batch, max_length, dtype)
+
+    def decode(self, cache: KVCache, input_ids: jax.Array, pixel_values: jax.Array | None = None,
+               attention_mask: jax.Array | None = None, image_taps: Taps | None = None, *,
+               pixel_values_videos: jax.Array | None = None,
+               video_taps: Taps | None = None) -> tuple[jax.Array, KVCache]:
+        """Appends input_ids [B, T] to the cache (a prefill with images, or a step) -> (logits [B, T, V], cache)."""
+        check = pixel_values is not None or pixel_values_videos is not None
+        embeds = self.embed_inputs(input_ids, pixel_values, image_taps, pixel_values_videos=pixel_values_videos,
+                                   video_taps=video_taps, check_counts=check)
+        return self.language_model.decode(cache, inputs_embeds=embeds, attention_mask=attention_mask)
+
+
+class LlavaNextForConditionalGeneration(AnyResLlava):
+    """transformers' LlavaNextForConditionalGeneration (a `LlavaNextConfig`)."""
+
+
+class LlavaOnevisionForConditionalGeneration(AnyResLlava):
+    """transformers' LlavaOnevisionForConditionalGeneration (a `LlavaOnevisionConfig`: anyres_max_N, multi-image,
+    video)."""
+
+
+__all__ = ["AnyResLlava", "LlavaNextConfig", "LlavaOnevisionConfig", "LlavaNextForConditionalGeneration",
+           "LlavaOnevisionForConditionalGeneration", "image_taps", "video_taps", "image_tiles", "apply_taps"]
