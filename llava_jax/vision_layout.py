@@ -22,6 +22,8 @@ import dataclasses
 import math
 from typing import Sequence
 
+import numpy as np
+
 LAYOUT_KINDS = ("single", "anyres", "video")
 
 
@@ -138,15 +140,8 @@ def _check_image_size(image_size: tuple[int, int]) -> None:
 def unpadded_shape(image_size: tuple[int, int], grid_shape: tuple[int, int]) -> tuple[int, int]:
     """(rows, cols) of a padded feature grid of `grid_shape` once the rows / columns of the letterbox padding
     are removed, for an image of (height, width); transformers' arithmetic, `round(..., 7)` included."""
-    height, width = image_size
-    rows, cols = grid_shape
-    if width / height > cols / rows:
-        new_rows = int(round(height * (cols / width), 7))
-        rows -= (rows - new_rows) // 2 * 2
-    else:
-        new_cols = int(round(width * (rows / height), 7))
-        cols -= (cols - new_cols) // 2 * 2
-    return rows, cols
+    top, bottom, left, right = unpad_bounds(image_size, *grid_shape)
+    return bottom - top, right - left
 
 
 def downsampled_shape(shape: tuple[int, int], max_tiles: int, patches_per_side: int) -> tuple[int, int]:
@@ -187,9 +182,6 @@ def anyres_grid_shape(image_size: tuple[int, int], grid_pinpoints: Sequence[Sequ
 
 # --- Feature taps: each image's tokens as a sparse linear map of its tile features and the newline. ---
 
-import math  # noqa: E402  (this section's imports, kept apart from the top of the file)
-
-import numpy as np  # noqa: E402
 
 TAPS = 4  # taps per token: a gather uses 1 (the others weigh 0), bilinear resampling 4
 
@@ -256,17 +248,6 @@ def anyres_grid_rows(image_size: tuple[int, int], grid_pinpoints: Sequence[Seque
     return grid[top:bottom, left:right]
 
 
-def max_tiles_of(vision_aspect_ratio: str) -> int | None:
-    """'anyres' -> None (no limit); 'anyres_max_N' -> N. Raises ValueError naming the field otherwise."""
-    if vision_aspect_ratio == "anyres":
-        return None
-    prefix = "anyres_max_"
-    tail = vision_aspect_ratio[len(prefix):] if vision_aspect_ratio.startswith(prefix) else ""
-    if not tail.isdigit() or int(tail) < 1:
-        raise ValueError(f"vision_aspect_ratio must be 'anyres' or 'anyres_max_<N>', got {vision_aspect_ratio!r}")
-    return int(tail)
-
-
 def _with_newlines(index: np.ndarray, weight: np.ndarray, h: int, w: int, newline: int):
     """Row-major grid taps [h * w, 4] -> [h * (w + 1), 4] with a newline tap ending each grid row."""
     nl_index, nl_weight = gather_taps(np.full(h, newline))
@@ -276,7 +257,7 @@ def _with_newlines(index: np.ndarray, weight: np.ndarray, h: int, w: int, newlin
 
 
 def anyres_taps(image_size: tuple[int, int], grid_pinpoints: Sequence[Sequence[int]], tile_size: int,
-                patches_per_side: int, max_tiles: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                patches_per_side: int, max_tiles: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Taps of one AnyRes image over `[tile features (num_tiles * patches); newline]`: the base tile's
     patches, then the unpadded grid (bilinearly downsampled as LLaVA-OneVision's anyres_max_N when it holds
     more than ~1.1x max_tiles tiles' worth of features), each of its rows ended by the newline.
@@ -287,11 +268,9 @@ def anyres_taps(image_size: tuple[int, int], grid_pinpoints: Sequence[Sequence[i
     newline = (1 + rows * cols) * per_tile
     h, w = grid.shape
     index, weight = gather_taps(grid)
-    if max_tiles is not None:
-        ratio = math.sqrt(h * w / (max_tiles * patches_per_side ** 2))
-        if ratio > 1.1:
-            h, w = int(h // ratio), int(w // ratio)
-            index, weight = bilinear_taps(grid, h, w)
+    if max_tiles and downsampled_shape((h, w), max_tiles, patches_per_side) != (h, w):
+        h, w = downsampled_shape((h, w), max_tiles, patches_per_side)
+        index, weight = bilinear_taps(grid, h, w)
     index, weight = _with_newlines(index, weight, h, w, newline)
     base_index, base_weight = gather_taps(np.arange(per_tile))
     return np.concatenate([base_index, index]), np.concatenate([base_weight, weight])

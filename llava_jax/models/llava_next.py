@@ -95,9 +95,9 @@ class LlavaNextConfig:
         return self.vision.num_patches
 
     @property
-    def max_tiles(self) -> int | None:
-        """None: LLaVA-NeXT keeps the whole unpadded grid."""
-        return None
+    def max_tiles(self) -> int:
+        """0: LLaVA-NeXT keeps the whole unpadded grid."""
+        return 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,11 +110,11 @@ class LlavaOnevisionConfig(LlavaNextConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        vision_layout.max_tiles_of(self.vision_aspect_ratio)  # validates
+        vision_layout.max_tiles_from_aspect_ratio(self.vision_aspect_ratio)  # validates
 
     @property
-    def max_tiles(self) -> int | None:
-        return vision_layout.max_tiles_of(self.vision_aspect_ratio)
+    def max_tiles(self) -> int:
+        return vision_layout.max_tiles_from_aspect_ratio(self.vision_aspect_ratio)
 
 
 def image_tiles(config: LlavaNextConfig, image_size: tuple[int, int], single_tile: bool = False) -> int:

@@ -55,7 +55,7 @@ def test_onevision_taps_equal_transformers_downsample(size, max_tiles):
     aspect = f"anyres_max_{max_tiles}"
     ref, _ = LlavaOnevisionModel.pack_image_features(_fake_self(aspect), [torch.tensor(feats)], torch.tensor([size]),
                                                      torch.tensor(newline), vision_aspect_ratio=aspect)
-    taps = vl.anyres_taps(size, PINPOINTS, TILE, SIDE, max_tiles=vl.max_tiles_of(aspect))
+    taps = vl.anyres_taps(size, PINPOINTS, TILE, SIDE, max_tiles=vl.max_tiles_from_aspect_ratio(aspect))
     rows = np.concatenate([feats.reshape(-1, DIM), newline[None]])
     assert taps[0].shape[0] == ref[0].shape[0]
     np.testing.assert_allclose(_apply(taps, rows), ref[0].numpy(), rtol=1e-6, atol=1e-6)
@@ -86,12 +86,6 @@ def test_concat_taps_offsets_tiles_and_shares_newline():
     index, weight = vl.concat_taps([a, b], [1, 2], 4)
     np.testing.assert_array_equal(index[:, 0], [0, 1, 2, 3, 12, 4, 9, 12])
     assert weight.shape == (8, vl.TAPS) and weight[:, 0].sum() == 8
-
-
-def test_max_tiles_of_refuses_unknown_aspect_ratio():
-    assert vl.max_tiles_of("anyres_max_9") == 9 and vl.max_tiles_of("anyres") is None
-    with pytest.raises(ValueError, match="vision_aspect_ratio"):
-        vl.max_tiles_of("pad")
 
 
 def test_processor_counts_equal_taps_rows():
