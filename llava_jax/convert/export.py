@@ -20,7 +20,7 @@ from llava_jax.convert import params as param_names
 from llava_jax.convert.build import _leaves, vocab_transforms
 from llava_jax.convert.checkpoint_io import write_safetensors
 from llava_jax.data.conversation import IMAGE_TOKEN
-from llava_jax.data.images import CLIP_MEAN, CLIP_STD
+from llava_jax.models.clip_vit import CLIP_MEAN, CLIP_STD  # re-exported; CLIPVisionConfig.image_mean/std
 
 __all__ = ["to_hf", "add_image_token", "check_stacked", "model_tensors", "tensor_specs", "IMAGE_TOKEN",
            "CLIP_MEAN", "CLIP_STD"]

@@ -35,6 +35,8 @@ from PIL import Image, ImageOps
 
 from llava_jax.data.errors import BadSample
 
+# CLIP's normalization, the default of ImageConfig. The tower config owns it (`CLIPVisionConfig.image_mean` /
+# `image_std`, SigLIP's its own); the data floor stays free of jax, so it keeps this equal copy (tested).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # Largest accepted width * height: 8192 x 8192. Larger files are rejected before their pixels are decoded.
