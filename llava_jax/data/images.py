@@ -93,6 +93,13 @@ class ImageConfig:
         return tuple(int(x * 255) for x in self.mean)
 
     @classmethod
+    def for_tower(cls, vision: Any, *, aspect: str = "pad", **fields) -> "ImageConfig":
+        """At a vision tower config's `image_size` with its normalization (`image_mean` / `image_std`: CLIP's,
+        SigLIP's, ...); `fields` sets the others."""
+        size = vision.image_size
+        return cls(size=size, crop_size=size, mean=vision.image_mean, std=vision.image_std, aspect=aspect, **fields)
+
+    @classmethod
     def from_hf(cls, processor: Any, *, aspect: str = "pad") -> "ImageConfig":
         """From a transformers image processor, a processor holding one (`LlavaProcessor`), the dict of a
         `preprocessor_config.json`, or the path of that file or of its folder."""

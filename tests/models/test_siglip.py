@@ -1,5 +1,7 @@
 """SigLIP vision tower parity against transformers' SiglipVisionModel (PyTorch, CPU, float32)."""
 
+from pathlib import Path
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -8,6 +10,7 @@ import transformers
 
 from llava_jax.convert import hf_siglip
 from llava_jax.data import images
+from llava_jax.infer import loading
 from llava_jax.models import clip_vit, siglip
 from llava_jax.models.siglip import SiglipVisionConfig, SiglipVisionModel
 from tests.models.test_clip import assert_close, loaded_model, pixels
@@ -78,6 +81,11 @@ def test_config_preset_interface_and_refusals():
     assert clip_vit.PRESETS["clip_l14_336"].num_tokens("full") == 577
     with pytest.raises(ValueError, match="vision_feature_select_strategy"):
         so400m.num_tokens("cls")
+    # preprocessing reads the tower's size and normalization; CLIP-336's is the LLaVA-1.5 default
+    assert images.ImageConfig.for_tower(clip_vit.PRESETS["clip_l14_336"]) == images.ImageConfig()
+    siglip_images = images.ImageConfig(size=384, crop_size=384, mean=(0.5,) * 3, std=(0.5,) * 3)
+    assert images.ImageConfig.for_tower(so400m) == siglip_images
+    assert loading._image_config(Path("/nonexistent"), so400m) == siglip_images  # a folder without processor
     with pytest.raises(ValueError, match="SiglipVisionConfig: unsupported hidden_act 'relu'"):
         SiglipVisionConfig(hidden_act="relu")
     with pytest.raises(ValueError, match="siglip config: hidden_act 'relu'"):
