@@ -1,4 +1,4 @@
-"""Importers, one per source: a Hugging Face folder (LLaVA, LLaMA family, CLIP), a CLIP tower + an LLM
+"""Importers, one per source: a Hugging Face folder (LLaVA, LLaMA family, CLIP, SigLIP), a tower + an LLM
 (stage-1 start), and the official LLaVA layout. Weights stream tensor by tensor into an abstractly created
 model, each straight into its sharding when a mesh is given."""
 
@@ -29,7 +29,8 @@ def from_hf(path: str | os.PathLike, dtype=None, param_dtype=None, mesh=None, **
     - an original LLaVA config (`mm_*` fields) -> `from_original_llava(path)`;
     - otherwise the row of `convert.families` that claims its model_type (or, for LLaMA-family causal LMs,
       its architectures): 'llava' -> LlavaForConditionalGeneration (classic, 4.52+ and 5.x tensor layouts),
-      'clip_vision_model' / 'clip' -> CLIPVisionModel (vision part only), llama / mistral / qwen2 ->
+      'clip_vision_model' / 'clip' -> CLIPVisionModel, 'siglip_vision_model' / 'siglip' -> SiglipVisionModel
+      (vision part only, without SigLIP's attention-pool head), llama / mistral / qwen2 ->
       LlamaForCausalLM.
     Args:
       dtype, param_dtype: see the module docstring. runtime: scan_layers, remat.
@@ -45,7 +46,7 @@ def from_hf(path: str | os.PathLike, dtype=None, param_dtype=None, mesh=None, **
     family = of_hf_config(config)
     if family is None:
         raise CheckpointError(f"{path / 'config.json'}: unknown model_type {config.get('model_type')!r} / "
-                              f"architectures {config.get('architectures')}; expected a LLaVA, CLIP or "
+                              f"architectures {config.get('architectures')}; expected a LLaVA, CLIP, SigLIP or "
                               f"LLaMA-family checkpoint")
     with CheckpointReader(path) as reader:
         cfg = _config(family, path, config, **_dtypes(reader, dtype, param_dtype), **runtime)

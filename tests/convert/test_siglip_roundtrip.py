@@ -12,8 +12,9 @@ import transformers
 from PIL import Image
 
 import llava_jax.convert as convert
-from llava_jax.convert import checkpoint_io, families
+from llava_jax.convert import checkpoint_io, families, hf_llava
 from llava_jax.convert.params import state_dict
+from llava_jax.models.llava import LlavaConfig
 from llava_jax.models.siglip import SiglipVisionModel
 from tests.convert import helpers
 
@@ -111,6 +112,18 @@ def _llava_config(strategy: str, layer) -> transformers.LlavaConfig:
                                     vision_feature_select_strategy=strategy)
 
 
+def test_llava_refuses_a_tower_it_cannot_build():
+    config = _llava_config("full", -2).to_dict()
+    config["vision_config"] = {**config["vision_config"], "model_type": "dinov2"}
+    with pytest.raises(ValueError, match="vision_config: unsupported model_type 'dinov2'"):
+        hf_llava.llava_config_from_hf(config)
+    config["vision_config"] = {**siglip_config().to_dict(), "hidden_act": "relu"}
+    with pytest.raises(ValueError, match="siglip config: hidden_act 'relu'"):
+        hf_llava.llava_config_from_hf(config)
+    with pytest.raises(TypeError, match="LlavaConfig.vision: expected a CLIPVisionConfig or SiglipVisionConfig"):
+        LlavaConfig(vision=helpers.llama_config())
+
+
 def _logits(model, ids, pix):
     with torch.no_grad():
         return model(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pix)).logits.numpy()
@@ -127,6 +140,7 @@ def test_llava_with_a_siglip_tower_matches_transformers(tmp_path, strategy, laye
     hf.save_pretrained(tmp_path / "hf")
     assert any(".head." in n for n in checkpoint_io.CheckpointReader(tmp_path / "hf").names())  # skipped
     model = convert.from_hf(tmp_path / "hf")
+    assert isinstance(model.vision_tower, SiglipVisionModel)
     assert model.config.image_seq_length == model.vision_tower.num_tokens(strategy) == hf.config.image_seq_length
     ids, pix = _ids(model.config.image_seq_length), helpers.pixels()
     ref = _logits(hf, ids, pix)
