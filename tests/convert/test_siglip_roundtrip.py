@@ -12,7 +12,7 @@ import transformers
 from PIL import Image
 
 import llava_jax.convert as convert
-from llava_jax.convert import checkpoint_io, families, hf_llava
+from llava_jax.convert import checkpoint_io, families, hf_llava, hf_siglip
 from llava_jax.convert.params import state_dict
 from llava_jax.models.llava import LlavaConfig
 from llava_jax.models.siglip import SiglipVisionModel
@@ -103,6 +103,22 @@ def test_full_siglip_model_imports_the_vision_part(tmp_path):
     pix = helpers.pixels(1, seed=7)
     last, _ = _hidden(full.vision_model, pix)
     _close(model(jnp.asarray(pix)), last)
+
+
+def test_siglip_tower_and_llama_make_a_stage1_llava(tower, tmp_path):
+    src, hf, _, _ = tower
+    llm = helpers.save_tiny_llama(tmp_path / "llm")
+    model = convert.from_clip_and_llm(src, tmp_path / "llm", vision_feature_select_strategy="full")
+    assert isinstance(model.vision_tower, SiglipVisionModel)
+    assert model.config.image_seq_length == helpers.NUM_PATCHES  # no CLS: "full" is every patch
+    ours = state_dict(model)
+    vision = {"vision_tower." + hf_siglip.siglip_tensor_name_to_ours(k): v.numpy()
+              for k, v in hf.state_dict().items() if hf_siglip.siglip_tensor_name_to_ours(k)}
+    assert set(vision) == {k for k in ours if k.startswith("vision_tower.")}
+    assert all(np.array_equal(ours[k], v) for k, v in vision.items())
+    assert np.array_equal(ours["language_model.model.norm.weight"], llm.state_dict()["model.norm.weight"].numpy())
+    with pytest.raises(checkpoint_io.CheckpointError, match="is not a vision tower"):
+        convert.from_clip_and_llm(tmp_path / "llm", tmp_path / "llm")
 
 
 def _llava_config(strategy: str, layer) -> transformers.LlavaConfig:
