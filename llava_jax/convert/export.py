@@ -20,7 +20,7 @@ from llava_jax.convert import params as param_names
 from llava_jax.convert.build import _leaves, vocab_transforms
 from llava_jax.convert.checkpoint_io import write_safetensors
 from llava_jax.data.conversation import IMAGE_TOKEN
-from llava_jax.data.images import CLIP_MEAN, CLIP_STD
+from llava_jax.models.clip_vit import CLIP_MEAN, CLIP_STD  # re-exported; CLIPVisionConfig.image_mean/std
 
 __all__ = ["to_hf", "add_image_token", "check_stacked", "model_tensors", "tensor_specs", "IMAGE_TOKEN",
            "CLIP_MEAN", "CLIP_STD"]
@@ -106,15 +106,15 @@ def to_hf(model: nnx.Module, path: str | os.PathLike, tokenizer=None, image_proc
     Writes config.json, `model.safetensors` or sharded `model-0000k-of-0000n.safetensors` +
     `model.safetensors.index.json` in the classic layout (LLaVA: `vision_tower.vision_model.*`,
     `multi_modal_projector.*`, `language_model.model.*`, `language_model.lm_head.weight`), and:
-    - LLaVA: preprocessor_config.json (CLIPImageProcessor at the tower's resolution unless `image_processor`
+    - LLaVA: preprocessor_config.json (the tower's image processor at its resolution unless `image_processor`
       is given); with a tokenizer also the tokenizer files (with `<image>` added as a special token at
       `image_token_index`) and processor_config.json (LlavaProcessor: patch size, select strategy,
-      num_additional_image_tokens=1 for the CLS token). When the tokenizer outgrows the vocabulary,
+      num_additional_image_tokens: 1 for CLIP's CLS token, 0 for SigLIP). When the tokenizer outgrows the vocabulary,
       embed_tokens and lm_head are padded with mean rows and text_config.vocab_size follows.
-    - LLaMA: the tokenizer files when given. CLIP: preprocessor_config.json.
+    - LLaMA: the tokenizer files when given. CLIP, SigLIP: preprocessor_config.json.
     Args:
       tokenizer: a folder or a transformers tokenizer (not modified), or None.
-      image_processor: a folder or a transformers image processor, or None for the CLIP default.
+      image_processor: a folder or a transformers image processor, or None for the tower's default.
       max_shard_size: bytes or a string like '5GB' / '500MB'.
       chat_template: a Jinja chat template stored with the tokenizer / processor, or None.
     Returns:

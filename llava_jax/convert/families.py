@@ -13,12 +13,13 @@ from typing import Any, Callable
 
 from flax import nnx
 
-from llava_jax.convert import hf_clip, hf_llama, hf_llava, hf_llava_next
+from llava_jax.convert import hf_clip, hf_llama, hf_llava, hf_llava_next, hf_siglip
 from llava_jax.models.clip_vit import CLIPVisionConfig, CLIPVisionModel
 from llava_jax.models.llama import LlamaConfig, LlamaForCausalLM
 from llava_jax.models.llava import LlavaConfig, LlavaForConditionalGeneration
 from llava_jax.models.llava_next import (LlavaNextConfig, LlavaNextForConditionalGeneration, LlavaOnevisionConfig,
                                          LlavaOnevisionForConditionalGeneration)
+from llava_jax.models.siglip import SiglipVisionConfig, SiglipVisionModel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,8 +82,15 @@ CLIP = Family(
     name="clip", model=CLIPVisionModel, config=CLIPVisionConfig, hf_model_types=("clip", "clip_vision_model"),
     config_from_hf=hf_clip.clip_config_from_hf, config_to_hf=hf_clip.clip_hf_config,
     rename=hf_clip.clip_tensor_name_to_ours, write_preprocessing=hf_clip.write_clip_preprocessing)
+SIGLIP = Family(
+    name="siglip", model=SiglipVisionModel, config=SiglipVisionConfig,
+    hf_model_types=("siglip", "siglip_vision_model"), config_from_hf=hf_siglip.siglip_config_from_hf,
+    config_to_hf=hf_siglip.siglip_hf_config, rename=hf_siglip.siglip_tensor_name_to_ours,
+    write_preprocessing=hf_siglip.write_siglip_preprocessing)
 
-FAMILIES: tuple[Family, ...] = (LLAVA, LLAVA_NEXT, LLAVA_ONEVISION, LLAMA, CLIP)
+FAMILIES: tuple[Family, ...] = (LLAVA, LLAVA_NEXT, LLAVA_ONEVISION, LLAMA, CLIP, SIGLIP)
+# The rows that are a vision tower (what `importers.from_clip_and_llm` accepts as the tower).
+VISION_TOWERS: tuple[Family, ...] = (CLIP, SIGLIP)
 
 
 def of_model(model: nnx.Module, what: str = "to_hf") -> Family:

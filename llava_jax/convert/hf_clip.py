@@ -14,7 +14,6 @@ from typing import Any, Mapping
 
 import transformers
 
-from llava_jax.data.images import CLIP_MEAN, CLIP_STD
 from llava_jax.models.clip_vit import CLIPVisionConfig
 
 _VISION_MODULES = ("embeddings.", "pre_layrnorm.", "encoder.", "post_layernorm.")
@@ -89,8 +88,9 @@ def _default_image_processor(vision_cfg: CLIPVisionConfig) -> transformers.CLIPI
     size = vision_cfg.image_size
     return transformers.CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
                                            do_resize=True, do_center_crop=True, resample=3, do_rescale=True,
-                                           rescale_factor=1 / 255, do_normalize=True, image_mean=list(CLIP_MEAN),
-                                           image_std=list(CLIP_STD), do_convert_rgb=True)
+                                           rescale_factor=1 / 255, do_normalize=True,
+                                           image_mean=list(vision_cfg.image_mean),
+                                           image_std=list(vision_cfg.image_std), do_convert_rgb=True)
 
 
 def clip_image_processor(image_processor, vision_cfg: CLIPVisionConfig):

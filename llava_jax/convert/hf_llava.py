@@ -14,8 +14,9 @@ from typing import Any, Mapping
 
 import transformers
 
-from llava_jax.convert.hf_clip import (clip_config_from_hf, clip_config_to_hf, clip_image_processor,
-                                       clip_tensor_name_to_ours)
+from llava_jax.convert.hf_clip import clip_tensor_name_to_ours
+from llava_jax.convert.hf_siglip import HEAD_PREFIXES
+from llava_jax.convert.hf_vision import vision_config_from_hf, vision_config_to_hf, vision_image_processor
 from llava_jax.data.conversation import IMAGE_TOKEN
 from llava_jax.convert.hf_llama import llama_config_from_hf, llama_config_to_hf
 from llava_jax.models.llava import LlavaConfig
@@ -27,7 +28,11 @@ _OFFICIAL_PROJECTOR = re.compile(r"^model\.mm_projector\.(?:(\d+)\.)?(weight|bia
 _BUFFERS = re.compile(r"(position_ids|rotary_emb\.inv_freq)$")
 
 
-def _vision_tower_name(rest: str, name: str) -> str:
+def _vision_tower_name(rest: str, name: str) -> str | None:
+    """A vision tower tensor (CLIP and SigLIP share the layout); None for SigLIP's attention-pool head, which
+    LLaVA never runs."""
+    if rest.startswith(HEAD_PREFIXES):
+        return None
     ours = clip_tensor_name_to_ours(rest)
     if ours is None:
         raise ValueError(f"tensor '{name}' is not a vision tower parameter")
@@ -122,7 +127,7 @@ def llava_config_from_hf(hf_config: Any, *, vision_runtime: Mapping[str, Any] | 
         text["tie_word_embeddings"] = True
     layer = d.get("vision_feature_layer", -2)
     return LlavaConfig(
-        vision=clip_config_from_hf(d["vision_config"], **(vision_runtime or {})),
+        vision=vision_config_from_hf(d["vision_config"], **(vision_runtime or {})),
         text=llama_config_from_hf(text, **(text_runtime or {})),
         projector=_projector_type(d),
         image_token_index=int(d.get("image_token_index", d.get("image_token_id", 32000))),
@@ -143,7 +148,7 @@ def llava_config_to_hf(cfg: LlavaConfig) -> dict:
     d = {
         "model_type": "llava",
         "architectures": ["LlavaForConditionalGeneration"],
-        "vision_config": clip_config_to_hf(cfg.vision),
+        "vision_config": vision_config_to_hf(cfg.vision),
         "text_config": llama_config_to_hf(cfg.text),
         "image_token_index": cfg.image_token_index,
         "image_seq_length": cfg.image_seq_length,
@@ -168,13 +173,14 @@ def llava_hf_config(cfg: LlavaConfig) -> dict:
 def write_llava_preprocessing(model, path: Path, tokenizer, image_processor, chat_template) -> None:
     """preprocessor_config.json (CLIP's at the tower's resolution unless `image_processor` is given); with a
     tokenizer also the tokenizer files and processor_config.json (LlavaProcessor: patch size, select strategy,
-    num_additional_image_tokens=1 for the CLS token)."""
+    num_additional_image_tokens: 1 for CLIP's CLS token, 0 for SigLIP)."""
     cfg = model.config
-    processor = clip_image_processor(image_processor, cfg.vision)
+    processor = vision_image_processor(image_processor, cfg.vision)
     if tokenizer is None:
         processor.save_pretrained(path)
         return
     transformers.LlavaProcessor(image_processor=processor, tokenizer=tokenizer, patch_size=cfg.vision.patch_size,
                                 vision_feature_select_strategy=cfg.vision_feature_select_strategy,
                                 chat_template=chat_template, image_token=IMAGE_TOKEN,
-                                num_additional_image_tokens=1).save_pretrained(path)
+                                num_additional_image_tokens=cfg.vision.num_positions - cfg.vision.num_patches
+                                ).save_pretrained(path)

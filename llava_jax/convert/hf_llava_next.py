@@ -3,7 +3,8 @@
 preprocessing files of an export (AnyRes image processor, processor with its chat template).
 
 Refused, naming the field: model_type, projector_hidden_act other than gelu, a projector transformers cannot
-build, vision_feature_select_strategy other than 'default', an unknown vision_aspect_ratio.
+build, a vision_feature_select_strategy that does not give the tower's square patch grid, an unknown
+vision_aspect_ratio, a vision tower other than CLIP or SigLIP.
 """
 
 from __future__ import annotations
@@ -14,12 +15,10 @@ from typing import Any, Mapping
 
 import transformers
 
-from llava_jax.convert.hf_clip import clip_config_from_hf, clip_config_to_hf
 from llava_jax.convert.hf_llama import llama_config_from_hf, llama_config_to_hf
 from llava_jax.convert.hf_llava import llava_tensor_name_to_ours
+from llava_jax.convert.hf_vision import vision_config_from_hf, vision_config_to_hf
 from llava_jax.data.conversation import IMAGE_TOKEN
-from llava_jax.data.images import CLIP_MEAN, CLIP_STD
-from llava_jax.models.clip_vit import CLIPVisionConfig
 from llava_jax.models.llava_next import LlavaNextConfig, LlavaOnevisionConfig
 
 VIDEO_TOKEN = "<video>"
@@ -53,7 +52,7 @@ def _common_fields(d: dict, model_type: str) -> dict:
     if d.get("tie_word_embeddings"):
         text["tie_word_embeddings"] = True
     layer = d.get("vision_feature_layer", -2)
-    return dict(vision=clip_config_from_hf(d["vision_config"]), text=llama_config_from_hf(text),
+    return dict(vision=vision_config_from_hf(d["vision_config"]), text=llama_config_from_hf(text),
                 image_token_index=int(d.get("image_token_index", d.get("image_token_id"))),
                 image_grid_pinpoints=tuple(tuple(p) for p in d["image_grid_pinpoints"]),
                 vision_feature_layer=layer if isinstance(layer, int) else tuple(layer),
@@ -81,7 +80,7 @@ def _common_to_hf(cfg: LlavaNextConfig, model_type: str, architecture: str) -> d
     layer = cfg.vision_feature_layer
     text = {k: v for k, v in llama_config_to_hf(cfg.text).items() if k != "architectures"}
     return {"model_type": model_type, "architectures": [architecture],
-            "vision_config": clip_config_to_hf(cfg.vision), "text_config": text,
+            "vision_config": vision_config_to_hf(cfg.vision), "text_config": text,
             "image_token_index": cfg.image_token_index, "image_seq_length": cfg.tile_tokens,
             "image_grid_pinpoints": [list(p) for p in cfg.image_grid_pinpoints], "projector_hidden_act": "gelu",
             "vision_feature_layer": layer if isinstance(layer, int) else list(layer),
@@ -103,8 +102,8 @@ def onevision_config_to_hf(cfg: LlavaOnevisionConfig) -> dict:
 
 def _image_processor_kwargs(cfg: LlavaNextConfig) -> dict:
     return dict(image_grid_pinpoints=[list(p) for p in cfg.image_grid_pinpoints], do_resize=True, resample=3,
-                do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=list(CLIP_MEAN),
-                image_std=list(CLIP_STD), do_convert_rgb=True, do_pad=True)
+                do_rescale=True, rescale_factor=1 / 255, do_normalize=True, image_mean=list(cfg.vision.image_mean),
+                image_std=list(cfg.vision.image_std), do_convert_rgb=True, do_pad=True)
 
 
 def anyres_image_processor(cfg: LlavaNextConfig, image_processor=None):
@@ -165,14 +164,9 @@ def _write_onevision_processor(cfg: LlavaOnevisionConfig, path: Path, image_proc
     image_processor.save_pretrained(path)
     tokenizer.save_pretrained(path)
     fields = {"processor_class": "LlavaOnevisionProcessor", "image_token": IMAGE_TOKEN, "video_token": VIDEO_TOKEN,
-              "num_image_tokens": _vision_tokens(cfg.vision),
+              "num_image_tokens": cfg.vision.num_positions,  # a tile's tokens as the processor counts them
               "vision_feature_select_strategy": cfg.vision_feature_select_strategy,
               "vision_aspect_ratio": cfg.vision_aspect_ratio}
     (Path(path) / "processor_config.json").write_text(json.dumps(fields, indent=2) + "\n")
     if chat_template is not None:
         (Path(path) / "chat_template.jinja").write_text(chat_template)
-
-
-def _vision_tokens(vision: CLIPVisionConfig) -> int:
-    """Tokens the tower gives per tile before the select strategy (patches + CLS), as the processor counts."""
-    return vision.num_patches + 1

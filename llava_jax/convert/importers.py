@@ -1,4 +1,4 @@
-"""Importers, one per source: a Hugging Face folder (LLaVA, LLaMA family, CLIP), a CLIP tower + an LLM
+"""Importers, one per source: a Hugging Face folder (LLaVA, LLaMA family, CLIP, SigLIP), a tower + an LLM
 (stage-1 start), and the official LLaVA layout. Weights stream tensor by tensor into an abstractly created
 model, each straight into its sharding when a mesh is given."""
 
@@ -15,7 +15,7 @@ from flax import nnx
 from llava_jax.convert import hf_original
 from llava_jax.convert.build import load_params, plan_sources, vocab_transforms, with_runtime
 from llava_jax.convert.checkpoint_io import CheckpointError, CheckpointReader, read_config
-from llava_jax.convert.families import CLIP, LLAMA, Family, of_hf_config
+from llava_jax.convert.families import CLIP, LLAMA, VISION_TOWERS, Family, of_hf_config
 from llava_jax.models.llava import LlavaConfig, LlavaForConditionalGeneration
 
 def _dtypes(reader: CheckpointReader, dtype, param_dtype) -> dict:
@@ -29,7 +29,8 @@ def from_hf(path: str | os.PathLike, dtype=None, param_dtype=None, mesh=None, **
     - an original LLaVA config (`mm_*` fields) -> `from_original_llava(path)`;
     - otherwise the row of `convert.families` that claims its model_type (or, for LLaMA-family causal LMs,
       its architectures): 'llava' -> LlavaForConditionalGeneration (classic, 4.52+ and 5.x tensor layouts),
-      'clip_vision_model' / 'clip' -> CLIPVisionModel (vision part only), llama / mistral / qwen2 ->
+      'clip_vision_model' / 'clip' -> CLIPVisionModel, 'siglip_vision_model' / 'siglip' -> SiglipVisionModel
+      (vision part only, without SigLIP's attention-pool head), llama / mistral / qwen2 ->
       LlamaForCausalLM.
     Args:
       dtype, param_dtype: see the module docstring. runtime: scan_layers, remat.
@@ -45,7 +46,7 @@ def from_hf(path: str | os.PathLike, dtype=None, param_dtype=None, mesh=None, **
     family = of_hf_config(config)
     if family is None:
         raise CheckpointError(f"{path / 'config.json'}: unknown model_type {config.get('model_type')!r} / "
-                              f"architectures {config.get('architectures')}; expected a LLaVA, CLIP or "
+                              f"architectures {config.get('architectures')}; expected a LLaVA, CLIP, SigLIP or "
                               f"LLaMA-family checkpoint")
     with CheckpointReader(path) as reader:
         cfg = _config(family, path, config, **_dtypes(reader, dtype, param_dtype), **runtime)
@@ -88,10 +89,8 @@ def _grow_vocab(text_cfg, image_token_index: int | None, pad_to_multiple_of: int
 
 def _make_llava_config(vision, text, *, projector: str, image_token_index: int, vision_feature_layer,
                        vision_feature_select_strategy: str, multimodal_projector_bias: bool = True):
-    patches = (vision.image_size // vision.patch_size) ** 2
-    seq = patches + (1 if vision_feature_select_strategy == "full" else 0)
     return LlavaConfig(vision=vision, text=text, projector=projector, image_token_index=image_token_index,
-                       image_seq_length=seq, vision_feature_layer=vision_feature_layer,
+                       image_seq_length=None, vision_feature_layer=vision_feature_layer,
                        vision_feature_select_strategy=vision_feature_select_strategy,
                        multimodal_projector_bias=multimodal_projector_bias)
 
@@ -100,8 +99,8 @@ def from_clip_and_llm(clip_path: str | os.PathLike, llm_path: str | os.PathLike,
                       vision_feature_layer: int | list[int] = -2, vision_feature_select_strategy: str = "default",
                       image_token_index: int | None = None, pad_vocab_to_multiple_of: int | None = None,
                       dtype=None, param_dtype=None, seed: int = 0, mesh=None, **runtime) -> nnx.Module:
-    """LLaVA from a CLIP checkpoint (CLIPVisionModel or full CLIPModel: vision part only) and a LLaMA-family
-    causal LM checkpoint, with a freshly initialized projector (how stage 1 starts).
+    """LLaVA from a CLIP or SigLIP checkpoint (the vision model or the full model: vision part only) and a
+    LLaMA-family causal LM checkpoint, with a freshly initialized projector (how stage 1 starts).
 
     The LLM's tokenizer has no `<image>` token: by default it gets id `vocab_size` (the id it receives when
     `to_hf` adds it to the tokenizer) and the embedding table and lm_head grow by one row (the mean row),
@@ -113,7 +112,8 @@ def from_clip_and_llm(clip_path: str | os.PathLike, llm_path: str | os.PathLike,
     clip_config, llm_config = read_config(clip_path), read_config(llm_path)
     with CheckpointReader(clip_path) as clip, CheckpointReader(llm_path) as llm:
         dtypes = _dtypes(llm, dtype, param_dtype)
-        vision = _config(CLIP, clip_path, clip_config, **dtypes, **runtime)
+        tower = _vision_family(clip_path, clip_config)
+        vision = _config(tower, clip_path, clip_config, **dtypes, **runtime)
         text, image_token_index, grow = _grow_vocab(_config(LLAMA, llm_path, llm_config, **dtypes, **runtime),
                                                     image_token_index, pad_vocab_to_multiple_of)
         cfg = _make_llava_config(vision, text, projector=projector, image_token_index=image_token_index,
@@ -121,12 +121,21 @@ def from_clip_and_llm(clip_path: str | os.PathLike, llm_path: str | os.PathLike,
                                  vision_feature_select_strategy=vision_feature_select_strategy)
         create = lambda: LlavaForConditionalGeneration(cfg, rngs=nnx.Rngs(seed))
         abstract = nnx.eval_shape(create)
-        sources = {**plan_sources(abstract, clip, _checked(clip, CLIP.rename), prefix="vision_tower."),
+        sources = {**plan_sources(abstract, clip, _checked(clip, tower.rename), prefix="vision_tower."),
                    **plan_sources(abstract, llm, _checked(llm, LLAMA.rename), prefix="language_model.",
                                   ignore=LLAMA.ignore)}
         return load_params(create, sources, fresh=lambda n: n.startswith("multi_modal_projector."),
                            transform=vocab_transforms("language_model.", grow, text.tie_word_embeddings),
                            mesh=mesh)
+
+
+def _vision_family(path: Path, config: dict) -> Family:
+    """The vision tower row (CLIP or SigLIP) of a checkpoint's config.json; CheckpointError otherwise."""
+    family = of_hf_config(config)
+    if family not in VISION_TOWERS:
+        raise CheckpointError(f"{path / 'config.json'}: model_type {config.get('model_type')!r} is not a vision "
+                              f"tower (expected one of {[t for f in VISION_TOWERS for t in f.hf_model_types]})")
+    return family
 
 
 def from_original_llava(path: str | os.PathLike, clip_path: str | os.PathLike | None = None,

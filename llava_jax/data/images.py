@@ -35,6 +35,8 @@ from PIL import Image, ImageOps
 
 from llava_jax.data.errors import BadSample
 
+# CLIP's normalization, the default of ImageConfig. The tower config owns it (`CLIPVisionConfig.image_mean` /
+# `image_std`, SigLIP's its own); the data floor stays free of jax, so it keeps this equal copy (tested).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # Largest accepted width * height: 8192 x 8192. Larger files are rejected before their pixels are decoded.
@@ -89,6 +91,13 @@ class ImageConfig:
     def background(self) -> tuple[int, int, int]:
         """The padding colour of `aspect="pad"`: `tuple(int(x * 255) for x in image_mean)` as in LLaVA."""
         return tuple(int(x * 255) for x in self.mean)
+
+    @classmethod
+    def for_tower(cls, vision: Any, *, aspect: str = "pad", **fields) -> "ImageConfig":
+        """At a vision tower config's `image_size` with its normalization (`image_mean` / `image_std`: CLIP's,
+        SigLIP's, ...); `fields` sets the others."""
+        size = vision.image_size
+        return cls(size=size, crop_size=size, mean=vision.image_mean, std=vision.image_std, aspect=aspect, **fields)
 
     @classmethod
     def from_hf(cls, processor: Any, *, aspect: str = "pad") -> "ImageConfig":

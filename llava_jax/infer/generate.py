@@ -75,7 +75,7 @@ def _default_image_config(model) -> ImageConfig | None:
     vision = getattr(getattr(model, "config", None), "vision", None)
     if vision is None:
         return None
-    return ImageConfig(size=vision.image_size, crop_size=vision.image_size, aspect="pad")
+    return ImageConfig.for_tower(vision, aspect="pad")
 
 
 class Generator:

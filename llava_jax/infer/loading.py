@@ -74,16 +74,18 @@ def load_model(path: str | os.PathLike, *, dtype=None, tokenizer: str | os.PathL
     language_model(model).model.unstack_layers()  # in place: the one copy of the weights
     image_config = None
     if hasattr(model, "embed_inputs"):
-        image_config = _image_config(path, model.config.vision.image_size)
+        image_config = _image_config(path, model.config.vision)
     text = model.config.text if hasattr(model.config, "text") else model.config
     template = template or default_template(path.name, tokenizer, hf_llama.hf_model_type(text))
     return model, tokenizer, image_config, template
 
 
-def _image_config(path: Path, image_size: int) -> ImageConfig:
-    """The folder's preprocessor_config.json (LLaVA-1.5 "pad" aspect) or CLIP's defaults at the tower's size."""
+def _image_config(path: Path, vision) -> ImageConfig:
+    """The folder's preprocessor_config.json (LLaVA-1.5 "pad" aspect) or the tower's defaults (its size and
+    normalization)."""
+    image_size = vision.image_size
     if not (path / "preprocessor_config.json").is_file():
-        return ImageConfig(size=image_size, crop_size=image_size, aspect="pad")
+        return ImageConfig.for_tower(vision, aspect="pad")
     try:
         config = ImageConfig.from_hf(path, aspect="pad")
     except (ValueError, TypeError) as e:

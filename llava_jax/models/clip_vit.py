@@ -1,5 +1,9 @@
 """CLIP vision transformer (the frozen LLaVA image encoder), mirroring transformers' CLIPVisionModel.
 
+Its blocks (PatchConv, PositionEmbedding, CLIPAttention, CLIPMLP, CLIPEncoderLayer, CLIPEncoder) and the
+feature selection (`ViTFeatures`, `num_tokens`) are shared with the SigLIP tower (`siglip.py`), whose math
+is the same; a tower config needs the fields the blocks read (`check_tower_config`).
+
 Parameter names follow the classic Hugging Face layout (`vision_model.embeddings.patch_embedding.weight`,
 `vision_model.encoder.layers.{i}.self_attn.q_proj.weight`, ...), with the encoder layers stacked on a
 leading `layers` axis, so `llava_jax.convert.params.load_state_dict` loads a Hugging Face state dict
@@ -13,7 +17,7 @@ them and `hidden_states[-2]` (LLaVA's feature layer) is the output of the second
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import einops
 import jax
@@ -28,9 +32,46 @@ ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
     "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
 }
 
 FEATURE_STRATEGIES = ("default", "full")
+# OpenAI CLIP's normalization (its image processor's image_mean / image_std).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def check_tower_config(cfg, whole_patches: bool = True) -> None:
+    """The checks every ViT tower config makes; a bad field raises ValueError naming the config and field.
+    whole_patches: image_size must be a multiple of patch_size (else the convolution drops the remainder)."""
+    name = type(cfg).__name__
+    attention.check_impl(cfg.attention_impl)
+    if cfg.hidden_size % cfg.num_attention_heads:
+        raise ValueError(f"{name}: hidden_size {cfg.hidden_size} is not divisible by "
+                         f"num_attention_heads {cfg.num_attention_heads}")
+    if whole_patches and cfg.image_size % cfg.patch_size:
+        raise ValueError(f"{name}: image_size {cfg.image_size} is not divisible by "
+                         f"patch_size {cfg.patch_size}")
+    if cfg.hidden_act not in ACTIVATIONS:
+        raise ValueError(f"{name}: unsupported hidden_act {cfg.hidden_act!r}, "
+                         f"expected one of {sorted(ACTIVATIONS)}")
+    if cfg.remat not in layers.REMAT_POLICIES:
+        raise ValueError(f"{name}: unknown remat {cfg.remat!r}, "
+                         f"expected one of {sorted(layers.REMAT_POLICIES)}")
+
+
+def check_strategy(strategy: str) -> None:
+    if strategy not in FEATURE_STRATEGIES:
+        raise ValueError(f"vision_feature_select_strategy must be one of {FEATURE_STRATEGIES}, "
+                         f"got {strategy!r}")
+
+
+def num_tokens(sequence_length: int, strategy: str) -> int:
+    """Feature vectors per image of a tower whose hidden states hold `sequence_length` tokens: "default"
+    drops the first token (CLIP's CLS; for a tower without CLS, such as SigLIP, its first patch, as
+    transformers does), "full" keeps all."""
+    check_strategy(strategy)
+    return sequence_length - (strategy == "default")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,20 +92,11 @@ class CLIPVisionConfig:
     remat: str = "none"
     attention_impl: str | None = None   # `llava_jax.models.attention` kernel: None / "xla", "cudnn", "splash"
 
+    image_mean: ClassVar[tuple[float, float, float]] = CLIP_MEAN
+    image_std: ClassVar[tuple[float, float, float]] = CLIP_STD
+
     def __post_init__(self):
-        attention.check_impl(self.attention_impl)
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"CLIPVisionConfig: hidden_size {self.hidden_size} is not divisible by "
-                             f"num_attention_heads {self.num_attention_heads}")
-        if self.image_size % self.patch_size:
-            raise ValueError(f"CLIPVisionConfig: image_size {self.image_size} is not divisible by "
-                             f"patch_size {self.patch_size}")
-        if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"CLIPVisionConfig: unsupported hidden_act {self.hidden_act!r}, "
-                             f"expected one of {sorted(ACTIVATIONS)}")
-        if self.remat not in layers.REMAT_POLICIES:
-            raise ValueError(f"CLIPVisionConfig: unknown remat {self.remat!r}, "
-                             f"expected one of {sorted(layers.REMAT_POLICIES)}")
+        check_tower_config(self)
 
     @property
     def num_patches(self) -> int:
@@ -78,12 +110,23 @@ class CLIPVisionConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
+    def num_tokens(self, strategy: str = "default") -> int:
+        """Feature vectors per image: the patches ("default": CLS dropped) or 1 + patches ("full")."""
+        return num_tokens(self.num_positions, strategy)
+
 
 # openai/clip-vit-large-patch14 (LLaVA v1) and openai/clip-vit-large-patch14-336 (LLaVA-1.5).
 PRESETS = {
     "clip_l14": CLIPVisionConfig(image_size=224),
     "clip_l14_336": CLIPVisionConfig(image_size=336),
 }
+
+
+def check_pixels(pixel_values: jax.Array, channels: int, image_size: int) -> None:
+    """Raises ValueError unless pixel_values is [N, channels, image_size, image_size]."""
+    if tuple(pixel_values.shape[1:]) != (channels, image_size, image_size) or pixel_values.ndim != 4:
+        raise ValueError(f"pixel_values: expected shape [N, {channels}, {image_size}, {image_size}] (NCHW), "
+                         f"got {tuple(pixel_values.shape)}")
 
 
 class CLIPVisionEmbeddings(nnx.Module):
@@ -102,10 +145,8 @@ class CLIPVisionEmbeddings(nnx.Module):
 
     def __call__(self, pixel_values: jax.Array) -> jax.Array:
         """pixel_values [N, C, H, W] -> embeddings [N, 1 + P, D] (class token first)."""
-        n, c, h, w = pixel_values.shape
-        if (c, h, w) != (self.num_channels, self.image_size, self.image_size):
-            raise ValueError(f"pixel_values: expected shape [N, {self.num_channels}, {self.image_size}, "
-                             f"{self.image_size}] (NCHW), got {tuple(pixel_values.shape)}")
+        check_pixels(pixel_values, self.num_channels, self.image_size)
+        n = pixel_values.shape[0]
         patches = self.patch_embedding(pixel_values)
         cls = jnp.broadcast_to(self.class_embedding[...].astype(self.dtype), (n, 1, patches.shape[-1]))
         x = jnp.concatenate([cls, patches], axis=1)
@@ -113,20 +154,29 @@ class CLIPVisionEmbeddings(nnx.Module):
 
 
 class PatchConv(nnx.Module):
-    """Conv2d with kernel = stride = patch size and no bias.   weight: [D, C, P, P] (PyTorch OIHW)."""
+    """Conv2d with kernel = stride = patch size.   weight: [D, C, P, P] (PyTorch OIHW); bias [D] (SigLIP; CLIP
+    has none)."""
 
-    def __init__(self, dim: int, channels: int, patch: int, *, dtype, param_dtype, rngs: nnx.Rngs | None):
+    def __init__(self, dim: int, channels: int, patch: int, *, dtype, param_dtype, rngs: nnx.Rngs | None,
+                 use_bias: bool = False):
         self.patch = patch
         self.dtype = dtype
         self.weight = layers.param(rngs, layers.normal(), (dim, channels, patch, patch),
                                    ("embed", None, None, None), param_dtype)
+        self.bias = layers.param(rngs, layers.zeros, (dim,), ("embed",), param_dtype) if use_bias else None
 
     def __call__(self, pixel_values: jax.Array) -> jax.Array:
-        """[N, C, H, W] -> [N, (H/P)*(W/P), D], patches in row-major order like the flattened conv output."""
+        """[N, C, H, W] -> [N, (H//P)*(W//P), D], patches in row-major order like the flattened conv output
+        (a "valid" convolution: rows and columns past the last whole patch are ignored)."""
+        h, w = pixel_values.shape[-2:]
+        if h % self.patch or w % self.patch:
+            pixel_values = pixel_values[..., :h - h % self.patch, :w - w % self.patch]
         patches = einops.rearrange(pixel_values.astype(self.dtype), "n c (h p) (w q) -> n (h w) (c p q)",
                                    p=self.patch, q=self.patch)
         kernel = einops.rearrange(self.weight[...].astype(self.dtype), "d c p q -> d (c p q)")
         y = jnp.einsum("npk,dk->npd", patches, kernel, preferred_element_type=jnp.float32)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
         return y.astype(self.dtype)
 
 
@@ -219,7 +269,43 @@ def resolve_layer(index: int, num_layers: int) -> int:
     return index % total
 
 
-class CLIPVisionModel(nnx.Module):
+class ViTFeatures:
+    """The tower interface LLaVA reads (`hidden_states`, `features`, `num_tokens`), shared by the CLIP and
+    SigLIP towers. A tower provides `config` (a tower config), `_embed` (pixel_values -> hidden_states[0])
+    and `vision_model.encoder` (a `CLIPEncoder`)."""
+
+    def hidden_states(self, pixel_values: jax.Array, indices: Sequence[int]) -> list[jax.Array]:
+        """transformers' `hidden_states[i]` for each i in `indices`, running only the layers needed.
+
+        Returns a list of [N, T, D] (T = config.num_positions), in the order of `indices`.
+        """
+        resolved = [resolve_layer(i, self.config.num_hidden_layers) for i in indices]
+        x, done, by_layer = self._embed(pixel_values), 0, {}
+        for layer in sorted(set(resolved)):
+            x = self.vision_model.encoder.run(x, done, layer)
+            done = layer
+            by_layer[layer] = x
+        return [by_layer[i] for i in resolved]
+
+    def features(self, pixel_values: jax.Array, vision_feature_layer: int | Sequence[int] = -2,
+                 strategy: str = "default") -> jax.Array:
+        """LLaVA image features: [N, num_tokens(strategy), D * n_layers] ("default" drops the first token).
+
+        A list of layers concatenates their hidden states on the channel axis, like transformers.
+        """
+        check_strategy(strategy)
+        indices = [vision_feature_layer] if isinstance(vision_feature_layer, int) else list(vision_feature_layer)
+        selected = self.hidden_states(pixel_values, indices)
+        if strategy == "default":
+            selected = [h[:, 1:] for h in selected]
+        return jnp.concatenate(selected, axis=-1)
+
+    def num_tokens(self, strategy: str = "default") -> int:
+        """Feature vectors per image (the second axis of `features`)."""
+        return self.config.num_tokens(strategy)
+
+
+class CLIPVisionModel(ViTFeatures, nnx.Module):
     """CLIP ViT image encoder.   pixel_values: [N, C, H, W] (NCHW, like transformers)."""
 
     def __init__(self, config: CLIPVisionConfig, *, rngs: nnx.Rngs | None = None):
@@ -237,31 +323,3 @@ class CLIPVisionModel(nnx.Module):
         vm = self.vision_model
         pixel_values = constrain(pixel_values, ("activation_batch", None, None, None))
         return constrain(vm.pre_layrnorm(vm.embeddings(pixel_values)), BTD)
-
-    def hidden_states(self, pixel_values: jax.Array, indices: Sequence[int]) -> list[jax.Array]:
-        """transformers' `hidden_states[i]` for each i in `indices`, running only the layers needed.
-
-        Returns a list of [N, 1 + P, D], in the order of `indices`.
-        """
-        resolved = [resolve_layer(i, self.config.num_hidden_layers) for i in indices]
-        x, done, by_layer = self._embed(pixel_values), 0, {}
-        for layer in sorted(set(resolved)):
-            x = self.vision_model.encoder.run(x, done, layer)
-            done = layer
-            by_layer[layer] = x
-        return [by_layer[i] for i in resolved]
-
-    def features(self, pixel_values: jax.Array, vision_feature_layer: int | Sequence[int] = -2,
-                 strategy: str = "default") -> jax.Array:
-        """LLaVA image features: [N, P, D * n_layers] ("default": CLS dropped) or [N, 1 + P, ...] ("full").
-
-        A list of layers concatenates their hidden states on the channel axis, like transformers.
-        """
-        if strategy not in FEATURE_STRATEGIES:
-            raise ValueError(f"vision_feature_select_strategy must be one of {FEATURE_STRATEGIES}, "
-                             f"got {strategy!r}")
-        indices = [vision_feature_layer] if isinstance(vision_feature_layer, int) else list(vision_feature_layer)
-        selected = self.hidden_states(pixel_values, indices)
-        if strategy == "default":
-            selected = [h[:, 1:] for h in selected]
-        return jnp.concatenate(selected, axis=-1)

@@ -1,4 +1,4 @@
-"""LLaVA: CLIP vision tower -> projector -> LLaMA-family decoder, mirroring transformers'
+"""LLaVA: vision tower (CLIP or SigLIP, `towers.py`) -> projector -> LLaMA-family decoder, mirroring transformers'
 LlavaForConditionalGeneration in the classic on-disk layout (`vision_tower.vision_model.*`,
 `multi_modal_projector.*`, `language_model.model.*`, `language_model.lm_head.weight`).
 
@@ -20,8 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from llava_jax.models import clip_vit, llama
-from llava_jax.models.clip_vit import CLIPVisionConfig, CLIPVisionModel
+from llava_jax.models import clip_vit, llama, towers
 from llava_jax.models.llama import KVCache, LlamaConfig, LlamaForCausalLM
 from llava_jax.models.projector import Projector, num_linears
 from llava_jax.sharding import BTD, constrain
@@ -29,15 +28,16 @@ from llava_jax.sharding import BTD, constrain
 
 @dataclasses.dataclass(frozen=True)
 class LlavaConfig:
-    """vision / text: tower configs (their runtime fields set dtype, scan and remat per tower).
+    """vision / text: tower configs (their runtime fields set dtype, scan and remat per tower); the vision
+      tower is chosen by its config's type (`towers.TOWERS`: CLIPVisionConfig, SiglipVisionConfig).
 
-    image_seq_length: tokens per image; None derives it from the tower (patches, + CLS for "full").
+    image_seq_length: tokens per image; None derives it from the tower (`vision.num_tokens(strategy)`).
     vision_feature_layer: transformers hidden_states index (-2: second-to-last layer) or a tuple of them
       (features concatenated on the channel axis).
     freeze_vision_tower: runtime field; stop gradients at the tower output (LLaVA never trains it).
     """
 
-    vision: CLIPVisionConfig = dataclasses.field(default_factory=lambda: clip_vit.PRESETS["clip_l14_336"])
+    vision: towers.VisionConfig = dataclasses.field(default_factory=lambda: clip_vit.PRESETS["clip_l14_336"])
     text: LlamaConfig = dataclasses.field(default_factory=lambda: llama.PRESETS["vicuna_7b"])
     projector: str = "mlp2x_gelu"
     image_token_index: int = 32000
@@ -48,6 +48,7 @@ class LlavaConfig:
     freeze_vision_tower: bool = True
 
     def __post_init__(self):
+        towers.check_vision_config(self.vision, "LlavaConfig.vision")
         layer = self.vision_feature_layer
         if not isinstance(layer, int):
             object.__setattr__(self, "vision_feature_layer", tuple(int(i) for i in layer))
@@ -57,7 +58,7 @@ class LlavaConfig:
             raise ValueError(f"LlavaConfig: vision_feature_select_strategy must be one of "
                              f"{clip_vit.FEATURE_STRATEGIES}, got {self.vision_feature_select_strategy!r}")
         num_linears(self.projector)
-        tokens = self.vision.num_patches + (self.vision_feature_select_strategy == "full")
+        tokens = self.vision.num_tokens(self.vision_feature_select_strategy)
         if self.image_seq_length is None:
             object.__setattr__(self, "image_seq_length", tokens)
         elif self.image_seq_length != tokens:
@@ -100,8 +101,8 @@ PRESETS: dict[str, LlavaConfig] = {
 
 
 def build_vision_tower(config, rngs: nnx.Rngs | None) -> nnx.Module:
-    """The vision tower of a composite config (its `vision` field): the one place a tower type is chosen."""
-    return CLIPVisionModel(config.vision, rngs=rngs)
+    """The vision tower of a composite config (its `vision` field), chosen by the config's type (`towers.py`)."""
+    return towers.vision_tower(config.vision, rngs=rngs)
 
 
 def build_projector(config, rngs: nnx.Rngs | None) -> Projector:
@@ -201,7 +202,8 @@ def check_row_image_tokens(input_ids, image_token_index: int, image_seq_length: 
 
 
 class LlavaForConditionalGeneration(nnx.Module):
-    """`vision_tower` (CLIPVisionModel), `multi_modal_projector` (Projector), `language_model` (LlamaForCausalLM)."""
+    """`vision_tower` (a `towers.VisionTower`), `multi_modal_projector` (Projector), `language_model`
+    (LlamaForCausalLM)."""
 
     def __init__(self, config: LlavaConfig, *, rngs: nnx.Rngs | None = None):
         rngs = rngs if rngs is not None else nnx.Rngs(0)

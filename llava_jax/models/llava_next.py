@@ -27,7 +27,7 @@ from flax import nnx
 
 from llava_jax import vision_layout
 from llava_jax.models import clip_vit, layers, llama
-from llava_jax.models.clip_vit import CLIPVisionConfig
+from llava_jax.models.towers import VisionConfig, check_vision_config
 from llava_jax.models.llama import KVCache, LlamaConfig, LlamaForCausalLM
 from llava_jax.models.llava import (_concrete, build_projector, build_vision_tower, embed_placeholders,
                                     merge_image_features, project_image_features)
@@ -44,7 +44,7 @@ class LlavaNextConfig:
     """As `LlavaConfig`, with `image_grid_pinpoints` ((height, width) pixel sizes of the AnyRes grids) instead of
     a fixed image_seq_length (an image's token count depends on its size: see `image_taps`)."""
 
-    vision: CLIPVisionConfig = dataclasses.field(default_factory=lambda: clip_vit.PRESETS["clip_l14_336"])
+    vision: VisionConfig = dataclasses.field(default_factory=lambda: clip_vit.PRESETS["clip_l14_336"])
     text: LlamaConfig = dataclasses.field(default_factory=lambda: llama.PRESETS["vicuna_7b"])
     projector: str = "mlp2x_gelu"
     image_token_index: int = 32000
@@ -56,6 +56,7 @@ class LlavaNextConfig:
 
     def __post_init__(self):
         name = type(self).__name__
+        check_vision_config(self.vision, f"{name}.vision")
         layer = self.vision_feature_layer
         if not isinstance(layer, int):
             object.__setattr__(self, "vision_feature_layer", tuple(int(i) for i in layer))
@@ -70,10 +71,12 @@ class LlavaNextConfig:
             raise ValueError(f"{name}: image_grid_pinpoints {[list(p) for p in pinpoints]} must be multiples of the "
                              f"vision tower's image_size {tile} (whole tiles)")
         object.__setattr__(self, "image_grid_pinpoints", pinpoints)
-        if self.vision_feature_select_strategy != "default":
-            raise ValueError(f"{name}: vision_feature_select_strategy {self.vision_feature_select_strategy!r} is "
-                             f"not supported: AnyRes packing needs square patch grids, CLIP's CLS token would "
-                             f"break them (transformers fails too); use 'default'")
+        strategy = self.vision_feature_select_strategy
+        if self.vision.num_tokens(strategy) != self.patches_per_side ** 2:
+            raise ValueError(f"{name}: vision_feature_select_strategy {strategy!r} gives "
+                             f"{self.vision.num_tokens(strategy)} features a tile, not the square patch grid AnyRes "
+                             f"arranges ({self.patches_per_side}**2): use 'default' with a CLIP tower (drops CLS), "
+                             f"'full' with a SigLIP tower (keeps every patch)")
         num_linears(self.projector)
 
     @property
@@ -91,8 +94,8 @@ class LlavaNextConfig:
 
     @property
     def tile_tokens(self) -> int:
-        """Feature vectors the tower gives per tile (the "default" strategy: its patches)."""
-        return self.vision.num_patches
+        """Feature vectors the tower gives per tile: its patch grid (the strategy is checked to give that)."""
+        return self.vision.num_tokens(self.vision_feature_select_strategy)
 
     @property
     def max_tiles(self) -> int:

@@ -43,8 +43,7 @@ def prepare_demo_data(c: mlc.ConfigDict, workdir: Path) -> synthetic.SyntheticPa
 
 
 def image_config(c: mlc.ConfigDict, model_cfg) -> ImageConfig:
-    size = model_cfg.vision.image_size
-    return ImageConfig(size=size, crop_size=size, aspect=c.data.image_aspect)
+    return ImageConfig.for_tower(model_cfg.vision, aspect=c.data.image_aspect)
 
 
 def make_sources(c: mlc.ConfigDict, demo_paths) -> tuple[list, list[float]]:

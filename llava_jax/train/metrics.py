@@ -74,7 +74,7 @@ class FlopModel:
         run = max(resolve_layer(i, v.num_hidden_layers) for i in cfg.feature_layers)
         return cls(attn + 3 * d * f, t.num_hidden_layers, q, d * t.vocab_size, lora,
                    proj_in * d if num_linears(cfg.projector) else 0, rest,
-                   4 * v.hidden_size ** 2 + 2 * v.hidden_size * v.intermediate_size, run, v.num_patches + 1,
+                   4 * v.hidden_size ** 2 + 2 * v.hidden_size * v.intermediate_size, run, v.num_positions,
                    v.hidden_size, v.num_channels * v.patch_size ** 2 * v.hidden_size, llm, vision_trained)
 
     @classmethod

@@ -14,6 +14,8 @@ def test_hf_configs_find_their_row():
     assert families.of_hf_config({"model_type": "llava"}) is families.LLAVA
     assert families.of_hf_config({"model_type": "clip_vision_model"}) is families.CLIP
     assert families.of_hf_config({"model_type": "clip"}) is families.CLIP
+    assert families.of_hf_config({"model_type": "siglip_vision_model"}) is families.SIGLIP
+    assert families.of_hf_config({"model_type": "siglip"}) is families.SIGLIP
     for model_type in ("llama", "mistral", "qwen2"):
         assert families.of_hf_config({"model_type": model_type}) is families.LLAMA
     # an unknown decoder model_type is still a causal LM by its architecture (its config then says what fails)
@@ -31,7 +33,7 @@ def test_models_find_their_row_and_others_are_refused():
     with pytest.raises(TypeError, match="cannot export a Linear .expected LlavaForConditionalGeneration, "
                                         "LlavaNextForConditionalGeneration, "
                                         "LlavaOnevisionForConditionalGeneration, "
-                                        "LlamaForCausalLM or CLIPVisionModel"):
+                                        "LlamaForCausalLM, CLIPVisionModel or SiglipVisionModel"):
         families.of_model(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
 
 
