@@ -89,6 +89,13 @@ class ImageLayout:
         rows, cols = anyres_grid_shape(image_size, self.grid_pinpoints, self.tile_size)
         return 1 + rows * cols
 
+    @property
+    def max_num_tiles(self) -> int:
+        """The most tiles one image can have: 1 + the largest pinpoint's grid ("anyres"), else 1."""
+        if self.kind != "anyres":
+            return 1
+        return 1 + max(h // self.tile_size * (w // self.tile_size) for h, w in self.grid_pinpoints)
+
     def num_tokens(self, image_size: tuple[int, int]) -> int:
         """Feature vectors (image tokens) an image of (height, width) yields."""
         _check_image_size(image_size)
@@ -107,6 +114,31 @@ class ImageLayout:
         side = self.patches_per_side
         shape = unpadded_shape(image_size, (rows * side, cols * side))
         return downsampled_shape(shape, self.max_tiles, side) if self.max_tiles else shape
+
+    @property
+    def tile_tokens(self) -> int:
+        """Feature vectors the tower gives per tile: its patch grid, plus CLS when `cls_token`."""
+        return self.patches_per_side ** 2 + int(self.cls_token)
+
+    def taps(self, image_size: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """The image's own taps over `[its num_tiles(image_size) * tile_tokens tile features; newline]`:
+        (index int32 [num_tokens, TAPS], weight float32 [num_tokens, TAPS])."""
+        _check_image_size(image_size)
+        size = (int(image_size[0]), int(image_size[1]))
+        if self.kind == "video":
+            raise ValueError("ImageLayout.taps: a 'video' layout takes frames, use video_taps")
+        if self.kind == "single":
+            return gather_taps(np.arange(self.tile_tokens + int(self.newline)))
+        if self.cls_token:
+            raise ValueError("ImageLayout.taps: cls_token is not supported for 'anyres' (the models take the "
+                             "square patch grid)")
+        return anyres_taps(size, self.grid_pinpoints, self.tile_size, self.patches_per_side, self.max_tiles)
+
+    def video_taps(self, num_frames: int) -> tuple[np.ndarray, np.ndarray]:
+        """A video's own taps over `[num_frames * tile_tokens frame features; newline]`:
+        (index int32 [num_video_tokens, TAPS], weight float32 [num_video_tokens, TAPS])."""
+        self.num_video_tokens(num_frames)  # checks kind and num_frames
+        return video_taps(num_frames, self.patches_per_side)
 
     def num_video_tokens(self, num_frames: int) -> int:
         """Tokens of a video of `num_frames` frames: each frame's patch grid pooled to ceil(side / 2) a side,

@@ -3,7 +3,9 @@
 An annotation file is a JSON list or JSONL of records
 `{"id", "image": "rel/path.jpg" | [paths...] (absent for text-only), "conversations": [...]}`
 (LCS-558K, CC3M-595K chat.json, LLaVA-Instruct-158K, llava_v1_5_mix665k). Images are read from a folder
-or straight from a .zip archive, local or any etils epath (gs://...).
+or straight from a .zip archive, local or any etils epath (gs://...). A LLaVA-NeXT video record has
+`"video": "rel/clip.mp4" | "rel/frame_folder"` instead (its `<image>` stands for the video), read from a
+folder (`data.video`: `video_frames` frames sampled uniformly).
 
 The records are parsed once and kept as one packed bytes buffer of their JSON text plus offsets: about the
 size of the file in memory, cheap to pickle into grain worker processes (no open handles are pickled; the
@@ -25,6 +27,7 @@ from etils import epath
 from llava_jax.data.errors import BadSample, DataFileError
 from llava_jax.data.images import DEFAULT_MAX_IMAGE_BYTES, read_image_bytes
 from llava_jax.data.paths import resolve_inside, safe_relative_path
+from llava_jax.data.video import DEFAULT_MAX_VIDEO_BYTES, decode_frames, decode_video, read_frame_folder
 
 
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
@@ -104,7 +107,7 @@ def modality_length(record: Any) -> int:
     words = sum(len(turn["value"].split()) for turn in turns
                 if isinstance(turn, dict) and isinstance(turn.get("value"), str))
     words = max(words, 1)
-    return words if "image" in record else -words
+    return words if "image" in record or "video" in record else -words
 
 
 def image_paths_of(record: dict, sample_id: str | None) -> list[str]:
@@ -127,6 +130,19 @@ class ImageFolder:
         path = resolve_inside(self.root, relative, sample_id)
         return read_image_bytes(path, max_bytes=self.max_bytes, name=f"{relative!r} under {self.root}",
                                 sample_id=sample_id)
+
+
+def read_video(root: str, relative: str, sample_id: str | None, *, num_frames: int,
+               max_bytes: int = DEFAULT_MAX_VIDEO_BYTES) -> np.ndarray:
+    """A video below `root` (a file, or a folder of frame images) -> uint8 [T <= num_frames, H, W, 3]."""
+    path = epath.Path(resolve_inside(root, relative, sample_id))
+    name = f"{relative!r} under {root}"
+    if path.is_dir():
+        frames = read_frame_folder(path, [p.name for p in path.iterdir()], num_frames=num_frames,
+                                   sample_id=sample_id)
+        return decode_frames(frames, name=name, sample_id=sample_id)
+    data = read_image_bytes(path, max_bytes=max_bytes, name=name, sample_id=sample_id)
+    return decode_video(data, num_frames=num_frames, name=name, sample_id=sample_id)
 
 
 class ImageZip:
@@ -211,12 +227,20 @@ class LlavaJsonSource:
     JSON object), "invalid_json" (a JSONL line that does not parse), "empty_text" (no conversations list,
     or an empty one), "missing_image", "unsafe_path", "invalid_image_field", "unreadable_image",
     "image_too_large" (file over `max_image_bytes`) or "corrupt_image" (unreadable zip member).
+
+    A video record (`"video"`) adds `"video": uint8 [T, H, W, 3]` (`video_frames` frames sampled uniformly)
+    and `"video_path"`, read below `video_root` (default: `image_root`, a folder); errors are `data.video`'s.
     """
 
     def __init__(self, annotation_path: str | os.PathLike, image_root: str | os.PathLike | None, *,
-                 name: str | None = None, max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES):
+                 name: str | None = None, max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+                 video_root: str | os.PathLike | None = None, video_frames: int = 8):
+        if video_frames < 1:
+            raise ValueError(f"LlavaJsonSource.video_frames must be >= 1, got {video_frames}")
         self.annotation_path = str(annotation_path)
         self.image_root = None if image_root is None else str(image_root)
+        self.video_root = self.image_root if video_root is None else str(video_root)
+        self.video_frames = video_frames
         self.name = name or epath.Path(annotation_path).stem
         packed, lengths, self._invalid_lines = [], [], {}
         for record, raw in read_records(annotation_path):
@@ -262,7 +286,17 @@ class LlavaJsonSource:
         if paths and self._images is None:
             raise BadSample("missing_image", f"sample has images but {self.name} has no image root", sample_id)
         images = [self._images.read(path, sample_id) for path in paths]
-        return {"id": sample_id, "conversations": conversations, "images": images, "image_paths": paths}
+        out = {"id": sample_id, "conversations": conversations, "images": images, "image_paths": paths}
+        if "video" in record:
+            out.update(self._video(record["video"], sample_id))
+        return out
+
+    def _video(self, relative: Any, sample_id: str) -> dict:
+        if self.video_root is None:
+            raise BadSample("missing_image", f"sample has a video but {self.name} has no video root", sample_id)
+        relative = safe_relative_path(relative, sample_id)
+        frames = read_video(self.video_root, relative, sample_id, num_frames=self.video_frames)
+        return {"video": frames, "video_path": relative}
 
     def lengths(self) -> np.ndarray:
         """[N] int64: the official `modality_lengths` (word counts; negative for text-only samples)."""

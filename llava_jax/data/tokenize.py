@@ -8,7 +8,9 @@ least one supervised character.
 
 The text is tokenized as the official `tokenizer_image_token` does: split at each `<image>`, each piece
 tokenized on its own (BOS only on the first), and each `<image>` expanded to `image_seq_length` copies of
-the image token id, the transformers convention the model takes.
+the image token id, the transformers convention the model takes. For images of any resolution (LLaVA-NeXT,
+OneVision) `image_seq_length` is one count per `<image>`, and a video sample's `<image>` may expand to
+OneVision's video token (`placeholder_id`).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ class TokenizedSample:
     """One training sample.
 
     Attributes:
-      input_ids: np.int32 [T], images expanded to `image_seq_length` image token ids each.
+      input_ids: np.int32 [T], each image expanded to its `image_seq_length` image token ids.
       labels: np.int32 [T], the token itself where supervised, IGNORE_INDEX (-100) elsewhere.
       num_images: how many images the sample's placeholders stand for, in order.
     """
@@ -115,15 +117,16 @@ def _tokenize_with_offsets(tokenizer, text: str, add_special_tokens: bool) -> tu
 
 
 def _tokenize(text: str, supervised_chars: np.ndarray, tokenizer, image_token_id: int,
-              image_seq_length: int) -> tuple[list[int], list[bool]]:
-    """Token ids [T] and which of them are supervised [T], each `<image>` expanded."""
+              image_seq_lengths: Sequence[int]) -> tuple[list[int], list[bool]]:
+    """Token ids [T] and which of them are supervised [T], the k-th `<image>` expanded to
+    image_seq_lengths[k] copies of `image_token_id`."""
     supervised_before = np.concatenate([[0], np.cumsum(supervised_chars)])  # [len(text) + 1]
     ids, supervised = [], []
     base = 0
     for k, chunk in enumerate(text.split(IMAGE_TOKEN)):
         if k > 0:
-            ids += [image_token_id] * image_seq_length
-            supervised += [False] * image_seq_length
+            ids += [image_token_id] * image_seq_lengths[k - 1]
+            supervised += [False] * image_seq_lengths[k - 1]
             base += len(IMAGE_TOKEN)
         chunk_ids, offsets = _tokenize_with_offsets(tokenizer, chunk, add_special_tokens=k == 0)
         ids += chunk_ids
@@ -144,9 +147,21 @@ def _check_image_token(tokenizer, image_token_id: int) -> None:
                          "call add_image_token(tokenizer) and use the id it returns")
 
 
+def _image_seq_lengths(image_seq_length: int | Sequence[int], num_images: int, sample_id: str | None
+                       ) -> list[int]:
+    """One token count per image: an int for every image, or the given counts (one per `<image>`)."""
+    if isinstance(image_seq_length, (int, np.integer)):
+        return [int(image_seq_length)] * num_images
+    counts = [int(n) for n in image_seq_length]
+    if len(counts) != num_images:
+        raise BadSample("image_count_mismatch", f"{len(counts)} images but {num_images} {IMAGE_TOKEN} "
+                        "placeholders in the conversation", sample_id)
+    return counts
+
+
 def tokenize_conversation(conversations: Sequence[dict], tokenizer, template: Template, *, image_token_id: int,
-                          image_seq_length: int, max_length: int, sample_id: str | None = None,
-                          max_images: int | None = None) -> TokenizedSample:
+                          image_seq_length: int | Sequence[int], max_length: int, sample_id: str | None = None,
+                          max_images: int | None = None, placeholder_id: int | None = None) -> TokenizedSample:
     """Tokenizes one sample with answer-only labels.
 
     Args:
@@ -154,10 +169,13 @@ def tokenize_conversation(conversations: Sequence[dict], tokenizer, template: Te
       tokenizer: a fast Hugging Face tokenizer that has `<image>` (see `add_image_token`).
       template: the conversation template (`plain` for stage 1, `vicuna_v1` for stage 2).
       image_token_id: the id of `<image>` in `tokenizer`.
-      image_seq_length: image features per image (576 for CLIP ViT-L/14-336).
+      image_seq_length: image features per image (576 for CLIP ViT-L/14-336), or one count per `<image>`
+        in prompt order (images of any resolution); a count list of another length is `image_count_mismatch`.
       max_length: the longest sample kept, image tokens included; longer ones are cut at the end.
       sample_id: the dataset id, named in errors.
       max_images: drop samples with more images than this (None: no cap).
+      placeholder_id: the id each `<image>` expands to (None: image_token_id; OneVision's video token for
+        a video sample).
 
     Raises:
       BadSample: the structural reasons of `validate_conversations`, `too_many_images`,
@@ -170,15 +188,17 @@ def tokenize_conversation(conversations: Sequence[dict], tokenizer, template: Te
     if max_images is not None and num_images > max_images:
         raise BadSample("too_many_images", f"{num_images} images, at most {max_images} allowed", sample_id)
 
+    counts = _image_seq_lengths(image_seq_length, num_images, sample_id)
+    expand_id = image_token_id if placeholder_id is None else placeholder_id
     text, supervised_chars = _supervised_chars(training_segments(template, messages))
-    ids, supervised = _tokenize(text, supervised_chars, tokenizer, image_token_id, image_seq_length)
+    ids, supervised = _tokenize(text, supervised_chars, tokenizer, expand_id, counts)
     input_ids = np.asarray(ids, np.int32)
     labels = np.where(np.asarray(supervised, bool), input_ids, IGNORE_INDEX).astype(np.int32)
 
     if len(input_ids) > max_length:
-        if (input_ids[max_length:] == image_token_id).any():
+        if (input_ids[max_length:] == expand_id).any():
             raise BadSample("image_tokens_truncated",
-                            f"{len(input_ids)} tokens with {num_images} image(s) of {image_seq_length} tokens "
+                            f"{len(input_ids)} tokens with {num_images} image(s) ({sum(counts)} image tokens) "
                             f"do not fit in max_length={max_length}", sample_id)
         input_ids, labels = input_ids[:max_length], labels[:max_length]
     if not (labels != IGNORE_INDEX).any():
