@@ -11,6 +11,10 @@ A packed row holds the fields of `llava_jax.data.batch` without the rows axis: i
 padding), segment_ids (1, 2, ... per sample; 0 = padding), positions (restarting at 0 per sample),
 attention_mask (segment_ids > 0) [L]; pixel_values [I, 3, S, S] and image_mask [I].
 
+AnyRes rows (`tile_tokens` > 0: LLaVA-NeXT / OneVision) count tiles instead of images: `max_images` is the
+row's tile slots P, a sample's `pixel_values` are its tiles, and its own feature taps move to its slots
+(`batch.place_taps`) in image_taps_index / image_taps_weight [L, TAPS].
+
 `python -m llava_jax.data.packing` measures real tokens per computed token on a synthetic mix665k-like
 length mix, for length bucketing (the unpacked pipeline) and for packing.
 """
@@ -32,7 +36,7 @@ METHODS = ("none", "first_fit", "best_fit")
 
 
 def pack(dataset: grain.IterDataset, *, method: str, length: int, max_images: int, window: int, seed: int,
-         pad_token_id: int) -> grain.IterDataset:
+         pad_token_id: int, tile_tokens: int = 0) -> grain.IterDataset:
     """Examples dict(input_ids [n], labels [n], pixel_values [k, 3, S, S], ...) -> packed rows (module doc)."""
     if method not in METHODS[1:]:
         raise ValueError(f"packing method {method!r} is not one of {METHODS[1:]}")
@@ -40,7 +44,7 @@ def pack(dataset: grain.IterDataset, *, method: str, length: int, max_images: in
         raise ValueError(f"packing needs a positive window, length and max_images, got {window}, {length}, "
                          f"{max_images}")
     return WindowPackIterDataset(dataset, method=method, length=length, max_images=max_images, window=window,
-                                 seed=seed, pad_token_id=pad_token_id)
+                                 seed=seed, pad_token_id=pad_token_id, tile_tokens=tile_tokens)
 
 
 class WindowPackIterDataset(grain.IterDataset):
@@ -61,9 +65,10 @@ class WindowPackIterator(grain.DatasetIterator):
     already emitted; restoring re-reads and re-packs that window (deterministic) and skips those rows."""
 
     def __init__(self, parent: grain.DatasetIterator, *, method: str, length: int, max_images: int, window: int,
-                 seed: int, pad_token_id: int):
+                 seed: int, pad_token_id: int, tile_tokens: int = 0):
         super().__init__(parent)
         self._method, self._length, self._max_images = method, length, max_images
+        self._tile_tokens = tile_tokens
         self._window, self._seed, self._pad = window, seed, pad_token_id
         self._window_start = self._parent.get_state()
         self._window_index = -1
@@ -88,7 +93,7 @@ class WindowPackIterator(grain.DatasetIterator):
             raise StopIteration
         self._window_start = start
         rows = pack_window(examples, method=self._method, length=self._length, max_images=self._max_images,
-                           pad_token_id=self._pad)
+                           pad_token_id=self._pad, tile_tokens=self._tile_tokens)
         order = np.random.default_rng([self._seed, index]).permutation(len(rows))
         self._rows, self._window_index, self._next_row = [rows[i] for i in order], index, 0
 
@@ -129,11 +134,12 @@ def assign_rows(lengths: np.ndarray, images: np.ndarray, *, method: str, length:
 
 
 def pack_window(examples: list[Mapping[str, Any]], *, method: str, length: int, max_images: int,
-                pad_token_id: int) -> list[dict[str, np.ndarray]]:
+                pad_token_id: int, tile_tokens: int = 0) -> list[dict[str, np.ndarray]]:
     """Packed rows (module doc) of `examples`; the samples of a row appear in the order they were placed."""
     lengths = np.asarray([len(e["input_ids"]) for e in examples])
     images = np.asarray([len(e["pixel_values"]) for e in examples])
-    layout = batch_spec.Layout(None, length, max_images, np.shape(examples[0]["pixel_values"])[1:], packed=True)
+    layout = batch_spec.Layout(None, length, max_images, np.shape(examples[0]["pixel_values"])[1:], packed=True,
+                               anyres=bool(tile_tokens))
     out = []
     for members in assign_rows(lengths, images, method=method, length=length, max_images=max_images):
         row = batch_spec.empty(layout, pad_token_id)
@@ -146,10 +152,22 @@ def pack_window(examples: list[Mapping[str, Any]], *, method: str, length: int, 
             row["positions"][start:start + n] = np.arange(n)
             row["pixel_values"][image:image + k] = e["pixel_values"]
             row["image_mask"][image:image + k] = True
+            if tile_tokens:
+                _place_sample_taps(row, e, start=start, slot=image, slots=max_images, tile_tokens=tile_tokens)
             start, image = start + n, image + k
         row["attention_mask"] = (row["segment_ids"] > 0).astype(np.int32)
         out.append(row)
     return out
+
+
+def _place_sample_taps(row: dict[str, np.ndarray], example: Mapping[str, Any], *, start: int, slot: int, slots: int,
+                       tile_tokens: int) -> None:
+    """Writes an AnyRes sample's taps into a packed row: its tokens from `start`, its tiles from slot `slot`."""
+    weight = example["image_taps_weight"]
+    row["image_taps_index"][start:start + len(weight)] = batch_spec.place_taps(
+        example["image_taps_index"], weight, tiles=len(example["pixel_values"]), slot=slot, slots=slots,
+        tile_tokens=tile_tokens)
+    row["image_taps_weight"][start:start + len(weight)] = weight
 
 
 def segment_lengths(segment_ids: np.ndarray) -> np.ndarray:

@@ -95,6 +95,11 @@ class PipelineConfig:
       pack_length: tokens per packed row (0: the largest length bucket); >= max_length.
       pack_window: samples the packer sees at a time.
       max_images_per_row: image slots I of a packed row (0: max_images_per_sample).
+      anyres: `anyres_samples.AnyResLayouts` for an AnyRes model (LLaVA-NeXT / OneVision): images become tiles
+        and token-aligned feature taps (`data.batch`'s anyres fields), each image its own token count
+        (`image_seq_length` unused). None: LLaVA-1.5 batches.
+      max_tiles_per_row: AnyRes only: P, the tile slots of a row (packed or not; 0: the most tiles a sample
+        can have); a sample with more tiles is skipped ("too_many_tiles").
     """
 
     sources: tuple[Any, ...]
@@ -123,6 +128,8 @@ class PipelineConfig:
     pack_length: int = 0
     pack_window: int = 256
     max_images_per_row: int = 0
+    anyres: Any = None
+    max_tiles_per_row: int = 0
 
     def __post_init__(self):
         object.__setattr__(self, "sources", tuple(self.sources))
@@ -154,11 +161,38 @@ class PipelineConfig:
                              f"({self.max_length}), a positive pack_window ({self.pack_window}) and "
                              f"max_images_per_row ({self.max_images_per_row}) >= max_images_per_sample "
                              f"({self.max_images_per_sample})")
+        self._check_anyres()
+
+    def _check_anyres(self) -> None:
+        if self.anyres is None:
+            if self.max_tiles_per_row:
+                raise ValueError("PipelineConfig.max_tiles_per_row is an AnyRes option (set anyres)")
+            return
+        bound = self.anyres.max_sample_tiles(self.max_images_per_sample)
+        object.__setattr__(self, "max_tiles_per_row", self.max_tiles_per_row or bound)
+        if self.max_tiles_per_row < 1:
+            raise ValueError(f"PipelineConfig.max_tiles_per_row must be positive, got {self.max_tiles_per_row}")
+        crop = self.resolved_image_config().crop_size
+        if crop != self.anyres.tile_size:
+            raise ValueError(f"PipelineConfig.image_config: crop_size {crop} differs from the AnyRes tile_size "
+                             f"{self.anyres.tile_size} (use ImageConfig.for_tower)")
 
     @property
     def image_size(self) -> int:
-        """S, the side of the preprocessed square images."""
+        """S, the side of the preprocessed square images (AnyRes: of the tiles)."""
         return self.resolved_image_config().crop_size
+
+    @property
+    def image_slots(self) -> int:
+        """The `images` axis of a batch row: image slots I, or AnyRes tile slots P."""
+        if self.anyres is not None:
+            return self.max_tiles_per_row
+        return self.max_images_per_row if self.packing != "none" else self.max_images_per_sample
+
+    @property
+    def tile_tokens(self) -> int:
+        """AnyRes: feature rows per tile slot (the taps' unit); 0 for LLaVA-1.5 batches."""
+        return 0 if self.anyres is None else self.anyres.tile_tokens
 
     def resolved_image_config(self):
         if self.image_config is not None:
@@ -385,17 +419,19 @@ class BadSampleCounter:
 
 
 def collate(examples: Sequence[dict], *, buckets: Sequence[int], pad_token_id: int, max_images: int,
-            image_size: int, rows: int | None = None) -> dict[str, np.ndarray]:
+            image_size: int, rows: int | None = None, tile_tokens: int = 0) -> dict[str, np.ndarray]:
     """Right-pads examples into one batch of static shape (the fields of `llava_jax.data.batch`).
 
     Returns:
       input_ids int32 [b, T], labels int32 [b, T] (-100 on padding), attention_mask int32 [b, T],
       pixel_values float32 [b, I, 3, S, S] (zeros in empty slots), image_mask bool [b, I];
       T = the smallest bucket holding the longest example, I = max_images, b = `rows` (padding rows after
-      the examples; default len(examples)).
+      the examples; default len(examples)). With `tile_tokens` (AnyRes) I counts tile slots and
+      image_taps_index / image_taps_weight [b, T, TAPS] hold each example's taps moved to its row's slots.
     """
     t = bucket_length(max(len(e["input_ids"]) for e in examples), buckets)
-    layout = batch_spec.Layout(len(examples) if rows is None else rows, t, max_images, (3, image_size, image_size))
+    layout = batch_spec.Layout(len(examples) if rows is None else rows, t, max_images, (3, image_size, image_size),
+                               anyres=bool(tile_tokens))
     batch = batch_spec.empty(layout, pad_token_id)
     for row, example in enumerate(examples):
         n = len(example["input_ids"])
@@ -405,6 +441,11 @@ def collate(examples: Sequence[dict], *, buckets: Sequence[int], pad_token_id: i
         num_images = len(example["pixel_values"])
         batch["pixel_values"][row, :num_images] = example["pixel_values"]
         batch["image_mask"][row, :num_images] = True
+        if tile_tokens:
+            batch["image_taps_index"][row, :n] = batch_spec.place_taps(
+                example["image_taps_index"], example["image_taps_weight"], tiles=num_images, slot=0,
+                slots=max_images, tile_tokens=tile_tokens)
+            batch["image_taps_weight"][row, :n] = example["image_taps_weight"]
     return batch
 
 
@@ -543,9 +584,9 @@ def _use_default_absl_flags() -> None:
 def batch_layout(config: PipelineConfig, rows: int) -> batch_spec.Layout:
     """The layout of this process's batches (`rows` rows; T the smallest length bucket when unpacked)."""
     packed = config.packing != "none"
-    return batch_spec.Layout(rows, config.pack_length if packed else config.length_buckets[0],
-                             config.max_images_per_row if packed else config.max_images_per_sample,
-                             (3, config.image_size, config.image_size), packed=packed)
+    return batch_spec.Layout(rows, config.pack_length if packed else config.length_buckets[0], config.image_slots,
+                             (3, config.image_size, config.image_size), packed=packed,
+                             anyres=config.anyres is not None)
 
 
 def batches(config: PipelineConfig, examples: grain.IterDataset, *, rows: int, pad_token_id: int,
@@ -555,12 +596,12 @@ def batches(config: PipelineConfig, examples: grain.IterDataset, *, rows: int, p
     drop = config.num_epochs is None
     if config.packing == "none":
         batch_fn = functools.partial(collate, buckets=config.length_buckets, pad_token_id=pad_token_id,
-                                     max_images=config.max_images_per_sample, image_size=config.image_size,
-                                     rows=rows)
+                                     max_images=config.image_slots, image_size=config.image_size,
+                                     rows=rows, tile_tokens=config.tile_tokens)
         return examples.batch(rows, drop_remainder=drop, batch_fn=batch_fn)
     packed = packing.pack(examples, method=config.packing, length=config.pack_length,
-                          max_images=config.max_images_per_row, window=config.pack_window, seed=seed,
-                          pad_token_id=pad_token_id)
+                          max_images=config.image_slots, window=config.pack_window, seed=seed,
+                          pad_token_id=pad_token_id, tile_tokens=config.tile_tokens)
     if drop:
         return packed.batch(rows, drop_remainder=True)
     layout = dataclasses.replace(batch_layout(config, rows), rows=None)
@@ -568,13 +609,21 @@ def batches(config: PipelineConfig, examples: grain.IterDataset, *, rows: int, p
         batch_spec.with_rows, num_rows=rows, layout=layout, pad_token_id=pad_token_id))
 
 
-def default_sample_processor(config: PipelineConfig, tokenizer) -> LlavaSampleProcessor:
-    """The LLaVA processor of `config`: template, image config, image token, max length."""
+def default_sample_processor(config: PipelineConfig, tokenizer) -> Callable[[Mapping[str, Any]], dict]:
+    """The processor of `config`: template, image config, image token, max length; AnyRes tiles and taps
+    when `config.anyres` is set."""
     image_token_id = config.image_token_id
     if image_token_id is None:
         from llava_jax.data.tokenize import add_image_token
 
         image_token_id = add_image_token(tokenizer)
+    if config.anyres is not None:
+        from llava_jax.data.anyres_samples import AnyResSampleProcessor
+
+        return AnyResSampleProcessor(tokenizer, template=config.template, layouts=config.anyres,
+                                     image_config=config.resolved_image_config(), image_token_id=image_token_id,
+                                     max_length=config.max_length, max_images=config.max_images_per_sample,
+                                     max_tiles=config.max_tiles_per_row)
     return LlavaSampleProcessor(tokenizer, template=config.template, image_config=config.resolved_image_config(),
                                 image_token_id=image_token_id, image_seq_length=config.image_seq_length,
                                 max_length=config.max_length, max_images=config.max_images_per_sample)
