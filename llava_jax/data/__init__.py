@@ -21,6 +21,7 @@ _EXPORTS = {
     "check": ("Report", "check_dataset"),
     "grouping": ("group_by_modality_length", "padding_fraction"),
     "pipeline": ("PipelineConfig", "TrainIterator", "LlavaSampleProcessor", "make_train_iterator"),
+    "anyres_samples": ("AnyResLayouts", "AnyResSampleProcessor"),
     "tfds_builder": ("LlavaDataset", "TfdsLlavaSource"),
     "synthetic": ("SyntheticPaths", "build_tokenizer"),
 }
@@ -48,6 +49,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:
+    from llava_jax.data.anyres_samples import AnyResLayouts, AnyResSampleProcessor
     from llava_jax.data.check import Report, check_dataset
     from llava_jax.data.conversation import (TEMPLATES, Template, generation_prompt, get_template, render,
                                              stop_strings)
