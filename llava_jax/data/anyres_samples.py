@@ -10,7 +10,9 @@ A record (`sources.LlavaJsonSource`) -> an example with the sample's tiles and i
 A single image takes `AnyResLayouts.image` (LLaVA-NeXT's "anyres" / OneVision's "anyres_max_N"), each image of a
 multi-image sample `AnyResLayouts.multi_image` (OneVision: one padded tile + newline; None: `image` as well), a
 video record's frames `AnyResLayouts.video` (its one `<image>` stands for the video, as in LLaVA-NeXT's data).
-Collate and the packer move the taps to the tile slots of their row (`batch.place_taps`).
+Prompts follow LLaVA-NeXT's `preprocess_multimodal`: a turn's single `<image>` moves to the front unless the turn
+starts with it, several stay in place. Collate and the packer move the taps to the tile slots of their row
+(`batch.place_taps`).
 """
 
 from __future__ import annotations
@@ -143,7 +145,8 @@ class AnyResSampleProcessor:
 
         return tokenize_conversation(conversations, self.tokenizer, get_template(self.template_name),
                                      image_token_id=self.image_token_id, image_seq_length=counts,
-                                     max_length=self.max_length, sample_id=sample_id, placeholder_id=placeholder)
+                                     max_length=self.max_length, sample_id=sample_id, placeholder_id=placeholder,
+                                     image_placement="next")
 
     def _images(self, record: Mapping[str, Any], sample_id) -> tuple[list[np.ndarray], list]:
         from llava_jax.data.images import load_image

@@ -92,9 +92,15 @@ def validate_conversations(conversations: Sequence[dict], sample_id: str | None 
         raise BadSample("no_assistant_turn", "the conversation has no gpt turn", sample_id)
 
 
-def _place_images(value: str) -> str:
-    """The official placement of a turn's single `<image>`; a turn with several keeps them in order."""
-    return move_image_to_front(value) if value.count(IMAGE_TOKEN) == 1 else value
+IMAGE_PLACEMENTS = ("llava", "next")
+
+
+def _place_images(value: str, placement: str = "llava") -> str:
+    """The official placement of a turn's single `<image>` (moved to the front, then "\\n"); a turn with several
+    keeps them in order. "next" (LLaVA-NeXT's `preprocess_multimodal`) leaves a turn that starts with it as is."""
+    if value.count(IMAGE_TOKEN) != 1 or (placement == "next" and value.startswith(IMAGE_TOKEN)):
+        return value
+    return move_image_to_front(value)
 
 
 def _supervised_chars(segments) -> tuple[str, np.ndarray]:
@@ -161,7 +167,8 @@ def _image_seq_lengths(image_seq_length: int | Sequence[int], num_images: int, s
 
 def tokenize_conversation(conversations: Sequence[dict], tokenizer, template: Template, *, image_token_id: int,
                           image_seq_length: int | Sequence[int], max_length: int, sample_id: str | None = None,
-                          max_images: int | None = None, placeholder_id: int | None = None) -> TokenizedSample:
+                          max_images: int | None = None, placeholder_id: int | None = None,
+                          image_placement: str = "llava") -> TokenizedSample:
     """Tokenizes one sample with answer-only labels.
 
     Args:
@@ -176,6 +183,8 @@ def tokenize_conversation(conversations: Sequence[dict], tokenizer, template: Te
       max_images: drop samples with more images than this (None: no cap).
       placeholder_id: the id each `<image>` expands to (None: image_token_id; OneVision's video token for
         a video sample).
+      image_placement: "llava" (LLaVA-1.5) or "next" (LLaVA-NeXT / OneVision data): how a turn's single
+        `<image>` is moved to the front (`_place_images`).
 
     Raises:
       BadSample: the structural reasons of `validate_conversations`, `too_many_images`,
@@ -183,7 +192,9 @@ def tokenize_conversation(conversations: Sequence[dict], tokenizer, template: Te
     """
     validate_conversations(conversations, sample_id)
     _check_image_token(tokenizer, image_token_id)
-    messages = [_place_images(turn["value"]) for turn in conversations]
+    if image_placement not in IMAGE_PLACEMENTS:
+        raise ValueError(f"image_placement must be one of {IMAGE_PLACEMENTS}, got {image_placement!r}")
+    messages = [_place_images(turn["value"], image_placement) for turn in conversations]
     num_images = sum(m.count(IMAGE_TOKEN) for m in messages)
     if max_images is not None and num_images > max_images:
         raise BadSample("too_many_images", f"{num_images} images, at most {max_images} allowed", sample_id)

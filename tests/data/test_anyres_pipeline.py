@@ -291,3 +291,66 @@ def test_tokenize_per_image_counts(llama2_tokenizer_dir):
     with pytest.raises(BadSample, match="1 images but 2") as error:
         tokenize_conversation(conversation, tokenizer, get_template("v1"), image_seq_length=[3], **kwargs)
     assert error.value.reason == "image_count_mismatch"
+
+
+def test_two_processes_pack_disjoint_samples_and_yield_as_many_batches(dataset):
+    source, tokenizer, image_token_id = dataset
+    cfg = config(source, image_token_id, packing="best_fit", pack_length=200, global_batch_size=4)
+    examples = own_examples(source, tokenizer, cfg)
+    seen, counts = [], []
+    for process in range(2):
+        batches = list(make_train_iterator(cfg, tokenizer, process_index=process, process_count=2))
+        counts.append(len(batches))
+        for row in rows_of(batches):
+            for segment in np.unique(row["segment_ids"][row["segment_ids"] > 0]):
+                positions = np.flatnonzero(row["segment_ids"] == segment)
+                example = examples[row["input_ids"][positions].tobytes()]
+                check_segment(row, positions, example, image_token_id)
+                seen.append(example["id"])
+    assert counts[0] == counts[1] and sorted(seen) == sorted(e["id"] for e in examples.values())
+
+
+def test_llava_next_image_placement(llama2_tokenizer_dir):
+    """LLaVA-NeXT moves a turn's single `<image>` to the front unless the turn starts with it; LLaVA-1.5 always
+    moves it (then "\\n"); several stay in place under both."""
+    from transformers import AutoTokenizer
+
+    from llava_jax.data.conversation import get_template
+    from llava_jax.data.tokenize import add_image_token, tokenize_conversation
+
+    tokenizer = AutoTokenizer.from_pretrained(llama2_tokenizer_dir)
+    kwargs = dict(image_token_id=add_image_token(tokenizer), image_seq_length=2, max_length=100)
+
+    def ids(question: str, placement: str) -> list[int]:
+        return tokenize_conversation(turns(question, "Yes."), tokenizer, get_template("v1"), **kwargs,
+                                     image_placement=placement).input_ids.tolist()
+
+    assert ids("Look <image>", "next") == ids("Look <image>", "llava") == ids("<image>\nLook", "next")
+    assert ids("<image>Look", "llava") == ids("<image>\nLook", "llava") != ids("<image>Look", "next")
+    assert ids("A <image> B <image>", "next") == ids("A <image> B <image>", "llava")
+    with pytest.raises(ValueError, match="image_placement"):
+        ids("Look <image>", "v2")
+
+
+def test_source_reads_video_files_and_frame_folders(tmp_path):
+    pytest.importorskip("av")
+    from llava_jax.data.sources import LlavaJsonSource
+    from tests.data.test_video import encode_video, frame_numbers, numbered_frames
+
+    (tmp_path / "clip.mp4").write_bytes(encode_video(numbered_frames(20)))
+    (tmp_path / "frames").mkdir()
+    for f in range(20):
+        Image.fromarray(numbered_frames(20)[f]).save(tmp_path / "frames" / f"{f:03d}.png")
+    records = [{"id": name, "video": name, "conversations": turns("<image>\nWhat?", "Grey.")}
+               for name in ("clip.mp4", "frames", "../escape.mp4")]
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    source = LlavaJsonSource(tmp_path / "data.json", tmp_path, video_frames=8)
+    expected = np.linspace(0, 19, 8, dtype=int).tolist()
+    for i in (0, 1):
+        record = source[i]
+        assert record["images"] == [] and record["video"].shape == (8, 32, 48, 3)
+        assert frame_numbers(record["video"]) == expected
+    with pytest.raises(BadSample) as error:
+        source[2]
+    assert error.value.reason == "unsafe_path"
+    assert source.lengths()[0] > 0  # a video sample is multimodal for modality grouping
