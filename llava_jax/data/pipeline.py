@@ -11,7 +11,9 @@ Stages (grain dataset API):
    `mp_prefetch`); a `BadSample` becomes a `Rejected` marker instead of an exception.
 5. In the main process: drop the markers, counting them by reason (strict mode raises instead), and
    batch `b` samples padded to the smallest length bucket that fits, or pack samples several to a row
-   (`packing`, see `llava_jax.data.packing`) and batch `b` rows.
+   (`packing`, see `llava_jax.data.packing`) and batch `b` rows. AnyRes models (`PipelineConfig.anyres`:
+   LLaVA-NeXT / OneVision, see `llava_jax.data.anyres_samples`) fill tile slots instead of image slots and
+   carry each sample's feature taps moved to its slots.
 
 The order depends only on (seed, sources, global batch size, process count), never on the number of
 workers. `TrainIterator.get_state()` / `set_state()` (and grain's Orbax `CheckpointSave` /
@@ -668,7 +670,8 @@ def make_train_iterator(config: PipelineConfig, tokenizer=None, *, process_index
       pixel_values float32 [b, I, 3, S, S], image_mask bool [b, I]; b = global_batch_size /
       process_count, T one of `config.length_buckets`, I = max_images_per_sample. Packed
       (`config.packing`): T = pack_length, I = max_images_per_row, plus segment_ids and positions [b, T]
-      (the fields of `llava_jax.data.batch`). With finite `num_epochs` every sample comes once and the last
+      (the fields of `llava_jax.data.batch`). AnyRes (`config.anyres`): I = max_tiles_per_row tile slots, plus
+      image_taps_index / image_taps_weight [b, T, 4]. With finite `num_epochs` every sample comes once and the last
       batches are filled up with padding rows (module doc); `batch.padding_rows(batch)` tells them apart.
     """
     process_index, process_count = _process_index_and_count(process_index, process_count)
