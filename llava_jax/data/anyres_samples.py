@@ -62,6 +62,22 @@ class AnyResLayouts:
                 raise ValueError(f"AnyResLayouts.{name}: tile_size {other.tile_size} / tile_tokens {other.tile_tokens}"
                                  f" differ from the image layout's {self.image.tile_size} / {self.tile_tokens}")
 
+    @classmethod
+    def for_model(cls, config: Any, *, video_frames: int = 8) -> "AnyResLayouts":
+        """The layouts of a `models.llava_next` config (read by its fields): LLaVA-NeXT's images all "anyres";
+        LLaVA-OneVision's (a `video_token_index`) "anyres_max_N" alone, one tile + newline each of several, and
+        videos expanded to its video token."""
+        tile, patch = config.vision.image_size, config.vision.patch_size
+        image = ImageLayout("anyres", tile, patch, config.image_grid_pinpoints, max_tiles=config.max_tiles)
+        if image.tile_tokens != config.tile_tokens:
+            raise ValueError(f"AnyResLayouts.for_model: the tower gives {config.tile_tokens} features a tile, not "
+                             f"its {image.tile_tokens} patches")
+        video_token = getattr(config, "video_token_index", None)
+        if video_token is None:
+            return cls(image, video_frames=video_frames)
+        return cls(image, ImageLayout("single", tile, patch, newline=True), ImageLayout("video", tile, patch),
+                   video_frames=video_frames, video_token_id=video_token)
+
     @property
     def tile_size(self) -> int:
         return self.image.tile_size

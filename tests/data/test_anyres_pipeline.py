@@ -18,7 +18,7 @@ from llava_jax.data.anyres_samples import AnyResLayouts
 from llava_jax.data.errors import BadSample
 from llava_jax.data.images import ImageConfig
 from llava_jax.data.pipeline import PipelineConfig, collate, default_sample_processor, make_train_iterator
-from llava_jax.vision_layout import TAPS, ImageLayout
+from llava_jax.vision_layout import TAPS, ImageLayout, concat_taps
 
 S, PATCH = 28, 7  # 4 x 4 patches a tile: tile_tokens 16, a video frame pools to 2 x 2
 PINPOINTS = ((28, 56), (56, 28), (56, 56))
@@ -354,3 +354,23 @@ def test_source_reads_video_files_and_frame_folders(tmp_path):
         source[2]
     assert error.value.reason == "unsafe_path"
     assert source.lengths()[0] > 0  # a video sample is multimodal for modality grouping
+
+
+def test_layouts_for_the_model_configs():
+    """LLaVA-NeXT: every image "anyres", no video; OneVision: anyres_max_9, single + newline for several, video
+    token; the layouts count what the models' own host functions (`llava_next.image_taps`) count."""
+    from llava_jax.models import llava_next
+
+    next_config, ov_config = llava_next.LlavaNextConfig(), llava_next.LlavaOnevisionConfig()
+    nxt, ov = AnyResLayouts.for_model(next_config), AnyResLayouts.for_model(ov_config, video_frames=16)
+    assert (nxt.multi_image, nxt.video, nxt.image.max_tiles, nxt.tile_tokens) == (None, None, 0, 576)
+    assert (ov.image.max_tiles, ov.multi_image.kind, ov.multi_image.newline) == (9, "single", True)
+    assert (ov.video.kind, ov.video_frames, ov.video_token_id) == ("video", 16, ov_config.video_token_index)
+    sizes = [(333, 500), (1000, 200), (64, 64)]
+    for config, layouts in ((next_config, nxt), (ov_config, ov)):
+        index, weight, tiles = llava_next.image_taps(config, sizes)
+        own = [layouts.image.taps(size) for size in sizes]
+        assert tiles == [layouts.image.num_tiles(size) for size in sizes]
+        want_index, want_weight = concat_taps(own, tiles, layouts.tile_tokens)
+        np.testing.assert_array_equal(index, want_index)
+        np.testing.assert_array_equal(weight, want_weight)
