@@ -37,7 +37,8 @@ class AnyResLayouts:
       image: the layout of a sample's only image ("anyres", or "single").
       multi_image: the layout of each image of a sample with several (None: `image`).
       video: the layout of video frames (kind "video"; None: video samples are rejected, "video_unsupported").
-      video_frames: frames kept of a video (uniformly sampled when the source gives more).
+      video_frames: frames kept of a video (uniformly sampled when the source gives more; build the source
+        with as many: `LlavaJsonSource(video_frames=...)`).
       video_token_id: the id a video's `<image>` expands to (OneVision's `<video>`; None: the image token).
     """
 
