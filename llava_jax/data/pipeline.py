@@ -42,7 +42,7 @@ import functools
 import logging
 import threading
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import grain
 import numpy as np
@@ -54,6 +54,9 @@ from llava_jax.data.errors import BadSample, DataFileError
 from llava_jax.data.grouping import group_by_modality_length
 from llava_jax.data import tokenize
 from llava_jax.data.tokenize import IGNORE_INDEX
+
+if TYPE_CHECKING:
+    from llava_jax.data.anyres_samples import AnyResLayouts
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +133,7 @@ class PipelineConfig:
     pack_length: int = 0
     pack_window: int = 256
     max_images_per_row: int = 0
-    anyres: Any = None
+    anyres: "AnyResLayouts | None" = None
     max_tiles_per_row: int = 0
 
     def __post_init__(self):
