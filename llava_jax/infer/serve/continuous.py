@@ -49,7 +49,7 @@ class ContinuousEngine:
     """
 
     def __init__(self, generator: Generator, *, max_batch: int = 16, max_queue: int = 64, seed: int = 0,
-                 max_tokens: int = 1024, max_prompt_tokens: int | None = None, **_windowed_only):
+                 max_tokens: int = 1024, max_prompt_tokens: int | None = None):
         if max_batch < 1 or max_queue < 1:
             raise ValueError(f"max_batch and max_queue must be >= 1, got {max_batch} and {max_queue}")
         self.generator, self.max_batch, self.max_queue = generator, max_batch, max_queue
