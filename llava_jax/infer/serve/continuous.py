@@ -5,7 +5,12 @@ steps it takes waiting jobs into free slots (each one prefilled alone at its pro
 slot: `slots.prefill_request` + `slots.insert`), then runs one decode step over all slots (`slots.generate`).
 A job finishes at its EOS, the template's stop tokens, a stop string, `max_tokens` or the slot's length, and
 its slot is free for the next step; a cancelled job's slot is freed at the next step. Every program has static
-shapes (slots, slot length, prompt buckets) and is compiled by `warm_up`, so nothing compiles on the request path.
+shapes (slots, slot length, prompt buckets; a step runs the first 1, 2, 4, ... slots, up to the last busy one) and
+is compiled by `warm_up`, so nothing compiles on the request path. Free slots are taken lowest first.
+
+A prompt that starts with the template's system prompt reuses its KV, computed once at start-up
+(`shared_prefix`); only the rest is prefilled. Chunked prefill of long prompts is not done: a prompt is prefilled
+whole, between two decode steps.
 
 Each slot's text goes through its own `TextStreamer` (incremental: constant work per token); stop strings are
 tokenized once per request set (`Generator._stop_ids`' cache). Sampled slots draw from their own key (the
@@ -28,7 +33,7 @@ import numpy as np
 
 from llava_jax.data.conversation import stop_strings
 from llava_jax.infer import slots as slot_programs
-from llava_jax.infer.generate import Generator, TextStreamer
+from llava_jax.infer.generate import Generator, TextStreamer, next_power_of_two
 from llava_jax.infer.sampling import Sampling
 from llava_jax.infer.serve.engine import Delta, EngineStopped, Failed, Finished, Job, QueueFull, _send
 
@@ -46,10 +51,12 @@ class ContinuousEngine:
       max_tokens: the largest max_tokens a job may ask for.
       max_prompt_tokens: the longest prompt (default: the context); with `max_tokens` it sets each slot's cache
         length: min(context, max_prompt_tokens + max_tokens), at least the longest prompt's bucket.
+      share_prefix: compute the KV of the template's system prompt once (`shared_prefix`) and prefill only the
+        rest of every prompt that starts with it.
     """
 
     def __init__(self, generator: Generator, *, max_batch: int = 16, max_queue: int = 64, seed: int = 0,
-                 max_tokens: int = 1024, max_prompt_tokens: int | None = None):
+                 max_tokens: int = 1024, max_prompt_tokens: int | None = None, share_prefix: bool = True):
         if max_batch < 1 or max_queue < 1:
             raise ValueError(f"max_batch and max_queue must be >= 1, got {max_batch} and {max_queue}")
         self.generator, self.max_batch, self.max_queue = generator, max_batch, max_queue
@@ -65,6 +72,15 @@ class ContinuousEngine:
         self._keys = itertools.count(seed)
         self._thread = threading.Thread(target=self._loop, name="llava-engine", daemon=True)
         self.batches = self.rows = self.steps = 0  # admission rounds, jobs admitted, decode steps (GET /health)
+        self.prefix_ids = shared_prefix(generator) if share_prefix else None
+        self.prefix = self._prefill_prefix() if self.prefix_ids is not None else None
+        self.prefix_hits = 0  # prompts that reused the prefix's KV
+
+    def _prefill_prefix(self) -> slot_programs.Prefilled:
+        gen, ids = self.generator, self.prefix_ids[None]
+        static = slot_programs.SlotStatic(gen.graphdef, True)
+        return slot_programs.prefill_request(gen.state, ids, np.ones_like(ids), None, None, jax.random.key(0),
+                                             Sampling().arrays(), static=static)
 
     def start(self) -> "ContinuousEngine":
         self._thread.start()
@@ -79,17 +95,28 @@ class ContinuousEngine:
         longest = min(max_prompt_tokens or self.longest_prompt, self.longest_prompt)
         shapes = [(i, p) for i in ((0, 1) if gen.is_llava else (0,)) for p in gen.prompt_buckets(i, longest)]
         modes = (0.0, 1.0) if sampled else (0.0,)
+        starts = [np.zeros(0, np.int32)] + ([self.prefix_ids] if self.prefix_ids is not None else [])
         for k, (num_images, width) in enumerate(shapes):
             if progress is not None:
                 progress(f"compiling {k + 1}/{len(shapes)}: {num_images} image(s), prompt bucket {width}")
             prompt = np.full(width, gen.pad_id, np.int32)
             prompt[1:1 + num_images * gen.image_seq_length] = gen.image_token_index or 0
             pixels = [np.zeros((3,) + (gen.model.config.vision.image_size,) * 2, np.float32)] * num_images
-            for temperature in modes:
-                self._prefill_into(0, Job(prompt, pixels, 1, lambda e: None, temperature=temperature))
+            for start in starts:  # without and after the shared prefix
+                if start.size + num_images * gen.image_seq_length + 2 > longest:
+                    continue
+                ids = np.concatenate([start, prompt[:longest - start.size]])
+                for temperature in modes:
+                    self._prefill_into(0, Job(ids, pixels, 1, lambda e: None, temperature=temperature))
         for temperature in modes:
-            self._decode_step(np.zeros(self.max_batch, bool), greedy=temperature == 0)
+            for rows in self.step_rows:
+                self._decode_step(np.arange(self.max_batch) < rows, greedy=temperature == 0)
         return len(shapes)
+
+    @property
+    def step_rows(self) -> list[int]:
+        """The row counts a decode step runs (the first slots, up to the last busy one): powers of two and all."""
+        return sorted({min(next_power_of_two(n), self.max_batch) for n in range(1, self.max_batch + 1)})
 
     def close(self, timeout: float | None = 10.0) -> None:
         with self._cond:
@@ -174,21 +201,32 @@ class ContinuousEngine:
         if job.ids.size > self.longest_prompt:
             raise ValueError(f"the prompt has {job.ids.size} tokens, over the engine's max_prompt_tokens "
                              f"{self.longest_prompt}")
-        batch = gen.make_batch([job.ids], [list(job.pixels)])
+        prefix, ids = self._split_prefix(job.ids)
+        batch = gen.make_batch([ids], [list(job.pixels)])
         seed = job.seed if job.seed is not None else next(self._keys)
         key = jax.random.key(seed)
         sampling = Sampling(job.temperature, 0, job.top_p)
         static = slot_programs.SlotStatic(gen.graphdef, sampling.greedy, gen.static(batch, True).split_prefill)
         prefilled = slot_programs.prefill_request(gen.state, batch.ids, batch.mask, batch.pixels, batch.image_mask,
-                                                  key, sampling.arrays(), static=static)
+                                                  key, sampling.arrays(), prefix, static=static)
         self.slots = slot_programs.insert(self.slots, np.int32(slot), prefilled, key, np.float32(job.temperature),
                                           np.float32(job.top_p))
         token, length = jax.device_get((prefilled.token, prefilled.length))
         return int(token), int(length)
 
+    def _split_prefix(self, ids: np.ndarray) -> tuple[slot_programs.Prefilled | None, np.ndarray]:
+        """(the shared prefix's KV, the rest of the prompt) when `ids` start with the prefix, else (None, ids)."""
+        n0 = 0 if self.prefix_ids is None else self.prefix_ids.size
+        if n0 and ids.size > n0 + 1 and np.array_equal(ids[:n0], self.prefix_ids):
+            self.prefix_hits += 1
+            return self.prefix, ids[n0:]
+        return None, ids
+
     def _decode_step(self, active: np.ndarray, greedy: bool) -> np.ndarray:
         """One step over all slots -> the new last token of each slot, int32 [N]."""
-        static = slot_programs.SlotStatic(self.generator.graphdef, greedy)
+        last = int(np.nonzero(active)[0].max()) + 1 if active.any() else 1
+        rows = min(next_power_of_two(last), self.max_batch)
+        static = slot_programs.SlotStatic(self.generator.graphdef, greedy, rows=rows)
         self.slots = slot_programs.generate(self.generator.state, self.slots, active, static=static)
         return np.asarray(jax.device_get(self.slots.tokens))
 
@@ -215,6 +253,21 @@ class ContinuousEngine:
         for s, row in enumerate(self._rows):
             if row is not None and row.finished:
                 self._rows[s] = None
+
+
+def shared_prefix(generator: Generator) -> np.ndarray | None:
+    """The token ids every chat prompt of the generator's template starts with (its system prompt and the first
+    role's name), less the last one (where a tokenizer may merge it with what follows); None without a
+    template or when that is under 2 tokens."""
+    if generator.template is None or generator.tokenizer is None:
+        return None
+    prompts = [generator.encode(generator.prompt(q, images)) for q, images in (("a", 0), ("b c", 1), ("d?", 0))]
+    same = min(p.size for p in prompts)
+    for k in range(same):
+        if len({int(p[k]) for p in prompts}) > 1:
+            same = k
+            break
+    return prompts[0][:same - 1].astype(np.int32) if same - 1 >= 2 else None
 
 
 class _SlotRow:
