@@ -155,6 +155,7 @@ def test_a_bad_request_fails_alone(engine):
     assert good.text is not None and good.end.completion_tokens >= 1
 
 
+@pytest.mark.slow  # 35 s on the shared CPU: its own programs compile
 def test_prompts_after_the_system_prompt_reuse_its_kv(tiny):
     """Chat prompts start with the template's system prompt: its KV is computed once, the rest prefilled after
     it, and the answers equal one-by-one Generator answers."""
