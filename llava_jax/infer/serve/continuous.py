@@ -111,6 +111,7 @@ class ContinuousEngine:
         for temperature in modes:
             for rows in self.step_rows:
                 self._decode_step(np.arange(self.max_batch) < rows, greedy=temperature == 0)
+        self.prefix_hits = 0
         return len(shapes)
 
     @property
@@ -162,10 +163,21 @@ class ContinuousEngine:
             if admitted:
                 self.batches += 1
                 self.rows += len(admitted)
-            for slot, job in admitted:
-                self._admit(slot, job)
-            if any(row is not None for row in self._rows):
-                self._step()
+            try:
+                for slot, job in admitted:
+                    self._admit(slot, job)
+                if any(row is not None for row in self._rows):
+                    self._step()
+            except Exception as e:  # a failed step fails its jobs, never the engine
+                log.exception("decode step failed")
+                self._fail_all(f"generation failed: {e}")
+
+    def _fail_all(self, message: str) -> None:
+        for s, row in enumerate(self._rows):
+            if row is not None:
+                _send(row.job, Failed(message))
+                self._rows[s] = None
+        self.slots = slot_programs.empty_slots(self.generator.model, self.max_batch, self.slot_length)
 
     def _next_jobs(self) -> list[tuple[int, Job]] | None:
         """Waiting jobs paired with free slots (waits while there is nothing to do; None once closed)."""
@@ -192,6 +204,7 @@ class ContinuousEngine:
             row.advance(token)
         except Exception as e:  # noqa: BLE001 - a bad request fails alone
             log.exception("prefill failed")
+            self._rows[slot] = None
             _send(job, Failed(f"generation failed: {e}"))
         self._release_finished()
 
@@ -233,16 +246,7 @@ class ContinuousEngine:
     def _step(self) -> None:
         active = np.array([row is not None for row in self._rows])
         greedy = all(row.job.temperature == 0 for row in self._rows if row is not None)
-        try:
-            tokens = self._decode_step(active, greedy)
-        except Exception as e:  # a failed step fails its jobs, never the engine
-            log.exception("decode step failed")
-            for s, row in enumerate(self._rows):
-                if row is not None:
-                    _send(row.job, Failed(f"generation failed: {e}"))
-                    self._rows[s] = None
-            self.slots = slot_programs.empty_slots(self.generator.model, self.max_batch, self.slot_length)
-            return
+        tokens = self._decode_step(active, greedy)
         self.steps += 1
         for s, row in enumerate(self._rows):
             if row is not None:
