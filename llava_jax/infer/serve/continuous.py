@@ -1,6 +1,6 @@
 """The continuous-batching engine: a fixed number of decode slots, requests joining and leaving between steps.
 
-One thread owns the model and a `slots.Slots` state of `num_slots` rows of one KV cache. Between two decode
+One thread owns the model and a `slots.Slots` state of `max_batch` rows (slots) of one KV cache. Between two decode
 steps it takes waiting jobs into free slots (each one prefilled alone at its prompt bucket and inserted into its
 slot: `slots.prefill_request` + `slots.insert`), then runs one decode step over all slots (`slots.generate`).
 A job finishes at its EOS, the template's stop tokens, a stop string, `max_tokens` or the slot's length, and
