@@ -196,7 +196,8 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 class KVCache(NamedTuple):
     """Decoding state. key/value: [L, B, K, S, head_dim] (per head, the slots are contiguous: a decode step
     reads them as one [S, head_dim] matrix); mask: bool [B, S] (slot holds a real token); index: int32 []
-    (next slot to write)."""
+    (next slot to write) or int32 [B] (each row's own next slot: rows of different lengths, as the serving
+    engine's decode slots)."""
 
     key: jax.Array
     value: jax.Array
@@ -276,9 +277,13 @@ def _named(x: jax.Array, name: str) -> jax.Array:
 
 
 def _write_layer(cache: jax.Array, new: jax.Array, layer: jax.Array, index: jax.Array) -> jax.Array:
-    """cache [L, B, K, S, head_dim] with new [B, T, K, head_dim] written at [layer, :, :, index:index + T]."""
+    """cache [L, B, K, S, head_dim] with new [B, T, K, head_dim] written at [layer, :, :, index:index + T];
+    index int32 [] or [B] (each row at its own slot: the serving engine's decode slots)."""
     update = new.swapaxes(1, 2)[None].astype(cache.dtype)
     zero = jnp.zeros((), jnp.int32)
+    if jnp.ndim(index) == 1:
+        write_row = lambda c, u, i: jax.lax.dynamic_update_slice(c, u, (layer.astype(jnp.int32), zero, i, zero))
+        return jax.vmap(write_row, in_axes=(1, 1, 0), out_axes=1)(cache, update, index.astype(jnp.int32))
     return jax.lax.dynamic_update_slice(cache, update, (layer.astype(jnp.int32), zero, zero,
                                                         jnp.asarray(index, jnp.int32), zero))
 
@@ -325,17 +330,20 @@ def attention_mask_4d(key_valid: jax.Array | None, num_queries: int, query_start
                       sliding_window: int | None) -> jax.Array | None:
     """Boolean mask [B or 1, 1, T, S]: key slot <= query slot, key holds a real token, within the window.
 
-    Query t sits at slot query_start + t. Returns None when plain top-left causal masking suffices.
+    Query t sits at slot query_start + t (query_start int, int32 [] or, one per row, int32 [B]). Returns None
+    when plain top-left causal masking suffices.
     """
     if key_valid is None and sliding_window is None and isinstance(query_start, int) and query_start == 0 \
             and num_queries == num_keys:
         return None
-    query_slot = query_start + jnp.arange(num_queries)[:, None]
+    per_row = jnp.ndim(query_start) == 1
+    start = jnp.asarray(query_start)[:, None, None] if per_row else query_start
+    query_slot = start + jnp.arange(num_queries)[:, None]
     key_slot = jnp.arange(num_keys)[None, :]
     allowed = key_slot <= query_slot
     if sliding_window is not None:
         allowed &= key_slot > query_slot - sliding_window
-    allowed = allowed[None, None]
+    allowed = allowed[:, None] if per_row else allowed[None, None]
     if key_valid is not None:
         allowed = allowed & key_valid.astype(bool)[:, None, None, :]
     return allowed
@@ -506,13 +514,17 @@ class LlamaForCausalLM(nnx.Module):
         x = self._inputs(input_ids, inputs_embeds)
         b, t, _ = x.shape
         max_length = cache.mask.shape[1]
-        if not isinstance(cache.index, jax.core.Tracer) and int(cache.index) + t > max_length:
-            raise ValueError(f"LlamaForCausalLM.decode: {int(cache.index)} cached + {t} new tokens exceed the "
-                             f"cache length {max_length}")
+        if not isinstance(cache.index, jax.core.Tracer) and int(np.max(cache.index)) + t > max_length:
+            raise ValueError(f"LlamaForCausalLM.decode: {int(np.max(cache.index))} cached + {t} new tokens exceed "
+                             f"the cache length {max_length}")
         if attention_mask is None:
             attention_mask = jnp.ones((b, t), bool)
         positions = positions_from_mask(attention_mask, jnp.sum(cache.mask, axis=1, dtype=jnp.int32))
-        key_valid = jax.lax.dynamic_update_slice_in_dim(cache.mask, attention_mask.astype(bool), cache.index, 1)
+        if jnp.ndim(cache.index) == 1:  # each row writes at its own slot
+            write = lambda m, new, i: jax.lax.dynamic_update_slice_in_dim(m, new, i, 0)
+            key_valid = jax.vmap(write)(cache.mask, attention_mask.astype(bool), cache.index)
+        else:
+            key_valid = jax.lax.dynamic_update_slice_in_dim(cache.mask, attention_mask.astype(bool), cache.index, 1)
         mask = attention_mask_4d(key_valid, t, cache.index, max_length, self.config.sliding_window)
         hidden, (key, value) = self.model(x, positions, mask, cache=(cache.key, cache.value), index=cache.index)
         return self.logits(hidden), KVCache(key, value, key_valid, cache.index + t)

@@ -1,12 +1,21 @@
-"""Server throughput: the same requests one by one, then from concurrent clients.
+"""Server throughput: the same requests one by one, then from concurrent clients; or Poisson arrivals against
+both engines.
 
     python -m llava_jax.infer.serve.bench --model DIR [--clients 16] [--requests 64] [--max-tokens 16]
+    python -m llava_jax.infer.serve.bench --model DIR --poisson 4,8,16 [--requests 64] [--max-tokens 8,48]
 
 Starts `python -m llava_jax.serve` in its own process on 127.0.0.1 (a free port), warms up (every batch size,
 then both passes once, so compiles are not timed), then sends `--requests` chat completions (a demo scene as
 a data: URL and a demo question each, greedy) one at a time, and the same requests from `--clients` threads.
 Prints completion tokens/s, requests/s and p50 / p95 latency of both, and their ratio. `--ignore-eos` makes
 every answer `--max-tokens` long (vLLM's extension).
+
+`--poisson RATES` (requests per second, comma separated): for each engine (`--engine continuous`, then
+`windowed`; each compiles every shape at start-up), the requests arrive as a Poisson process at each rate, with
+mixed prompt lengths (demo questions with 0-`--extra-words` more words) and answer lengths (`--max-tokens LO,HI`;
+on a random model few answers end early), streamed. Reports per engine and rate: throughput (completion
+tokens / s from the first request to the last answer), time to first token and inter-token latency (the gaps
+between streamed chunks, as vLLM's benchmark) p50 / p99, as a table and (`--json`) JSON.
 """
 
 from __future__ import annotations
@@ -85,12 +94,93 @@ def warm_up(url: str, requests: list[dict], clients: int) -> None:
     run(url, requests, clients)
 
 
+def poisson_requests(n: int, max_tokens: tuple[int, int], extra_words: int, seed: int = 0) -> list[dict]:
+    """`demo_requests` with mixed prompt lengths (0..extra_words more words in front of the question) and answer
+    lengths (max_tokens uniform in [lo, hi]; a random model seldom says EOS), streamed with usage. Not
+    `ignore_eos`: the windowed engine compiles its programs for the template's stops at start-up."""
+    from llava_jax.data import synthetic
+
+    rng = np.random.default_rng(seed + 1)
+    words = sorted({w for text in synthetic.corpus() for w in text.replace("?", " ").split() if w.isalpha()})
+    out = []
+    for body in demo_requests(n, 1, seed):
+        text = body["messages"][0]["content"][1]
+        text["text"] = " ".join(rng.choice(words, int(rng.integers(0, extra_words + 1)))) + " " + text["text"]
+        out.append({**body, "max_tokens": int(rng.integers(max_tokens[0], max_tokens[1] + 1)),
+                    "stream": True, "stream_options": {"include_usage": True}})
+    return out
+
+
+def _stream(client, body: dict, start: float) -> dict:
+    """One streamed request sent at `start` (perf_counter) -> its send time, chunk times and tokens."""
+    time.sleep(max(0.0, start - time.perf_counter()))
+    sent, chunks, tokens = time.perf_counter(), [], 0
+    with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        response.raise_for_status()
+        for line in response.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line.removeprefix("data: "))
+            if event.get("usage"):
+                tokens = event["usage"]["completion_tokens"]
+            if any(c["delta"].get("content") for c in event.get("choices", ())):
+                chunks.append(time.perf_counter())
+    return {"sent": sent, "chunks": chunks, "tokens": tokens, "end": time.perf_counter()}
+
+
+def run_poisson(url: str, requests: list[dict], rate: float, seed: int = 0) -> dict:
+    """Sends `requests` at Poisson arrival times of `rate` per second -> throughput, TTFT and ITL figures."""
+    import httpx
+
+    gaps = np.random.default_rng(seed).exponential(1.0 / rate, len(requests))
+    with httpx.Client(base_url=url, timeout=600, limits=httpx.Limits(max_connections=len(requests))) as client, \
+            concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
+        t0 = time.perf_counter() + 0.2
+        records = list(pool.map(lambda kv: _stream(client, kv[1], t0 + kv[0]), zip(np.cumsum(gaps), requests)))
+    return latency_figures(records, rate)
+
+
+def latency_figures(records: list[dict], rate: float) -> dict:
+    """Throughput over the run, TTFT and ITL percentiles (seconds) of streamed request records."""
+    wall = max(r["end"] for r in records) - min(r["sent"] for r in records)
+    ttft = np.array([r["chunks"][0] - r["sent"] for r in records if r["chunks"]])
+    itl = np.concatenate([np.diff(r["chunks"]) for r in records] + [np.zeros(0)])
+    tokens = sum(r["tokens"] for r in records)
+    pct = lambda a, q: float(np.percentile(a, q)) if a.size else float("nan")
+    return {"rate": rate, "requests": len(records), "completion_tokens": tokens, "wall_s": wall,
+            "tokens_per_s": tokens / wall, "ttft_p50_s": pct(ttft, 50), "ttft_p99_s": pct(ttft, 99),
+            "itl_p50_s": pct(itl, 50), "itl_p99_s": pct(itl, 99)}
+
+
+def poisson_main(args) -> dict:
+    """Both engines at every rate -> {"continuous": [figures per rate], "windowed": [...]}; prints the table."""
+    rates = [float(r) for r in args.poisson.split(",")]
+    low, high = (int(v) for v in args.max_tokens.split(",")) if "," in args.max_tokens else (int(args.max_tokens),) * 2
+    requests = poisson_requests(args.requests, (low, high), args.extra_words)
+    results = {}
+    for engine in ("continuous", "windowed"):
+        with server_process(args, engine=engine, warm_up="greedy") as url:
+            run_poisson(url, requests[:max(8, args.max_batch)], 1000.0)  # compiled at start-up: a short run
+            results[engine] = [run_poisson(url, requests, rate) for rate in rates]
+    print(f"{'engine':>10} {'rate/s':>6} {'tokens/s':>9} {'TTFT p50':>9} {'TTFT p99':>9} {'ITL p50':>8} {'ITL p99':>8}")
+    for engine, rows in results.items():
+        for r in rows:
+            print(f"{engine:>10} {r['rate']:6.1f} {r['tokens_per_s']:9.1f} {r['ttft_p50_s']:9.3f} "
+                  f"{r['ttft_p99_s']:9.3f} {r['itl_p50_s']:8.4f} {r['itl_p99_s']:8.4f}")
+    for c, w in zip(results["continuous"], results["windowed"]):
+        print(f"rate {c['rate']:.1f}/s: continuous / windowed {c['tokens_per_s'] / w['tokens_per_s']:.2f}x tokens/s")
+    return results
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m llava_jax.infer.serve.bench", description=__doc__.split("\n")[0])
     p.add_argument("--model", required=True, help="as for python -m llava_jax.serve")
     p.add_argument("--clients", type=int, default=16)
     p.add_argument("--requests", type=int, default=64)
-    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--max-tokens", default="16", help="N, or with --poisson LO,HI (default 8,48 there)")
+    p.add_argument("--poisson", help="comma-separated arrival rates (requests/s): both engines under Poisson load")
+    p.add_argument("--extra-words", type=int, default=40, help="--poisson: up to this many more words a prompt")
+    p.add_argument("--max-prompt-tokens", type=int, default=128, help="--poisson: the servers' prompt limit")
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--batch-window-ms", type=float, default=50.0)
     p.add_argument("--ignore-eos", action="store_true", help="every answer is --max-tokens long")
@@ -99,8 +189,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 @contextlib.contextmanager
-def server_process(args, timeout_s: float = 600.0) -> Iterator[str]:
-    """`python -m llava_jax.serve` on a free 127.0.0.1 port -> its URL, once /health answers."""
+def server_process(args, timeout_s: float = 900.0, engine: str = "continuous", warm_up: str = "none"
+                   ) -> Iterator[str]:
+    """`python -m llava_jax.serve --engine ENGINE` on a free 127.0.0.1 port -> its URL, once /health answers."""
     import httpx
 
     with socket.socket() as sock:
@@ -108,8 +199,10 @@ def server_process(args, timeout_s: float = 600.0) -> Iterator[str]:
         port = sock.getsockname()[1]
     command = [sys.executable, "-m", "llava_jax.serve", "--model", args.model, "--port", str(port),
                "--max-batch", str(args.max_batch), "--max-queue", str(max(args.requests, 1)),
-               "--batch-window-ms", str(args.batch_window_ms), "--log-level", "warning",
-               "--warm-up", "none"]  # warm_up below compiles the shapes it times
+               "--batch-window-ms", str(args.batch_window_ms), "--log-level", "warning", "--engine", engine,
+               "--warm-up", warm_up]  # "none": warm_up below compiles the shapes it times
+    if args.poisson:
+        command += ["--max-prompt-tokens", str(args.max_prompt_tokens), "--max-tokens", args.max_tokens.split(",")[-1]]
     server = subprocess.Popen(command, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     url, deadline = f"http://127.0.0.1:{port}", time.monotonic() + timeout_s
     try:
@@ -133,6 +226,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     import httpx
 
     args = build_parser().parse_args(argv)
+    if args.poisson:
+        if args.max_tokens == "16":
+            args.max_tokens = "8,48"
+        results = poisson_main(args)
+        if args.json:
+            write_text(args.json, json.dumps({**results, "args": vars(args)}, indent=1))
+        return 0
+    args.max_tokens = int(args.max_tokens)
     requests = demo_requests(args.requests, args.max_tokens, ignore_eos=args.ignore_eos)
     with server_process(args) as url:
         warm_up(url, requests, args.clients)

@@ -35,10 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--template", help="conversation template (default: chosen from the model, as the chat CLI)")
     p.add_argument("--dtype", choices=tuple(DTYPES))
     p.add_argument("--tokenizer", help="tokenizer folder (default: the model folder)")
-    p.add_argument("--max-batch", type=int, default=16, help="most requests decoded together")
+    p.add_argument("--engine", choices=("continuous", "windowed"), default="continuous",
+                   help="continuous: requests join and leave decode slots between steps; windowed: a batch starts, "
+                        "runs to its longest row, and requests that arrive meanwhile wait for it")
+    p.add_argument("--max-batch", type=int, default=16, help="most requests decoded together (continuous: slots)")
     p.add_argument("--max-queue", type=int, default=256, help="most waiting requests; more get 429")
     p.add_argument("--batch-window-ms", type=float, default=50.0,
-                   help="how long a request may wait for others already on their way (a lone one never waits)")
+                   help="windowed engine: how long a request may wait for others already on their way (a lone one "
+                        "never waits)")
     p.add_argument("--api-key", default=os.environ.get("LLAVA_JAX_API_KEY"),
                    help="require 'Authorization: Bearer KEY' (default: $LLAVA_JAX_API_KEY; none: no key)")
     p.add_argument("--allowed-media-dir", help="accept file:// image URLs of files under this folder")
@@ -73,8 +77,9 @@ def _check(args) -> None:
 
 
 def build_engine(args):
-    """Loads the model as the chat CLI does -> a started Engine."""
+    """Loads the model as the chat CLI does -> a started engine (`--engine`)."""
     from llava_jax.infer.loading import ModelLoadError, load_generator
+    from llava_jax.infer.serve.continuous import ContinuousEngine
     from llava_jax.infer.serve.engine import Engine
 
     try:
@@ -82,8 +87,12 @@ def build_engine(args):
                                    quantize=args.quantize)
     except (ModelLoadError, FileNotFoundError) as e:
         raise BadArgs(str(e)) from None
-    engine = Engine(generator, max_batch=args.max_batch, max_queue=args.max_queue,
-                    batch_window_s=args.batch_window_ms / 1000, max_tokens=args.max_tokens)
+    if args.engine == "continuous":
+        engine = ContinuousEngine(generator, max_batch=args.max_batch, max_queue=args.max_queue,
+                                  max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens)
+    else:
+        engine = Engine(generator, max_batch=args.max_batch, max_queue=args.max_queue,
+                        batch_window_s=args.batch_window_ms / 1000, max_tokens=args.max_tokens)
     if args.warm_up != "none":
         start = time.monotonic()
         count = engine.warm_up(args.max_prompt_tokens, sampled=args.warm_up == "all",
