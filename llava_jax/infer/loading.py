@@ -4,6 +4,7 @@ serve, eval and bench open a model."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -75,14 +76,16 @@ def load_model(path: str | os.PathLike, *, dtype=None, tokenizer: str | os.PathL
     image_config = None
     if hasattr(model, "embed_inputs"):
         image_config = _image_config(path, model.config.vision)
+        _check_pinpoints(path, model.config)
     text = model.config.text if hasattr(model.config, "text") else model.config
     template = template or default_template(path.name, tokenizer, hf_llama.hf_model_type(text))
     return model, tokenizer, image_config, template
 
 
 def _image_config(path: Path, vision) -> ImageConfig:
-    """The folder's preprocessor_config.json (LLaVA-1.5 "pad" aspect) or the tower's defaults (its size and
-    normalization)."""
+    """The folder's preprocessor_config.json (CLIP's shortest edge + crop, or SigLIP's / OneVision's square
+    resize; LLaVA-1.5 "pad" aspect; AnyRes models read its size and normalization for their tiles) or the
+    tower's defaults (its size and normalization)."""
     image_size = vision.image_size
     if not (path / "preprocessor_config.json").is_file():
         return ImageConfig.for_tower(vision, aspect="pad")
@@ -94,6 +97,18 @@ def _image_config(path: Path, vision) -> ImageConfig:
         raise ModelLoadError(f"{path / 'preprocessor_config.json'}: crop size {config.crop_size} differs from the "
                              f"vision tower's image_size {image_size}")
     return config
+
+
+def _check_pinpoints(path: Path, config) -> None:
+    """An AnyRes model's preprocessor_config.json must tile with the model's own grid pinpoints."""
+    ours = getattr(config, "image_grid_pinpoints", None)
+    file = path / "preprocessor_config.json"
+    if ours is None or not file.is_file():
+        return
+    theirs = json.loads(file.read_text()).get("image_grid_pinpoints")
+    if theirs is not None and [list(p) for p in theirs] != [list(p) for p in ours]:
+        raise ModelLoadError(f"{file}: image_grid_pinpoints {theirs} differ from the model's "
+                             f"{[list(p) for p in ours]}")
 
 
 COMPILE_CACHE_ENV = "LLAVA_JAX_COMPILE_CACHE"  # a folder for JAX's persistent compilation cache; "" turns it off
