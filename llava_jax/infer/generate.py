@@ -45,7 +45,7 @@ from flax import nnx
 from PIL import Image
 
 from llava_jax import vision_layout
-from llava_jax.data.conversation import IMAGE_TOKEN, Template, get_template, stop_strings
+from llava_jax.data.conversation import IMAGE_TOKEN, VIDEO_TOKEN, Template, get_template, stop_strings
 from llava_jax.data.images import ImageConfig, preprocess
 from llava_jax.infer.decoding import (Carry, Static, bucket_length, decode_loop, decode_one, decoding_layout,
                                       next_power_of_two, prefill, token_buffer)
@@ -56,7 +56,6 @@ from llava_jax.infer.sampling import Sampling, filter_logits, next_token
 from llava_jax.infer.streaming import IncrementalDecoder, TextStreamer, cut_at_stop
 
 Prompt = str | Sequence[int] | np.ndarray
-VIDEO_TOKEN = "<video>"
 StreamCallback = Callable[[int, str], None]
 
 # The prefill under its former name (callers count its compiled programs).
@@ -137,14 +136,16 @@ class Generator:
 
     # -------------------------------------------------------------------------------- prompts
 
-    def prompt(self, question: str, num_images: int = 0) -> str:
+    def prompt(self, question: str, num_images: int = 0, num_videos: int = 0) -> str:
         """The generation prompt of a single question, as the official `model_vqa`: each image becomes an
-        `<image>\\n` line in front of the question, then the template's user turn and assistant role."""
+        `<image>\\n` line in front of the question (then each video a `<video>\\n` line), then the template's user
+        turn and assistant role."""
         from llava_jax.data.conversation import generation_prompt
 
         if self.template is None:
             raise ValueError("Generator.prompt needs a template (Generator(..., template='llava_v1'))")
-        return generation_prompt(self.template, [(IMAGE_TOKEN + "\n") * num_images + question])
+        media = (IMAGE_TOKEN + "\n") * num_images + (VIDEO_TOKEN + "\n") * num_videos
+        return generation_prompt(self.template, [media + question])
 
     def encode(self, prompt: Prompt, media: Sequence[Tiles] = ()) -> np.ndarray:
         """A prompt -> int32 [T]; a string's `<image>` placeholders become `image_seq_length` image token ids.

@@ -11,6 +11,8 @@ prefill depends on the tile bucket only.
 from __future__ import annotations
 
 import dataclasses
+import os
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -18,7 +20,8 @@ from PIL import Image
 
 from llava_jax import vision_layout
 from llava_jax.data.anyres import PixelNorm, image_tiles, video_tiles
-from llava_jax.data.images import ImageConfig
+from llava_jax.data.images import ImageConfig, read_image_bytes
+from llava_jax.data.video import DEFAULT_MAX_VIDEO_BYTES, decode_frames, decode_video, read_frame_folder
 from llava_jax.infer.decoding import next_power_of_two
 from llava_jax.models import llava_next
 
@@ -44,6 +47,17 @@ class Tiles:
     @property
     def num_tokens(self) -> int:
         return int(self.index.shape[0])
+
+
+def read_video(path: str | os.PathLike, num_frames: int) -> Video:
+    """A video file (PyAV) or a folder of frame images -> `Video` of `num_frames` frames sampled uniformly
+    (`data.video`; BadSample naming the file when it cannot be read)."""
+    path = Path(path)
+    if path.is_dir():
+        frames = read_frame_folder(path, os.listdir(path), num_frames=num_frames)
+        return Video(decode_frames(frames, name=str(path)))
+    data = read_image_bytes(path, max_bytes=DEFAULT_MAX_VIDEO_BYTES, name=str(path))
+    return Video(decode_video(data, num_frames=num_frames, name=str(path)))
 
 
 def pixel_norm(image_config: ImageConfig) -> PixelNorm:
@@ -117,4 +131,4 @@ def pack(config: llava_next.LlavaNextConfig, tiles: Sequence[Tiles], min_tiles: 
     return pixels, (padded_index, padded_weight)
 
 
-__all__ = ["Video", "Tiles", "prepare", "pack", "pixel_norm", "max_tiles_per_image", "taps_rows"]
+__all__ = ["Video", "Tiles", "prepare", "read_video", "pack", "pixel_norm", "max_tiles_per_image", "taps_rows"]
