@@ -30,7 +30,9 @@ def onevision_model(tmp_path_factory):
     hf = M.save_onevision(path)
     model, tokenizer, image_config, template = load_model(path, dtype="float32")
     assert template == "qwen_1_5" and image_config.mean == (0.5, 0.5, 0.5)
-    return hf, Generator(model, tokenizer, image_config=image_config)
+    gen = Generator(model, tokenizer, image_config=image_config)
+    gen.folder = path
+    return hf, gen
 
 
 def _reference(hf, ids: np.ndarray, **inputs) -> list[int]:
@@ -116,3 +118,44 @@ def test_placeholder_and_media_mismatches_are_clear_errors(next_model, onevision
     _, ov = onevision_model
     with pytest.raises(ValueError, match="1 <video> placeholder.* 0 video"):
         ov.make_batch(["<video> x"], [[]])
+
+
+def test_onevision_from_our_format_and_a_training_workdir(onevision_model, tmp_path):
+    """Our format (model.json + Orbax, the tokenizer copied, no preprocessor file: the tower's normalization) and
+    a workdir standing for its export answer as the Hugging Face folder does."""
+    import json
+    import shutil
+
+    from llava_jax import convert
+
+    _, gen = onevision_model
+    ours = tmp_path / "ours"
+    convert.save(convert.from_hf(gen.folder, dtype="float32"), ours)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(gen.folder / name, ours / name)
+    model, tokenizer, image_config, _ = load_model(ours)
+    assert image_config.mean == (0.5, 0.5, 0.5) and image_config.size == H.TILE
+    prompt, images = "<|im_start|>user <image>\nWhat?<|im_end|>", [H.images((37, 52), seed=11)]
+    expected = gen.generate_tokens([prompt], images, max_new_tokens=6)[0]
+    got = Generator(model, tokenizer, image_config=image_config).generate_tokens([prompt], images, max_new_tokens=6)
+    np.testing.assert_array_equal(got[0], expected)
+    workdir = tmp_path / "run"
+    (workdir / "checkpoints").mkdir(parents=True)
+    (workdir / "config.json").write_text(json.dumps({"export_hf": str(gen.folder), "data": {"template": "plain"}}))
+    model, _, _, template = load_model(workdir)
+    assert template == "plain" and type(model).__name__ == "LlavaOnevisionForConditionalGeneration"
+
+
+def test_preprocessor_pinpoints_must_be_the_models(tmp_path, onevision_model):
+    import json
+    import shutil
+
+    from llava_jax.infer.loading import ModelLoadError
+
+    _, gen = onevision_model
+    folder = tmp_path / "copy"
+    shutil.copytree(gen.folder, folder)
+    config = json.loads((folder / "preprocessor_config.json").read_text())
+    (folder / "preprocessor_config.json").write_text(json.dumps({**config, "image_grid_pinpoints": [[30, 90]]}))
+    with pytest.raises(ModelLoadError, match="image_grid_pinpoints .* differ from the model's"):
+        load_model(folder)
