@@ -11,6 +11,10 @@ How a call runs:
 - Prompts are strings (each `<image>` becomes `image_seq_length` image token ids; the text between images
   is tokenized piece by piece, BOS on the first piece only, as the official `tokenizer_image_token`) or
   token id lists already in that expanded form.
+- AnyRes models (LLaVA-NeXT, OneVision): a prompt's images (PIL) and OneVision videos (`Video`) become `Tiles`
+  (`prepare_media`: pixel tiles and feature taps, OneVision's several-image prompts single tiles); the k-th
+  `<image>` (`<video>`) expands to the k-th image's (video's) token count. The batch's tiles are padded to a
+  power of two and the taps to a bound of that bucket (`media.pack`), so shapes stay bucketed.
 - The batch is left padded to a bucketed length (`bucket_length`: powers of two up to 256, then multiples of
   128), its rows to a power of two and its images to a power of two, at least one per row (padding images
   are masked out), so a long evaluation compiles a handful of programs.

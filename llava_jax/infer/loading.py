@@ -41,8 +41,9 @@ def load_model(path: str | os.PathLike, *, dtype=None, tokenizer: str | os.PathL
                quantize=None):
     """Loads a model for generation -> (model, tokenizer, image_config, template name).
 
-    PATH is a Hugging Face LLaVA / LLaMA folder (config.json + weights; tokenizer and preprocessor_config.json
-    read from it), a folder in our format (`convert.save`: model.json + params/; the tokenizer from the same
+    PATH is a Hugging Face LLaVA / LLaVA-NeXT / LLaVA-OneVision / LLaMA folder (config.json + weights; tokenizer
+    and preprocessor_config.json read from it: CLIP's, SigLIP's or the AnyRes processors, whose grid pinpoints
+    must be the model's), a folder in our format (`convert.save`: model.json + params/; the tokenizer from the same
     folder or `tokenizer`), or a finished training workdir (config.json + checkpoints/): its `export_hf` folder.
     The model comes in `decoding_layout` (per-layer weight buffers, for `Generator`; not for `convert`).
     The template is the workdir's `data.template` or `default_template(folder name)`.
