@@ -69,6 +69,7 @@ def test_chat_main_refuses_a_bad_video_frames_count(folder, capsys):
     assert "--video-frames" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_eval_main_image_lists_and_videos(folder, media, generator, tmp_path, monkeypatch):
     monkeypatch.setenv("LLAVA_JAX_COMPILE_CACHE", "")
     root, names, _, video = media
