@@ -74,6 +74,7 @@ def test_onevision_two_images_and_a_video_equal_transformers(onevision_model):
     assert gen.generate_tokens([prompt], [swapped], max_new_tokens=STEPS)[0].tolist() != ours
 
 
+@pytest.mark.slow
 def test_onevision_one_anyres_image_equals_transformers(onevision_model):
     hf, gen = onevision_model
     image = H.images((50, 57), seed=7)
@@ -120,6 +121,7 @@ def test_placeholder_and_media_mismatches_are_clear_errors(next_model, onevision
         ov.make_batch(["<video> x"], [[]])
 
 
+@pytest.mark.slow
 def test_onevision_from_our_format_and_a_training_workdir(onevision_model, tmp_path):
     """Our format (model.json + Orbax, the tokenizer copied, no preprocessor file: the tower's normalization) and
     a workdir standing for its export answer as the Hugging Face folder does."""
