@@ -26,7 +26,9 @@ av = pytest.importorskip("av")
 def generator(tmp_path_factory):
     path = tmp_path_factory.mktemp("ov") / "llava-onevision-tiny"
     M.save_onevision(path, seed=3)
-    return load_generator(path, dtype="float32")
+    gen = load_generator(path, dtype="float32")
+    gen.folder = path
+    return gen
 
 
 def _video_bytes(frames: int = 6) -> bytes:
@@ -105,3 +107,32 @@ def test_video_parts_only_in_user_turns_and_only_for_onevision(generator):
             protocol.prepare(text_only, generator, protocol.Limits(), threading.Lock())
     finally:
         generator.video_token_index = saved
+
+
+def test_server_answers_two_images_and_a_video_as_generate(generator, tmp_path):
+    """Through the HTTP server and its engine (unchanged): a OneVision request with two image_url parts and a
+    video_url file:// part answers what Generator.generate answers to the same prompt and media."""
+    pytest.importorskip("fastapi", reason="the serve extra is not installed")
+    httpx = pytest.importorskip("httpx")
+    from llava_jax.infer.serve import cli
+
+    folder = str(generator.folder)
+    images, video = H.images((23, 61), (41, 19), seed=12), _video_bytes()
+    (tmp_path / "clip.mp4").write_bytes(video)
+    args = cli.build_parser().parse_args(["--model", folder, "--max-batch", "2", "--warm-up", "none", "--dtype",
+                                          "float32", "--allowed-media-dir", str(tmp_path), "--max-tokens", "64"])
+    engine = cli.build_engine(args)
+    content = [{"type": "image_url", "image_url": {"url": _png_url(i)}} for i in images]
+    content += [{"type": "video_url", "video_url": {"url": (tmp_path / "clip.mp4").as_uri()}},
+                {"type": "text", "text": "Same?"}]
+    body = {"messages": [{"role": "user", "content": content}], "temperature": 0, "max_tokens": 6}
+    try:
+        with cli.serve_in_background(cli.build_app(args, engine)) as url:
+            response = httpx.post(url + "/v1/chat/completions", json=body, timeout=120)
+    finally:
+        engine.close()
+    assert response.status_code == 200, response.text
+    frames = decode_video(video, num_frames=32, name="clip")  # the server's default: all 6 frames
+    prompt = generator.prompt("Same?", num_images=2, num_videos=1)
+    expected = generator.generate([prompt], [images + [Video(frames)]], max_new_tokens=6)[0]
+    assert expected.strip() and response.json()["choices"][0]["message"]["content"] == expected.strip()
