@@ -135,6 +135,11 @@ class Generator:
         self.graphdef, self.state = nnx.split(self.model)
 
     @property
+    def min_image_tokens(self) -> int:
+        """The fewest tokens an image takes: image_seq_length, or an AnyRes model's tile of features."""
+        return self.model.config.tile_tokens if self.is_anyres else self.image_seq_length
+
+    @property
     def context_length(self) -> int:
         return self.text_config.max_position_embeddings
 

@@ -77,7 +77,7 @@ def load_model(path: str | os.PathLike, *, dtype=None, tokenizer: str | os.PathL
     image_config = None
     if hasattr(model, "embed_inputs"):
         image_config = _image_config(path, model.config.vision)
-        _check_pinpoints(path, model.config)
+        _check_pinpoints(path, model.config, image_config)
     text = model.config.text if hasattr(model.config, "text") else model.config
     template = template or default_template(path.name, tokenizer, hf_llama.hf_model_type(text))
     return model, tokenizer, image_config, template
@@ -100,12 +100,15 @@ def _image_config(path: Path, vision) -> ImageConfig:
     return config
 
 
-def _check_pinpoints(path: Path, config) -> None:
-    """An AnyRes model's preprocessor_config.json must tile with the model's own grid pinpoints."""
+def _check_pinpoints(path: Path, config, image_config: ImageConfig) -> None:
+    """An AnyRes model's preprocessor_config.json must tile with the model's own grid pinpoints and tile size."""
     ours = getattr(config, "image_grid_pinpoints", None)
     file = path / "preprocessor_config.json"
     if ours is None or not file.is_file():
         return
+    if image_config.size != config.vision.image_size:
+        raise ModelLoadError(f"{file}: size {image_config.size} differs from the tile size (the vision tower's "
+                             f"image_size {config.vision.image_size}); AnyRes tiles are resized to it")
     theirs = json.loads(file.read_text()).get("image_grid_pinpoints")
     if theirs is not None and [list(p) for p in theirs] != [list(p) for p in ours]:
         raise ModelLoadError(f"{file}: image_grid_pinpoints {theirs} differ from the model's "

@@ -161,3 +161,8 @@ def test_preprocessor_pinpoints_must_be_the_models(tmp_path, onevision_model):
     (folder / "preprocessor_config.json").write_text(json.dumps({**config, "image_grid_pinpoints": [[30, 90]]}))
     with pytest.raises(ModelLoadError, match="image_grid_pinpoints .* differ from the model's"):
         load_model(folder)
+    resized = {**config, "size": {"shortest_edge": 60}, "crop_size": {"height": 30, "width": 30},
+               "do_center_crop": True}
+    (folder / "preprocessor_config.json").write_text(json.dumps(resized))
+    with pytest.raises(ModelLoadError, match="size 60 differs from the tile size"):
+        load_model(folder)

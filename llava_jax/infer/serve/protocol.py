@@ -354,10 +354,10 @@ def prepare(request: ChatRequest, generator: Generator, limits: Limits,
     if chat.videos and generator.video_token_index is None:
         raise ApiError(400, f"{chat.videos[0][0]}: the model takes no videos (LLaVA-OneVision models do)",
                        chat.videos[0][0])
-    most = (generator.context_length - 1) // max(generator.image_seq_length, 1)
+    most = (generator.context_length - 1) // max(generator.min_image_tokens, 1)
     if len(chat.images) > most:  # checked before any image is read
         raise ApiError(400, f"messages: {len(chat.images)} images; the model's context holds at most {most} (of "
-                       f"{generator.image_seq_length} tokens each)", "messages")
+                       f"{'at least ' * generator.is_anyres}{generator.min_image_tokens} tokens each)", "messages")
     pixels, media = _media(chat, generator, limits.images)
     with tokenizer_lock:
         ids = generator.encode(chat.prompt(generator.template), media)
