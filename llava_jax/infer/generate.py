@@ -162,7 +162,7 @@ class Generator:
         (video) of `media` (`prepare_media`'s output) has tokens."""
         if not isinstance(prompt, str):
             return np.asarray(prompt, np.int32).reshape(-1)
-        placeholders = (IMAGE_TOKEN, VIDEO_TOKEN) if self.is_anyres else (IMAGE_TOKEN,)
+        placeholders = (IMAGE_TOKEN,) + ((VIDEO_TOKEN,) if self.video_token_index is not None else ())
         pieces = re.split("(" + "|".join(map(re.escape, placeholders)) + ")", prompt)  # text, placeholder, text...
         if len(pieces) > 1 and not self.is_llava:
             raise ValueError(f"the prompt has {IMAGE_TOKEN} but the model takes no images: {prompt[:80]!r}")
@@ -179,8 +179,6 @@ class Generator:
         """Token counts of a prompt's `<image>` / `<video>` placeholders, in order."""
         if not self.is_anyres:
             return [self.image_seq_length] * len(placeholders)
-        if VIDEO_TOKEN in placeholders and self.video_token_index is None:
-            raise ValueError(f"the prompt has {VIDEO_TOKEN} but the model takes no videos")
         out = []
         for kind, video in ((IMAGE_TOKEN, False), (VIDEO_TOKEN, True)):
             wanted = [k for k, p in enumerate(placeholders) if p == kind]
