@@ -105,7 +105,10 @@ def test_warm_up_compiles_what_requests_run(next_model):
     gen.warm_up(rows=(1,), images=(0, 1), max_new_tokens=8, max_prompt_tokens=120)
     before = decoding.prefill._cache_size()
     gen.generate(["USER: <image>\nA? ASSISTANT:"], [H.images((31, 77), seed=3)], max_new_tokens=8)
-    gen.generate(["USER: <image>\nA? ASSISTANT:"], [H.images((45, 47), seed=3)], max_new_tokens=8)
+    wide = H.images((40, 60), seed=3)  # 5 tiles (bucket 8), its prompt within the 128 bucket
+    batch = gen.make_batch(["USER: <image>\nA? ASSISTANT:"], [wide])
+    assert batch.pixels.shape[0] == 8 and batch.ids.shape[1] == 128
+    gen.generate(["USER: <image>\nA? ASSISTANT:"], [wide], max_new_tokens=8)
     gen.generate(["USER: no image ASSISTANT:"], None, max_new_tokens=8)
     assert decoding.prefill._cache_size() == before
 
