@@ -390,16 +390,21 @@ class Generator:
 
     def warm_up(self, *, rows: Sequence[int] = (1,), images: Sequence[int] = (0,), max_new_tokens: int = 128,
                 greedy: bool = True, stream: bool = False, max_prompt_tokens: int | None = None,
-                buffer: int | None = None, progress: Callable[[str], None] | None = None) -> int:
+                buffer: int | None = None, progress: Callable[[str], None] | None = None,
+                videos: Sequence[int] = (0,), video_frames: int = 32) -> int:
         """Compiles, before any request, the programs requests of these shapes run, so that none compiles on
         the request path: for each row count, images per row and prompt bucket (from the shortest prompt with
         those images up to `max_prompt_tokens`, default the context), the prefill and the decode loop (`stream`:
         the one-step decode) for the default stop strings and `token_buffer(max_new_tokens)` (or `buffer`), which
-        later calls then use for any smaller max_new_tokens. `progress(line)` is called before each shape;
-        returns how many shapes were compiled."""
+        later calls then use for any smaller max_new_tokens. AnyRes models: images per row stand for tile buckets
+        (`_warm_up_anyres`); OneVision also takes `videos` per row of at most `video_frames` frames.
+        `progress(line)` is called before each shape; returns how many shapes were compiled."""
         self.min_buffer = max(self.min_buffer, buffer or token_buffer(max_new_tokens))
         if self.is_anyres:
-            return self._warm_up_anyres(rows, images, greedy, stream, max_prompt_tokens, progress)
+            return self._warm_up_anyres(rows, images, greedy, stream, max_prompt_tokens, progress, videos,
+                                        video_frames)
+        if any(videos):
+            raise ValueError("warm_up: videos need a LLaVA-OneVision model")
         shapes = [(r, i, p) for r in rows for i in images
                   for p in self.prompt_buckets(i, max_prompt_tokens or self.context_length)]
         sampling, stop = Sampling(0.0 if greedy else 1.0), self._stops(None)
@@ -417,38 +422,44 @@ class Generator:
         return len(shapes)
 
     def _warm_up_anyres(self, rows: Sequence[int], images: Sequence[int], greedy: bool, stream: bool,
-                        max_prompt_tokens: int | None, progress: Callable[[str], None] | None) -> int:
-        """warm_up of an AnyRes model: for up to `i` images a row, every tile bucket from 1 to the bucket of
-        `rows * i` largest images (`media.max_tiles_per_image`), with every prompt bucket."""
-        config, longest = self.model.config, max_prompt_tokens or self.context_length
+                        max_prompt_tokens: int | None, progress: Callable[[str], None] | None,
+                        videos: Sequence[int], video_frames: int) -> int:
+        """warm_up of an AnyRes model: for up to `i` images and `v` videos a row, every tile bucket from 1 to the
+        bucket of `rows * i` largest images (`media.max_tiles_per_image`) and every frame bucket from 1 to that
+        of `rows * v * video_frames` frames, with every prompt bucket."""
+        if any(videos) and self.video_token_index is None:
+            raise ValueError("warm_up: videos need a LLaVA-OneVision model")
+        most_tiles = media_lib.max_tiles_per_image(self.model.config)
         shapes = set()
         for r in rows:
             for i in images:
-                most = next_power_of_two(r * i * media_lib.max_tiles_per_image(config)) if i else 0
-                tiles = [1 << k for k in range(most.bit_length())]
-                shapes |= {(r, t, p) for t in tiles or [0] for p in self.prompt_buckets(min(i, 1), longest)}
+                for v in videos:
+                    buckets = [_buckets_up_to(r * i * most_tiles), _buckets_up_to(r * v * video_frames)]
+                    prompts = self.prompt_buckets(min(i + v, 1), max_prompt_tokens or self.context_length)
+                    shapes |= {(r, t, f, p) for t in buckets[0] for f in buckets[1] for p in prompts}
         sampling, stop = Sampling(0.0 if greedy else 1.0), self._stops(None)
-        for k, (num_rows, num_tiles, width) in enumerate(sorted(shapes)):
+        for k, (num_rows, num_tiles, num_frames, width) in enumerate(sorted(shapes)):
             if progress is not None:
-                progress(f"compiling {k + 1}/{len(shapes)}: {num_rows} row(s), {num_tiles} image tile(s), prompt "
-                         f"bucket {width}")
-            carry, key, params, static, _ = self._prefill(self._warm_batch(num_rows, num_tiles, width), 1, sampling,
-                                                          None, stop)
+                progress(f"compiling {k + 1}/{len(shapes)}: {num_rows} row(s), {num_tiles} image tile(s), "
+                         f"{num_frames} video frame(s), prompt bucket {width}")
+            batch = self._warm_batch(num_rows, num_tiles, num_frames, width)
+            carry, key, params, static, _ = self._prefill(batch, 1, sampling, None, stop)
             (decode_one if stream else decode_loop)(self.state, carry, key, params, static=static)
         return len(shapes)
 
-    def _warm_batch(self, num_rows: int, num_tiles: int, width: int) -> Batch:
-        """A batch of the shapes real AnyRes batches of `num_tiles` tiles (a bucket) take (values do not matter)."""
+    def _warm_batch(self, num_rows: int, num_tiles: int, num_frames: int, width: int) -> Batch:
+        """A batch of the shapes real AnyRes batches of `num_tiles` image tiles and `num_frames` video frames
+        (buckets) take (values do not matter)."""
         ids = np.full((num_rows, width), self.pad_id, np.int32)
         mask, done = np.ones((num_rows, width), np.int32), np.zeros(num_rows, bool)
         vision = {"image_taps": None, "videos": None, "video_taps": None}
-        pixels = None
+        pixels, side, index, weight = None, self.model.config.vision.image_size, *vision_layout.gather_taps([0])
         if num_tiles:
-            index, weight = vision_layout.gather_taps(np.zeros(1, np.int32))
-            tiles = Tiles(np.zeros((num_tiles, 3) + (self.model.config.vision.image_size,) * 2, np.float32),
-                          index, weight)
+            tiles = Tiles(np.zeros((num_tiles, 3, side, side), np.float32), index, weight)
             pixels, vision["image_taps"] = media_lib.pack(self.model.config, [tiles])
-            ids[0, 1] = self.image_token_index
+        if num_frames:
+            frames = Tiles(np.zeros((num_frames, 3, side, side), np.float32), index, weight, video=True)
+            vision["videos"], vision["video_taps"] = media_lib.pack(self.model.config, [frames])
         return Batch(ids, mask, pixels, None, done, num_rows, vision)
 
     def prompt_buckets(self, num_images: int, max_tokens: int) -> list[int]:
@@ -509,6 +520,11 @@ class Generator:
             streamer.flush()
         return tokens, lengths
 
+
+
+def _buckets_up_to(n: int) -> list[int]:
+    """The power-of-two buckets 1, 2, 4, ... up to that of `n` ([0] for n = 0: nothing to pack)."""
+    return [1 << k for k in range(next_power_of_two(n).bit_length())] if n else [0]
 
 
 __all__ = ["Generator", "Batch", "Sampling", "ModelLoadError", "TextStreamer", "bucket_length", "decoding_layout",

@@ -169,3 +169,18 @@ def test_preprocessor_pinpoints_must_be_the_models(tmp_path, onevision_model):
     (folder / "preprocessor_config.json").write_text(json.dumps(resized))
     with pytest.raises(ModelLoadError, match="size 60 differs from the tile size"):
         load_model(folder)
+
+
+@pytest.mark.slow
+def test_warm_up_compiles_video_requests(onevision_model):
+    _, gen = onevision_model
+    gen.warm_up(rows=(1,), images=(0,), videos=(1,), video_frames=4, max_new_tokens=8, max_prompt_tokens=64)
+    before = decoding.prefill._cache_size()
+    for count in (4, 3):  # both pack into the 4-frame bucket
+        gen.generate(["<video>\nWhat?"], [[Video(M.frames(count))]], max_new_tokens=8)
+    assert decoding.prefill._cache_size() == before
+
+
+def test_warm_up_refuses_videos_without_a_video_model(next_model):
+    with pytest.raises(ValueError, match="videos need a LLaVA-OneVision model"):
+        next_model[1].warm_up(videos=(1,))
