@@ -14,6 +14,7 @@ import dataclasses
 from typing import Literal, NamedTuple, Sequence
 
 IMAGE_TOKEN = "<image>"
+VIDEO_TOKEN = "<video>"  # LLaVA-OneVision's video placeholder
 
 Style = Literal["plain", "two", "llama_2", "chatml", "chatml_lines", "llama_3"]
 

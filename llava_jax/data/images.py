@@ -104,15 +104,13 @@ class ImageConfig:
         """From a transformers image processor, a processor holding one (`LlavaProcessor`), the dict of a
         `preprocessor_config.json`, or the path of that file or of its folder."""
         config = _hf_processor_dict(processor)
-        if not config.get("do_resize", True) or not config.get("do_center_crop", True):
-            raise ValueError("ImageConfig.from_hf: only processors that resize and center crop are supported, "
-                             f"got do_resize={config.get('do_resize')} do_center_crop={config.get('do_center_crop')}")
+        size, crop_size = _resize_and_crop(config, aspect)
         for flag in ("do_rescale", "do_normalize"):
             if not config.get(flag, True):
                 raise ValueError(f"ImageConfig.from_hf: {flag}=False is not supported")
         return cls(
-            size=_shortest_edge(config.get("size", 224)),
-            crop_size=_square_side(config.get("crop_size", 224)),
+            size=size,
+            crop_size=crop_size,
             mean=tuple(config.get("image_mean", CLIP_MEAN)),
             std=tuple(config.get("image_std", CLIP_STD)),
             aspect=aspect,
@@ -139,6 +137,26 @@ def _hf_processor_dict(processor: Any) -> dict:
     return processor.to_dict()
 
 
+def _resize_and_crop(config: Mapping, aspect: str) -> tuple[int, int]:
+    """(size, crop_size) of a processor dict: CLIP's shortest edge + center crop, or a resize to a fixed square
+    (SigLIP, OneVision: `size` {"height": S, "width": S}, no crop), which equals shortest edge S + crop S on the
+    square images of aspect "pad" only."""
+    if not config.get("do_resize", True):
+        raise ValueError("ImageConfig.from_hf: do_resize=False is not supported")
+    size = config.get("size", 224)
+    if isinstance(size, Mapping) and not size.get("shortest_edge") and "height" in size:
+        side = _square_side(size, "size")
+        if aspect != "pad":
+            raise ValueError(f"ImageConfig.from_hf: size {dict(size)} resizes to a fixed square (squashing the "
+                             f"aspect ratio); only aspect 'pad' honours it, got aspect {aspect!r}")
+        crop = _square_side(config["crop_size"], "crop_size") if config.get("do_center_crop") else side
+        return side, min(crop, side)
+    if not config.get("do_center_crop", True):
+        raise ValueError("ImageConfig.from_hf: a shortest-edge resize needs do_center_crop, got "
+                         f"do_center_crop={config.get('do_center_crop')}")
+    return _shortest_edge(size), _square_side(config.get("crop_size", 224))
+
+
 def _shortest_edge(size: Any) -> int:
     if isinstance(size, int):
         return size
@@ -147,12 +165,12 @@ def _shortest_edge(size: Any) -> int:
     raise ValueError(f"ImageConfig.from_hf: unsupported resize `size` {size!r} (need shortest_edge)")
 
 
-def _square_side(crop_size: Any) -> int:
+def _square_side(crop_size: Any, field: str = "crop_size") -> int:
     if isinstance(crop_size, int):
         return crop_size
     if isinstance(crop_size, Mapping) and crop_size.get("height") == crop_size.get("width") is not None:
         return int(crop_size["height"])
-    raise ValueError(f"ImageConfig.from_hf: unsupported `crop_size` {crop_size!r} (need a square)")
+    raise ValueError(f"ImageConfig.from_hf: unsupported `{field}` {crop_size!r} (need a square)")
 
 
 def _pil_resample(resample: Any) -> int:

@@ -1,8 +1,10 @@
-"""Terminal chat with a LLaVA model: `python -m llava_jax.chat --model PATH [--image FILE] ...`.
+"""Terminal chat with a LLaVA model: `python -m llava_jax.chat --model PATH [--image FILE ...] [--video V] ...`.
 
-Like the official `llava.serve.cli`: the image is attached to the first user turn (`<image>\\n` in front of
-it), every turn re-renders the whole conversation with the template and streams the answer, an empty line
-or end of input ends the chat. `--prompt TEXT` answers once and exits (the answer alone on stdout).
+Like the official `llava.serve.cli`: the images (`--image`, repeatable; several need a LLaVA-NeXT / OneVision
+model to be meaningful) and a `--video` (file or frame folder, LLaVA-OneVision) are attached to the first user
+turn (`<image>`s then `<video>`, a newline, the text); every turn re-renders the whole conversation with the
+template and streams the answer, an empty line or end of input ends the chat. `--prompt TEXT` answers once and
+exits (the answer alone on stdout).
 
 The template is `--template`, else the training workdir's, else `default_template` of the model folder's name
 (llava_v1 for LLaVA-1.5 / v1 Vicuna models). Bad input (missing model folder, unreadable image, a conversation
@@ -16,7 +18,7 @@ import sys
 from typing import Callable, Sequence, TextIO
 
 from llava_jax import cli
-from llava_jax.data.conversation import IMAGE_TOKEN, generation_prompt
+from llava_jax.data.conversation import IMAGE_TOKEN, VIDEO_TOKEN, generation_prompt
 from llava_jax.data.errors import BadSample
 from llava_jax.models.dtypes import DTYPES
 
@@ -30,16 +32,25 @@ class Chat:
 
     Args:
       generator: the model's Generator (its template renders the turns).
-      image: a PIL image attached to the first user turn, or None.
+      image: a PIL image (or a list of them) attached to the first user turn, or None.
+      video: a `media.Video` attached to the first user turn after the images (LLaVA-OneVision), or None.
       max_new_tokens, temperature, top_p: generation settings of every answer.
       seed: PRNG seed of sampling; each turn folds in its turn number.
     """
 
-    def __init__(self, generator, image=None, *, max_new_tokens: int = 512, temperature: float = 0.2,
+    def __init__(self, generator, image=None, *, video=None, max_new_tokens: int = 512, temperature: float = 0.2,
                  top_p: float = 1.0, seed: int = 0):
         if generator.template is None:
             raise ChatError("the chat needs a conversation template")
-        self.generator, self.image = generator, image
+        self.generator = generator
+        images = [] if image is None else list(image) if isinstance(image, (list, tuple)) else [image]
+        self.header = IMAGE_TOKEN * len(images) + VIDEO_TOKEN * (video is not None)  # placeholders of turn one
+        self.media = images + ([video] if video is not None else [])
+        if generator.is_anyres and self.media:  # tiles and token counts once for the whole chat
+            try:
+                self.media = generator.prepare_media(self.media)
+            except ValueError as e:
+                raise ChatError(str(e)) from None
         self.max_new_tokens, self.temperature, self.top_p, self.seed = max_new_tokens, temperature, top_p, seed
         self.messages: list[str] = []
 
@@ -47,19 +58,22 @@ class Chat:
         """Answers one user message (streaming pieces of the answer to `stream`) and records the turn."""
         import jax
 
-        text = text.replace(IMAGE_TOKEN, "").strip()  # images come from --image only
+        text = text.replace(IMAGE_TOKEN, "").replace(VIDEO_TOKEN, "").strip()  # media come from the flags only
         if not text:
             raise ChatError("empty message")
-        if not self.messages and self.image is not None:
-            text = IMAGE_TOKEN + "\n" + text
+        if not self.messages and self.header:
+            text = self.header + "\n" + text
         gen = self.generator
         prompt = generation_prompt(gen.template, [*self.messages, text])
-        length = gen.encode(prompt).size
+        try:
+            length = gen.encode(prompt, self.media if gen.is_anyres else ()).size
+        except ValueError as e:
+            raise ChatError(str(e)) from None
         room = gen.context_length - length
         if room < 1:
             raise ChatError(f"the conversation is {length} tokens long, the model's context is "
                             f"{gen.context_length} tokens")
-        images = [[self.image]] if self.image is not None else None
+        images = [self.media] if self.media else None
         try:
             answer = gen.generate([prompt], images, max_new_tokens=min(self.max_new_tokens, room),
                                   temperature=self.temperature, top_p=self.top_p,
@@ -77,7 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m llava_jax.chat", description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True,
                         help="a Hugging Face LLaVA folder, a llava_jax folder (convert.save) or a training workdir")
-    parser.add_argument("--image", help="image file attached to the first turn")
+    parser.add_argument("--image", action="append", default=[],
+                        help="image file attached to the first turn (repeat for several, in order)")
+    parser.add_argument("--video", help="video file or folder of frame images attached to the first turn, after "
+                                        "the images (LLaVA-OneVision models)")
+    parser.add_argument("--video-frames", type=int, default=32,
+                        help="frames sampled uniformly from --video (default 32, as LLaVA-OneVision)")
     parser.add_argument("--template", help="conversation template (default: chosen from the model)")
     parser.add_argument("--prompt", help="answer this one message and exit")
     parser.add_argument("--max-new-tokens", type=int, default=512)
@@ -97,25 +116,29 @@ def build_parser() -> argparse.ArgumentParser:
 def _open_chat(args) -> Chat:
     from llava_jax.data.images import load_image
     from llava_jax.infer.loading import ModelLoadError, load_generator
+    from llava_jax.infer.media import read_video
 
-    image = None
-    if args.image is not None:
-        try:
-            image = load_image(args.image, exif_transpose=True)
-        except BadSample as e:
-            raise ChatError(str(e)) from None
+    if args.video_frames < 1:
+        raise ChatError(f"--video-frames must be >= 1, got {args.video_frames}")
+    try:
+        images = [load_image(path, exif_transpose=True) for path in args.image]
+        video = read_video(args.video, args.video_frames) if args.video is not None else None
+    except BadSample as e:
+        raise ChatError(str(e)) from None
     try:
         generator = load_generator(args.model, dtype=args.dtype, template=args.template, tokenizer=args.tokenizer,
                                    quantize=args.quantize)
     except (ModelLoadError, FileNotFoundError) as e:
         raise ChatError(str(e)) from None
-    if image is not None and not generator.is_llava:
+    if images and not generator.is_llava:
         raise ChatError(f"{args.model} is a text-only model; it cannot take --image")
+    if video is not None and generator.video_token_index is None:
+        raise ChatError(f"--video: {args.model} takes no videos (only LLaVA-OneVision models do)")
     if args.warm_up:
-        generator.warm_up(images=(int(image is not None),), max_new_tokens=args.max_new_tokens,
+        generator.warm_up(images=(len(images),), max_new_tokens=args.max_new_tokens,
                           greedy=args.temperature == 0, stream=True, progress=_progress_line)
-    return Chat(generator, image, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                top_p=args.top_p, seed=args.seed)
+    return Chat(generator, images or None, video=video, max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature, top_p=args.top_p, seed=args.seed)
 
 
 def _progress_line(line: str) -> None:

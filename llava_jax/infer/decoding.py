@@ -46,7 +46,11 @@ class Static:
 
 
 def _decode(model, cache, ids, mask=None, pixels=None, image_mask=None):
-    """model.decode for LLaVA and for plain causal LMs (which take no images)."""
+    """model.decode for LLaVA, AnyRes models (image_mask is then the dict of "image_taps", "videos", "video_taps")
+    and plain causal LMs (which take no images)."""
+    if isinstance(image_mask, dict):
+        return model.decode(cache, ids, pixels, attention_mask=mask, image_taps=image_mask["image_taps"],
+                            pixel_values_videos=image_mask["videos"], video_taps=image_mask["video_taps"])
     if hasattr(model, "embed_inputs"):
         return model.decode(cache, ids, pixels, attention_mask=mask, image_mask=image_mask)
     return model.decode(cache, ids, attention_mask=mask)
@@ -99,7 +103,8 @@ class Carry(NamedTuple):
 @functools.partial(jax.jit, static_argnames=("static", "buffer"))
 def prefill(state, ids, mask, pixels, image_mask, done, key, sampling, limit, *, static: Static, buffer: int):
     """Prompt ids [B, P] (left padded, mask [B, P]) -> (Carry after the first new token): a cache of P + buffer
-    positions, a token buffer [B, buffer] of which `limit` (int32, 1..buffer) columns are decoded."""
+    positions, a token buffer [B, buffer] of which `limit` (int32, 1..buffer) columns are decoded. image_mask:
+    bool [N] (LLaVA), or the taps dict of `generate.Batch.vision` (AnyRes models)."""
     model = nnx.merge(static.graphdef, state)
     cache = model.init_cache(ids.shape[0], ids.shape[1] + buffer)
     if static.split_prefill:  # the logits of all but the last position are never computed (dead code)

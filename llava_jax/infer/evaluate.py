@@ -4,7 +4,9 @@ Questions are in the official `model_vqa` JSONL format and are asked as the offi
 asks them (the LLaVA-1.5 evaluation scripts): `<image>\\n` + question as the only user turn of the template
 (vicuna_v1 by default), the image padded to a square with the mean colour and CLIP-preprocessed, greedy
 decoding, the answer stripped. Batching, the progress bar, resuming after a crash and sharding over JAX
-processes come from `questions.run_questions`; with several processes, process 0 merges the shards.
+processes come from `questions.run_questions`; with several processes, process 0 merges the shards. A
+question's "image" may be a list of paths (several `<image>` lines) and, for LLaVA-OneVision models, a "video"
+(a file or a frame folder, `--video-frames` sampled) adds a `<video>` line.
 
     python -m llava_jax.eval --model PATH --questions Q.jsonl --images DIR --answers OUT.jsonl \\
         [--template vicuna_v1] [--batch-size 8] [--max-new-tokens 128] [--repeated-ids]
@@ -27,30 +29,36 @@ from llava_jax.data.paths import resolve_inside
 from llava_jax.models.dtypes import DTYPES
 from llava_jax.infer import questions as questions_lib
 from llava_jax.infer.generate import Generator
+from llava_jax.infer.media import read_video
 
 DEFAULT_TEMPLATE = "vicuna_v1"  # the official LLaVA-1.5 evaluation scripts' --conv-mode
 
 
 def answer_batch_fn(generator: Generator, image_root: str | os.PathLike, *, max_new_tokens: int,
                     temperature: float = 0.0, batch_size: int = 1,
-                    image_transform: Callable[[Image.Image], Image.Image] | None = None
+                    image_transform: Callable[[Image.Image], Image.Image] | None = None, video_frames: int = 32
                     ) -> Callable[[list[dict]], list[str]]:
     """The `answer_batch` of `run_questions`: question dicts -> stripped answers, in one generate call (rows
-    padded to `batch_size`, so the last batch reuses the compiled programs).
+    padded to `batch_size`, so the last batch reuses the compiled programs). A question's "image" may be a list
+    (in order, each an `<image>` line) and its "video" (LLaVA-OneVision) a file or a frame folder, of which
+    `video_frames` frames are sampled uniformly.
 
     Raises BadSample naming the question id when an image is missing, unreadable or outside `image_root`
     (`resolve_inside`: absolute, `..` or a symlink leading out are refused as "unsafe_path").
     """
-    def image_of(question: dict) -> list[Image.Image]:
-        if "image" not in question:
-            return []
+    def media_of(question: dict) -> list:
         sample_id = str(question["question_id"])
-        image = load_image(resolve_inside(image_root, question["image"], sample_id), sample_id=sample_id)
-        return [image_transform(image) if image_transform else image]
+        images = [load_image(resolve_inside(image_root, path, sample_id), sample_id=sample_id)
+                  for path in image_paths(question)]
+        media = [image_transform(image) if image_transform else image for image in images]
+        if "video" in question:
+            media.append(read_video(resolve_inside(image_root, question["video"], sample_id), video_frames))
+        return media
 
     def answer(batch: list[dict]) -> list[str]:
-        images = [image_of(q) for q in batch]
-        prompts = [generator.prompt(q["text"], num_images=len(i)) for q, i in zip(batch, images)]
+        images = [media_of(q) for q in batch]
+        prompts = [generator.prompt(q["text"], num_images=len(image_paths(q)), num_videos=int("video" in q))
+                   for q in batch]
         texts = generator.generate(prompts, images, max_new_tokens=max_new_tokens, temperature=temperature,
                                    min_rows=batch_size)
         return [t.strip() for t in texts]
@@ -63,13 +71,14 @@ def evaluate(model, tokenizer, questions_path: str | os.PathLike, image_root: st
              image_config: ImageConfig | None = None, batch_size: int = 8, max_new_tokens: int = 128,
              model_id: str = "llava_jax", image_transform: Callable[[Image.Image], Image.Image] | None = None,
              temperature: float = 0.0, process_index: int | None = None, process_count: int | None = None,
-             progress: bool = True, repeated_ids: bool = False) -> Path:
+             progress: bool = True, repeated_ids: bool = False, video_frames: int = 32) -> Path:
     """Answers every question of a `model_vqa` file into an answer file; returns `answers_path`.
 
     Args:
       model, tokenizer: a LLaVA model and its Hugging Face tokenizer.
-      questions_path: JSONL of {"question_id", "text", "image" (relative to image_root, optional), "category"}.
-      image_root: the folder the questions' image paths are relative to.
+      questions_path: JSONL of {"question_id", "text", "image" (relative to image_root, optional; a path or a
+        list of paths), "video" (optional, LLaVA-OneVision: a file or a folder of frames), "category"}.
+      image_root: the folder the questions' image and video paths are relative to.
       answers_path: the answer JSONL; answers already in it (after a crash) are kept and not asked again.
       template: conversation template name.
       image_config: image preprocessing (default: the tower's size, aspect "pad").
@@ -81,6 +90,7 @@ def evaluate(model, tokenizer, questions_path: str | os.PathLike, image_root: st
       progress: show a progress bar.
       repeated_ids: accept a question_id asked several times with different texts (MME, MMBench's rounds);
         otherwise a repeated id is refused, naming its lines.
+      video_frames: frames sampled uniformly from each video.
     """
     import jax
 
@@ -89,8 +99,12 @@ def evaluate(model, tokenizer, questions_path: str | os.PathLike, image_root: st
     questions = questions_lib.load_question_file(questions_path, repeated_ids)
     check_image_paths(questions, image_root)
     generator = Generator(model, tokenizer, image_config=image_config, template=template)
+    videos = [q["question_id"] for q in questions if "video" in q]
+    if videos and generator.video_token_index is None:
+        raise ValueError(f"{len(videos)} question(s) have a 'video' (e.g. {videos[0]!r}) but the model takes no "
+                         "videos (LLaVA-OneVision models do)")
     answer = answer_batch_fn(generator, image_root, max_new_tokens=max_new_tokens, temperature=temperature,
-                             batch_size=batch_size, image_transform=image_transform)
+                             batch_size=batch_size, image_transform=image_transform, video_frames=video_frames)
     questions_lib.run_questions(questions, answer, answers_path, batch_size=batch_size, model_id=model_id,
                                 process_index=process_index, process_count=process_count,
                                 progress=progress and process_index == 0)
@@ -103,16 +117,27 @@ def evaluate(model, tokenizer, questions_path: str | os.PathLike, image_root: st
     return Path(answers_path)
 
 
+def image_paths(question: dict) -> list[str]:
+    """A question's image paths: none, its "image", or each of its "image" list (strings, checked)."""
+    paths = question.get("image", [])
+    paths = paths if isinstance(paths, list) else [paths]
+    if not all(isinstance(p, str) for p in paths):
+        raise ValueError(f"question {question['question_id']!r}: field 'image' must be a path or a list of paths, "
+                         f"got {question['image']!r}")
+    return paths
+
+
 def check_image_paths(questions: Sequence[dict], image_root: str | os.PathLike) -> None:
-    """Refuses a question file whose image paths leave `image_root` (absolute, `..`, symlinks out), before
-    any model work: ValueError naming the count and the first question ids, reason "unsafe_path"."""
+    """Refuses a question file whose image (or video) paths leave `image_root` (absolute, `..`, symlinks out),
+    before any model work: ValueError naming the count and the first question ids, reason "unsafe_path"."""
     unsafe = []
     for question in questions:
-        if "image" in question:
+        for path in image_paths(question) + ([question["video"]] if "video" in question else []):
             try:
-                resolve_inside(image_root, question["image"], str(question["question_id"]))
+                resolve_inside(image_root, path, str(question["question_id"]))
             except BadSample as e:
                 unsafe.append((question["question_id"], e))
+                break
     if unsafe:
         ids = ", ".join(repr(qid) for qid, _ in unsafe[:5])
         raise ValueError(f"{len(unsafe)} question(s) with image paths outside {image_root} [unsafe_path], "
@@ -138,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tokenizer", help="tokenizer folder (default: the model folder)")
     parser.add_argument("--repeated-ids", action="store_true", help="accept a question_id asked several times "
                         "with different texts (MME, MMBench --all-rounds); otherwise refused, naming the lines")
+    parser.add_argument("--video-frames", type=int, default=32,
+                        help="frames sampled uniformly from a question's video (default 32, as LLaVA-OneVision)")
     parser.add_argument("--no-progress", action="store_true")
     add_quantize_argument(parser)
     return parser
@@ -150,6 +177,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     get_template(args.template)
+    if args.video_frames < 1:
+        raise ValueError(f"--video-frames must be >= 1, got {args.video_frames}")
     if not Path(args.questions).is_file():
         raise FileNotFoundError(f"question file not found: {args.questions}")
     if not Path(args.images).is_dir():
@@ -162,9 +191,9 @@ def main(argv: Sequence[str] | None = None) -> int:
              template=args.template, image_config=generator.image_config, batch_size=args.batch_size,
              max_new_tokens=args.max_new_tokens, temperature=args.temperature,
              model_id=args.model_id or Path(args.model).resolve().name, progress=not args.no_progress,
-             repeated_ids=args.repeated_ids)
+             repeated_ids=args.repeated_ids, video_frames=args.video_frames)
     print(f"answers written to {args.answers}", file=sys.stderr)
     return 0
 
 
-__all__ = ["evaluate", "answer_batch_fn", "check_image_paths", "main", "DEFAULT_TEMPLATE"]
+__all__ = ["evaluate", "answer_batch_fn", "check_image_paths", "image_paths", "main", "DEFAULT_TEMPLATE"]

@@ -11,6 +11,10 @@ How a call runs:
 - Prompts are strings (each `<image>` becomes `image_seq_length` image token ids; the text between images
   is tokenized piece by piece, BOS on the first piece only, as the official `tokenizer_image_token`) or
   token id lists already in that expanded form.
+- AnyRes models (LLaVA-NeXT, OneVision): a prompt's images (PIL) and OneVision videos (`Video`) become `Tiles`
+  (`prepare_media`: pixel tiles and feature taps, OneVision's several-image prompts single tiles); the k-th
+  `<image>` (`<video>`) expands to the k-th image's (video's) token count. The batch's tiles are padded to a
+  power of two and the taps to a bound of that bucket (`media.pack`), so shapes stay bucketed.
 - The batch is left padded to a bucketed length (`bucket_length`: powers of two up to 256, then multiples of
   128), its rows to a power of two and its images to a power of two, at least one per row (padding images
   are masked out), so a long evaluation compiles a handful of programs.
@@ -36,6 +40,7 @@ returns the `Generator` over it.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Callable, Iterator, Sequence
 
 import jax
@@ -43,11 +48,14 @@ import numpy as np
 from flax import nnx
 from PIL import Image
 
-from llava_jax.data.conversation import IMAGE_TOKEN, Template, get_template, stop_strings
+from llava_jax import vision_layout
+from llava_jax.data.conversation import IMAGE_TOKEN, VIDEO_TOKEN, Template, get_template, stop_strings
 from llava_jax.data.images import ImageConfig, preprocess
 from llava_jax.infer.decoding import (Carry, Static, bucket_length, decode_loop, decode_one, decoding_layout,
                                       next_power_of_two, prefill, token_buffer)
+from llava_jax.infer import media as media_lib
 from llava_jax.infer.loading import ModelLoadError, default_template, load_generator, load_model
+from llava_jax.infer.media import Tiles, Video
 from llava_jax.infer.sampling import Sampling, filter_logits, next_token
 from llava_jax.infer.streaming import IncrementalDecoder, TextStreamer, cut_at_stop
 
@@ -61,7 +69,9 @@ _prefill = prefill
 @dataclasses.dataclass
 class Batch:
     """A padded batch. ids / mask int32 [B, P] (left padded); pixels float32 [N, 3, S, S] or None;
-    image_mask bool [N]; done bool [B] (True for padding rows); num_rows: the real rows."""
+    image_mask bool [N]; done bool [B] (True for padding rows); num_rows: the real rows. AnyRes models: pixels
+    are all images' tiles [N, 3, S, S] and `vision` holds "image_taps", "videos" (frames [F, 3, S, S]) and
+    "video_taps" (`media.pack`; None where absent); image_mask is None."""
 
     ids: np.ndarray
     mask: np.ndarray
@@ -69,6 +79,12 @@ class Batch:
     image_mask: np.ndarray | None
     done: np.ndarray
     num_rows: int
+    vision: dict | None = None
+
+    @property
+    def image_inputs(self):
+        """What the prefill takes besides the pixels: image_mask (LLaVA) or the taps dict (AnyRes)."""
+        return self.image_mask if self.vision is None else self.vision
 
 
 def _default_image_config(model) -> ImageConfig | None:
@@ -99,10 +115,12 @@ class Generator:
                  bucket: Callable[[int], int] = bucket_length):
         self.model, self.tokenizer = decoding_layout(model), tokenizer
         self.is_llava = hasattr(model, "embed_inputs")
+        self.is_anyres = hasattr(model, "get_image_tokens")  # LLaVA-NeXT / OneVision: per-image token counts
         config = model.config
         self.text_config = config.text if self.is_llava else config
         self.image_token_index = config.image_token_index if self.is_llava else None
-        self.image_seq_length = config.image_seq_length if self.is_llava else 0
+        self.video_token_index = getattr(config, "video_token_index", None)
+        self.image_seq_length = config.image_seq_length if self.is_llava and not self.is_anyres else 0
         self.image_config = image_config or _default_image_config(model)
         self.template = get_template(template) if isinstance(template, str) else template
         if eos_token_ids is None:
@@ -117,33 +135,66 @@ class Generator:
         self.graphdef, self.state = nnx.split(self.model)
 
     @property
+    def min_image_tokens(self) -> int:
+        """The fewest tokens an image takes: image_seq_length, or an AnyRes model's tile of features."""
+        return self.model.config.tile_tokens if self.is_anyres else self.image_seq_length
+
+    @property
     def context_length(self) -> int:
         return self.text_config.max_position_embeddings
 
     # -------------------------------------------------------------------------------- prompts
 
-    def prompt(self, question: str, num_images: int = 0) -> str:
+    def prompt(self, question: str, num_images: int = 0, num_videos: int = 0) -> str:
         """The generation prompt of a single question, as the official `model_vqa`: each image becomes an
-        `<image>\\n` line in front of the question, then the template's user turn and assistant role."""
+        `<image>\\n` line in front of the question (then each video a `<video>\\n` line), then the template's user
+        turn and assistant role."""
         from llava_jax.data.conversation import generation_prompt
 
         if self.template is None:
             raise ValueError("Generator.prompt needs a template (Generator(..., template='llava_v1'))")
-        return generation_prompt(self.template, [(IMAGE_TOKEN + "\n") * num_images + question])
+        media = (IMAGE_TOKEN + "\n") * num_images + (VIDEO_TOKEN + "\n") * num_videos
+        return generation_prompt(self.template, [media + question])
 
-    def encode(self, prompt: Prompt) -> np.ndarray:
-        """A prompt -> int32 [T]; a string's `<image>` placeholders become `image_seq_length` image token ids."""
+    def encode(self, prompt: Prompt, media: Sequence[Tiles] = ()) -> np.ndarray:
+        """A prompt -> int32 [T]; a string's `<image>` placeholders become `image_seq_length` image token ids.
+        AnyRes models: the k-th `<image>` (`<video>`) becomes as many image (video) token ids as the k-th image
+        (video) of `media` (`prepare_media`'s output) has tokens."""
         if not isinstance(prompt, str):
             return np.asarray(prompt, np.int32).reshape(-1)
-        pieces = prompt.split(IMAGE_TOKEN)
+        placeholders = (IMAGE_TOKEN,) + ((VIDEO_TOKEN,) if self.video_token_index is not None else ())
+        pieces = re.split("(" + "|".join(map(re.escape, placeholders)) + ")", prompt)  # text, placeholder, text...
         if len(pieces) > 1 and not self.is_llava:
             raise ValueError(f"the prompt has {IMAGE_TOKEN} but the model takes no images: {prompt[:80]!r}")
+        counts = self._placeholder_counts(pieces[1::2], media)
         ids: list[int] = []
         for k, piece in enumerate(pieces):
-            if k > 0:
-                ids += [self.image_token_index] * self.image_seq_length
-            ids += self.tokenizer(piece, add_special_tokens=k == 0).input_ids
+            if k % 2:
+                ids += [self.image_token_index if piece == IMAGE_TOKEN else self.video_token_index] * counts[k // 2]
+            else:
+                ids += self.tokenizer(piece, add_special_tokens=k == 0).input_ids
         return np.asarray(ids, np.int32)
+
+    def _placeholder_counts(self, placeholders: Sequence[str], media: Sequence[Tiles]) -> list[int]:
+        """Token counts of a prompt's `<image>` / `<video>` placeholders, in order."""
+        if not self.is_anyres:
+            return [self.image_seq_length] * len(placeholders)
+        out = []
+        for kind, video in ((IMAGE_TOKEN, False), (VIDEO_TOKEN, True)):
+            wanted = [k for k, p in enumerate(placeholders) if p == kind]
+            have = [m.num_tokens for m in media if m.video == video]
+            if len(wanted) != len(have):
+                raise ValueError(f"the prompt has {len(wanted)} {kind} placeholder(s) but {len(have)} "
+                                 f"{'video' if video else 'image'}(s) were given")
+            out += list(zip(wanted, have))
+        return [n for _, n in sorted(out)]
+
+    def prepare_media(self, items: Sequence) -> list[Tiles]:
+        """AnyRes models: one prompt's PIL images and `Video`s (placeholder order) -> their `Tiles` (pixels and
+        token taps; OneVision gives a prompt with several images single-tile images)."""
+        if not self.is_anyres:
+            raise ValueError("prepare_media: only AnyRes models (LLaVA-NeXT, OneVision) take prepared tiles")
+        return media_lib.prepare(self.model.config, items, self.image_config)
 
     def count_images(self, ids: np.ndarray, where: str) -> int:
         """Images a prompt's ids [T] stand for (checked: whole groups of image_seq_length tokens)."""
@@ -176,6 +227,8 @@ class Generator:
         images = [[] for _ in prompts] if images is None else [list(i or []) for i in images]
         if len(images) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(images)} image lists")
+        if self.is_anyres:
+            return self._anyres_batch(prompts, images, min_rows)
         rows, pixels = [], []
         for r, (prompt, row_images) in enumerate(zip(prompts, images)):
             ids = self.encode(prompt)
@@ -192,19 +245,59 @@ class Generator:
                                  "were given")
             rows.append(ids)
             pixels += [self._pixels(image, f"{where}, image {k}") for k, image in enumerate(row_images)]
-        num_rows, width = next_power_of_two(max(len(rows), min_rows)), self.bucket(max(r.size for r in rows))
-        ids = np.full((num_rows, width), self.pad_id, np.int32)
-        mask = np.zeros((num_rows, width), np.int32)
-        for r in range(num_rows):
-            row = rows[r] if r < len(rows) else np.asarray([self.pad_id], np.int32)  # padding rows: one token
-            ids[r, width - row.size:], mask[r, width - row.size:] = row, 1
-        done = np.arange(num_rows) >= len(rows)
+        ids, mask, done = self._pad_rows(rows, min_rows)
+        num_rows = ids.shape[0]
         if not pixels:
             return Batch(ids, mask, None, None, done, len(rows))
         n = max(next_power_of_two(len(pixels)), num_rows)  # one image per row compiles once per row count
         stacked = np.zeros((n,) + pixels[0].shape, np.float32)
         stacked[:len(pixels)] = pixels
         return Batch(ids, mask, stacked, np.arange(n) < len(pixels), done, len(rows))
+
+    def _anyres_batch(self, prompts: Sequence[Prompt], images: Sequence[list], min_rows: int) -> Batch:
+        """make_batch of an AnyRes model: each row's images / videos prepared (`prepare_media`), the prompt
+        expanded by their token counts, all tiles and taps packed into buckets (`media.pack`)."""
+        rows, image_tiles, video_tiles = [], [], []
+        for r, (prompt, items) in enumerate(zip(prompts, images)):
+            where = f"prompt {r}"
+            try:
+                media = self.prepare_media(items)
+                ids = self.encode(prompt, media)
+            except (ValueError, TypeError) as e:
+                raise ValueError(f"{where}: {e}") from None
+            self._check_anyres_row(ids, media, where)
+            rows.append(ids)
+            image_tiles += [m for m in media if not m.video]
+            video_tiles += [m for m in media if m.video]
+        ids, mask, done = self._pad_rows(rows, min_rows)
+        config, pixels, vision = self.model.config, None, {"image_taps": None, "videos": None, "video_taps": None}
+        if image_tiles:
+            pixels, vision["image_taps"] = media_lib.pack(config, image_tiles)
+        if video_tiles:
+            vision["videos"], vision["video_taps"] = media_lib.pack(config, video_tiles)
+        return Batch(ids, mask, pixels, None, done, len(rows), vision)
+
+    def _check_anyres_row(self, ids: np.ndarray, media: Sequence[Tiles], where: str) -> None:
+        if ids.size == 0:
+            raise ValueError(f"{where} is empty")
+        if ids.size > self.context_length:
+            raise ValueError(f"{where} has {ids.size} tokens ({sum(m.num_tokens for m in media)} of its images / "
+                             f"videos), longer than the model's context of {self.context_length} tokens")
+        for index, video, what in ((self.image_token_index, False, "image"), (self.video_token_index, True, "video")):
+            have = int(np.sum(ids == index)) if index is not None else 0
+            need = sum(m.num_tokens for m in media if m.video == video)
+            if have != need:
+                raise ValueError(f"{where} has {have} {what} tokens (id {index}) but its {what}s give {need}")
+
+    def _pad_rows(self, rows: Sequence[np.ndarray], min_rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Rows of ids -> (ids, mask) int32 [B, P] left padded, done bool [B] (B a power of two >= min_rows)."""
+        num_rows, width = next_power_of_two(max(len(rows), min_rows)), self.bucket(max(r.size for r in rows))
+        ids = np.full((num_rows, width), self.pad_id, np.int32)
+        mask = np.zeros((num_rows, width), np.int32)
+        for r in range(num_rows):
+            row = rows[r] if r < len(rows) else np.asarray([self.pad_id], np.int32)  # padding rows: one token
+            ids[r, width - row.size:], mask[r, width - row.size:] = row, 1
+        return ids, mask, np.arange(num_rows) >= len(rows)
 
     def _stop_ids(self, stop: Sequence[str]) -> tuple[tuple[int, ...], ...]:
         """Token sequences of the stop strings that tokenize to something decoding back to exactly themselves
@@ -269,7 +362,9 @@ class Generator:
 
     def static(self, batch: Batch, greedy: bool, stop_ids: tuple = ()) -> Static:
         """The compile-time settings of a batch's programs."""
-        last_is_text = self.image_token_index is None or not (batch.ids[:, -1] == self.image_token_index).any()
+        last = batch.ids[:, -1]
+        last_is_text = self.image_token_index is None or not (
+            (last == self.image_token_index) | (last == (self.video_token_index or -1))).any()
         return Static(self.graphdef, greedy, self.eos_token_ids, stop_ids, self.pad_id,
                        split_prefill=last_is_text and batch.ids.shape[1] > 1)
 
@@ -278,27 +373,38 @@ class Generator:
         """Batches the prompts and runs the prefill -> (carry, key, sampling arrays, static, real rows)."""
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        batch = self.make_batch(prompts, images, min_rows=min_rows)
+        return self._prefill(self.make_batch(prompts, images, min_rows=min_rows), max_new_tokens, sampling, rng,
+                             stop, ignore_eos, buffer)
+
+    def _prefill(self, batch: Batch, max_new_tokens, sampling: Sampling, rng, stop: tuple[str, ...],
+                 ignore_eos: bool = False, buffer: int | None = None):
         key = rng if isinstance(rng, jax.Array) else jax.random.key(0 if rng is None else int(rng))
         static = self.static(batch, sampling.greedy, self._stop_ids(stop))
         if ignore_eos:
             static = dataclasses.replace(static, eos_ids=())
         params = sampling.arrays()
         buffer = max(buffer or 0, self.min_buffer, token_buffer(max_new_tokens))
-        carry = prefill(self.state, batch.ids, batch.mask, batch.pixels, batch.image_mask, batch.done, key, params,
+        carry = prefill(self.state, batch.ids, batch.mask, batch.pixels, batch.image_inputs, batch.done, key, params,
                         np.int32(max_new_tokens), static=static, buffer=buffer)
         return carry, key, params, static, batch.num_rows
 
     def warm_up(self, *, rows: Sequence[int] = (1,), images: Sequence[int] = (0,), max_new_tokens: int = 128,
                 greedy: bool = True, stream: bool = False, max_prompt_tokens: int | None = None,
-                buffer: int | None = None, progress: Callable[[str], None] | None = None) -> int:
+                buffer: int | None = None, progress: Callable[[str], None] | None = None,
+                videos: Sequence[int] = (0,), video_frames: int = 32) -> int:
         """Compiles, before any request, the programs requests of these shapes run, so that none compiles on
         the request path: for each row count, images per row and prompt bucket (from the shortest prompt with
         those images up to `max_prompt_tokens`, default the context), the prefill and the decode loop (`stream`:
         the one-step decode) for the default stop strings and `token_buffer(max_new_tokens)` (or `buffer`), which
-        later calls then use for any smaller max_new_tokens. `progress(line)` is called before each shape;
-        returns how many shapes were compiled."""
+        later calls then use for any smaller max_new_tokens. AnyRes models: images per row stand for tile buckets
+        (`_warm_up_anyres`); OneVision also takes `videos` per row of at most `video_frames` frames.
+        `progress(line)` is called before each shape; returns how many shapes were compiled."""
         self.min_buffer = max(self.min_buffer, buffer or token_buffer(max_new_tokens))
+        if self.is_anyres:
+            return self._warm_up_anyres(rows, images, greedy, stream, max_prompt_tokens, progress, videos,
+                                        video_frames)
+        if any(videos):
+            raise ValueError("warm_up: videos need a LLaVA-OneVision model")
         shapes = [(r, i, p) for r in rows for i in images
                   for p in self.prompt_buckets(i, max_prompt_tokens or self.context_length)]
         sampling, stop = Sampling(0.0 if greedy else 1.0), self._stops(None)
@@ -314,6 +420,47 @@ class Generator:
                                                         None, stop, min_rows=num_rows)
             (decode_one if stream else decode_loop)(self.state, carry, key, params, static=static)
         return len(shapes)
+
+    def _warm_up_anyres(self, rows: Sequence[int], images: Sequence[int], greedy: bool, stream: bool,
+                        max_prompt_tokens: int | None, progress: Callable[[str], None] | None,
+                        videos: Sequence[int], video_frames: int) -> int:
+        """warm_up of an AnyRes model: for up to `i` images and `v` videos a row, every tile bucket from 1 to the
+        bucket of `rows * i` largest images (`media.max_tiles_per_image`) and every frame bucket from 1 to that
+        of `rows * v * video_frames` frames, with every prompt bucket."""
+        if any(videos) and self.video_token_index is None:
+            raise ValueError("warm_up: videos need a LLaVA-OneVision model")
+        most_tiles = media_lib.max_tiles_per_image(self.model.config)
+        shapes = set()
+        for r in rows:
+            for i in images:
+                for v in videos:
+                    buckets = [_buckets_up_to(r * i * most_tiles), _buckets_up_to(r * v * video_frames)]
+                    prompts = self.prompt_buckets(min(i + v, 1), max_prompt_tokens or self.context_length)
+                    shapes |= {(r, t, f, p) for t in buckets[0] for f in buckets[1] for p in prompts}
+        sampling, stop = Sampling(0.0 if greedy else 1.0), self._stops(None)
+        for k, (num_rows, num_tiles, num_frames, width) in enumerate(sorted(shapes)):
+            if progress is not None:
+                progress(f"compiling {k + 1}/{len(shapes)}: {num_rows} row(s), {num_tiles} image tile(s), "
+                         f"{num_frames} video frame(s), prompt bucket {width}")
+            batch = self._warm_batch(num_rows, num_tiles, num_frames, width)
+            carry, key, params, static, _ = self._prefill(batch, 1, sampling, None, stop)
+            (decode_one if stream else decode_loop)(self.state, carry, key, params, static=static)
+        return len(shapes)
+
+    def _warm_batch(self, num_rows: int, num_tiles: int, num_frames: int, width: int) -> Batch:
+        """A batch of the shapes real AnyRes batches of `num_tiles` image tiles and `num_frames` video frames
+        (buckets) take (values do not matter)."""
+        ids = np.full((num_rows, width), self.pad_id, np.int32)
+        mask, done = np.ones((num_rows, width), np.int32), np.zeros(num_rows, bool)
+        vision = {"image_taps": None, "videos": None, "video_taps": None}
+        pixels, side, index, weight = None, self.model.config.vision.image_size, *vision_layout.gather_taps([0])
+        if num_tiles:
+            tiles = Tiles(np.zeros((num_tiles, 3, side, side), np.float32), index, weight)
+            pixels, vision["image_taps"] = media_lib.pack(self.model.config, [tiles])
+        if num_frames:
+            frames = Tiles(np.zeros((num_frames, 3, side, side), np.float32), index, weight, video=True)
+            vision["videos"], vision["video_taps"] = media_lib.pack(self.model.config, [frames])
+        return Batch(ids, mask, pixels, None, done, num_rows, vision)
 
     def prompt_buckets(self, num_images: int, max_tokens: int) -> list[int]:
         """The padded prompt lengths of prompts with `num_images` images and at most `max_tokens` tokens."""
@@ -375,6 +522,11 @@ class Generator:
 
 
 
+def _buckets_up_to(n: int) -> list[int]:
+    """The power-of-two buckets 1, 2, 4, ... up to that of `n` ([0] for n = 0: nothing to pack)."""
+    return [1 << k for k in range(next_power_of_two(n).bit_length())] if n else [0]
+
+
 __all__ = ["Generator", "Batch", "Sampling", "ModelLoadError", "TextStreamer", "bucket_length", "decoding_layout",
            "default_template", "filter_logits", "load_generator", "load_model", "next_token", "next_power_of_two",
-           "cut_at_stop", "Carry", "Static", "IncrementalDecoder"]
+           "cut_at_stop", "Carry", "Static", "IncrementalDecoder", "Tiles", "Video", "VIDEO_TOKEN"]

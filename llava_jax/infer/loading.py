@@ -4,6 +4,7 @@ serve, eval and bench open a model."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -40,8 +41,9 @@ def load_model(path: str | os.PathLike, *, dtype=None, tokenizer: str | os.PathL
                quantize=None):
     """Loads a model for generation -> (model, tokenizer, image_config, template name).
 
-    PATH is a Hugging Face LLaVA / LLaMA folder (config.json + weights; tokenizer and preprocessor_config.json
-    read from it), a folder in our format (`convert.save`: model.json + params/; the tokenizer from the same
+    PATH is a Hugging Face LLaVA / LLaVA-NeXT / LLaVA-OneVision / LLaMA folder (config.json + weights; tokenizer
+    and preprocessor_config.json read from it: CLIP's, SigLIP's or the AnyRes processors, whose grid pinpoints
+    must be the model's), a folder in our format (`convert.save`: model.json + params/; the tokenizer from the same
     folder or `tokenizer`), or a finished training workdir (config.json + checkpoints/): its `export_hf` folder.
     The model comes in `decoding_layout` (per-layer weight buffers, for `Generator`; not for `convert`).
     The template is the workdir's `data.template` or `default_template(folder name)`.
@@ -75,14 +77,16 @@ def load_model(path: str | os.PathLike, *, dtype=None, tokenizer: str | os.PathL
     image_config = None
     if hasattr(model, "embed_inputs"):
         image_config = _image_config(path, model.config.vision)
+        _check_pinpoints(path, model.config, image_config)
     text = model.config.text if hasattr(model.config, "text") else model.config
     template = template or default_template(path.name, tokenizer, hf_llama.hf_model_type(text))
     return model, tokenizer, image_config, template
 
 
 def _image_config(path: Path, vision) -> ImageConfig:
-    """The folder's preprocessor_config.json (LLaVA-1.5 "pad" aspect) or the tower's defaults (its size and
-    normalization)."""
+    """The folder's preprocessor_config.json (CLIP's shortest edge + crop, or SigLIP's / OneVision's square
+    resize; LLaVA-1.5 "pad" aspect; AnyRes models read its size and normalization for their tiles) or the
+    tower's defaults (its size and normalization)."""
     image_size = vision.image_size
     if not (path / "preprocessor_config.json").is_file():
         return ImageConfig.for_tower(vision, aspect="pad")
@@ -94,6 +98,21 @@ def _image_config(path: Path, vision) -> ImageConfig:
         raise ModelLoadError(f"{path / 'preprocessor_config.json'}: crop size {config.crop_size} differs from the "
                              f"vision tower's image_size {image_size}")
     return config
+
+
+def _check_pinpoints(path: Path, config, image_config: ImageConfig) -> None:
+    """An AnyRes model's preprocessor_config.json must tile with the model's own grid pinpoints and tile size."""
+    ours = getattr(config, "image_grid_pinpoints", None)
+    file = path / "preprocessor_config.json"
+    if ours is None or not file.is_file():
+        return
+    if image_config.size != config.vision.image_size:
+        raise ModelLoadError(f"{file}: size {image_config.size} differs from the tile size (the vision tower's "
+                             f"image_size {config.vision.image_size}); AnyRes tiles are resized to it")
+    theirs = json.loads(file.read_text()).get("image_grid_pinpoints")
+    if theirs is not None and [list(p) for p in theirs] != [list(p) for p in ours]:
+        raise ModelLoadError(f"{file}: image_grid_pinpoints {theirs} differ from the model's "
+                             f"{[list(p) for p in ours]}")
 
 
 COMPILE_CACHE_ENV = "LLAVA_JAX_COMPILE_CACHE"  # a folder for JAX's persistent compilation cache; "" turns it off

@@ -1,7 +1,8 @@
 """Question files in, answer files out: the plumbing of `python -m llava_jax.eval`.
 
 Formats are those of the official `llava.eval.model_vqa`:
-- question file (JSONL): `{"question_id", "text", "image" (optional: text-only), "category" (optional)}`;
+- question file (JSONL): `{"question_id", "text", "image" (optional: text-only; a path or a list of paths),
+  "video" (optional, LLaVA-OneVision: a file or a folder of frames), "category" (optional)}`;
 - answer file (JSONL): `{"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}`.
 
 `run_questions` answers in batches and appends each batch with one `write` followed by `fsync`, so a
@@ -24,7 +25,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 QUESTION_FIELDS = {"question_id": (int, str), "text": (str,)}
-OPTIONAL_QUESTION_FIELDS = {"image": (str,), "category": (str,)}
+OPTIONAL_QUESTION_FIELDS = {"image": (str, list), "video": (str,), "category": (str,)}
 ANSWER_FIELDS = {"question_id": (int, str), "text": (str,)}
 RESUME_FIELDS = {**ANSWER_FIELDS, "prompt": (str,)}
 

@@ -176,12 +176,30 @@ def test_image_config_from_hf_dict_folder_and_object(tmp_path):
 
 
 def test_image_config_rejects_unsupported_settings():
-    with pytest.raises(ValueError, match="size"):
-        ImageConfig.from_hf({"size": {"height": 336, "width": 336}})
+    with pytest.raises(ValueError, match="size .* only aspect 'pad' honours it"):
+        ImageConfig.from_hf({"size": {"height": 336, "width": 336}}, aspect="resize")
+    with pytest.raises(ValueError, match="`size`"):
+        ImageConfig.from_hf({"size": {"height": 336, "width": 300}})
+    with pytest.raises(ValueError, match="do_center_crop"):
+        ImageConfig.from_hf({"size": {"shortest_edge": 336}, "do_center_crop": False})
     with pytest.raises(ValueError, match="crop_size"):
         ImageConfig.from_hf({"size": {"shortest_edge": 336}, "crop_size": {"height": 336, "width": 300}})
     with pytest.raises(ValueError, match="aspect"):
         ImageConfig(aspect="anyres")
+
+
+def test_siglip_processor_square_resize_on_padded_images(tmp_path):
+    """SigLIP's processor (size as height / width, no crop) read from its folder: on LLaVA's mean-colour padded
+    square it gives the pixels of transformers' SiglipImageProcessorPil."""
+    from transformers import SiglipImageProcessor
+
+    processor = SiglipImageProcessor(size={"height": 30, "width": 30}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    processor.save_pretrained(tmp_path)
+    cfg = ImageConfig.from_hf(tmp_path)
+    assert (cfg.size, cfg.crop_size, cfg.mean) == (30, 30, (0.5, 0.5, 0.5))
+    image = Image.fromarray(photo(41, 23, seed=3))
+    ref = processor(images=expand_to_square(image, cfg.background), return_tensors="np")["pixel_values"][0]
+    np.testing.assert_allclose(preprocess(image, cfg), ref, atol=1e-5)
 
 
 def test_truncated_and_garbage_files_are_corrupt_images():

@@ -7,8 +7,13 @@ its images become one `<image>\\n` each in front of the text, so one image in th
 `python -m llava_jax.chat --image`. Assistant turns are stripped, as the chat CLI records its answers.
 
 Images: `data:` URLs (base64) always; `file://` URLs only under `ImagePolicy.media_dir` (resolved, links
-included, before the check); `http(s)://` only with `ImagePolicy.allow_remote`. Every error is an `ApiError`
-whose message names the request field.
+included, before the check); `http(s)://` only with `ImagePolicy.allow_remote`. AnyRes models (LLaVA-NeXT,
+OneVision) take several images per message, each expanded to its own token count; OneVision models also take
+`video_url` parts (vLLM's extension: a `data:` URL of a video file, or a `file://` URL under the media folder),
+`<video>\\n` after the turn's `<image>\\n` lines, `ImagePolicy.video_frames` frames sampled uniformly. The job
+then carries the prompt's ids and, per image and video, its `media.Tiles` (pixel tiles + token taps), which
+`Generator.make_batch` packs as it packs a generate call's. Every error is an `ApiError` whose message names the
+request field.
 """
 
 from __future__ import annotations
@@ -25,11 +30,13 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from llava_jax.data.conversation import IMAGE_TOKEN, Template, generation_prompt
+from llava_jax.data.conversation import IMAGE_TOKEN, VIDEO_TOKEN, Template, generation_prompt
 from llava_jax.data.errors import BadSample
 from llava_jax.data.images import load_image, preprocess, read_image_bytes
 from llava_jax.data.paths import resolve_inside
+from llava_jax.data.video import decode_video
 from llava_jax.infer.generate import Generator
+from llava_jax.infer.media import Video
 
 MAX_STOP_STRINGS = 4  # as the OpenAI API
 
@@ -71,7 +78,14 @@ class ImagePart(_Model):
     image_url: ImageURL
 
 
-Part = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+class VideoPart(_Model):
+    """vLLM's extension: `{"type": "video_url", "video_url": {"url": ...}}` (LLaVA-OneVision models)."""
+
+    type: Literal["video_url"]
+    video_url: ImageURL
+
+
+Part = Annotated[TextPart | ImagePart | VideoPart, Field(discriminator="type")]
 
 
 class Message(_Model):
@@ -140,6 +154,25 @@ class ImagePolicy:
     media_dir: Path | None = None       # file:// URLs under this folder
     allow_remote: bool = False          # http(s):// URLs
     fetch_timeout_s: float = 10.0
+    max_video_bytes: int = 256 << 20    # a video_url's file
+    video_frames: int = 32              # frames sampled uniformly from a video (LLaVA-OneVision's 32)
+
+
+def read_video(url: str, field: str, policy: ImagePolicy) -> Video:
+    """A video URL (`data:` with base64 video bytes, or `file://` under the media folder) -> its `video_frames`
+    frames sampled uniformly (`data.video.decode_video`), or ApiError naming `field`."""
+    scheme = url.split(":", 1)[0].lower() if ":" in url else ""
+    if scheme == "data":
+        data = _data_url(url, field, policy.max_video_bytes)
+    elif scheme == "file":
+        data = _local_file(url, field, policy, policy.max_video_bytes)
+    else:
+        raise ApiError(400, f"{field}: unsupported video URL (use a data: URL with base64 video bytes, or a file: "
+                       "URL under the allowed media folder)", field)
+    try:
+        return Video(decode_video(data, num_frames=policy.video_frames, name=field, max_pixels=policy.max_pixels))
+    except BadSample as e:
+        raise ApiError(413 if e.reason == "image_too_large" else 400, str(e), field) from None
 
 
 def read_image(url: str, field: str, policy: ImagePolicy) -> Image.Image:
@@ -175,8 +208,9 @@ def _data_url(url: str, field: str, limit: int) -> bytes:
         raise ApiError(400, f"{field}: invalid base64 data ({e})", field) from None
 
 
-def _local_file(url: str, field: str, policy: ImagePolicy) -> bytes:
-    """A file: URL's bytes; the path is checked by `data.paths.resolve_inside`, as every data reader's."""
+def _local_file(url: str, field: str, policy: ImagePolicy, max_bytes: int | None = None) -> bytes:
+    """A file: URL's bytes (at most `max_bytes`, default the image limit); the path is checked by
+    `data.paths.resolve_inside`, as every data reader's."""
     if policy.media_dir is None:
         raise ApiError(400, f"{field}: file: URLs are refused (the server has no --allowed-media-dir)", field)
     path = Path(urllib.parse.unquote(urllib.parse.urlparse(url).path))
@@ -189,7 +223,7 @@ def _local_file(url: str, field: str, policy: ImagePolicy) -> bytes:
     except BadSample:
         raise outside from None
     try:
-        return read_image_bytes(real, max_bytes=policy.max_bytes, name=str(path))
+        return read_image_bytes(real, max_bytes=max_bytes or policy.max_bytes, name=str(path))
     except BadSample as e:
         raise ApiError(413 if e.reason == "image_too_large" else 400, f"{field}: {e}", field) from None
 
@@ -221,6 +255,7 @@ class Conversation:
     system: str | None
     messages: list[str]                 # user first, alternating, ending with a user turn
     images: list[tuple[str, str]]       # (field, url) in prompt order
+    videos: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (field, url) in prompt order
 
     def prompt(self, template: Template) -> str:
         if self.system is not None:
@@ -230,9 +265,9 @@ class Conversation:
 
 def conversation(request: ChatRequest) -> Conversation:
     """The request's messages as a conversation (see the module docstring), or ApiError naming the message."""
-    messages, images, system = list(request.messages), [], None
+    messages, images, videos, system = list(request.messages), [], [], None
     if messages[0].role in ("system", "developer"):
-        system = _text(messages.pop(0), "messages[0]", images, allow_images=False)
+        system = _text(messages.pop(0), "messages[0]", images, videos, allow_images=False)
     turns = []
     for i, message in enumerate(messages, start=len(request.messages) - len(messages)):
         field = f"messages[{i}]"
@@ -241,32 +276,40 @@ def conversation(request: ChatRequest) -> Conversation:
             raise ApiError(400, f"{field}.role: expected '{expected}' (after an optional system message, user and "
                            f"assistant turns alternate and the last is a user turn), got '{message.role}'",
                            f"{field}.role")
-        before = len(images)
-        text = _text(message, field, images, allow_images=expected == "user")
-        text = (IMAGE_TOKEN + "\n") * (len(images) - before) + text
+        before, videos_before = len(images), len(videos)
+        text = _text(message, field, images, videos, allow_images=expected == "user")
+        text = (IMAGE_TOKEN + "\n") * (len(images) - before) + (VIDEO_TOKEN + "\n") * (len(videos) - videos_before) \
+            + text
         if not text:
             raise ApiError(400, f"{field}.content: empty message", f"{field}.content")
         turns.append(text)
     if len(turns) % 2 == 0:
         raise ApiError(400, f"messages[{len(request.messages) - 1}].role: the last message must be a user turn",
                        f"messages[{len(request.messages) - 1}].role")
-    return Conversation(system, turns, images)
+    return Conversation(system, turns, images, videos)
 
 
-def _text(message: Message, field: str, images: list, *, allow_images: bool) -> str:
+def _text(message: Message, field: str, images: list, videos: list, *, allow_images: bool) -> str:
     content = message.content or ""
     if isinstance(content, str):
-        return content.replace(IMAGE_TOKEN, "").strip()
+        return _strip_placeholders(content)
     texts = []
     for j, part in enumerate(content):
         if isinstance(part, TextPart):
             texts.append(part.text)
         elif not allow_images:
-            raise ApiError(400, f"{field}.content[{j}]: images are only accepted in user messages",
+            raise ApiError(400, f"{field}.content[{j}]: images and videos are only accepted in user messages",
                            f"{field}.content[{j}]")
+        elif isinstance(part, VideoPart):
+            videos.append((f"{field}.content[{j}].video_url", part.video_url.url))
         else:
             images.append((f"{field}.content[{j}].image_url", part.image_url.url))
-    return "\n".join(texts).replace(IMAGE_TOKEN, "").strip()
+    return _strip_placeholders("\n".join(texts))
+
+
+def _strip_placeholders(text: str) -> str:
+    """A literal `<image>` / `<video>` in a message's text is dropped (media come from their parts only)."""
+    return text.replace(IMAGE_TOKEN, "").replace(VIDEO_TOKEN, "").strip()
 
 
 # ------------------------------------------------------------------------------------------ jobs
@@ -284,7 +327,7 @@ class Prepared:
     """What the engine needs for a request, and its usage counts."""
 
     ids: np.ndarray
-    pixels: list[np.ndarray]
+    pixels: list  # LLaVA: pixel values [3, S, S] per image; AnyRes: `media.Tiles` per image, then per video
     max_tokens: int
     temperature: float
     top_p: float
@@ -308,23 +351,42 @@ def prepare(request: ChatRequest, generator: Generator, limits: Limits,
     chat = conversation(request)
     if chat.images and not generator.is_llava:
         raise ApiError(400, f"{chat.images[0][0]}: the model is text-only and takes no images", chat.images[0][0])
-    most = (generator.context_length - 1) // max(generator.image_seq_length, 1)
+    if chat.videos and generator.video_token_index is None:
+        raise ApiError(400, f"{chat.videos[0][0]}: the model takes no videos (LLaVA-OneVision models do)",
+                       chat.videos[0][0])
+    most = (generator.context_length - 1) // max(generator.min_image_tokens, 1)
     if len(chat.images) > most:  # checked before any image is read
         raise ApiError(400, f"messages: {len(chat.images)} images; the model's context holds at most {most} (of "
-                       f"{generator.image_seq_length} tokens each)", "messages")
-    pixels = [preprocess(read_image(url, field, limits.images), generator.image_config) for field, url in chat.images]
+                       f"{'at least ' * generator.is_anyres}{generator.min_image_tokens} tokens each)", "messages")
+    pixels, media = _media(chat, generator, limits.images)
     with tokenizer_lock:
-        ids = generator.encode(chat.prompt(generator.template))
+        ids = generator.encode(chat.prompt(generator.template), media)
     room = generator.context_length - ids.size
     limit = min(limits.max_prompt_tokens or generator.context_length, generator.context_length - 1)
     if ids.size > limit:
-        raise ApiError(400, f"messages: the prompt is {ids.size} tokens ({len(pixels)} image(s) of "
-                       f"{generator.image_seq_length}), over the limit of {limit}", "messages")
+        images = f"{len(pixels)} image(s)" + ("" if generator.is_anyres else f" of {generator.image_seq_length}")
+        raise ApiError(400, f"messages: the prompt is {ids.size} tokens ({images}), over the limit of {limit}",
+                       "messages")
     temperature = 1.0 if request.temperature is None else request.temperature
     return Prepared(ids, pixels, min(max_tokens or limits.max_tokens, room), temperature,
                     1.0 if request.top_p is None else request.top_p, request.seed, tuple(s for s in stop if s),
                     request.ignore_eos)
 
 
+def _media(chat: Conversation, generator: Generator, policy: ImagePolicy) -> tuple[list, list]:
+    """The request's images (and videos) read and prepared -> (what the job carries, what `encode` expands by):
+    LLaVA: pixel values [3, S, S] each, nothing to expand by; AnyRes: `media.Tiles` (images, then videos) for
+    both."""
+    images = [read_image(url, field, policy) for field, url in chat.images]
+    if not generator.is_anyres:
+        return [preprocess(image, generator.image_config) for image in images], []
+    videos = [read_video(url, field, policy) for field, url in chat.videos]
+    try:
+        tiles = generator.prepare_media(images + videos)
+    except ValueError as e:
+        raise ApiError(400, f"messages: {e}", "messages") from None
+    return tiles, tiles
+
+
 __all__ = ["ApiError", "ChatRequest", "Conversation", "ImagePolicy", "Limits", "Prepared", "conversation",
-           "parse_request", "prepare", "read_image"]
+           "parse_request", "prepare", "read_image", "read_video", "VideoPart"]
