@@ -21,26 +21,22 @@ Same interface as the windowed `engine.Engine` (`submit`, `arriving`, `warm_up`,
 
 from __future__ import annotations
 
-import collections
 import contextlib
-import itertools
 import logging
-import threading
 from typing import Callable
 
 import jax
 import numpy as np
 
-from llava_jax.data.conversation import stop_strings
 from llava_jax.infer import slots as slot_programs
 from llava_jax.infer.generate import Generator, TextStreamer, next_power_of_two
 from llava_jax.infer.sampling import Sampling
-from llava_jax.infer.serve.engine import Delta, EngineStopped, Failed, Finished, Job, QueueFull, _send
+from llava_jax.infer.serve.engine import Delta, Failed, Finished, Job, QueuedEngine, _send
 
 log = logging.getLogger(__name__)
 
 
-class ContinuousEngine:
+class ContinuousEngine(QueuedEngine):
     """Owns `generator` on one thread; `submit` jobs from any thread.
 
     Args:
@@ -57,20 +53,12 @@ class ContinuousEngine:
 
     def __init__(self, generator: Generator, *, max_batch: int = 16, max_queue: int = 64, seed: int = 0,
                  max_tokens: int = 1024, max_prompt_tokens: int | None = None, share_prefix: bool = True):
-        if max_batch < 1 or max_queue < 1:
-            raise ValueError(f"max_batch and max_queue must be >= 1, got {max_batch} and {max_queue}")
-        self.generator, self.max_batch, self.max_queue = generator, max_batch, max_queue
+        super().__init__(generator, max_batch=max_batch, max_queue=max_queue, seed=seed)
         context = generator.context_length
         self.longest_prompt = min(max_prompt_tokens or context, context)
         self.slot_length = max(min(context, self.longest_prompt + max_tokens), generator.bucket(self.longest_prompt))
-        self.template_stops = tuple(stop_strings(generator.template)) if generator.template is not None else ()
         self.slots = slot_programs.empty_slots(generator.model, max_batch, self.slot_length)
         self._rows: list[_SlotRow | None] = [None] * max_batch
-        self._waiting: collections.deque[Job] = collections.deque()
-        self._cond = threading.Condition()
-        self._closed = False
-        self._keys = itertools.count(seed)
-        self._thread = threading.Thread(target=self._loop, name="llava-engine", daemon=True)
         self.batches = self.rows = self.steps = 0  # admission rounds, jobs admitted, decode steps (GET /health)
         self.prefix_ids = shared_prefix(generator) if share_prefix else None
         self.prefix = self._prefill_prefix() if self.prefix_ids is not None else None
@@ -81,10 +69,6 @@ class ContinuousEngine:
         static = slot_programs.SlotStatic(gen.graphdef, True)
         return slot_programs.prefill_request(gen.state, ids, np.ones_like(ids), None, None, jax.random.key(0),
                                              Sampling().arrays(), static=static)
-
-    def start(self) -> "ContinuousEngine":
-        self._thread.start()
-        return self
 
     def warm_up(self, max_prompt_tokens: int | None = None, sampled: bool = False,
                 progress: Callable[[str], None] | None = None) -> int:
@@ -119,21 +103,6 @@ class ContinuousEngine:
         """The row counts a decode step runs (the first slots, up to the last busy one): powers of two and all."""
         return sorted({min(next_power_of_two(n), self.max_batch) for n in range(1, self.max_batch + 1)})
 
-    def close(self, timeout: float | None = 10.0) -> None:
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-
-    @property
-    def waiting(self) -> int:
-        return len(self._waiting)
-
-    @property
-    def alive(self) -> bool:
-        return self._thread.is_alive() and not self._closed
-
     @property
     def busy_slots(self) -> int:
         return sum(row is not None for row in self._rows)
@@ -142,16 +111,6 @@ class ContinuousEngine:
     def arriving(self):
         """The windowed engine's hint (a request on its way); a continuous engine never waits for one."""
         yield
-
-    def submit(self, job: Job) -> Job:
-        with self._cond:
-            if not self.alive:
-                raise EngineStopped("the engine is not running")
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFull(f"{len(self._waiting)} requests are waiting, the limit is {self.max_queue}")
-            self._waiting.append(job)
-            self._cond.notify_all()
-        return job
 
     # ---------------------------------------------------------------------------------------- engine thread
 

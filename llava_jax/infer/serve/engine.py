@@ -85,50 +85,27 @@ class Job:
         return ("sample", self.ignore_eos, self.temperature, self.top_p, id(self) if self.seed is not None else None)
 
 
-class Engine:
-    """Owns `generator` on one thread; `submit` jobs from any thread.
+class QueuedEngine:
+    """What both engines share: the bounded queue of jobs, the thread that owns the model, start and close.
+    A subclass implements `_loop` (the engine thread) and `warm_up`."""
 
-    Args:
-      generator: the model's Generator (its template's stop strings end every answer).
-      max_batch: most rows decoded together.
-      max_queue: most jobs waiting; `submit` raises QueueFull beyond.
-      batch_window_s: how long the oldest waiting job may wait for requests on their way.
-      seed: base of the sampling keys of jobs without a seed.
-      max_tokens: the largest max_tokens a job may ask for: every batch decodes into one token buffer that holds
-        it (`token_buffer`), so the compiled programs depend on the rows and the prompt bucket only.
-    """
-
-    def __init__(self, generator: Generator, *, max_batch: int = 16, max_queue: int = 64,
-                 batch_window_s: float = 0.05, seed: int = 0, max_tokens: int = 1024):
+    def __init__(self, generator: Generator, *, max_batch: int, max_queue: int, seed: int):
         if max_batch < 1 or max_queue < 1:
             raise ValueError(f"max_batch and max_queue must be >= 1, got {max_batch} and {max_queue}")
         self.generator, self.max_batch, self.max_queue = generator, max_batch, max_queue
-        self.batch_window_s = batch_window_s
-        self.buffer = token_buffer(max_tokens)
         self.template_stops = tuple(stop_strings(generator.template)) if generator.template is not None else ()
         self._waiting: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
         self._closed = False
-        self._arriving = 0
-        self._last_rows, self._idle_since = 1, time.monotonic()  # the last batch's size and end
         self._keys = itertools.count(seed)
         self._thread = threading.Thread(target=self._loop, name="llava-engine", daemon=True)
-        self.batches = self.rows = 0  # batches and rows run so far (GET /health)
 
-    def start(self) -> "Engine":
+    def _loop(self) -> None:
+        raise NotImplementedError
+
+    def start(self):
         self._thread.start()
         return self
-
-    def warm_up(self, max_prompt_tokens: int | None = None, sampled: bool = False,
-                progress: Callable[[str], None] | None = None) -> int:
-        """Compiles (or loads from the persistent cache) every program a greedy batch (and with `sampled`, a
-        sampled one) of up to `max_batch` rows, with or without images, of prompts up to `max_prompt_tokens`
-        runs; call before `start`. Returns the shapes compiled."""
-        rows = sorted({next_power_of_two(n) for n in range(1, self.max_batch + 1)})  # as make_batch pads them
-        images = (0, 1) if self.generator.is_llava else (0,)
-        return sum(self.generator.warm_up(rows=rows, images=images, greedy=greedy, stream=True,
-                                          max_prompt_tokens=max_prompt_tokens, buffer=self.buffer, progress=progress)
-                   for greedy in ((True, False) if sampled else (True,)))
 
     def close(self, timeout: float | None = 10.0) -> None:
         with self._cond:
@@ -145,6 +122,50 @@ class Engine:
     def alive(self) -> bool:
         return self._thread.is_alive() and not self._closed
 
+    def submit(self, job: Job) -> Job:
+        with self._cond:
+            if not self.alive:
+                raise EngineStopped("the engine is not running")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull(f"{len(self._waiting)} requests are waiting, the limit is {self.max_queue}")
+            self._waiting.append(job)
+            self._cond.notify_all()
+        return job
+
+
+class Engine(QueuedEngine):
+    """Owns `generator` on one thread; `submit` jobs from any thread.
+
+    Args:
+      generator: the model's Generator (its template's stop strings end every answer).
+      max_batch: most rows decoded together.
+      max_queue: most jobs waiting; `submit` raises QueueFull beyond.
+      batch_window_s: how long the oldest waiting job may wait for requests on their way.
+      seed: base of the sampling keys of jobs without a seed.
+      max_tokens: the largest max_tokens a job may ask for: every batch decodes into one token buffer that holds
+        it (`token_buffer`), so the compiled programs depend on the rows and the prompt bucket only.
+    """
+
+    def __init__(self, generator: Generator, *, max_batch: int = 16, max_queue: int = 64,
+                 batch_window_s: float = 0.05, seed: int = 0, max_tokens: int = 1024):
+        super().__init__(generator, max_batch=max_batch, max_queue=max_queue, seed=seed)
+        self.batch_window_s = batch_window_s
+        self.buffer = token_buffer(max_tokens)
+        self._arriving = 0
+        self._last_rows, self._idle_since = 1, time.monotonic()  # the last batch's size and end
+        self.batches = self.rows = 0  # batches and rows run so far (GET /health)
+
+    def warm_up(self, max_prompt_tokens: int | None = None, sampled: bool = False,
+                progress: Callable[[str], None] | None = None) -> int:
+        """Compiles (or loads from the persistent cache) every program a greedy batch (and with `sampled`, a
+        sampled one) of up to `max_batch` rows, with or without images, of prompts up to `max_prompt_tokens`
+        runs; call before `start`. Returns the shapes compiled."""
+        rows = sorted({next_power_of_two(n) for n in range(1, self.max_batch + 1)})  # as make_batch pads them
+        images = (0, 1) if self.generator.is_llava else (0,)
+        return sum(self.generator.warm_up(rows=rows, images=images, greedy=greedy, stream=True,
+                                          max_prompt_tokens=max_prompt_tokens, buffer=self.buffer, progress=progress)
+                   for greedy in ((True, False) if sampled else (True,)))
+
     @contextlib.contextmanager
     def arriving(self):
         """Marks a request on its way (being read and prepared): batches wait for it, within the window."""
@@ -156,16 +177,6 @@ class Engine:
             with self._cond:
                 self._arriving -= 1
                 self._cond.notify_all()
-
-    def submit(self, job: Job) -> Job:
-        with self._cond:
-            if not self.alive:
-                raise EngineStopped("the engine is not running")
-            if len(self._waiting) >= self.max_queue:
-                raise QueueFull(f"{len(self._waiting)} requests are waiting, the limit is {self.max_queue}")
-            self._waiting.append(job)
-            self._cond.notify_all()
-        return job
 
     # ---------------------------------------------------------------------------------------- engine thread
 
