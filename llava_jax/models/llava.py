@@ -26,8 +26,22 @@ from llava_jax.models.projector import Projector, num_linears
 from llava_jax.sharding import BTD, constrain
 
 
+class VisionFeatures:
+    """What a composite config derives from its `vision` tower and `vision_feature_layer` (LLaVA, NeXT, OneVision)."""
+
+    @property
+    def feature_layers(self) -> tuple[int, ...]:
+        layer = self.vision_feature_layer
+        return (layer,) if isinstance(layer, int) else layer
+
+    @property
+    def vision_feature_dim(self) -> int:
+        """Projector input width: vision hidden size times the number of feature layers."""
+        return self.vision.hidden_size * len(self.feature_layers)
+
+
 @dataclasses.dataclass(frozen=True)
-class LlavaConfig:
+class LlavaConfig(VisionFeatures):
     """vision / text: tower configs (their runtime fields set dtype, scan and remat per tower); the vision
       tower is chosen by its config's type (`towers.TOWERS`: CLIPVisionConfig, SiglipVisionConfig).
 
@@ -66,16 +80,6 @@ class LlavaConfig:
                              f"{tokens} tokens the vision tower gives per image (image_size "
                              f"{self.vision.image_size}, patch_size {self.vision.patch_size}, strategy "
                              f"{self.vision_feature_select_strategy!r})")
-
-    @property
-    def feature_layers(self) -> tuple[int, ...]:
-        layer = self.vision_feature_layer
-        return (layer,) if isinstance(layer, int) else layer
-
-    @property
-    def vision_feature_dim(self) -> int:
-        """Projector input width: vision hidden size times the number of feature layers."""
-        return self.vision.hidden_size * len(self.feature_layers)
 
 
 def _with_vocab(text: LlamaConfig, vocab_size: int) -> LlamaConfig:

@@ -29,7 +29,7 @@ from llava_jax import vision_layout
 from llava_jax.models import clip_vit, layers, llama
 from llava_jax.models.towers import VisionConfig, check_vision_config
 from llava_jax.models.llama import KVCache, LlamaConfig, LlamaForCausalLM
-from llava_jax.models.llava import (_concrete, build_projector, build_vision_tower, embed_placeholders,
+from llava_jax.models.llava import (VisionFeatures, _concrete, build_projector, build_vision_tower, embed_placeholders,
                                     merge_image_features, project_image_features)
 from llava_jax.models.projector import num_linears
 
@@ -40,7 +40,7 @@ NEXT_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
 
 
 @dataclasses.dataclass(frozen=True)
-class LlavaNextConfig:
+class LlavaNextConfig(VisionFeatures):
     """As `LlavaConfig`, with `image_grid_pinpoints` ((height, width) pixel sizes of the AnyRes grids) instead of
     a fixed image_seq_length (an image's token count depends on its size: see `image_taps`)."""
 
@@ -78,15 +78,6 @@ class LlavaNextConfig:
                              f"arranges ({self.patches_per_side}**2): use 'default' with a CLIP tower (drops CLS), "
                              f"'full' with a SigLIP tower (keeps every patch)")
         num_linears(self.projector)
-
-    @property
-    def feature_layers(self) -> tuple[int, ...]:
-        layer = self.vision_feature_layer
-        return (layer,) if isinstance(layer, int) else layer
-
-    @property
-    def vision_feature_dim(self) -> int:
-        return self.vision.hidden_size * len(self.feature_layers)
 
     @property
     def patches_per_side(self) -> int:
