@@ -2,6 +2,8 @@
 same images, and packed rows (several samples with AnyRes images of different token counts, a video) give the
 same loss and gradients as the unpacked batch."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +13,13 @@ from flax import nnx
 from llava_jax.models import llava_next
 from llava_jax.train import step as train_step
 from tests.models import anyres_batch as A
+
+
+@pytest.fixture(scope="module")
+def models():
+    """{"next": ..., "onevision": ...}: tiny random models (their parameters' shapes shared, so built once)."""
+    return {name: llava_next.AnyResLlava(A.tiny_config(name == "onevision"), rngs=nnx.Rngs(0))
+            for name in ("next", "onevision")}
 
 
 def flat_logits(model, samples, length):
@@ -30,23 +39,28 @@ def flat_logits(model, samples, length):
         kwargs["pixel_values_videos"] = jnp.asarray(np.concatenate([s.tiles[len(s.tiles) - s.video_frames:]
                                                                     for s in samples if s.video_frames]))
         kwargs["video_taps"] = tuple(jnp.asarray(a) for a in llava_next.video_taps(c, frames))
-    return np.asarray(model(jnp.asarray(ids), jnp.asarray(image_pixels), jnp.asarray(mask),
-                            (jnp.asarray(index), jnp.asarray(weight)), **kwargs)), mask.astype(bool)
+    forward = nnx.jit(lambda m, *args, **kw: m(*args, **kw))
+    return np.asarray(forward(model, jnp.asarray(ids), jnp.asarray(image_pixels), jnp.asarray(mask),
+                              (jnp.asarray(index), jnp.asarray(weight)), **kwargs)), mask.astype(bool)
 
 
-def row_logits(model, batch):
-    b = {k: jnp.asarray(v) for k, v in batch.items()}
+def _row_logits(model, b):
     hidden = model.hidden_states(b["input_ids"], b["pixel_values"], b["attention_mask"], image_mask=b["image_mask"],
                                  image_taps_index=b["image_taps_index"], image_taps_weight=b["image_taps_weight"])
-    return np.asarray(model.logits(hidden))
+    return model.logits(hidden)
 
 
-@pytest.mark.parametrize("onevision", [False, True], ids=["next", "onevision"])
-def test_row_aligned_forward_equals_the_flat_forward(onevision):
+def row_logits(model, batch, jit: bool = True):
+    b = {k: jnp.asarray(v) for k, v in batch.items()}
+    return np.asarray((nnx.jit(_row_logits) if jit else _row_logits)(model, b))
+
+
+@pytest.mark.parametrize("name", ["next", "onevision"])
+def test_row_aligned_forward_equals_the_flat_forward(models, name):
     """Two rows of different image token counts (odd sizes, unpadding; OneVision: anyres_max_1 downsampling and
-    an 8-frame video), spare empty tile slots: the same logits as the flat forward."""
-    config = A.tiny_config(onevision)
-    model = llava_next.AnyResLlava(config, rngs=nnx.Rngs(0))
+    a 3-frame video), spare empty tile slots: the same logits as the flat forward."""
+    model, onevision = models[name], name == "onevision"
+    config = model.config
     rng = np.random.default_rng(0)
     samples = [A.sample(config, rng, [(20, 50), (41, 40)]),
                A.sample(config, rng, [(50, 21)], video_frames=3 if onevision else 0)]
@@ -58,17 +72,17 @@ def test_row_aligned_forward_equals_the_flat_forward(onevision):
     np.testing.assert_allclose(rows[valid], flat[valid], rtol=0, atol=1e-5 * np.abs(flat).max())
 
 
-def test_row_aligned_taps_are_checked_against_the_tokens():
-    config = A.tiny_config()
-    model = llava_next.AnyResLlava(config, rngs=nnx.Rngs(0))
+def test_row_aligned_taps_are_checked_against_the_tokens(models):
+    model = models["next"]
+    config = model.config
     batch = A.rows(config, [[A.sample(config, np.random.default_rng(1), [(20, 50)])]], 120, 4, packed=False)
     batch["input_ids"][0, np.flatnonzero(batch["input_ids"][0] == A.IMAGE)[3]] = 5
     with pytest.raises(ValueError, match="row 0 position .* has taps but its input_id is no image / video token"):
-        row_logits(model, batch)
+        row_logits(model, batch, jit=False)
     batch = A.rows(config, [[A.sample(config, np.random.default_rng(1), [(20, 50)])]], 120, 4, packed=False)
     batch["image_mask"][0, 1] = False
     with pytest.raises(ValueError, match="image_taps_index: row 0 taps an empty tile slot"):
-        row_logits(model, batch)
+        row_logits(model, batch, jit=False)
 
 
 def loss_and_grads(model, batch):
@@ -83,11 +97,11 @@ def loss_and_grads(model, batch):
     return float(loss), int(count), grads
 
 
-def test_packed_equals_unpacked_with_anyres_images_of_different_token_counts():
+def test_packed_equals_unpacked_with_anyres_images_of_different_token_counts(models):
     """OneVision (AnyRes images, anyres_max downsampling, a video, text only) with a trained tower: packed
     rows give the unpacked batch's loss and gradients, every parameter's, tower and image_newline included."""
-    config = A.tiny_config(onevision=True, freeze_vision_tower=False)
-    model = llava_next.AnyResLlava(config, rngs=nnx.Rngs(0))
+    model = models["onevision"]
+    model.config = config = dataclasses.replace(model.config, freeze_vision_tower=False)
     rng = np.random.default_rng(2)
     samples = [A.sample(config, rng, [(20, 50)]), A.sample(config, rng, [(41, 40), (50, 21)]),
                A.sample(config, rng), A.sample(config, rng, video_frames=2), A.sample(config, rng, [(30, 31)])]
