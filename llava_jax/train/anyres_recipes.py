@@ -97,6 +97,7 @@ def _anyres_fields(c: mlc.ConfigDict, family: str, pinpoints, tile: int, patch: 
     c.data.multi_image_layout = "anyres"
     c.data.video_frames = 0
     c.data.max_tiles_per_row = c.data.max_images_per_row
+    c.trainable = ANYRES_STAGE1_RULES if c.stage == 1 else c.trainable
 
 
 def _demo_fields(c: mlc.ConfigDict) -> None:

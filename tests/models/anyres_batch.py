@@ -48,40 +48,46 @@ class Sample:
 
 
 def _layout(config) -> vision_layout.ImageLayout:
-    return vision_layout.ImageLayout("anyres", TILE, PATCH, PINPOINTS, max_tiles=config.max_tiles)
+    return vision_layout.ImageLayout("anyres", config.vision.image_size, config.vision.patch_size,
+                                     config.image_grid_pinpoints, max_tiles=config.max_tiles)
+
+
+def _visual_ids(config) -> tuple[int, ...]:
+    return tuple(i for i in (config.image_token_index, getattr(config, "video_token_index", None)) if i is not None)
 
 
 def sample(config, rng: np.random.Generator, image_sizes=(), video_frames: int = 0) -> Sample:
-    """A prompt, each image's tokens (then the video's), an answer; random pixels."""
-    side, tokens = config.patches_per_side, config.tile_tokens
+    """A prompt, each image's tokens (then the video's), an answer; random pixels (token ids 2..59)."""
+    side, tokens, tile = config.patches_per_side, config.tile_tokens, config.vision.image_size
     taps, tile_counts, tiles, ids = [], [], [], list(rng.integers(2, 60, int(rng.integers(1, 5))))
     for height, width in image_sizes:
         image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
         tiles.append(anyres.image_tiles(image, _layout(config), NORM))
-        taps.append(vision_layout.anyres_taps((height, width), PINPOINTS, TILE, side, config.max_tiles))
+        taps.append(vision_layout.anyres_taps((height, width), config.image_grid_pinpoints, tile, side,
+                                              config.max_tiles))
         tile_counts.append(len(tiles[-1]))
-        ids += [IMAGE] * len(taps[-1][0]) + list(rng.integers(2, 60, 2))
+        ids += [config.image_token_index] * len(taps[-1][0]) + list(rng.integers(2, 60, 2))
     if video_frames:
-        tiles.append(rng.normal(size=(video_frames, 3, TILE, TILE)).astype(np.float32))
+        tiles.append(rng.normal(size=(video_frames, 3, tile, tile)).astype(np.float32))
         taps.append(vision_layout.video_taps(video_frames, side))
         tile_counts.append(video_frames)
-        ids += [VIDEO] * len(taps[-1][0])
+        ids += [config.video_token_index] * len(taps[-1][0])
     index, weight = vision_layout.concat_taps(taps, tile_counts, tokens)
     answer = list(rng.integers(2, 60, int(rng.integers(2, 8))))
     prompt_length = len(ids)
     ids = np.asarray(ids + answer, np.int32)
     labels = np.where(np.arange(len(ids)) < prompt_length, -100, ids).astype(np.int32)
-    all_tiles = np.concatenate(tiles) if tiles else np.zeros((0, 3, TILE, TILE), np.float32)
+    all_tiles = np.concatenate(tiles) if tiles else np.zeros((0, 3, tile, tile), np.float32)
     return Sample(ids, labels, all_tiles, index, weight, tuple(image_sizes), video_frames)
 
 
 def rows(config, layout: list[list[Sample]], length: int, slots: int, packed: bool) -> dict[str, np.ndarray]:
     """A batch of the contract: row r holds the samples layout[r] one after the other (packed: segment_ids 1,
     2, ... and positions restarting per sample); `slots` = P tile slots a row."""
-    b, tt = len(layout), config.tile_tokens
+    b, tt, tile = len(layout), config.tile_tokens, config.vision.image_size
     batch = {"input_ids": np.zeros((b, length), np.int32), "labels": np.full((b, length), -100, np.int32),
              "attention_mask": np.zeros((b, length), np.int32),
-             "pixel_values": np.zeros((b, slots, 3, TILE, TILE), np.float32),
+             "pixel_values": np.zeros((b, slots, 3, tile, tile), np.float32),
              "image_mask": np.zeros((b, slots), bool),
              "image_taps_index": np.zeros((b, length, vision_layout.TAPS), np.int32),
              "image_taps_weight": np.zeros((b, length, vision_layout.TAPS), np.float32)}
@@ -96,7 +102,7 @@ def rows(config, layout: list[list[Sample]], length: int, slots: int, packed: bo
                 s.input_ids, s.labels, 1
             if packed:
                 batch["segment_ids"][r, span], batch["positions"][r, span] = j + 1, np.arange(n)
-            visual = pos + np.flatnonzero(np.isin(s.input_ids, (IMAGE, VIDEO)))
+            visual = pos + np.flatnonzero(np.isin(s.input_ids, _visual_ids(config)))
             own = k * tt
             batch["image_taps_index"][r, visual] = np.where(s.index == own, slots * tt, s.index + slot * tt)
             batch["image_taps_weight"][r, visual] = s.weight
