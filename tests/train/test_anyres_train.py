@@ -95,9 +95,10 @@ def test_bad_anyres_fields_are_named():
         anyres_recipes.onevision_config("si,vicuna7b")
 
 
-def demo_run(vision_lr: float, lr: float):
+def demo_run(vision_lr: float, lr: float, scan_layers: bool = True):
     """NeXT stage-2 demo through setup's builders on one device; the LLM's embedding table frozen."""
     c = anyres_recipes.next_config("stage2,demo")
+    c.model.scan_layers = scan_layers
     c.optim.lr, c.optim.vision_lr, c.optim.warmup_ratio, c.train.num_steps = lr, vision_lr, 0.0, 100
     c.trainable = (("vision_tower/.*", "vision"), ("multi_modal_projector/.*", "projector"),
                    ("image_newline", "llm"), ("language_model/model/embed_tokens/.*", None),
