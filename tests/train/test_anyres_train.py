@@ -139,3 +139,30 @@ def test_demo_next_trains_on_anyres_batches():
     assert "embed_tokens" in str(jax.tree_util.tree_structure(frozen))
     for a, b in zip(jax.tree.leaves(parts.frozen), jax.tree.leaves(frozen)):
         np.testing.assert_array_equal(np.asarray(a), b)
+
+
+@pytest.mark.slow
+def test_demo_next_lora_step_trains_adapters_tower_and_projector_only():
+    c = anyres_recipes.next_config("stage2,demo,lora")
+    c.train.num_steps, c.optim.warmup_ratio = 10, 0.0
+    mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    model = model_init.build_model(c, mesh, image_token_index=IMAGE, vocab_size=VOCAB)
+    setup.attach_lora(c, model)
+    parts = setup.split_parts(c, model)
+    assert set(parts.groups.values()) == {None, "vision", "projector", "lora"}
+    tx = setup.make_optimizer(c, parts.groups, c.train.num_steps)
+    with jax.set_mesh(mesh):
+        state = setup.state_initializer(parts, tx, mesh)(parts.trainable)
+    step = setup.compile_step(c, parts, tx, mesh, state)
+    samples = [A.sample(parts.model_cfg, np.random.default_rng(i), [(23, 60)]) for i in range(2)]
+    batch = inputs.to_global(A.rows(parts.model_cfg, [[s] for s in samples], 192, 4, packed=False), mesh)
+    before = jax.tree.map(np.asarray, state.trainable)
+    state, metrics = step(state, parts.frozen, parts.rest, batch)
+    assert bool(metrics["finite"])
+    flat = lambda tree: {opt.path_str(p): np.asarray(v.get_value()) for p, v in nnx.to_flat_state(tree)}
+    old, new = flat(before), flat(state.trainable)
+    changed = {k: not np.array_equal(v, old[k]) for k, v in new.items()}
+    assert all(v for k, v in changed.items() if k.startswith("multi_modal_projector/"))
+    assert any(v for k, v in changed.items() if k.startswith("vision_tower/"))  # its last layer is unused (-2)
+    assert any(v for k, v in changed.items() if k.endswith("lora_b"))    # lora_a follows once lora_b != 0
+    assert all(k.endswith(("lora_a", "lora_b")) for k in changed if k.startswith("language_model/"))
