@@ -31,7 +31,7 @@ import numpy as np
 from flax import nnx
 
 from llava_jax import vision_layout
-from llava_jax.models import clip_vit, layers, llama
+from llava_jax.models import clip_vit, layers, llama, siglip
 from llava_jax.models.towers import VisionConfig, check_vision_config
 from llava_jax.models.llama import KVCache, LlamaConfig, LlamaForCausalLM
 from llava_jax.models.llava import (_concrete, build_projector, build_vision_tower, embed_placeholders,
@@ -124,6 +124,40 @@ class LlavaOnevisionConfig(LlavaNextConfig):
     @property
     def max_tiles(self) -> int:
         return vision_layout.max_tiles_from_aspect_ratio(self.vision_aspect_ratio)
+
+
+ONEVISION_PINPOINTS = tuple((384 * i, 384 * j) for i in range(1, 7) for j in range(1, 7))  # 1x1 .. 6x6 tiles
+
+
+def _qwen2(vocab: int, hidden: int, intermediate: int, layers_: int, heads: int, kv_heads: int,
+           tied: bool) -> LlamaConfig:
+    """Qwen2-*-Instruct as a LLaMA-family config (q/k/v biases, rope theta 1e6, eps 1e-6)."""
+    return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+                       num_hidden_layers=layers_, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                       rms_norm_eps=1e-6, rope_theta=1000000.0, max_position_embeddings=32768, attention_bias=True,
+                       o_proj_bias=False, tie_word_embeddings=tied)
+
+
+def _next_preset(text: LlamaConfig) -> LlavaNextConfig:
+    return LlavaNextConfig(vision=clip_vit.PRESETS["clip_l14_336"], text=dataclasses.replace(text, vocab_size=32064))
+
+
+def _onevision_preset(text: LlamaConfig) -> LlavaOnevisionConfig:
+    return LlavaOnevisionConfig(vision=siglip.PRESETS["siglip_so400m_p14_384"], text=text,
+                                image_grid_pinpoints=ONEVISION_PINPOINTS, vision_feature_select_strategy="full")
+
+
+# Shapes of the released models (llava-hf/llava-v1.6-*, llava-hf/llava-onevision-qwen2-*-ov-hf) for the planner
+# and the training recipes: the vocabularies as released (<image> 32000, <pad> 32001 padded to 32064; Qwen2's
+# <image> 151646 and <video> 151647 inside its table).
+PRESETS: dict[str, LlavaNextConfig] = {
+    "llava_next_vicuna_7b": _next_preset(llama.PRESETS["vicuna_7b"]),
+    "llava_next_vicuna_13b": _next_preset(llama.PRESETS["vicuna_13b"]),
+    "llava_next_mistral_7b": _next_preset(dataclasses.replace(  # Mistral-7B-Instruct-v0.2
+        llama.PRESETS["mistral_7b"], rope_theta=1000000.0, sliding_window=None)),
+    "llava_onevision_qwen2_7b": _onevision_preset(_qwen2(152064, 3584, 18944, 28, 28, 4, False)),
+    "llava_onevision_qwen2_0_5b": _onevision_preset(_qwen2(151936, 896, 4864, 24, 14, 2, True)),
+}
 
 
 def image_tiles(config: LlavaNextConfig, image_size: tuple[int, int], single_tile: bool = False) -> int:
@@ -360,4 +394,4 @@ class LlavaOnevisionForConditionalGeneration(AnyResLlava):
 
 __all__ = ["AnyResLlava", "LlavaNextConfig", "LlavaOnevisionConfig", "LlavaNextForConditionalGeneration",
            "LlavaOnevisionForConditionalGeneration", "image_taps", "video_taps", "image_tiles", "apply_taps",
-           "apply_row_taps", "check_row_taps"]
+           "apply_row_taps", "check_row_taps", "PRESETS"]
