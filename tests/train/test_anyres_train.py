@@ -166,3 +166,23 @@ def test_demo_next_lora_step_trains_adapters_tower_and_projector_only():
     assert any(v for k, v in changed.items() if k.startswith("vision_tower/"))  # its last layer is unused (-2)
     assert any(v for k, v in changed.items() if k.endswith("lora_b"))    # lora_a follows once lora_b != 0
     assert all(k.endswith(("lora_a", "lora_b")) for k in changed if k.startswith("language_model/"))
+
+
+@pytest.mark.parametrize("arg, family, tile_tokens", [("next", "stage2", 576), ("onevision", "si", 729)])
+def test_planner_model_side_of_the_released_sizes(arg, family, tile_tokens):
+    """The planner's abstract AnyRes run (no compile): the preset's model, tile slots and the taps fields."""
+    from llava_jax.train import plan
+
+    c = (anyres_recipes.next_config if arg == "next" else anyres_recipes.onevision_config)(family)
+    cfg = plan.model_config(c)
+    assert type(cfg).__name__ == ("LlavaNextConfig" if arg == "next" else "LlavaOnevisionConfig")
+    assert cfg.tile_tokens == tile_tokens and cfg.image_grid_pinpoints == tuple(c.model.grid_pinpoints)
+    batch = plan.abstract_batch(c, cfg, sharding.make_mesh(1, 1, 1, devices=jax.devices()[:1]))
+    b, t, p = c.train.global_batch_size, c.data.pack_length, c.data.max_tiles_per_row
+    s = cfg.vision.image_size
+    assert batch["pixel_values"].shape == (b, p, 3, s, s) and batch["image_mask"].shape == (b, p)
+    assert batch["image_taps_index"].shape == batch["image_taps_weight"].shape == (b, t, 4)
+    assert batch["image_taps_index"].dtype == np.int32 and batch["segment_ids"].shape == (b, t)
+    model = plan.abstract_model(c, cfg)
+    params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+    assert (7.0e9 < params < 7.2e9) if arg == "next" else (8.0e9 < params < 8.1e9), params
