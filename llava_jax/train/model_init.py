@@ -125,11 +125,18 @@ def runtime_fields(c: mlc.ConfigDict) -> dict:
 def with_runtime(cfg, c: mlc.ConfigDict):
     """A LLaVA or AnyRes config with the run's dtypes, scan, remat and attention kernel."""
     rt = runtime_fields(c)
-    # The frozen vision tower runs in the compute dtype, never rematerialized (no backward pass).
+    # The frozen vision tower runs in the compute dtype, never rematerialized (no backward pass); a trained
+    # one (LLaVA-NeXT / OneVision stage 2) takes the run's remat policy like the decoder.
     vision = dataclasses.replace(cfg.vision, dtype=rt["dtype"], param_dtype=rt["param_dtype"],
-                                 scan_layers=rt["scan_layers"], attention_impl=rt["attention_impl"])
+                                 scan_layers=rt["scan_layers"], attention_impl=rt["attention_impl"],
+                                 **({"remat": rt["remat"]} if rules_train_tower(c) else {}))
     text = dataclasses.replace(cfg.text, **rt)
     return dataclasses.replace(cfg, vision=vision, text=text)
+
+
+def rules_train_tower(c: mlc.ConfigDict) -> bool:
+    """Whether a trainable rule gives vision-tower parameters a group (the config's rules, before resolving)."""
+    return any(group is not None and str(pattern).startswith("vision_tower") for pattern, group in c.trainable)
 
 
 def build_model(c: mlc.ConfigDict, mesh, *, image_token_index: int, vocab_size: int | None = None,
