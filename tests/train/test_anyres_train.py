@@ -12,6 +12,7 @@ from flax import nnx
 from llava_jax import sharding
 from llava_jax.models import llava_next
 from llava_jax.train import anyres_recipes, inputs, model_init, optimizer as opt, recipes, setup
+from llava_jax.train import checkpoint as ckpt_lib
 from tests.models import anyres_batch as A
 
 IMAGE, VIDEO, VOCAB = 61, 62, 64
@@ -113,7 +114,7 @@ def demo_run(vision_lr: float, lr: float, scan_layers: bool = True):
     return c, mesh, parts, state, setup.compile_step(c, parts, tx, mesh, state)
 
 
-def test_demo_next_trains_on_anyres_batches():
+def test_demo_next_trains_on_anyres_batches(tmp_path):
     c, mesh, parts, state, step = demo_run(vision_lr=1e-4, lr=1e-2)
     cfg = parts.model_cfg
     assert not cfg.freeze_vision_tower and cfg.tile_tokens == 16
@@ -139,6 +140,15 @@ def test_demo_next_trains_on_anyres_batches():
     assert "embed_tokens" in str(jax.tree_util.tree_structure(frozen))
     for a, b in zip(jax.tree.leaves(parts.frozen), jax.tree.leaves(frozen)):
         np.testing.assert_array_equal(np.asarray(a), b)
+    # Resume: a checkpoint of step 6 restored continues exactly as the run itself.
+    checkpointer = ckpt_lib.Checkpointer(tmp_path, async_save=False)
+    checkpointer.save(int(state.step), state)
+    checkpointer.wait()
+    _, restored, _ = checkpointer.restore_latest(ckpt_lib.abstract_like(state))
+    checkpointer.close()
+    _, going_on = step(state, parts.frozen, parts.rest, batch)
+    _, resumed = step(restored, parts.frozen, parts.rest, batch)
+    assert float(resumed["loss"]) == float(going_on["loss"])
 
 
 @pytest.mark.slow
