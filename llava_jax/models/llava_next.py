@@ -230,7 +230,7 @@ def apply_row_taps(rows: jax.Array, index: jax.Array, weight: jax.Array) -> jax.
 
 def check_row_taps(is_visual, index, weight, image_mask, tile_tokens: int) -> None:
     """Raises ValueError when a row's visual tokens (image / video ids) and its tapped positions differ, or a
-    tap reads an empty tile slot (checked only when the values are concrete)."""
+    tap reads outside the row or an empty tile slot (checked only when the values are concrete)."""
     visual, index, weight, mask = (_concrete(x) for x in (is_visual, index, weight, image_mask))
     if any(x is None for x in (visual, index, weight, mask)):
         return
@@ -241,7 +241,11 @@ def check_row_taps(is_visual, index, weight, image_mask, tile_tokens: int) -> No
         what = "holds an image / video token but no taps" if visual[row, pos] else \
             "has taps but its input_id is no image / video token"
         raise ValueError(f"image_taps_weight: row {row} position {pos} {what}")
-    slots = np.where(weight != 0, index // tile_tokens, 0)
+    used, last = np.where(weight != 0, index, 0), mask.shape[1] * tile_tokens
+    if (used < 0).any() or (used > last).any():
+        raise ValueError(f"image_taps_index: an index outside 0..{last} (the {mask.shape[1]} tile slots' "
+                         f"features, then the newline at {last})")
+    slots = used // tile_tokens
     real = np.concatenate([mask, np.ones(mask.shape[:1] + (1,), bool)], axis=1)  # slot P: the newline
     empty = ~np.take_along_axis(real, slots.reshape(len(slots), -1), axis=1)
     if empty.any():

@@ -83,6 +83,10 @@ def test_row_aligned_taps_are_checked_against_the_tokens(models):
     batch["image_mask"][0, 1] = False
     with pytest.raises(ValueError, match="image_taps_index: row 0 taps an empty tile slot"):
         row_logits(model, batch, jit=False)
+    batch["image_mask"][0, 1] = True
+    batch["image_taps_index"][0, np.flatnonzero(batch["image_taps_weight"][0, :, 0])[0], 0] = 4 * 16 + 1
+    with pytest.raises(ValueError, match=r"image_taps_index: an index outside 0\.\.64"):
+        row_logits(model, batch, jit=False)
 
 
 def loss_and_grads(model, batch):
