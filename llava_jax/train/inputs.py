@@ -63,6 +63,10 @@ def make_sources(c: mlc.ConfigDict, demo_paths) -> tuple[list, list[float]]:
 
 
 def make_data(c: mlc.ConfigDict, tokenizer, model_cfg, demo_paths, seed_offset: int = 0) -> DataSetup:
+    if model_init.family(c) != "llava":
+        # AnyRes batches (tiles, taps: models.llava_next) come from the AnyRes input pipeline, wired here with it.
+        raise ValueError(f"config.model.family {model_init.family(c)!r}: this build has no AnyRes input pipeline "
+                         "(image layouts, tiles and taps per row); train LLaVA-NeXT / OneVision with one that does")
     sources, weights = make_sources(c, demo_paths)
     image_token = tokenizer.convert_tokens_to_ids("<image>")
     if image_token != model_cfg.image_token_index:

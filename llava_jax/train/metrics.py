@@ -10,6 +10,10 @@ computes, 2 FLOPs per multiply-add, rematerialization not counted:
   frozen tower's output is cut);
 - vision tower, per image: the forward of the layers that run (up to the feature layer: 23 of 24 for
   LLaVA-1.5's layer -2) and the patch embedding; x3 when the tower trains.
+AnyRes models (LLaVA-NeXT, OneVision) count per tile instead of per image: every tile (a real slot of
+image_mask) runs through the tower and its `tile_tokens` features through the projector
+(`features_per_tile`); their image tokens (taps of those features and the newline) are decoder tokens like
+any other, and the taps themselves (<= 4 multiply-adds per token and width) are not counted.
 MFU = model FLOPs per second / (number of devices * peak bf16 FLOP/s of one device).
 """
 
@@ -40,6 +44,12 @@ def device_peak_flops(override_tflops: float = -1.0) -> float | None:
         if key in kind:
             return peak
     return None
+
+
+def features_per_tile(cfg) -> int:
+    """Feature vectors one image (LLaVA: image_seq_length) or one AnyRes tile (tile_tokens) gives the projector."""
+    tile_tokens = getattr(cfg, "tile_tokens", None)
+    return int(tile_tokens if tile_tokens is not None else cfg.image_seq_length)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,8 +99,10 @@ class FlopModel:
 
     def step_flops(self, lengths: np.ndarray, num_images: int, image_seq_length: int,
                    causal: bool = True) -> float:
-        """lengths: real tokens of each row of the global batch. causal: count half of the attention
-        scores (what a causal kernel computes); False counts the full square (XLA's dense attention)."""
+        """lengths: real tokens of each row of the global batch; num_images: images (AnyRes: tiles) through
+        the tower; image_seq_length: features each gives the projector (`features_per_tile`). causal: count
+        half of the attention scores (what a causal kernel computes); False counts the full square (XLA's dense
+        attention)."""
         tokens = float(np.sum(lengths))
         squares = float(np.sum(lengths.astype(np.float64) ** 2)) * (0.5 if causal else 1.0)
         attention = 4.0 * self.llm_layers * self.llm_width * squares

@@ -129,6 +129,8 @@ def model_config(c: mlc.ConfigDict, *, vocab_size: int = DEMO_VOCAB, image_token
     order)."""
     from llava_jax.models.llava import PRESETS
 
+    if model_init.family(c) != "llava":
+        return anyres_model_config(c, vocab_size=vocab_size, image_token_index=image_token_index)
     if c.model.preset == "demo":
         cfg = model_init.demo_model_config(vocab_size=vocab_size, image_size=c.demo.image_size,
                                            image_token_index=image_token_index, patch_size=c.demo.patch_size)
@@ -138,13 +140,31 @@ def model_config(c: mlc.ConfigDict, *, vocab_size: int = DEMO_VOCAB, image_token
     return model_init.with_runtime(cfg, c)
 
 
+def anyres_model_config(c: mlc.ConfigDict, *, vocab_size: int, image_token_index: int):
+    """An AnyRes run's config (LLaVA-NeXT / OneVision preset of `models.llava_next.PRESETS`, or the demo's)
+    with the config's pinpoints, projector, feature layer and runtime fields; the demo's <video> follows
+    its <image>."""
+    from llava_jax.models.llava_next import PRESETS
+
+    if c.model.preset == "demo":
+        cfg = model_init.demo_anyres_config(c, vocab_size, image_token_index, image_token_index + 1)
+    else:
+        preset = PRESETS[c.model.preset]
+        cfg = model_init.anyres_config(c, preset.vision, preset.text, image_token_index=preset.image_token_index,
+                                       video_token_index=getattr(preset, "video_token_index", None))
+    return model_init.with_runtime(cfg, c)
+
+
 def abstract_model(c: mlc.ConfigDict, cfg):
     """The model as shapes only, with the LoRA adapters training attaches (over an int8 / int4 base with
     lora.quantize_base)."""
     from llava_jax.models.llava import LlavaForConditionalGeneration
 
+    model_class = model_init.ANYRES_FAMILIES[model_init.family(c)][1] if model_init.family(c) != "llava" \
+        else LlavaForConditionalGeneration
+
     def build():
-        model = LlavaForConditionalGeneration(cfg, rngs=nnx.Rngs(c.train.seed))
+        model = model_class(cfg, rngs=nnx.Rngs(c.train.seed))
         setup.attach_lora(c, model)
         return model
 
@@ -169,6 +189,9 @@ def _with_shardings(tree, shardings):
 def batch_layout(c: mlc.ConfigDict) -> tuple[int, int, int]:
     """(rows, tokens per row, image slots per row) of one global batch as the input pipeline feeds it:
     packed rows of `data.pack_length` tokens with `data.max_images_per_row` slots, else one image a row."""
+    if model_init.family(c) != "llava":  # AnyRes: `images` are the row's tile slots
+        return c.train.global_batch_size, c.data.pack_length if c.data.packing != "none" else c.data.max_length, \
+            c.data.max_tiles_per_row
     if c.data.packing != "none":
         return c.train.global_batch_size, c.data.pack_length, c.data.max_images_per_row
     return c.train.global_batch_size, c.data.max_length, 1
@@ -179,8 +202,20 @@ def abstract_batch(c: mlc.ConfigDict, cfg, mesh) -> dict:
     b, t, images = batch_layout(c)
     s = cfg.vision.image_size
     layout = batch_spec.Layout(b, t, images, (3, s, s), packed=c.data.packing != "none")
+    shapes = batch_spec.shapes(layout)
+    if model_init.family(c) != "llava":
+        shapes |= anyres_taps_shapes(b, t)
     return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))
-            for k, (shape, dtype) in batch_spec.shapes(layout).items()}
+            for k, (shape, dtype) in shapes.items()}
+
+
+def anyres_taps_shapes(rows: int, tokens: int) -> dict:
+    """The AnyRes batch contract's token-aligned taps fields (rows, tokens, vision_layout.TAPS), until
+    `data.batch` lists them (then `batch_spec.shapes` gives them like every field)."""
+    from llava_jax import vision_layout
+
+    shape = (rows, tokens, vision_layout.TAPS)
+    return {"image_taps_index": (shape, np.dtype(np.int32)), "image_taps_weight": (shape, np.dtype(np.float32))}
 
 
 PLAN_STEPS = 1000   # the schedule's length when the config counts epochs (the data is not read here)
@@ -326,7 +361,7 @@ def flops_per_device(c: mlc.ConfigDict, step: StepPlan, num_devices: int) -> flo
     flop_model = metrics.FlopModel.for_groups(step.model_cfg, step.groups, c.lora.rank if c.lora.enabled else 0)
     b, t = step.batch_shapes["input_ids"]
     return flop_model.step_flops(np.full(b, t), int(np.prod(step.batch_shapes["image_mask"])),
-                                 step.model_cfg.image_seq_length) / num_devices
+                                 metrics.features_per_tile(step.model_cfg)) / num_devices
 
 
 def report(c: mlc.ConfigDict, target: Target, step: StepPlan, compiled, hlo_text: str) -> Report:

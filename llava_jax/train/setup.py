@@ -15,6 +15,7 @@ from flax import nnx
 
 from llava_jax.atomic_files import write_text
 from llava_jax.data.tokenize import pad_token_id
+from llava_jax.train import anyres_recipes
 from llava_jax.train import checkpoint as ckpt_lib
 from llava_jax.train import distributed, inputs, lora, model_init, phases, recipes, workdir_lock
 from llava_jax.train import metrics as metrics_lib
@@ -106,6 +107,8 @@ def build_run(c: mlc.ConfigDict, workdir: Path, mesh, config_name: str, lock: wo
 
 def check_config(c: mlc.ConfigDict, config_name: str) -> None:
     recipes.validate(c)
+    if model_init.family(c) != "llava":
+        anyres_recipes.validate(c)
     problems = model_init.missing_inputs(c, config_name)
     if problems:
         raise model_init.MissingInputs(model_init.explain_missing(problems, config_name, c.stage))
@@ -113,9 +116,10 @@ def check_config(c: mlc.ConfigDict, config_name: str) -> None:
 
 def model_parts(c: mlc.ConfigDict, mesh, tokenizer, demo_paths, is_main: bool) -> Parts:
     """Builds the sharded model (stage-1 projector, LoRA adapters), resolves the trainable rules and splits it."""
+    video = model_init.video_token_id(tokenizer) if model_init.family(c) == "llava_onevision" else None
     model = model_init.build_model(c, mesh, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
                                    vocab_size=len(tokenizer),
-                                   image_size=c.demo.image_size if demo_paths else None)
+                                   image_size=c.demo.image_size if demo_paths else None, video_token_index=video)
     if c.stage == 2 and c.model.stage1_workdir:
         restore_stage1_projector(model, c.model.stage1_workdir)
     attach_lora(c, model)

@@ -32,6 +32,9 @@ from llava_jax.train.loss import IGNORE_INDEX, token_cross_entropy  # noqa: F401
 Batch = dict[str, jax.Array]
 # Batch entries passed to the model besides input_ids and the images: packed rows (`llava_jax.data.batch`).
 PACKED_INPUTS = batch_spec.PACKED_INPUTS
+# The token-aligned feature taps of an AnyRes batch (LLaVA-NeXT / OneVision: [rows, tokens, 4] each), as the
+# AnyRes batch contract names them; present in AnyRes batches only (`models.llava_next.AnyResLlava.embed_rows`).
+ANYRES_INPUTS = ("image_taps_index", "image_taps_weight")
 
 
 @jax.tree_util.register_dataclass
@@ -52,8 +55,9 @@ def supervised_count(batch: Batch) -> jax.Array:
 def batch_loss(model: nnx.Module, batch: Batch, loss_chunk: int) -> tuple[jax.Array, jax.Array]:
     """(sum of the supervised tokens' cross entropy, their count) of a batch dict.
 
-    Images [B, I, 3, S, S] stay row-aligned (each row's image tokens take its own images), so a batch-sharded
-    step encodes and merges every row's images on its own device. Training batches are right-padded (or
+    Images [B, I, 3, S, S] stay row-aligned (each row's image tokens take its own images; an AnyRes batch's
+    taps [B, T, 4] read its row's own tiles), so a batch-sharded step encodes and merges every row's images on
+    its own device. Training batches are right-padded (or
     packed, with segment_ids and positions), so plain causal attention is exact for every real token;
     leaving the padding mask out keeps the fused causal kernels usable. The head runs in chunks
     (`llava_jax.train.loss`).
@@ -62,6 +66,7 @@ def batch_loss(model: nnx.Module, batch: Batch, loss_chunk: int) -> tuple[jax.Ar
     if "pixel_values" in batch:
         kwargs["pixel_values"] = batch["pixel_values"]
         kwargs["image_mask"] = batch["image_mask"]
+        kwargs.update({k: batch[k] for k in ANYRES_INPUTS if k in batch})
     hidden = model.hidden_states(batch["input_ids"], **kwargs)
     return loss_lib.chunked_cross_entropy(hidden, batch["labels"], model.logits,
                                           segment_ids=batch.get("segment_ids"), chunk=loss_chunk)

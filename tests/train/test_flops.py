@@ -9,6 +9,8 @@ random-bit generation of dropout masks as FLOPs. What remains between the two co
 (norms, activations, softmax, the optimizer update), a few percent at this tiny width.
 """
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -55,3 +57,25 @@ def test_conventions():
     assert per_token(lora) - per_token(frozen) == pytest.approx(6 * 32 * lora.lora_layer_params, rel=1e-9)
     assert 3.1e8 < 32 * lora.lora_layer_params < 3.3e8
     assert full.vision_layers == 23            # layer -2 of 24: the last layer never runs
+
+
+def test_anyres_flop_count_matches_the_compiled_step():
+    """LLaVA-NeXT with its tower trained: every tile slot through the tower (x3: its backward too), its 16
+    features through the projector, every position through the decoder (image tokens are decoder tokens)."""
+    from tests.models import anyres_batch
+    from tests.train.test_anyres_train import demo_run
+
+    c, mesh, parts, state, step = demo_run(vision_lr=1e-4, lr=1e-3, scan_layers=False)
+    cfg = parts.model_cfg
+    sample = anyres_batch.sample(cfg, np.random.default_rng(0), [(23, 60)])
+    rows, length, slots = 2, 128, 4
+    batch = anyres_batch.rows(cfg, [[sample], [sample]], length, slots, packed=False)
+    cost = step.lower(state, parts.frozen, parts.rest, batch).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    model = metrics.FlopModel.for_groups(cfg, parts.groups)
+    assert model.vision_trained and model.llm == "trained" and metrics.features_per_tile(cfg) == 16
+    counted = model.step_flops(np.full(rows, length), rows * slots, metrics.features_per_tile(cfg), causal=False)
+    frozen_tower = dataclasses.replace(model, vision_trained=False).step_flops(
+        np.full(rows, length), rows * slots, 16, causal=False)
+    assert counted - frozen_tower > 0.03 * counted     # the tower's backward is a visible share here
+    assert 1.0 <= float(cost["flops"]) / counted < 1.06, (float(cost["flops"]), counted)
