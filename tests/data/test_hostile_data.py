@@ -201,7 +201,9 @@ MEMORY_SCRIPT = textwrap.dedent("""
     iterator = make_train_iterator(config, AutoTokenizer.from_pretrained(tokenizer), process_index=0,
                                    process_count=1)
     batches = sum(1 for _ in iterator)
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # This process's own high-water mark (VmHWM): Linux carries ru_maxrss over from the forking parent (pytest).
+    status = dict(line.split(":", 1) for line in open("/proc/self/status").read().splitlines() if ":" in line)
+    peak_mb = int(status["VmHWM"].split()[0]) / 1024
     print(json.dumps({"batches": batches, "bad": iterator.bad_sample_counts(), "peak_mb": peak_mb}))
 """)
 

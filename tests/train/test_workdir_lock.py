@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -64,10 +65,10 @@ def test_a_lock_left_from_another_host_says_which_file_to_delete(tmp_path):
 
 def test_cli_second_job_on_a_workdir_is_refused(tmp_path, demo_data, jax_cache):
     """Two trainings on one workdir at once: the second stops with one line (exit 2) naming the lock file and
-    the first's host and pid; the first trains its steps once and releases the lock. The first runs long enough
-    to still hold the lock while the second starts on a loaded machine."""
+    the first's host and pid. The first (long enough to still run, however fast its compiles come from the
+    cache) is then preempted: it saves, trains each of its steps once and releases the lock."""
     workdir = tmp_path / "run"
-    first = start_cli(1, workdir, {**RUN, "train.num_steps": 12}, demo_data=demo_data, jax_cache=jax_cache)
+    first = start_cli(1, workdir, {**RUN, "train.num_steps": 100_000}, demo_data=demo_data, jax_cache=jax_cache)
     try:
         deadline = time.monotonic() + 120
         while not (workdir / LOCK_FILE).is_file() or not (workdir / LOCK_FILE).read_text():
@@ -75,6 +76,8 @@ def test_cli_second_job_on_a_workdir_is_refused(tmp_path, demo_data, jax_cache):
             time.sleep(0.2)
         second = run_cli(1, workdir, {**RUN, "train.num_steps": 4}, demo_data=demo_data, jax_cache=jax_cache,
                          check=False)
+        assert first.poll() is None, "the first job ended before the second was refused"
+        first.send_signal(signal.SIGTERM)
         out, err = first.communicate(timeout=400)
     finally:
         if first.poll() is None:
@@ -85,5 +88,6 @@ def test_cli_second_job_on_a_workdir_is_refused(tmp_path, demo_data, jax_cache):
     assert last.startswith(f"error: workdir {workdir} is in use by another training job")
     assert str(workdir / LOCK_FILE) in last and f"pid {first.pid} on host {socket.gethostname()}" in last
     assert first.returncode == 0, err[-3000:]
-    assert [r["step"] for r in step_records(workdir) if "loss" in r] == list(range(1, 13))
+    stopped_at = int(re.search(r"preempted: checkpoint saved at step (\d+)", out).group(1))
+    assert [r["step"] for r in step_records(workdir) if "loss" in r] == list(range(1, stopped_at + 1))
     assert not (workdir / LOCK_FILE).exists()
