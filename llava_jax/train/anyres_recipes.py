@@ -104,6 +104,7 @@ def _demo_fields(c: mlc.ConfigDict) -> None:
     """The tiny demo model on tiles of DEMO_TILE px (synthetic images of that size)."""
     c.model.grid_pinpoints = DEMO_PINPOINTS
     c.demo.image_size, c.demo.patch_size, c.demo.tower = DEMO_TILE, DEMO_PATCH, "clip"
+    c.demo.varied_sizes = True            # images of DEMO_TILE x {1, 2} per side: AnyRes grids differ
     c.data.tile_size, c.data.patch_size = DEMO_TILE, DEMO_PATCH
     c.data.max_length = 512
     c.data.length_buckets = (128, 256, 384, 512)
