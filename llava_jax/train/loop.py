@@ -24,7 +24,7 @@ from flax import nnx
 from llava_jax import atomic_files, convert
 from llava_jax.data import packing
 from llava_jax.train import checkpoint as ckpt_lib
-from llava_jax.train import demo, distributed, lora, model_init, phases
+from llava_jax.train import demo, distributed, lora, phases
 from llava_jax.train import metrics as metrics_lib
 from llava_jax.train import optimizer as opt
 from llava_jax.train import step as step_lib
@@ -205,10 +205,10 @@ def finish(r: Run, step: int, history: list[dict]) -> dict:
     result["model"] = final = lora.merged(final) if r.c.lora.enabled else final
     if r.c.export_hf:
         export(r, final)
-    if r.c.model.preset == "demo" and r.c.demo.evaluate and model_init.family(r.c) != "llava":
+    if r.c.model.preset == "demo" and r.c.demo.evaluate and not phases.demo_evaluates(r.c):
         phases.say("evaluate: skipped (the demo's held-out accuracy reads LLaVA-1.5 models; evaluate an AnyRes "
                    "export with llava_jax.eval)")
-    elif r.c.model.preset == "demo" and r.c.demo.evaluate:
+    elif phases.demo_evaluates(r.c):
         start = time.perf_counter()
         result["demo_eval"] = demo.evaluate(final, r.tokenizer, r.data.demo_paths, r.c, r.workdir)
         phases.say(f"evaluate: {r.c.demo.num_eval} held-out questions, with images and with blank images, in "
