@@ -49,9 +49,19 @@ def image_config(c: mlc.ConfigDict, model_cfg) -> ImageConfig:
     return ImageConfig.for_tower(model_cfg.vision, aspect=c.data.image_aspect)
 
 
-def make_sources(c: mlc.ConfigDict, demo_paths, video_frames: int = 8) -> tuple[list, list[float]]:
-    """The run's sources and weights; video records (AnyRes) read `video_frames` frames below data.video_root."""
-    video = dict(video_root=c.data.get("video_root") or None, video_frames=video_frames)
+def video_frames(c: mlc.ConfigDict) -> int:
+    """Frames sampled per video: the one count, data.video_frames (AnyRes: 0 no videos; sources and
+    `anyres_layouts` read it here)."""
+    return c.data.get("video_frames", 0) or AnyResLayouts.video_frames
+
+
+def video_fields(c: mlc.ConfigDict) -> dict:
+    """A source's video arguments: `video_frames` frames of the records' videos below data.video_root."""
+    return dict(video_root=c.data.get("video_root") or None, video_frames=video_frames(c))
+
+
+def make_sources(c: mlc.ConfigDict, demo_paths) -> tuple[list, list[float]]:
+    video = video_fields(c)
     if demo_paths is not None:
         json_path = demo_paths.stage1 if c.stage == 1 else demo_paths.stage2
         return [LlavaJsonSource(json_path, demo_paths.images, **video)], [1.0]
@@ -86,12 +96,11 @@ def anyres_layouts(c: mlc.ConfigDict, model_cfg) -> AnyResLayouts:
     if (c.data.tile_size, c.data.patch_size) != (tile, patch):
         raise ValueError(f"config.data.tile_size / patch_size {c.data.tile_size} / {c.data.patch_size} differ from "
                          f"the model's tower ({tile} / {patch})")
-    frames = c.data.video_frames
     video_token = getattr(model_cfg, "video_token_index", None)
     layouts = AnyResLayouts(image_layout(c.data.image_layout, model_cfg),
                             image_layout(c.data.multi_image_layout, model_cfg),
-                            ImageLayout("video", tile, patch) if frames else None,
-                            video_frames=frames or AnyResLayouts.video_frames, video_token_id=video_token)
+                            ImageLayout("video", tile, patch) if c.data.video_frames else None,
+                            video_frames=video_frames(c), video_token_id=video_token)
     if layouts.tile_tokens != model_cfg.tile_tokens:
         raise ValueError(f"config.model: the tower gives {model_cfg.tile_tokens} features a tile, the layouts "
                          f"{layouts.tile_tokens}")
@@ -112,13 +121,8 @@ def pipeline_config(c: mlc.ConfigDict, model_cfg, sources, **fields) -> Pipeline
                           report_every=0, **images, **fields)
 
 
-def video_frames(c: mlc.ConfigDict) -> int:
-    """Frames a source samples per video: the one count, data.video_frames (AnyRes; 0: no videos)."""
-    return c.data.get("video_frames", 0) or AnyResLayouts.video_frames
-
-
 def make_data(c: mlc.ConfigDict, tokenizer, model_cfg, demo_paths, seed_offset: int = 0) -> DataSetup:
-    sources, weights = make_sources(c, demo_paths, video_frames(c))
+    sources, weights = make_sources(c, demo_paths)
     image_token = tokenizer.convert_tokens_to_ids("<image>")
     if image_token != model_cfg.image_token_index:
         raise ValueError(f"the tokenizer's <image> id {image_token} differs from the model's image_token_index "
@@ -140,8 +144,7 @@ class HeldOut:
 
     def __init__(self, c: mlc.ConfigDict, tokenizer, model_cfg, demo_paths, graphdef, pad_token_id: int):
         images = demo_paths.images if demo_paths is not None else c.data.images
-        source = LlavaJsonSource(c.data.eval_json, images, video_root=c.data.get("video_root") or None,
-                                 video_frames=video_frames(c))
+        source = LlavaJsonSource(c.data.eval_json, images, **video_fields(c))
         pc = pipeline_config(c, model_cfg, (source,), seed=c.train.seed, num_epochs=1, worker_count=0)
         iterator = make_train_iterator(pc, tokenizer)
         self.batches = [common_length(b, pad_token_id) for b in itertools.islice(iterator, c.data.eval_batches)]

@@ -97,3 +97,17 @@ def test_anyres_demo_trains_resumes_and_exports_for_transformers(name, tmp_path,
     assert sorted(losses(workdir)) == [1, 2, 3, 4] and all(np.isfinite(list(losses(workdir).values())))
     assert json.loads((workdir / "result.json").read_text())["step"] == 4
     _logits_check(name, workdir / "hf", workdir / "data" / "tokenizer")
+
+
+def test_onevision_layouts_and_sources_read_one_frame_count(tmp_path):
+    from llava_jax.train import inputs
+
+    c, _, cfg, paths = _demo_setup(tmp_path, AnyResDemo["onevision"])
+    layouts = inputs.anyres_layouts(c, cfg)
+    (source,), _ = inputs.make_sources(c, paths)
+    assert c.data.video_frames == layouts.video_frames == source.video_frames == 4
+    assert (layouts.image.max_tiles, layouts.multi_image.kind, layouts.multi_image.newline) == (2, "single", True)
+    assert layouts.video.kind == "video" and layouts.video_token_id == cfg.video_token_index
+    c.data.tile_size = 56
+    with pytest.raises(ValueError, match="config.data.tile_size"):
+        inputs.anyres_layouts(c, cfg)
