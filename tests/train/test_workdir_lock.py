@@ -64,9 +64,10 @@ def test_a_lock_left_from_another_host_says_which_file_to_delete(tmp_path):
 
 def test_cli_second_job_on_a_workdir_is_refused(tmp_path, demo_data, jax_cache):
     """Two trainings on one workdir at once: the second stops with one line (exit 2) naming the lock file and
-    the first's host and pid; the first trains its steps once and releases the lock."""
+    the first's host and pid; the first trains its steps once and releases the lock. The first runs long enough
+    to still hold the lock while the second starts on a loaded machine."""
     workdir = tmp_path / "run"
-    first = start_cli(1, workdir, {**RUN, "train.num_steps": 4}, demo_data=demo_data, jax_cache=jax_cache)
+    first = start_cli(1, workdir, {**RUN, "train.num_steps": 12}, demo_data=demo_data, jax_cache=jax_cache)
     try:
         deadline = time.monotonic() + 120
         while not (workdir / LOCK_FILE).is_file() or not (workdir / LOCK_FILE).read_text():
@@ -84,5 +85,5 @@ def test_cli_second_job_on_a_workdir_is_refused(tmp_path, demo_data, jax_cache):
     assert last.startswith(f"error: workdir {workdir} is in use by another training job")
     assert str(workdir / LOCK_FILE) in last and f"pid {first.pid} on host {socket.gethostname()}" in last
     assert first.returncode == 0, err[-3000:]
-    assert [r["step"] for r in step_records(workdir) if "loss" in r] == [1, 2, 3, 4]
+    assert [r["step"] for r in step_records(workdir) if "loss" in r] == list(range(1, 13))
     assert not (workdir / LOCK_FILE).exists()
