@@ -365,12 +365,26 @@ def is_complete(out_dir: str | Path) -> bool:
                                      paths.eval_answers, paths.tokenizer / "tokenizer_config.json"))
 
 
+VARIED_SIDES = (1, 2)  # varied_sizes: each side image_size times one of these (AnyRes grids differ)
+
+
+def vary_sizes(images: Path, image_size: int, rng: np.random.Generator) -> None:
+    """Stretches every image under `images` (in name order) to height, width = image_size * a pick of
+    VARIED_SIDES each, so an AnyRes model's demo sees different grids (the quadrant answers still hold)."""
+    for path in sorted(images.glob("*.png")):
+        height, width = (image_size * int(rng.choice(VARIED_SIDES)) for _ in range(2))
+        with Image.open(path) as image:
+            resized = image.convert("RGB").resize((width, height), Image.BILINEAR)
+        _save_png(resized, path)
+
+
 def generate(out_dir: str | Path, *, num_stage1: int = 2000, num_stage2: int = 2000, num_eval: int = 400,
-             image_size: int = 64, seed: int = 0) -> SyntheticPaths:
+             image_size: int = 64, seed: int = 0, varied_sizes: bool = False) -> SyntheticPaths:
     """Writes the demo dataset and its tokenizer under `out_dir` (layout in the module docstring).
 
     Each split has its own random stream (seeded by (seed, split)), so changing one split's size leaves the
-    others unchanged. `num_stage2` counts all stage-2 samples, 5% of them text-only.
+    others unchanged. `num_stage2` counts all stage-2 samples, 5% of them text-only. `varied_sizes` (the
+    AnyRes demos) then stretches the images to varied sizes (`vary_sizes`, a stream of its own).
     """
     for name, value in (("num_stage1", num_stage1), ("num_stage2", num_stage2), ("num_eval", num_eval)):
         if value < 0:
@@ -389,9 +403,11 @@ def generate(out_dir: str | Path, *, num_stage1: int = 2000, num_stage2: int = 2
     questions, answers = _eval_samples(num_eval, image_size, paths.images, split_rng(3))
     _write_jsonl(paths.eval_questions, questions)
     _write_jsonl(paths.eval_answers, answers)
+    if varied_sizes:
+        vary_sizes(paths.images, image_size, split_rng(4))
     build_tokenizer(paths.tokenizer)
     _write_json(paths.info, {  # last: marks the dataset complete
-        "seed": seed, "image_size": image_size, "image_root": "images",
+        "seed": seed, "image_size": image_size, "image_root": "images", "varied_sizes": varied_sizes,
         "num_stage1": num_stage1, "num_stage2": num_stage2, "num_eval": num_eval,
         "options": OPTIONS, "chance": chance_levels(answers),
     })

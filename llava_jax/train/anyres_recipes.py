@@ -11,7 +11,8 @@ Data fields for the AnyRes input pipeline (`vision_layout.ImageLayout`, all plai
                            "anyres_max_N" (OneVision; = model.vision_aspect_ratio)
   data.multi_image_layout  images of a multi-image sample: "anyres" (as a lone one), or "single_newline"
                            (OneVision: one tile each, a newline after it)
-  data.video_frames        frames sampled per video (0: no videos)
+  data.video_frames        frames sampled per video (0: no videos); the one count sources and layouts read
+  data.video_root          where video records' files are ("": below data.images)
   data.max_tiles_per_row   P, the tile slots of a batch row (packing); more tiles are a BadSample
   data.tile_size, data.patch_size: the tower's (tiles of [3, S, S]); grid pinpoints: model.grid_pinpoints
 """
@@ -96,6 +97,7 @@ def _anyres_fields(c: mlc.ConfigDict, family: str, pinpoints, tile: int, patch: 
     c.data.image_layout = "single"
     c.data.multi_image_layout = "anyres"
     c.data.video_frames = 0
+    c.data.video_root = ""     # video files / frame folders ("": below data.images)
     c.data.max_tiles_per_row = c.data.max_images_per_row
     c.trainable = ANYRES_STAGE1_RULES if c.stage == 1 else c.trainable
 
@@ -104,6 +106,7 @@ def _demo_fields(c: mlc.ConfigDict) -> None:
     """The tiny demo model on tiles of DEMO_TILE px (synthetic images of that size)."""
     c.model.grid_pinpoints = DEMO_PINPOINTS
     c.demo.image_size, c.demo.patch_size, c.demo.tower = DEMO_TILE, DEMO_PATCH, "clip"
+    c.demo.varied_sizes = True            # images of DEMO_TILE x {1, 2} per side: AnyRes grids differ
     c.data.tile_size, c.data.patch_size = DEMO_TILE, DEMO_PATCH
     c.data.max_length = 512
     c.data.length_buckets = (128, 256, 384, 512)

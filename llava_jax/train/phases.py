@@ -19,7 +19,7 @@ import jax
 import ml_collections as mlc
 
 from llava_jax.data import synthetic
-from llava_jax.train import inputs
+from llava_jax.train import inputs, model_init
 
 
 def seconds(value: float) -> str:
@@ -81,11 +81,16 @@ class StepClock:
         say(f"train: {steps} steps in {seconds(running)} ({per_step:.2f} s a step{more})")
 
 
+def demo_evaluates(c: mlc.ConfigDict) -> bool:
+    """Whether a finished run ends with the demo's held-out accuracy (`train.demo`: LLaVA-1.5 demos only)."""
+    return c.model.preset == "demo" and c.demo.evaluate and model_init.family(c) == "llava"
+
+
 def outputs(c: mlc.ConfigDict, workdir: Path, completed: bool) -> None:
     """The last lines: where the run's outputs are."""
     lines = [f"  result: {workdir / 'result.json'}", f"  checkpoints: {workdir / 'checkpoints'}",
              f"  metrics: {workdir / 'metrics.jsonl'} (TensorBoard: {workdir / 'tensorboard'})"]
-    if completed and c.model.preset == "demo" and c.demo.evaluate:
+    if completed and demo_evaluates(c):
         lines.insert(1, f"  answers: {workdir / 'eval_answers_images.jsonl'}, {workdir / 'eval_answers_blank.jsonl'}"
                         f" (scores: {workdir / 'demo_eval.json'})")
     if completed and c.export_hf:

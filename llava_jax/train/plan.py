@@ -201,21 +201,11 @@ def abstract_batch(c: mlc.ConfigDict, cfg, mesh) -> dict:
     """A global batch in `batch_layout` (the fields of `llava_jax.data.batch`), sharded over the batch axes."""
     b, t, images = batch_layout(c)
     s = cfg.vision.image_size
-    layout = batch_spec.Layout(b, t, images, (3, s, s), packed=c.data.packing != "none")
+    layout = batch_spec.Layout(b, t, images, (3, s, s), packed=c.data.packing != "none",
+                               anyres=model_init.family(c) != "llava")
     shapes = batch_spec.shapes(layout)
-    if model_init.family(c) != "llava":
-        shapes |= anyres_taps_shapes(b, t)
     return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding.batch_sharding(mesh, len(shape)))
             for k, (shape, dtype) in shapes.items()}
-
-
-def anyres_taps_shapes(rows: int, tokens: int) -> dict:
-    """The AnyRes batch contract's token-aligned taps fields (rows, tokens, vision_layout.TAPS), until
-    `data.batch` lists them (then `batch_spec.shapes` gives them like every field)."""
-    from llava_jax import vision_layout
-
-    shape = (rows, tokens, vision_layout.TAPS)
-    return {"image_taps_index": (shape, np.dtype(np.int32)), "image_taps_weight": (shape, np.dtype(np.float32))}
 
 
 PLAN_STEPS = 1000   # the schedule's length when the config counts epochs (the data is not read here)

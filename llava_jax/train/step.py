@@ -32,9 +32,9 @@ from llava_jax.train.loss import IGNORE_INDEX, token_cross_entropy  # noqa: F401
 Batch = dict[str, jax.Array]
 # Batch entries passed to the model besides input_ids and the images: packed rows (`llava_jax.data.batch`).
 PACKED_INPUTS = batch_spec.PACKED_INPUTS
-# The token-aligned feature taps of an AnyRes batch (LLaVA-NeXT / OneVision: [rows, tokens, 4] each), as the
-# AnyRes batch contract names them; present in AnyRes batches only (`models.llava_next.AnyResLlava.embed_rows`).
-ANYRES_INPUTS = ("image_taps_index", "image_taps_weight")
+# The token-aligned feature taps of an AnyRes batch (`llava_jax.data.batch`; LLaVA-NeXT / OneVision, read by
+# `models.llava_next.AnyResLlava.embed_rows`).
+ANYRES_INPUTS = batch_spec.ANYRES_INPUTS
 
 
 @jax.tree_util.register_dataclass
