@@ -58,29 +58,32 @@ def clip_hf_config(cfg: CLIPVisionConfig) -> dict:
     return {**clip_config_to_hf(cfg), "architectures": ["CLIPVisionModel"]}
 
 
+def vision_tensor_name_to_ours(name: str, *, tower: str, modules: tuple[str, ...], skipped: tuple[str, ...]
+                              ) -> str | None:
+    """A Hugging Face vision tower tensor name -> our name (`vision_model.` + the module path); None for the
+    `skipped` prefixes and position ids; ValueError naming `tower` for a name outside the tower's `modules`."""
+    if name.startswith(skipped) or name.endswith("position_ids"):
+        return None
+    if name.startswith("vision_model."):
+        return name
+    if name.startswith(modules):
+        return "vision_model." + name
+    raise ValueError(f"tensor '{name}' is not a {tower} vision tower tensor")
+
+
 def clip_tensor_name_to_ours(name: str) -> str | None:
     """A Hugging Face CLIP tensor name -> our name; None for tensors outside the vision tower.
 
     'vision_model.encoder.layers.3.mlp.fc1.weight' and (5.x CLIPVisionModel) 'encoder.layers.3.mlp.fc1.weight'
     both map to 'vision_model.encoder.layers.3.mlp.fc1.weight'.
     """
-    if name.startswith(_NOT_VISION) or name.endswith("position_ids"):
-        return None
-    if name.startswith("vision_model."):
-        return name
-    if name.startswith(_VISION_MODULES):
-        return "vision_model." + name
-    raise ValueError(f"tensor '{name}' is not a CLIP vision tower tensor")
+    return vision_tensor_name_to_ours(name, tower="CLIP", modules=_VISION_MODULES, skipped=_NOT_VISION)
 
 
 def clip_tensors_to_ours(tensors: Mapping[str, Any]) -> dict[str, Any]:
     """Renames a Hugging Face CLIP state dict to our names, dropping tensors outside the vision tower."""
-    out = {}
-    for name, value in tensors.items():
-        ours = clip_tensor_name_to_ours(name)
-        if ours is not None:
-            out[ours] = value
-    return out
+    renamed = ((clip_tensor_name_to_ours(name), value) for name, value in tensors.items())
+    return {ours: value for ours, value in renamed if ours is not None}
 
 
 def _default_image_processor(vision_cfg: CLIPVisionConfig) -> transformers.CLIPImageProcessor:

@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 import transformers
 
+from llava_jax.convert.hf_clip import vision_tensor_name_to_ours
 from llava_jax.models.clip_vit import ACTIVATIONS
 from llava_jax.models.siglip import SiglipVisionConfig
 
@@ -85,13 +86,8 @@ def siglip_tensor_name_to_ours(name: str) -> str | None:
     'vision_model.encoder.layers.3.mlp.fc1.weight' and (5.x SiglipVisionModel) 'encoder.layers.3.mlp.fc1.weight'
     both map to 'vision_model.encoder.layers.3.mlp.fc1.weight'.
     """
-    if name.startswith(_NOT_VISION + HEAD_PREFIXES) or name.endswith("position_ids"):
-        return None
-    if name.startswith("vision_model."):
-        return name
-    if name.startswith(_VISION_MODULES):
-        return "vision_model." + name
-    raise ValueError(f"tensor '{name}' is not a SigLIP vision tower tensor")
+    return vision_tensor_name_to_ours(name, tower="SigLIP", modules=_VISION_MODULES,
+                                      skipped=_NOT_VISION + HEAD_PREFIXES)
 
 
 def siglip_tensors_to_ours(tensors: Mapping[str, Any]) -> dict[str, Any]:
