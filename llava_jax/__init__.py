@@ -16,18 +16,20 @@ from __future__ import annotations
 
 import importlib
 import logging
+import re
 
 # transformers' notices that do not apply to a JAX project, dropped before transformers is first imported (every
 # entry point imports this package first): it says "PyTorch was not found. Models won't be available ..." (we
-# use its tokenizers and configs only) and, without torchvision, "`CLIPImageProcessor` requires torchvision (not
-# installed); falling back to `CLIPImageProcessorPil` ..." (the PIL processor is the one LLaVA was trained with).
-FOREIGN_NOTICES = ("PyTorch was not found. Models won't be available",
-                   "`CLIPImageProcessor` requires torchvision (not installed); falling back to `CLIPImageProcessorPil`")
+# use its tokenizers and configs only) and, without torchvision, for every image processor (CLIP, SigLIP, LLaVA-NeXT,
+# OneVision), "`CLIPImageProcessor` requires torchvision (not installed); falling back to `CLIPImageProcessorPil`
+# ..." (the PIL processors are the ones our preprocessing equals).
+FOREIGN_NOTICES = (re.compile(r"PyTorch was not found\. Models won't be available"),
+                   re.compile(r"`\w+` requires torchvision \(not installed\); falling back to `\w+Pil`"))
 
 
 class _DropForeignNotices(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith(FOREIGN_NOTICES)
+        return not any(notice.match(str(record.msg)) for notice in FOREIGN_NOTICES)
 
 
 for _logger in ("transformers", "transformers.utils.import_utils"):
