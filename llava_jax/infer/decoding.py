@@ -48,6 +48,8 @@ class Static:
 def _decode(model, cache, ids, mask=None, pixels=None, image_mask=None):
     """model.decode for LLaVA, AnyRes models (image_mask is then the dict of "image_taps", "videos", "video_taps")
     and plain causal LMs (which take no images)."""
+    if pixels is None and image_mask is None:  # text only (as a shared system prompt's prefill)
+        return language_model(model).decode(cache, ids, attention_mask=mask)
     if isinstance(image_mask, dict):
         return model.decode(cache, ids, pixels, attention_mask=mask, image_taps=image_mask["image_taps"],
                             pixel_values_videos=image_mask["videos"], video_taps=image_mask["video_taps"])

@@ -429,14 +429,7 @@ class Generator:
         of `rows * v * video_frames` frames, with every prompt bucket."""
         if any(videos) and self.video_token_index is None:
             raise ValueError("warm_up: videos need a LLaVA-OneVision model")
-        most_tiles = media_lib.max_tiles_per_image(self.model.config)
-        shapes = set()
-        for r in rows:
-            for i in images:
-                for v in videos:
-                    buckets = [_buckets_up_to(r * i * most_tiles), _buckets_up_to(r * v * video_frames)]
-                    prompts = self.prompt_buckets(min(i + v, 1), max_prompt_tokens or self.context_length)
-                    shapes |= {(r, t, f, p) for t in buckets[0] for f in buckets[1] for p in prompts}
+        shapes = self.anyres_shapes(rows, images, videos, video_frames, max_prompt_tokens or self.context_length)
         sampling, stop = Sampling(0.0 if greedy else 1.0), self._stops(None)
         for k, (num_rows, num_tiles, num_frames, width) in enumerate(sorted(shapes)):
             if progress is not None:
@@ -446,6 +439,22 @@ class Generator:
             carry, key, params, static, _ = self._prefill(batch, 1, sampling, None, stop)
             (decode_one if stream else decode_loop)(self.state, carry, key, params, static=static)
         return len(shapes)
+
+    def anyres_shapes(self, rows: Sequence[int], images: Sequence[int], videos: Sequence[int], video_frames: int,
+                      max_prompt_tokens: int) -> list[tuple[int, int, int, int]]:
+        """(rows, tile bucket, frame bucket, prompt bucket) of AnyRes batches of `rows` prompts of at most
+        `max_prompt_tokens` tokens with up to `i` images and `v` videos each: every tile bucket from 1 to the
+        bucket of `rows * i` largest images (`media.max_tiles_per_image`) and every frame bucket from 1 to that
+        of `rows * v * video_frames` frames."""
+        most_tiles = media_lib.max_tiles_per_image(self.model.config)
+        shapes = set()
+        for r in rows:
+            for i in images:
+                for v in videos:
+                    buckets = [_buckets_up_to(r * i * most_tiles), _buckets_up_to(r * v * video_frames)]
+                    prompts = self.prompt_buckets(min(i + v, 1), max_prompt_tokens)
+                    shapes |= {(r, t, f, p) for t in buckets[0] for f in buckets[1] for p in prompts}
+        return sorted(shapes)
 
     def _warm_batch(self, num_rows: int, num_tiles: int, num_frames: int, width: int) -> Batch:
         """A batch of the shapes real AnyRes batches of `num_tiles` image tiles and `num_frames` video frames

@@ -3,11 +3,12 @@
 A `Slots` state holds a fixed number N of decode slots, each with its own rows of one KV cache
 [L, N, K, S, head_dim] (`KVCache` with a per-row `index` [N]: every slot writes at its own length), its last
 token, sampling key, step count, temperature and top-p. Three jitted programs, all of static shapes:
-- `prefill_request`: one request's prompt (left padded to a bucket P, with its images) through a fresh cache of
-  P positions -> its KV with the real tokens moved to the front, their count, and its first token (the
-  `decoding.prefill` computation, so a greedy answer equals `Generator`'s); or, given the KV of a shared prefix
-  (the template's system prompt, computed once), only the rest of the prompt after it;
-- `insert`: that KV into slot s of the `Slots` state (donated), with the request's sampling settings;
+- `prefill_requests`: R requests' prompts (left padded to a bucket P, with their images) through a fresh cache
+  of R rows of P positions -> their KV with each row's real tokens moved to the front, their counts, and their
+  first tokens (the `decoding.prefill` computation, so a greedy answer equals `Generator`'s); or, given the KV
+  of a shared prefix (the template's system prompt, computed once), only the rest of each prompt after it;
+- `insert`: those rows' KV into their slots of the `Slots` state (donated), with the requests' sampling
+  settings;
 - `generate`: one decode step over all N slots, or the first few (an inactive slot's row is masked and its
   length kept).
 A sampled slot draws its token t with `fold_in(its key, t)`, as `Generator` draws row tokens, so its answer
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llava_jax.infer.decoding import _decode, language_model
-from llava_jax.infer.sampling import filter_logits, next_token
+from llava_jax.infer.sampling import filter_logits
 from llava_jax.models.llama import KVCache
 
 
@@ -62,8 +63,8 @@ def empty_slots(model, num_slots: int, length: int) -> Slots:
 
 
 class Prefilled(NamedTuple):
-    """One prefilled request: key/value [L, 1, K, P, head_dim] (its n real tokens first), n int32 [], first
-    token int32 []."""
+    """R prefilled requests: key/value [L, R, K, n0 + P, head_dim] (each row's n real tokens first), n int32 [R],
+    first token int32 [R]."""
 
     key: jax.Array
     value: jax.Array
@@ -71,65 +72,81 @@ class Prefilled(NamedTuple):
     token: jax.Array
 
 
-def _fresh_cache(model, width: int, prefix: Prefilled | None) -> KVCache:
-    """A one-row cache for `width` new positions, holding first the n0 tokens of `prefix` (exactly n0 real
-    tokens: key [L, 1, K, n0, head_dim]) when there is one."""
+def _fresh_cache(model, rows: int, width: int, prefix: Prefilled | None) -> KVCache:
+    """An R-row cache for `width` new positions, holding first the n0 tokens of `prefix` (one row of exactly n0
+    real tokens: key [L, 1, K, n0, head_dim]) in every row when there is one."""
     if prefix is None:
-        return model.init_cache(1, width)
+        return model.init_cache(rows, width)
     n0 = prefix.key.shape[3]
-    cache = model.init_cache(1, n0 + width)
-    put = lambda c, kv: jax.lax.dynamic_update_slice(c, kv.astype(c.dtype), (0, 0, 0, 0, 0))
+    cache = model.init_cache(rows, n0 + width)
+    put = lambda c, kv: jax.lax.dynamic_update_slice(c, jnp.broadcast_to(kv, c.shape[:3] + kv.shape[3:]).astype(
+        c.dtype), (0, 0, 0, 0, 0))
     return KVCache(put(cache.key, prefix.key), put(cache.value, prefix.value), cache.mask.at[:, :n0].set(True),
                    jnp.int32(n0))
 
 
+def first_tokens(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_p: jax.Array, steps: jax.Array,
+                 greedy: bool) -> jax.Array:
+    """Each row's next token from logits float32 [R, V]: argmax, or (temperature [R] > 0) its own draw with
+    fold_in(keys[r], steps[r]) (as `Generator` draws a row's tokens)."""
+    best = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if greedy:
+        return best
+    filtered = filter_logits(logits, jnp.maximum(temperature, 1e-6)[:, None], jnp.int32(0), top_p[:, None])
+    folded = jax.vmap(jax.random.fold_in)(keys, steps)
+    drawn = jax.vmap(lambda k, row: jax.random.categorical(k, row[None], axis=-1)[0])(folded, filtered)
+    return jnp.where(temperature > 0, drawn.astype(jnp.int32), best)
+
+
 @functools.partial(jax.jit, static_argnames=("static",))
-def prefill_request(state, ids, mask, pixels, image_mask, key, sampling, prefix: Prefilled | None = None, *,
-                    static: SlotStatic) -> Prefilled:
-    """ids / mask int32 [1, P] (left padded), pixels [I, 3, S, S] or None -> `Prefilled` (key/value of n0 + P
-    positions); the first token is drawn with fold_in(key, 0). `prefix`: the KV of the prompt's first n0 tokens
-    (a shared system prompt, computed once), which `ids` continue."""
+def prefill_requests(state, ids, mask, pixels, image_inputs, keys, temperature, top_p,
+                     prefix: Prefilled | None = None, *, static: SlotStatic) -> Prefilled:
+    """R requests prefilled together: ids / mask int32 [R, P] (left padded), pixels and image_inputs as
+    `Batch.pixels` / `Batch.image_inputs` (None: text only), keys [R], temperature / top_p float32 [R] ->
+    `Prefilled` (key/value of n0 + P positions); each row's first token is drawn with fold_in(its key, 0).
+    `prefix`: the KV of the prompts' first n0 tokens (a shared system prompt, computed once), which `ids`
+    continue in every row."""
     model = nnx.merge(static.graphdef, state)
-    cache = _fresh_cache(model, ids.shape[1], prefix)
+    cache = _fresh_cache(model, ids.shape[0], ids.shape[1], prefix)
     if static.split_prefill:
-        _, cache = _decode(model, cache, ids[:, :-1], mask[:, :-1], pixels, image_mask)
+        _, cache = _decode(model, cache, ids[:, :-1], mask[:, :-1], pixels, image_inputs)
         logits, cache = language_model(model).decode(cache, ids[:, -1:], attention_mask=mask[:, -1:])
     else:
-        logits, cache = _decode(model, cache, ids, mask, pixels, image_mask)
-    token = next_token(logits[:, -1], jax.random.fold_in(key, 0), sampling, static.greedy)[0]
-    order = jnp.argsort(~cache.mask[0], stable=True)  # the real tokens first, in order
-    front = lambda c: jnp.take(c, order, axis=3)
-    return Prefilled(front(cache.key), front(cache.value), jnp.sum(cache.mask[0], dtype=jnp.int32), token)
+        logits, cache = _decode(model, cache, ids, mask, pixels, image_inputs)
+    token = first_tokens(logits[:, -1], keys, temperature, top_p, jnp.zeros_like(ids[:, 0]), static.greedy)
+    order = jnp.argsort(~cache.mask, axis=1, stable=True)  # each row's real tokens first, in order
+    front = lambda c: jnp.take_along_axis(c, order[None, :, None, :, None], axis=3)
+    return Prefilled(front(cache.key), front(cache.value), jnp.sum(cache.mask, axis=1, dtype=jnp.int32), token)
 
 
 @functools.partial(jax.jit, donate_argnames=("slots",))
-def insert(slots: Slots, slot, prefilled: Prefilled, key, temperature, top_p) -> Slots:
-    """Puts a prefilled request into slot `slot` (int32 []): its KV at positions 0..P-1 (those past the slot's
-    length, padding, are left out), its length, its first token (step 1 of its key), its sampling settings."""
-    cache = slots.cache
-    zero = jnp.zeros((), jnp.int32)
-    at = (zero, jnp.asarray(slot, jnp.int32), zero, zero, zero)
-    length = cache.mask.shape[1]
+def insert(slots: Slots, slot_ids, prefilled: Prefilled, count, keys, temperature, top_p) -> Slots:
+    """Puts the first `count` (int32 []) rows of `prefilled` into slots `slot_ids` (int32 [R]): row r's KV at
+    positions 0..P-1 of its slot (those past its length, padding, are left out), its length, its first token
+    (step 1 of its key keys[r]), its sampling settings temperature / top_p [R]."""
+    length = slots.cache.mask.shape[1]
     fit = lambda kv, like: kv[:, :, :, :length].astype(like.dtype)
-    cache = KVCache(jax.lax.dynamic_update_slice(cache.key, fit(prefilled.key, cache.key), at),
-                    jax.lax.dynamic_update_slice(cache.value, fit(prefilled.value, cache.value), at),
-                    cache.mask.at[slot].set(jnp.arange(length) < prefilled.length),
-                    cache.index.at[slot].set(prefilled.length))
-    return Slots(cache, slots.tokens.at[slot].set(prefilled.token), slots.keys.at[slot].set(key),
-                 slots.steps.at[slot].set(1), slots.temperature.at[slot].set(temperature),
-                 slots.top_p.at[slot].set(top_p))
+    key_rows, value_rows = fit(prefilled.key, slots.cache.key), fit(prefilled.value, slots.cache.value)
+    zero = jnp.zeros((), jnp.int32)
+
+    def put(r, state: Slots) -> Slots:
+        slot, cache = slot_ids[r], state.cache
+        at = (zero, slot, zero, zero, zero)
+        row = lambda kv: jax.lax.dynamic_slice_in_dim(kv, r, 1, axis=1)
+        cache = KVCache(jax.lax.dynamic_update_slice(cache.key, row(key_rows), at),
+                        jax.lax.dynamic_update_slice(cache.value, row(value_rows), at),
+                        cache.mask.at[slot].set(jnp.arange(length) < prefilled.length[r]),
+                        cache.index.at[slot].set(prefilled.length[r]))
+        return Slots(cache, state.tokens.at[slot].set(prefilled.token[r]), state.keys.at[slot].set(keys[r]),
+                     state.steps.at[slot].set(1), state.temperature.at[slot].set(temperature[r]),
+                     state.top_p.at[slot].set(top_p[r]))
+
+    return jax.lax.fori_loop(0, count, put, slots)
 
 
 def _draw(static: SlotStatic, slots: Slots, logits: jax.Array) -> jax.Array:
     """Next token per slot from logits float32 [N, V]: argmax, or (temperature > 0) each slot's own draw."""
-    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    if static.greedy:
-        return greedy
-    temperature = jnp.maximum(slots.temperature, 1e-6)[:, None]
-    filtered = filter_logits(logits, temperature, jnp.int32(0), slots.top_p[:, None])
-    keys = jax.vmap(jax.random.fold_in)(slots.keys, slots.steps)
-    drawn = jax.vmap(lambda k, row: jax.random.categorical(k, row[None], axis=-1)[0])(keys, filtered)
-    return jnp.where(slots.temperature > 0, drawn.astype(jnp.int32), greedy)
+    return first_tokens(logits, slots.keys, slots.temperature, slots.top_p, slots.steps, static.greedy)
 
 
 def _first_rows(slots: Slots, rows: int) -> Slots:
@@ -166,4 +183,4 @@ def generate(state, slots: Slots, active, *, static: SlotStatic) -> Slots:
     return _put_first_rows(slots, _step(model, static, _first_rows(slots, rows), active[:rows]))
 
 
-__all__ = ["SlotStatic", "Slots", "Prefilled", "empty_slots", "prefill_request", "insert", "generate"]
+__all__ = ["SlotStatic", "Slots", "Prefilled", "empty_slots", "prefill_requests", "insert", "generate", "first_tokens"]

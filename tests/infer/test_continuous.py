@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from llava_jax.infer import slots
-from llava_jax.infer.sampling import Sampling
 from llava_jax.infer.serve.continuous import ContinuousEngine
 from llava_jax.infer.serve.engine import Delta, Failed, Finished, Job
 from tests.infer.test_generate import ids_row, pixels, tiny  # noqa: F401 (the fixture)
@@ -53,7 +52,7 @@ def requests(rng, count: int):
 
 
 def compiled() -> tuple[int, ...]:
-    return tuple(f._cache_size() for f in (slots.prefill_request, slots.insert, slots.generate))
+    return tuple(f._cache_size() for f in (slots.prefill_requests, slots.insert, slots.generate))
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +60,7 @@ def engine(tiny):
     """A started engine of 4 slots, warmed up for greedy and sampled prompts of up to 32 tokens; `.compiled`:
     the programs' cache sizes right after the warm-up."""
     engine = ContinuousEngine(tiny[1], max_batch=4, max_tokens=24, max_prompt_tokens=32, share_prefix=False)
-    assert engine.warm_up(sampled=True) == 3  # text: 16, 32; one image: 32
+    assert engine.warm_up(sampled=True) == 9  # 1, 2, 4 rows x (text: 16, 32; one image: 32)
     engine.compiled = compiled()
     yield engine.start()
     engine.close()
@@ -93,6 +92,23 @@ def test_greedy_answers_under_concurrent_arrivals_equal_one_by_one(tiny, engine)
     assert sum(busy > 0 for busy in busy_at_submit) >= 3  # jobs arrived while others were decoding
     assert engine.rows - rows == len(jobs)
     assert engine.steps - steps < sum(t.size for _, t in expected) - len(jobs)  # slots decoded together
+
+
+def test_jobs_waiting_together_are_prefilled_together(tiny, engine):
+    """Four jobs queued while the engine is held (three text prompts, one with an image) start in one
+    admission round and two prefill calls (text rows together, the image row apart), with one-by-one answers."""
+    _, gen, _ = tiny
+    rng = np.random.default_rng(7)
+    jobs = [(ids_row(rng, 5 + 6 * k).astype(np.int32), [], 6) for k in range(3)]
+    jobs.append((ids_row(rng, "img", 3).astype(np.int32), [pixels(1, 5)[0]], 6))
+    expected = [gen.generate([ids], [px], max_new_tokens=m)[0] for ids, px, m in jobs]
+    answers = [Answer() for _ in jobs]
+    batches, prefills = engine.batches, engine.prefills
+    with engine._cond:  # the engine thread cannot take a job before all four wait
+        for (ids, px, m), answer in zip(jobs, answers):
+            engine.submit(Job(ids, px, m, answer))
+    assert [a.text for a in answers] == expected
+    assert (engine.batches - batches, engine.prefills - prefills) == (1, 2)
 
 
 def test_a_cancelled_job_frees_its_slot(engine):
@@ -176,24 +192,57 @@ def test_prompts_after_the_system_prompt_reuse_its_kv(tiny):
     assert engine.prefix_hits == 3
 
 
+def prefill(gen, prompts, images=None):
+    """prefill_requests of greedy prompts -> (Prefilled, keys, temperature, top_p)."""
+    batch = gen.make_batch(prompts, images)
+    rows = batch.ids.shape[0]
+    static = slots.SlotStatic(gen.graphdef, True, gen.static(batch, True).split_prefill)
+    keys, temperature, top_p = jax.random.split(jax.random.key(0), rows), np.zeros(rows, np.float32), np.ones(rows)
+    prefilled = slots.prefill_requests(gen.state, batch.ids, batch.mask, batch.pixels, batch.image_inputs, keys,
+                                       temperature, top_p.astype(np.float32), static=static)
+    return prefilled, keys, temperature, top_p.astype(np.float32)
+
+
 @pytest.mark.parametrize("slot, rows", [(0, None), (2, None), (1, 2)])
 def test_slot_programs_match_the_generator(tiny, slot, rows):
-    """prefill_request + insert + generate on one slot (of 3; a step over all of them or the first `rows`) gives
+    """prefill_requests + insert + generate on one slot (of 3; a step over all of them or the first `rows`) gives
     Generator's greedy tokens, and leaves the other slots' lengths alone."""
     _, gen, _ = tiny
     ids = ids_row(np.random.default_rng(5), 17)
     expected = gen.generate_tokens([ids], max_new_tokens=6)[0]
-    batch = gen.make_batch([ids])
-    static = slots.SlotStatic(gen.graphdef, True, gen.static(batch, True).split_prefill)
-    key = jax.random.key(0)
-    prefilled = slots.prefill_request(gen.state, batch.ids, batch.mask, None, None, key, Sampling().arrays(),
-                                      static=static)
+    prefilled, *settings = prefill(gen, [ids])
     state = slots.empty_slots(gen.model, 3, 64)
-    state = slots.insert(state, np.int32(slot), prefilled, key, np.float32(0), np.float32(1))
-    tokens = [int(prefilled.token)]
+    state = slots.insert(state, np.array([slot], np.int32), prefilled, np.int32(1), *settings)
+    tokens = [int(prefilled.token[0])]
     active = np.arange(3) == slot
     for _ in range(5):
         state = slots.generate(gen.state, state, active, static=slots.SlotStatic(gen.graphdef, True, rows=rows))
         tokens.append(int(state.tokens[slot]))
     assert tokens[:expected.size] == expected.tolist() and expected.size >= 2
     assert state.cache.index.tolist() == [18 + 5 if s == slot else 0 for s in range(3)]
+
+
+def test_requests_prefilled_together_equal_one_by_one(tiny):
+    """Three prompts of different lengths (one with an image) prefilled in one call (4 rows, one of padding)
+    and inserted into slots 3, 0, 2 of 4 decode to Generator's greedy tokens of each; the padding row is not
+    inserted (slot 1 stays empty)."""
+    _, gen, _ = tiny
+    rng = np.random.default_rng(6)
+    prompts = [ids_row(rng, 9), ids_row(rng, "img", 4), ids_row(rng, 21)]
+    images = [[], [pixels(1, 3)[0]], []]
+    expected = [gen.generate_tokens([ids], [px], max_new_tokens=5)[0] for ids, px in zip(prompts, images)]
+    prefilled, *settings = prefill(gen, prompts, images)
+    assert prefilled.token.shape == (4,)
+    state = slots.empty_slots(gen.model, 4, 64)
+    order = np.array([3, 0, 2, 0], np.int32)
+    state = slots.insert(state, order, prefilled, np.int32(3), *settings)
+    assert state.cache.index.tolist() == [int(prefilled.length[1]), 0, int(prefilled.length[2]),
+                                          int(prefilled.length[0])]
+    tokens = [[int(t)] for t in prefilled.token[:3]]
+    active = np.array([True, False, True, True])
+    for _ in range(4):
+        state = slots.generate(gen.state, state, active, static=slots.SlotStatic(gen.graphdef, True))
+        for r, slot in enumerate(order[:3]):
+            tokens[r].append(int(state.tokens[slot]))
+    for got, want in zip(tokens, expected):
+        assert got[:want.size] == want.tolist() and want.size >= 2

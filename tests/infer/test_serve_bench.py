@@ -32,6 +32,15 @@ def test_latency_figures_of_streamed_records():
         np.percentile([0.1, 0.2, 0.1], 99))
 
 
+def test_at_slo_takes_the_highest_throughput_within_both_bounds():
+    rows = [{"rate": r, "tokens_per_s": t, "ttft_p99_s": f, "itl_p99_s": i}
+            for r, t, f, i in ((8, 100, 0.02, 0.01), (16, 200, 0.05, 0.02), (32, 380, 0.09, 0.06),
+                               (64, 500, 0.4, 0.02))]
+    assert bench.at_slo(rows, 0.1, 0.05)["rate"] == 16  # 32/s breaks the ITL bound, 64/s the TTFT bound
+    assert bench.at_slo(rows, 0.1, 0.1)["rate"] == 32
+    assert bench.at_slo(rows, 0.01, 0.05) is None
+
+
 def test_the_engine_is_a_server_option():
     from llava_jax.infer.serve import cli
 

@@ -15,12 +15,15 @@ every answer `--max-tokens` long (vLLM's extension).
 mixed prompt lengths (demo questions with 0-`--extra-words` more words) and answer lengths (`--max-tokens LO,HI`;
 on a random model few answers end early), streamed. Reports per engine and rate: throughput (completion
 tokens / s from the first request to the last answer), time to first token and inter-token latency (the gaps
-between streamed chunks, as vLLM's benchmark) p50 / p99, as a table and (`--json`) JSON.
+between streamed chunks, as vLLM's benchmark) p50 / p99, as a table and (`--json`) JSON; then, at the same
+p99 latency (`--slo TTFT_MS,ITL_MS`), each engine's highest throughput among the rates that meet it and their
+ratio. The requests come from one asyncio client, so that the client's own work stays small.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
 import concurrent.futures
 import contextlib
@@ -111,13 +114,13 @@ def poisson_requests(n: int, max_tokens: tuple[int, int], extra_words: int, seed
     return out
 
 
-def _stream(client, body: dict, start: float) -> dict:
+async def _stream(client, body: dict, start: float) -> dict:
     """One streamed request sent at `start` (perf_counter) -> its send time, chunk times and tokens."""
-    time.sleep(max(0.0, start - time.perf_counter()))
+    await asyncio.sleep(max(0.0, start - time.perf_counter()))
     sent, chunks, tokens = time.perf_counter(), [], 0
-    with client.stream("POST", "/v1/chat/completions", json=body) as response:
+    async with client.stream("POST", "/v1/chat/completions", json=body) as response:
         response.raise_for_status()
-        for line in response.iter_lines():
+        async for line in response.aiter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             event = json.loads(line.removeprefix("data: "))
@@ -129,15 +132,27 @@ def _stream(client, body: dict, start: float) -> dict:
 
 
 def run_poisson(url: str, requests: list[dict], rate: float, seed: int = 0) -> dict:
-    """Sends `requests` at Poisson arrival times of `rate` per second -> throughput, TTFT and ITL figures."""
+    """Sends `requests` at Poisson arrival times of `rate` per second from one asyncio client (as vLLM's
+    benchmark: a light client, so that the server, not the client, is measured on a small machine) ->
+    throughput, TTFT and ITL figures."""
     import httpx
 
-    gaps = np.random.default_rng(seed).exponential(1.0 / rate, len(requests))
-    with httpx.Client(base_url=url, timeout=600, limits=httpx.Limits(max_connections=len(requests))) as client, \
-            concurrent.futures.ThreadPoolExecutor(len(requests)) as pool:
-        t0 = time.perf_counter() + 0.2
-        records = list(pool.map(lambda kv: _stream(client, kv[1], t0 + kv[0]), zip(np.cumsum(gaps), requests)))
-    return latency_figures(records, rate)
+    async def send_all() -> list[dict]:
+        gaps = np.random.default_rng(seed).exponential(1.0 / rate, len(requests))
+        limits = httpx.Limits(max_connections=len(requests))
+        async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+            t0 = time.perf_counter() + 0.2
+            return list(await asyncio.gather(*(_stream(client, body, t0 + at)
+                                               for at, body in zip(np.cumsum(gaps), requests))))
+
+    return latency_figures(asyncio.run(send_all()), rate)
+
+
+def at_slo(rows: list[dict], ttft_s: float, itl_s: float) -> dict | None:
+    """The figures of the highest throughput among `rows` (one per rate) whose TTFT p99 and ITL p99 are within
+    the bounds; None when no rate meets them."""
+    meeting = [r for r in rows if r["ttft_p99_s"] <= ttft_s and r["itl_p99_s"] <= itl_s]
+    return max(meeting, key=lambda r: r["tokens_per_s"]) if meeting else None
 
 
 def latency_figures(records: list[dict], rate: float) -> dict:
@@ -169,6 +184,15 @@ def poisson_main(args) -> dict:
                   f"{r['ttft_p99_s']:9.3f} {r['itl_p50_s']:8.4f} {r['itl_p99_s']:8.4f}")
     for c, w in zip(results["continuous"], results["windowed"]):
         print(f"rate {c['rate']:.1f}/s: continuous / windowed {c['tokens_per_s'] / w['tokens_per_s']:.2f}x tokens/s")
+    ttft_ms, itl_ms = (float(v) for v in args.slo.split(","))
+    best = {engine: at_slo(rows, ttft_ms / 1000, itl_ms / 1000) for engine, rows in results.items()}
+    for engine, row in best.items():
+        print(f"at p99 TTFT <= {ttft_ms:g} ms and p99 ITL <= {itl_ms:g} ms, {engine}: " +
+              (f"{row['tokens_per_s']:.1f} tokens/s (rate {row['rate']:g}/s)" if row else "no rate meets it"))
+    if all(best.values()):
+        print(f"continuous / windowed at the same p99 latency: "
+              f"{best['continuous']['tokens_per_s'] / best['windowed']['tokens_per_s']:.2f}x tokens/s")
+    results["at_slo"] = {"ttft_p99_ms": ttft_ms, "itl_p99_ms": itl_ms, **best}
     return results
 
 
@@ -181,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--poisson", help="comma-separated arrival rates (requests/s): both engines under Poisson load")
     p.add_argument("--extra-words", type=int, default=40, help="--poisson: up to this many more words a prompt")
     p.add_argument("--max-prompt-tokens", type=int, default=128, help="--poisson: the servers' prompt limit")
+    p.add_argument("--slo", default="100,50", help="--poisson: TTFT_MS,ITL_MS: compare the engines' highest "
+                   "throughput among the rates whose p99 TTFT and p99 ITL are within these (default %(default)s)")
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--batch-window-ms", type=float, default=50.0)
     p.add_argument("--ignore-eos", action="store_true", help="every answer is --max-tokens long")

@@ -87,10 +87,7 @@ def build_engine(args):
                                    quantize=args.quantize)
     except (ModelLoadError, FileNotFoundError) as e:
         raise BadArgs(str(e)) from None
-    if args.engine == "continuous" and generator.is_anyres:
-        logging.warning("the continuous engine does not take AnyRes images yet: serving %s with the windowed "
-                        "engine", args.model)
-    if args.engine == "continuous" and not generator.is_anyres:
+    if args.engine == "continuous":
         engine = ContinuousEngine(generator, max_batch=args.max_batch, max_queue=args.max_queue,
                                   max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens)
     else:

@@ -29,8 +29,8 @@ import jax
 import numpy as np
 
 from llava_jax.infer import slots as slot_programs
-from llava_jax.infer.generate import Generator, TextStreamer, next_power_of_two
-from llava_jax.infer.sampling import Sampling
+from llava_jax import vision_layout
+from llava_jax.infer.generate import Generator, TextStreamer, Tiles, next_power_of_two
 from llava_jax.infer.serve.engine import Delta, Failed, Finished, Job, QueuedEngine, _send
 
 log = logging.getLogger(__name__)
@@ -49,17 +49,29 @@ class ContinuousEngine(QueuedEngine):
         length: min(context, max_prompt_tokens + max_tokens), at least the longest prompt's bucket.
       share_prefix: compute the KV of the template's system prompt once (`shared_prefix`) and prefill only the
         rest of every prompt that starts with it.
+      max_prefill_rows: most waiting requests prefilled together (AnyRes models: 1).
+      prefill_tokens: most prompt tokens taken in between two decode steps (at least one request), which bounds
+        the pause of the decoding slots.
     """
 
     def __init__(self, generator: Generator, *, max_batch: int = 16, max_queue: int = 64, seed: int = 0,
-                 max_tokens: int = 1024, max_prompt_tokens: int | None = None, share_prefix: bool = True):
+                 max_tokens: int = 1024, max_prompt_tokens: int | None = None, share_prefix: bool = True,
+                 max_prefill_rows: int = 8, prefill_tokens: int = 1024):
         super().__init__(generator, max_batch=max_batch, max_queue=max_queue, seed=seed)
+        if max_prefill_rows < 1 or prefill_tokens < 1:
+            raise ValueError(f"max_prefill_rows and prefill_tokens must be >= 1, got {max_prefill_rows} and "
+                             f"{prefill_tokens}")
+        # AnyRes prompts are prefilled one at a time (their tile counts set the programs' shapes)
+        self.max_prefill_rows = 1 if generator.is_anyres else min(max_prefill_rows, max_batch)
+        self.prefill_tokens = prefill_tokens
         context = generator.context_length
         self.longest_prompt = min(max_prompt_tokens or context, context)
         self.slot_length = max(min(context, self.longest_prompt + max_tokens), generator.bucket(self.longest_prompt))
         self.slots = slot_programs.empty_slots(generator.model, max_batch, self.slot_length)
         self._rows: list[_SlotRow | None] = [None] * max_batch
         self.batches = self.rows = self.steps = 0  # admission rounds, jobs admitted, decode steps (GET /health)
+        self.prefills = 0  # prefill calls (a group of jobs each)
+        self._blank_key = None
         self.prefix_ids = shared_prefix(generator) if share_prefix else None
         self.prefix = self._prefill_prefix() if self.prefix_ids is not None else None
         self.prefix_hits = 0  # prompts that reused the prefix's KV
@@ -67,36 +79,64 @@ class ContinuousEngine(QueuedEngine):
     def _prefill_prefix(self) -> slot_programs.Prefilled:
         gen, ids = self.generator, self.prefix_ids[None]
         static = slot_programs.SlotStatic(gen.graphdef, True)
-        return slot_programs.prefill_request(gen.state, ids, np.ones_like(ids), None, None, jax.random.key(0),
-                                             Sampling().arrays(), static=static)
+        return slot_programs.prefill_requests(gen.state, ids, np.ones_like(ids), None, None, self._keys_of([None]),
+                                              np.zeros(1, np.float32), np.ones(1, np.float32), static=static)
 
     def warm_up(self, max_prompt_tokens: int | None = None, sampled: bool = False,
-                progress: Callable[[str], None] | None = None) -> int:
-        """Compiles (or loads from the persistent cache) the prefill and insert of every prompt bucket up to
-        `max_prompt_tokens`, with or without an image, and the decode step: greedy (and with `sampled`, sampled)
-        requests; call before `start`. Returns the prompt shapes compiled."""
-        gen = self.generator
-        longest = min(max_prompt_tokens or self.longest_prompt, self.longest_prompt)
-        shapes = [(i, p) for i in ((0, 1) if gen.is_llava else (0,)) for p in gen.prompt_buckets(i, longest)]
+                progress: Callable[[str], None] | None = None, video_frames: int = 32) -> int:
+        """Compiles (or loads from the persistent cache) the prefill and insert of every prefill shape of prompts
+        up to `max_prompt_tokens` (`prefill_shapes`), and the decode step: greedy (and with `sampled`, sampled)
+        requests; OneVision models also a video of `video_frames` frames. Call before `start`. Returns the prefill
+        shapes compiled."""
+        shapes = self.prefill_shapes(max_prompt_tokens, video_frames)
         modes = (0.0, 1.0) if sampled else (0.0,)
-        starts = [np.zeros(0, np.int32)] + ([self.prefix_ids] if self.prefix_ids is not None else [])
-        for k, (num_images, width) in enumerate(shapes):
+        for k, (rows, vision, width, prefixed) in enumerate(shapes):
             if progress is not None:
-                progress(f"compiling {k + 1}/{len(shapes)}: {num_images} image(s), prompt bucket {width}")
-            prompt = np.full(width, gen.pad_id, np.int32)
-            prompt[1:1 + num_images * gen.image_seq_length] = gen.image_token_index or 0
-            pixels = [np.zeros((3,) + (gen.model.config.vision.image_size,) * 2, np.float32)] * num_images
-            for start in starts:  # without and after the shared prefix
-                if start.size + num_images * gen.image_seq_length + 2 > longest:
-                    continue
-                ids = np.concatenate([start, prompt[:longest - start.size]])
-                for temperature in modes:
-                    self._prefill_into(0, Job(ids, pixels, 1, lambda e: None, temperature=temperature))
+                progress(f"compiling {k + 1}/{len(shapes)}: {rows} row(s), {vision}, prompt bucket {width}"
+                         f"{' after the system prompt' if prefixed else ''}")
+            batch = self._warm_batch(rows, vision, width)
+            for temperature in modes:
+                jobs = [Job(ids, [], 1, lambda e: None, temperature=temperature) for ids in batch.ids]
+                self._prefill_and_insert(batch, [0] * rows, jobs, self.prefix if prefixed else None)
         for temperature in modes:
             for rows in self.step_rows:
                 self._decode_step(np.arange(self.max_batch) < rows, greedy=temperature == 0)
-        self.prefix_hits = 0
+        self.prefix_hits = self.prefills = 0
         return len(shapes)
+
+    def prefill_shapes(self, max_prompt_tokens: int | None = None, video_frames: int = 32) -> list[tuple]:
+        """(rows, vision, prompt bucket, after the prefix) of every prefill a request of up to
+        `max_prompt_tokens` tokens takes: LLaVA / text models a prompt with 0 or 1 image (vision: its image count)
+        in groups of 1, 2, 4, .. `max_prefill_rows` rows within `prefill_tokens`; AnyRes models one prompt at a
+        time with an image's tile buckets or (OneVision) a video's frame buckets (vision: (tiles, frames);
+        `Generator.anyres_shapes`). Prompts with several images or videos take other shapes, compiled on first
+        use."""
+        gen = self.generator
+        longest = min(max_prompt_tokens or self.longest_prompt, self.longest_prompt)
+        n0 = 0 if self.prefix_ids is None else self.prefix_ids.size
+        # the whole prompt, and (with a shared prefix) the rest after it: up to longest - n0 tokens
+        starts = [(False, longest)] + ([(True, longest - n0)] if n0 else [])
+        if gen.is_anyres:  # an image, or (OneVision) a video
+            media = [((0, 1), (0,))] + ([((0,), (1,))] if gen.video_token_index is not None else [])
+            shapes = sorted({(1, (tiles, frames), width, prefixed) for prefixed, most in starts
+                             for images, videos in media for _, tiles, frames, width in
+                             gen.anyres_shapes((1,), images, videos, video_frames, most)})
+        else:
+            rows = [1 << k for k in range(next_power_of_two(self.max_prefill_rows).bit_length())]
+            shapes = [(r, i, width, prefixed) for prefixed, most in starts for i in ((0, 1) if gen.is_llava else (0,))
+                      for width in gen.prompt_buckets(i, most) for r in rows
+                      if r == 1 or r * width <= self.prefill_tokens]
+        return shapes
+
+    def _warm_batch(self, rows: int, vision, width: int):
+        """A batch of a prefill shape (values do not matter)."""
+        gen = self.generator
+        if gen.is_anyres:
+            return gen._warm_batch(rows, *vision, width)
+        prompt = np.full(width, gen.pad_id, np.int32)
+        prompt[1:1 + vision * gen.image_seq_length] = gen.image_token_index or 0
+        pixels = [np.zeros((3,) + (gen.model.config.vision.image_size,) * 2, np.float32)] * vision
+        return gen.make_batch([prompt] * rows, [pixels] * rows)
 
     @property
     def step_rows(self) -> list[int]:
@@ -123,8 +163,7 @@ class ContinuousEngine(QueuedEngine):
                 self.batches += 1
                 self.rows += len(admitted)
             try:
-                for slot, job in admitted:
-                    self._admit(slot, job)
+                self._admit(admitted)
                 if any(row is not None for row in self._rows):
                     self._step()
             except Exception as e:  # a failed step fails its jobs, never the engine
@@ -139,60 +178,116 @@ class ContinuousEngine(QueuedEngine):
         self.slots = slot_programs.empty_slots(self.generator.model, self.max_batch, self.slot_length)
 
     def _next_jobs(self) -> list[tuple[int, Job]] | None:
-        """Waiting jobs paired with free slots (waits while there is nothing to do; None once closed)."""
+        """Waiting jobs paired with free slots, oldest first, their prompts within `prefill_tokens` (at least
+        one job); waits while there is nothing to do; None once closed."""
         with self._cond:
             while not self._closed and not self._waiting and not any(r is not None for r in self._rows):
                 self._cond.wait()
             if self._closed:
                 return None
             free = [s for s, row in enumerate(self._rows) if row is None]
-            taken = []
+            taken, tokens = [], 0
             while free and self._waiting:
-                job = self._waiting.popleft()
+                job = self._waiting[0]
+                if taken and tokens + job.ids.size > self.prefill_tokens:
+                    break
+                self._waiting.popleft()
                 if not job.cancelled:
                     taken.append((free.pop(0), job))
+                    tokens += job.ids.size
             return taken
 
-    def _admit(self, slot: int, job: Job) -> None:
-        """Prefills `job` into `slot` and follows its first token; a failure fails this job only."""
-        try:
-            token, length = self._prefill_into(slot, job)
-            stops = () if job.ignore_eos else self.template_stops
-            row = _SlotRow(self.generator, job, stops, min(job.max_tokens, self.slot_length - length))
-            self._rows[slot] = row
-            row.advance(token)
-        except Exception as e:  # noqa: BLE001 - a bad request fails alone
-            log.exception("prefill failed")
-            self._rows[slot] = None
-            _send(job, Failed(f"generation failed: {e}"))
+    def _admit(self, admitted: list[tuple[int, Job]]) -> None:
+        """Prefills the admitted jobs into their slots, in groups, and follows their first tokens; a group that
+        fails is retried one job at a time, so that a bad request fails alone."""
+        for group in self._prefill_groups(admitted):
+            try:
+                self._start_rows(group)
+            except Exception as e:  # noqa: BLE001 - a bad request fails alone
+                for slot, _ in group:
+                    self._rows[slot] = None
+                if len(group) > 1:
+                    for one in group:
+                        self._admit([one])
+                    continue
+                log.exception("prefill failed")
+                _send(group[0][1], Failed(f"generation failed: {e}"))
         self._release_finished()
 
-    def _prefill_into(self, slot: int, job: Job) -> tuple[int, int]:
-        """Runs the job's prefill and inserts it into `slot` -> (first token, prompt tokens in the cache)."""
-        gen = self.generator
-        if job.ids.size > self.longest_prompt:
-            raise ValueError(f"the prompt has {job.ids.size} tokens, over the engine's max_prompt_tokens "
-                             f"{self.longest_prompt}")
-        prefix, ids = self._split_prefix(job.ids)
-        batch = gen.make_batch([ids], [list(job.pixels)])
-        seed = job.seed if job.seed is not None else next(self._keys)
-        key = jax.random.key(seed)
-        sampling = Sampling(job.temperature, 0, job.top_p)
-        static = slot_programs.SlotStatic(gen.graphdef, sampling.greedy, gen.static(batch, True).split_prefill)
-        prefilled = slot_programs.prefill_request(gen.state, batch.ids, batch.mask, batch.pixels, batch.image_mask,
-                                                  key, sampling.arrays(), prefix, static=static)
-        self.slots = slot_programs.insert(self.slots, np.int32(slot), prefilled, key, np.float32(job.temperature),
-                                          np.float32(job.top_p))
-        token, length = jax.device_get((prefilled.token, prefilled.length))
-        return int(token), int(length)
+    def _prefill_groups(self, admitted: list[tuple[int, Job]]) -> list[list[tuple[int, Job]]]:
+        """The admitted jobs in prefill groups: the same use of the shared prefix and of images, at most
+        `max_prefill_rows`, and (beyond one row) rows x prompt bucket within `prefill_tokens`, as `prefill_shapes`
+        compiled them."""
+        groups, open_groups = [], {}
+        for slot, job in admitted:
+            key = (self._uses_prefix(job.ids), len(job.pixels) > 0)
+            group = open_groups.get(key)
+            if group is not None:
+                width = self.generator.bucket(max(self._rest(j.ids).size for _, j in group + [(slot, job)]))
+                full = len(group) == self.max_prefill_rows
+                if full or next_power_of_two(len(group) + 1) * width > self.prefill_tokens:
+                    group = None
+            if group is None:
+                group = open_groups[key] = []
+                groups.append(group)
+            group.append((slot, job))
+        return groups
 
-    def _split_prefix(self, ids: np.ndarray) -> tuple[slot_programs.Prefilled | None, np.ndarray]:
-        """(the shared prefix's KV, the rest of the prompt) when `ids` start with the prefix, else (None, ids)."""
+    def _start_rows(self, group: list[tuple[int, Job]]) -> None:
+        """Prefills a group's jobs into their slots and follows each one's first token."""
+        gen = self.generator
+        for _, job in group:
+            if job.ids.size > self.longest_prompt:
+                raise ValueError(f"the prompt has {job.ids.size} tokens, over the engine's max_prompt_tokens "
+                                 f"{self.longest_prompt}")
+        jobs = [job for _, job in group]
+        prefixed = self._uses_prefix(jobs[0].ids)
+        batch = gen.make_batch([self._rest(j.ids) for j in jobs], [list(j.pixels) for j in jobs])
+        tokens, lengths = self._prefill_and_insert(batch, [slot for slot, _ in group], jobs,
+                                                   self.prefix if prefixed else None)
+        self.prefix_hits += prefixed * len(jobs)
+        for (slot, job), token, length in zip(group, tokens, lengths):
+            stops = () if job.ignore_eos else self.template_stops
+            row = _SlotRow(gen, job, stops, min(job.max_tokens, self.slot_length - int(length)))
+            self._rows[slot] = row
+            row.advance(int(token))
+
+    def _prefill_and_insert(self, batch, slots: list[int], jobs: list[Job], prefix
+                            ) -> tuple[np.ndarray, np.ndarray]:
+        """Runs the prefill of `batch` (its first rows the jobs') and inserts row r into slots[r] -> the jobs'
+        first tokens and prompt tokens in the cache."""
+        gen, rows, n = self.generator, batch.ids.shape[0], len(jobs)
+        pad = lambda values, fill, dtype: np.array(list(values) + [fill] * (rows - n), dtype)
+        temperature = pad((j.temperature for j in jobs), 0, np.float32)
+        top_p = pad((j.top_p for j in jobs), 1, np.float32)
+        keys = self._keys_of([self._seed(j) if j.temperature > 0 else None for j in jobs] + [None] * (rows - n))
+        static = slot_programs.SlotStatic(gen.graphdef, not (temperature > 0).any(),
+                                          gen.static(batch, True).split_prefill)
+        self.prefills += 1
+        prefilled = slot_programs.prefill_requests(gen.state, batch.ids, batch.mask, batch.pixels,
+                                                   batch.image_inputs, keys, temperature, top_p, prefix, static=static)
+        self.slots = slot_programs.insert(self.slots, pad(slots, 0, np.int32), prefilled, np.int32(n), keys,
+                                          temperature, top_p)
+        tokens, lengths = jax.device_get((prefilled.token, prefilled.length))
+        return tokens[:n], lengths[:n]
+
+    def _seed(self, job: Job) -> int:
+        return job.seed if job.seed is not None else next(self._keys)
+
+    def _keys_of(self, seeds: list[int | None]) -> jax.Array:
+        """PRNG keys [R] of these seeds (None: a key no draw reads: greedy rows, padding)."""
+        if self._blank_key is None:
+            self._blank_key = np.zeros_like(jax.random.key_data(jax.random.key(0)))
+        data = [self._blank_key if s is None else np.asarray(jax.random.key_data(jax.random.key(s))) for s in seeds]
+        return jax.random.wrap_key_data(np.stack(data))
+
+    def _uses_prefix(self, ids: np.ndarray) -> bool:
         n0 = 0 if self.prefix_ids is None else self.prefix_ids.size
-        if n0 and ids.size > n0 + 1 and np.array_equal(ids[:n0], self.prefix_ids):
-            self.prefix_hits += 1
-            return self.prefix, ids[n0:]
-        return None, ids
+        return bool(n0) and ids.size > n0 + 1 and np.array_equal(ids[:n0], self.prefix_ids)
+
+    def _rest(self, ids: np.ndarray) -> np.ndarray:
+        """The prompt after the shared prefix when it starts with it, else all of it."""
+        return ids[self.prefix_ids.size:] if self._uses_prefix(ids) else ids
 
     def _decode_step(self, active: np.ndarray, greedy: bool) -> np.ndarray:
         """One step over all slots -> the new last token of each slot, int32 [N]."""
@@ -224,13 +319,24 @@ def shared_prefix(generator: Generator) -> np.ndarray | None:
     template or when that is under 2 tokens."""
     if generator.template is None or generator.tokenizer is None:
         return None
-    prompts = [generator.encode(generator.prompt(q, images)) for q, images in (("a", 0), ("b c", 1), ("d?", 0))]
+    stand_in = _stand_in_image(generator)
+    prompts = [generator.encode(generator.prompt(q, images), stand_in[:images])
+               for q, images in (("a", 0), ("b c", 1), ("d?", 0))]
     same = min(p.size for p in prompts)
     for k in range(same):
         if len({int(p[k]) for p in prompts}) > 1:
             same = k
             break
     return prompts[0][:same - 1].astype(np.int32) if same - 1 >= 2 else None
+
+
+def _stand_in_image(generator: Generator) -> list:
+    """What `encode` expands an `<image>` by in `shared_prefix`'s prompts: nothing for LLaVA (its image token
+    count is fixed), a one-tile image for AnyRes models."""
+    if not generator.is_anyres:
+        return [None]
+    side = generator.model.config.vision.image_size
+    return [Tiles(np.zeros((1, 3, side, side), np.float32), *vision_layout.gather_taps([0]))]
 
 
 class _SlotRow:

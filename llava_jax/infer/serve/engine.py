@@ -159,7 +159,8 @@ class Engine(QueuedEngine):
                 progress: Callable[[str], None] | None = None) -> int:
         """Compiles (or loads from the persistent cache) every program a greedy batch (and with `sampled`, a
         sampled one) of up to `max_batch` rows, with or without images, of prompts up to `max_prompt_tokens`
-        runs; call before `start`. Returns the shapes compiled."""
+        runs; call before `start`. Returns the shapes compiled. (Batches with videos compile on first use: their
+        frame buckets times the rows would be too many shapes; the continuous engine compiles them.)"""
         rows = sorted({next_power_of_two(n) for n in range(1, self.max_batch + 1)})  # as make_batch pads them
         images = (0, 1) if self.generator.is_llava else (0,)
         return sum(self.generator.warm_up(rows=rows, images=images, greedy=greedy, stream=True,
