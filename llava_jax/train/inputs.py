@@ -114,7 +114,7 @@ def pipeline_config(c: mlc.ConfigDict, model_cfg, sources, **fields) -> Pipeline
         images = dict(image_seq_length=model_cfg.image_seq_length)
     else:  # each image its own token count (image_seq_length unused)
         images = dict(anyres=anyres_layouts(c, model_cfg), max_tiles_per_row=c.data.max_tiles_per_row,
-                      max_images_per_sample=c.data.get("max_images_per_sample", 1))
+                      max_images_per_sample=c.data.max_images_per_sample)
     return PipelineConfig(sources=tuple(sources), template=c.data.template, max_length=c.data.max_length,
                           length_buckets=tuple(c.data.length_buckets), global_batch_size=c.train.global_batch_size,
                           image_config=image_config(c, model_cfg), image_token_id=model_cfg.image_token_index,

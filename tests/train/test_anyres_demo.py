@@ -111,3 +111,31 @@ def test_onevision_layouts_and_sources_read_one_frame_count(tmp_path):
     c.data.tile_size = 56
     with pytest.raises(ValueError, match="config.data.tile_size"):
         inputs.anyres_layouts(c, cfg)
+
+
+def test_ov_demo_pipeline_keeps_a_multi_image_sample_as_single_tiles(tmp_path):
+    """data.max_images_per_sample of the ov demo (4): a 3-image sample is batched, one tile + newline an image."""
+    from llava_jax.data.pipeline import make_train_iterator
+    from llava_jax.data.sources import LlavaJsonSource
+    from llava_jax.train import inputs
+
+    c, tokenizer, cfg, paths = _demo_setup(tmp_path, AnyResDemo["onevision"])
+    names = sorted(p.name for p in paths.images.glob("stage2_*.png"))[:3]
+    record = {"id": "three", "image": names, "conversations": [
+        {"from": "human", "value": "<image>\n<image>\n<image>\nWhat shape is in the image?"},
+        {"from": "gpt", "value": "circle"}]}
+    (tmp_path / "multi.json").write_text(json.dumps([record]))
+    source = LlavaJsonSource(tmp_path / "multi.json", paths.images)
+    pc = inputs.pipeline_config(c, cfg, (source,), num_epochs=1, worker_count=0)
+    iterator = make_train_iterator(pc, tokenizer)
+    batch = next(iterator)
+    assert iterator.bad_sample_counts() == {}
+    assert batch["image_mask"][0].sum() == 3              # one tile an image (single_newline)
+    image_tokens = int((batch["input_ids"][0] == cfg.image_token_index).sum())
+    assert image_tokens == 3 * (cfg.tile_tokens + 1)      # 16 features and a newline an image
+    c.data.max_images_per_sample = 2
+    pc = inputs.pipeline_config(c, cfg, (source,), num_epochs=1, worker_count=0)
+    iterator = make_train_iterator(pc, tokenizer)
+    with pytest.raises(StopIteration):
+        next(iterator)
+    assert iterator.bad_sample_counts() == {"too_many_images": 1}
