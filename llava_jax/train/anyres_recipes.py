@@ -194,6 +194,8 @@ def _onevision_stage2(c: mlc.ConfigDict, stage_name: str, model: str, lora: bool
         c.data.multi_image_layout = "single_newline"
         c.data.video_frames = 4 if model == "demo" else 32
         c.data.max_images_per_sample = 4 if model == "demo" else 12   # OneVision's multi-image data: up to 12
+        if model == "demo":   # synthetic multi-image samples (2-3 scenes) and videos (frame folders) too
+            c.demo.num_multi_image, c.demo.num_video = 800, 400
     if model == "demo":
         c.data.max_tiles_per_row = 8
         return

@@ -40,7 +40,8 @@ def prepare_demo_data(c: mlc.ConfigDict, workdir: Path) -> synthetic.SyntheticPa
         if jax.process_index() == 0:
             synthetic.generate(root, num_stage1=c.demo.num_stage1, num_stage2=c.demo.num_stage2,
                                num_eval=c.demo.num_eval, image_size=c.demo.image_size, seed=c.demo.seed,
-                               varied_sizes=c.demo.get("varied_sizes", False))
+                               varied_sizes=c.demo.get("varied_sizes", False),
+                               num_multi_image=c.demo.num_multi_image, num_video=c.demo.num_video)
         barrier("demo-data")
     return synthetic.paths_of(root)
 
