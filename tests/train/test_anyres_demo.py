@@ -28,8 +28,9 @@ def _demo_setup(tmp_path, config: str):
     c = module.get_config(arg)
     c.train.global_batch_size = 4
     c.data.worker_count = 0
+    media = dict(num_multi_image=6, num_video=4) if c.demo.num_multi_image else {}
     paths = synthetic.generate(tmp_path / "data", num_stage1=4, num_stage2=24, num_eval=2,
-                               image_size=c.demo.image_size, varied_sizes=c.demo.varied_sizes)
+                               image_size=c.demo.image_size, varied_sizes=c.demo.varied_sizes, **media)
     tokenizer = model_init.load_tokenizer(c, paths.tokenizer)
     video = model_init.video_token_id(tokenizer) if model_init.family(c) == "llava_onevision" else None
     cfg = model_init.demo_anyres_config(c, len(tokenizer), tokenizer.convert_tokens_to_ids("<image>"), video)
@@ -139,3 +140,30 @@ def test_ov_demo_pipeline_keeps_a_multi_image_sample_as_single_tiles(tmp_path):
     with pytest.raises(StopIteration):
         next(iterator)
     assert iterator.bad_sample_counts() == {"too_many_images": 1}
+
+
+def test_ov_demo_trains_on_single_images_multi_image_and_video_samples(tmp_path):
+    """One pass of the ov demo's stage-2 file: every sample batched (none dropped); the multi-image rows hold one
+    tile an image, the video rows its 4 sampled frames under <video> tokens."""
+    from llava_jax.data.pipeline import make_train_iterator
+    from llava_jax.train import inputs
+
+    c, tokenizer, cfg, paths = _demo_setup(tmp_path, AnyResDemo["onevision"])
+    sources, _ = inputs.make_sources(c, paths)
+    pc = inputs.pipeline_config(c, cfg, sources, num_epochs=1, worker_count=0)
+    iterator = make_train_iterator(pc, tokenizer)
+    videos, image_counts = 0, []
+    for batch in iterator:
+        for row in range(len(batch["input_ids"])):
+            ids, tiles = batch["input_ids"][row], int(batch["image_mask"][row].sum())
+            video_tokens = int((ids == cfg.video_token_index).sum())
+            if video_tokens:
+                videos += 1
+                assert tiles == c.data.video_frames == 4 and video_tokens == 4 * 4 + 1   # 2 x 2 pooled + newline
+            elif tiles:
+                image_counts.append((tiles, int((ids == cfg.image_token_index).sum())))
+    assert iterator.bad_sample_counts() == {}
+    assert videos == 4
+    multi = [(tiles, tokens) for tiles, tokens in image_counts if tokens == tiles * (cfg.tile_tokens + 1)]
+    assert len(multi) == 6 and {tiles for tiles, _ in multi} <= {2, 3}   # a tile of 16 features + newline each
+    assert len(image_counts) - len(multi) == 24 - 1     # the single images (one of 24 samples is text-only)
