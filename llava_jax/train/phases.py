@@ -19,7 +19,7 @@ import jax
 import ml_collections as mlc
 
 from llava_jax.data import synthetic
-from llava_jax.train import inputs, model_init
+from llava_jax.train import inputs
 
 
 def seconds(value: float) -> str:
@@ -84,8 +84,8 @@ class StepClock:
 
 
 def demo_evaluates(c: mlc.ConfigDict) -> bool:
-    """Whether a finished run ends with the demo's held-out accuracy (`train.demo`: LLaVA-1.5 demos only)."""
-    return c.model.preset == "demo" and c.demo.evaluate and model_init.family(c) == "llava"
+    """Whether a finished run ends with the demo's held-out accuracy (`train.demo`: LLaVA-1.5 and AnyRes demos)."""
+    return c.model.preset == "demo" and c.demo.evaluate
 
 
 def outputs(c: mlc.ConfigDict, workdir: Path, completed: bool) -> None:

@@ -1,6 +1,7 @@
 """The AnyRes demos end to end: `train.inputs.make_data` builds the AnyRes batches of the NeXT demo exactly in
-the `data.batch` contract (fast), and the NeXT and OneVision demos train, resume and export a folder
-transformers loads to our model's logits (slow)."""
+the `data.batch` contract (fast), the ov demo's pipeline keeps its multi-image and video samples, a finished
+OneVision demo scores its held-out questions (`train.demo`), and the NeXT and OneVision demos train, resume and
+export a folder transformers loads to our model's logits (slow)."""
 
 from __future__ import annotations
 
@@ -91,7 +92,7 @@ def test_anyres_demo_trains_resumes_and_exports_for_transformers(name, tmp_path,
     config = f"{REPO}/{AnyResDemo[name]}"
     first = run_cli(config, workdir, {**flags, "train.num_steps": 2}, demo_data=None, jax_cache=jax_cache,
                     variant="")
-    assert "evaluate: skipped" in first.stdout
+    assert "held-out accuracy" in first.stdout and (workdir / "demo_eval.json").is_file()
     done = run_cli(config, workdir, {**flags, "train.num_steps": 4, "export_hf": workdir / "hf"}, demo_data=None,
                    jax_cache=jax_cache, variant="")
     assert f"resumed from {workdir / 'checkpoints'} step 2" in done.stdout
@@ -167,3 +168,29 @@ def test_ov_demo_trains_on_single_images_multi_image_and_video_samples(tmp_path)
     multi = [(tiles, tokens) for tiles, tokens in image_counts if tokens == tiles * (cfg.tile_tokens + 1)]
     assert len(multi) == 6 and {tiles for tiles, _ in multi} <= {2, 3}   # a tile of 16 features + newline each
     assert len(image_counts) - len(multi) == 24 - 1     # the single images (one of 24 samples is text-only)
+
+
+def test_anyres_demo_ends_with_its_held_out_accuracy(tmp_path, jax_cache):
+    """A 2-step ov demo answers every held-out question with its images and with blank ones (the evaluation
+    runner, AnyRes generation) and writes the scores of those answers to demo_eval.json."""
+    from tests.train.test_loop import REPO
+
+    workdir = tmp_path / "ov"
+    flags = {"demo.num_stage1": 4, "demo.num_stage2": 12, "demo.num_multi_image": 4, "demo.num_video": 4,
+             "demo.num_eval": 6, "demo.eval_batch_size": 3, "train.global_batch_size": 4, "train.num_steps": 2}
+    done = run_cli(f"{REPO}/{AnyResDemo['onevision']}", workdir, flags, demo_data=None, jax_cache=jax_cache,
+                   variant="")
+    assert "held-out accuracy" in done.stdout and "evaluate: 6 held-out questions" in done.stdout
+    data = workdir / "data"
+    gold = {a["question_id"]: a for a in map(json.loads, (data / "eval_answers.jsonl").read_text().splitlines())}
+    result = json.loads((workdir / "demo_eval.json").read_text())
+    assert result == json.loads((workdir / "result.json").read_text())["demo_eval"]
+    for name in ("images", "blank"):
+        answers = [json.loads(line) for line in (workdir / f"eval_answers_{name}.jsonl").read_text().splitlines()]
+        assert sorted(a["question_id"] for a in answers) == sorted(gold)
+        hits = {a["question_id"]: a["text"].rstrip(".").lower() == gold[a["question_id"]]["answer"] for a in answers}
+        assert result[name]["accuracy"] == sum(hits.values()) / len(hits)
+        for category in {g["category"] for g in gold.values()}:
+            mine = [hits[q] for q, g in gold.items() if g["category"] == category]
+            assert result[name][category] == sum(mine) / len(mine)
+    assert set(result["chance"]) == {g["category"] for g in gold.values()}
