@@ -99,7 +99,8 @@ class PipelineConfig:
         `global_batch_size` counts rows, not samples.
       pack_length: tokens per packed row (0: the largest length bucket); >= max_length.
       pack_window: samples the packer sees at a time.
-      max_images_per_row: image slots I of a packed row (0: max_images_per_sample).
+      max_images_per_row: image slots I of a packed row (0: max_images_per_sample; AnyRes: unused, rows
+        have max_tiles_per_row tile slots).
       anyres: `anyres_samples.AnyResLayouts` for an AnyRes model (LLaVA-NeXT / OneVision): images become tiles
         and token-aligned feature taps (`data.batch`'s anyres fields), each image its own token count
         (`image_seq_length` unused). None: LLaVA-1.5 batches.
@@ -160,8 +161,9 @@ class PipelineConfig:
             raise ValueError(f"PipelineConfig.packing {self.packing!r} is not one of {packing.METHODS}")
         object.__setattr__(self, "pack_length", self.pack_length or buckets[-1])
         object.__setattr__(self, "max_images_per_row", self.max_images_per_row or self.max_images_per_sample)
+        image_slots_short = self.anyres is None and self.max_images_per_row < self.max_images_per_sample
         if self.packing != "none" and (self.pack_length < self.max_length or self.pack_window <= 0
-                                       or self.max_images_per_row < self.max_images_per_sample):
+                                       or image_slots_short):  # AnyRes rows count tiles (max_tiles_per_row)
             raise ValueError(f"PipelineConfig: packing needs pack_length ({self.pack_length}) >= max_length "
                              f"({self.max_length}), a positive pack_window ({self.pack_window}) and "
                              f"max_images_per_row ({self.max_images_per_row}) >= max_images_per_sample "

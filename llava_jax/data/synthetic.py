@@ -12,11 +12,17 @@ Each image shows 1-4 copies of one solid shape of one colour, one per quadrant, 
   images/*.png             the images (the image root of every file below)
   stage1.json              LLaVA JSON captions: "<image>\\n<instruction>" -> "a red circle in the top-left corner"
   stage2.json              LLaVA JSON multi-turn questions with one-word answers (2-3 per image), plus a few
-                           text-only samples
+                           text-only samples; when asked, multi-image and video samples after them (below)
   eval_questions.jsonl     held-out questions in the official model_vqa format (question_id, image, text, category)
   eval_answers.jsonl       their answers (question_id, answer, category)
   info.json                sizes, the answer options and the chance level of every category
   tokenizer/               a small word-level tokenizer that `transformers.AutoTokenizer` loads
+
+Asked for (`num_multi_image`, `num_video`: the OneVision demo), stage2.json ends with LLaVA-NeXT style
+multi-image samples (2-3 scenes under images/multi/, one `<image>` line each; "What shape is in the second
+image?", "How many images show a red shape?") and video samples (images/videos/<id>/frame_*.png, VIDEO_FRAMES
+frames of one shape moving in a straight line; the `"video"` key names the folder, its one `<image>` stands for
+the video; "What color is the moving shape?"); the tokenizer then covers their questions too.
 
 The JSON files are written to a temporary sibling and renamed into place, and `info.json` last: a generation
 killed halfway leaves no `info.json`, `is_complete` says so and the next `generate` redoes it.
@@ -25,7 +31,7 @@ Answers are drawn from shuffled decks (every option once per round), so each cat
 is 1 / number of options. Everything is a function of the seed: two runs write byte-identical files.
 
 CLI: python -m llava_jax.data.synthetic --out DIR [--num-stage1 N] [--num-stage2 N] [--num-eval N]
-     [--image-size PX] [--seed S]
+     [--num-multi-image N] [--num-video N] [--image-size PX] [--seed S]
 """
 
 from __future__ import annotations
@@ -90,6 +96,25 @@ TEXT_ONLY_QA = (
     *((f"Is a {s} a shape or a color?", "shape") for s in SHAPES),
 )
 TEXT_ONLY_FRACTION = 0.05
+
+# Multi-image and video samples (only when asked: `generate(num_multi_image=..., num_video=...)`).
+ORDINALS = ("first", "second", "third")
+MULTI_IMAGE_COUNTS = (2, 3)        # images of a multi-image sample
+MULTI_IMAGE_DIR, VIDEO_DIR = "multi", "videos"   # below images/
+VIDEO_FRAMES = 6
+VIDEO_QUESTIONS: dict[str, tuple[str, ...]] = {
+    "shape": ("What shape moves in the video?", "Which shape is moving?"),
+    "color": ("What color is the moving shape?", "What is the color of the moving object?"),
+}
+
+
+def ordinal_shape_question(ordinal: str) -> str:
+    return f"What shape is in the {ordinal} image?"
+
+
+def color_count_question(color: str) -> str:
+    return f"How many images show a {color} shape?"
+
 
 # Conversation-template text the tokenizer must cover (plain, vicuna_v1 and llava_v1 of llava/conversation.py).
 TEMPLATE_TEXTS = (
@@ -215,12 +240,34 @@ def draw_scene(scene: Scene, image_size: int, rng: np.random.Generator) -> Image
         slack = (cell / 2 - radius) / 2  # keeps a margin to the quadrant's border
         cx = (col + 0.5) * cell + rng.uniform(-slack, slack)
         cy = (row + 0.5) * cell + rng.uniform(-slack, slack)
-        fill = COLORS[scene.color]
-        if scene.shape == "circle":
-            draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=fill)
-        else:
-            draw.polygon(_polygon(scene.shape, cx, cy, radius), fill=fill)
+        _draw_shape(draw, scene.shape, COLORS[scene.color], cx, cy, radius)
     return image.reduce(_SUPERSAMPLE)
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, fill: tuple, cx: float, cy: float, radius: float) -> None:
+    if shape == "circle":
+        draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=fill)
+    else:
+        draw.polygon(_polygon(shape, cx, cy, radius), fill=fill)
+
+
+def draw_video(shape: str, color: str, image_size: int, num_frames: int,
+               rng: np.random.Generator) -> list[Image.Image]:
+    """`num_frames` RGB frames [image_size, image_size] of one `color` `shape` (a third of the side across)
+    moving in a straight line through the centre, from one border to the opposite one (a random direction)."""
+    canvas = image_size * _SUPERSAMPLE
+    radius = canvas / 6
+    angle = rng.uniform(0, 2 * np.pi)
+    offset = (canvas / 2 - radius) * np.array([np.cos(angle), np.sin(angle)]) / max(abs(np.cos(angle)),
+                                                                                  abs(np.sin(angle)))
+    start, end = canvas / 2 - offset, canvas / 2 + offset
+    frames = []
+    for t in np.linspace(0.0, 1.0, num_frames):
+        image = Image.new("RGB", (canvas, canvas), BACKGROUND)
+        cx, cy = start + t * (end - start)
+        _draw_shape(ImageDraw.Draw(image), shape, COLORS[color], float(cx), float(cy), radius)
+        frames.append(image.reduce(_SUPERSAMPLE))
+    return frames
 
 
 def blank_image(image_size: int) -> Image.Image:
@@ -308,6 +355,56 @@ def _stage2_samples(num: int, image_size: int, images: Path, rng: np.random.Gene
     return samples
 
 
+def _media_conversation(turns: list[tuple[str, str]], num_images: int) -> list[dict[str, str]]:
+    """As `_conversation`, the first human turn opened by one "<image>\\n" per image."""
+    messages = _conversation(turns, with_image=False)
+    messages[0]["value"] = "<image>\n" * num_images + messages[0]["value"]
+    return messages
+
+
+def _multi_image_samples(num: int, image_size: int, images: Path, rng: np.random.Generator) -> list[dict]:
+    """2-3 scenes a sample, two questions on them: the shape of the n-th image, how many show a colour (1..n)."""
+    shapes, colors = Deck(SHAPES, rng), Deck(COLORS, rng)
+    samples = []
+    for i in range(num):
+        (images / MULTI_IMAGE_DIR).mkdir(exist_ok=True)
+        n = int(_pick(rng, MULTI_IMAGE_COUNTS))
+        color, shape, which = colors.draw(), shapes.draw(), int(rng.integers(n))
+        showing = int(rng.integers(1, n + 1))  # images of `color`
+        others = tuple(c for c in COLORS if c != color)
+        scene_colors = [color] * showing + [_pick(rng, others) for _ in range(n - showing)]
+        scene_colors = [scene_colors[k] for k in rng.permutation(n)]
+        names = []
+        for k, scene_color in enumerate(scene_colors):
+            scene = _scene(rng, color=scene_color, shape=shape if k == which else None)
+            names.append(f"{MULTI_IMAGE_DIR}/multi_{i:06d}_{k}.png")
+            _save_png(draw_scene(scene, image_size, rng), images / names[-1])
+        suffix = SHORT_ANSWER_SUFFIX if rng.integers(2) else ""
+        turns = [(ordinal_shape_question(ORDINALS[which]) + suffix, shape),
+                 (color_count_question(color) + suffix, COUNT_WORDS[showing - 1])]
+        turns = [turns[k] for k in rng.permutation(2)]
+        samples.append({"id": f"multi-{i:06d}", "image": names, "conversations": _media_conversation(turns, n)})
+    return samples
+
+
+def _video_samples(num: int, image_size: int, images: Path, rng: np.random.Generator) -> list[dict]:
+    """A folder of VIDEO_FRAMES frames a sample (one moving shape), asked its shape and / or colour."""
+    shapes, colors = Deck(SHAPES, rng), Deck(COLORS, rng)
+    samples = []
+    for i in range(num):
+        shape, color = shapes.draw(), colors.draw()
+        folder = f"{VIDEO_DIR}/video_{i:06d}"
+        (images / folder).mkdir(parents=True, exist_ok=True)
+        for k, frame in enumerate(draw_video(shape, color, image_size, VIDEO_FRAMES, rng)):
+            _save_png(frame, images / folder / f"frame_{k:02d}.png")
+        categories = [("shape", "color")[k] for k in rng.permutation(2)][:int(rng.integers(1, 3))]
+        suffix = SHORT_ANSWER_SUFFIX if rng.integers(2) else ""
+        answers = {"shape": shape, "color": color}
+        turns = [(_pick(rng, VIDEO_QUESTIONS[c]) + suffix, answers[c]) for c in categories]
+        samples.append({"id": f"video-{i:06d}", "video": folder, "conversations": _media_conversation(turns, 1)})
+    return samples
+
+
 def _eval_samples(num: int, image_size: int, images: Path,
                   rng: np.random.Generator) -> tuple[list[dict], list[dict]]:
     """One question per held-out image; categories and each category's answers drawn from decks."""
@@ -379,14 +476,18 @@ def vary_sizes(images: Path, image_size: int, rng: np.random.Generator) -> None:
 
 
 def generate(out_dir: str | Path, *, num_stage1: int = 2000, num_stage2: int = 2000, num_eval: int = 400,
-             image_size: int = 64, seed: int = 0, varied_sizes: bool = False) -> SyntheticPaths:
+             image_size: int = 64, seed: int = 0, varied_sizes: bool = False, num_multi_image: int = 0,
+             num_video: int = 0) -> SyntheticPaths:
     """Writes the demo dataset and its tokenizer under `out_dir` (layout in the module docstring).
 
     Each split has its own random stream (seeded by (seed, split)), so changing one split's size leaves the
-    others unchanged. `num_stage2` counts all stage-2 samples, 5% of them text-only. `varied_sizes` (the
-    AnyRes demos) then stretches the images to varied sizes (`vary_sizes`, a stream of its own).
+    others unchanged. `num_stage2` counts the single-image and text-only stage-2 samples (5% text-only);
+    `num_multi_image` and `num_video` samples follow them in stage2.json. `varied_sizes` (the AnyRes demos)
+    then stretches the images to varied sizes (`vary_sizes`, streams of their own; video frames keep theirs).
     """
-    for name, value in (("num_stage1", num_stage1), ("num_stage2", num_stage2), ("num_eval", num_eval)):
+    counts = (("num_stage1", num_stage1), ("num_stage2", num_stage2), ("num_eval", num_eval),
+              ("num_multi_image", num_multi_image), ("num_video", num_video))
+    for name, value in counts:
         if value < 0:
             raise ValueError(f"{name} must be >= 0, got {value}")
     if image_size < 8:
@@ -399,16 +500,22 @@ def generate(out_dir: str | Path, *, num_stage1: int = 2000, num_stage2: int = 2
         return np.random.default_rng([seed, split])
 
     _write_json(paths.stage1, _stage1_samples(num_stage1, image_size, paths.images, split_rng(1)))
-    _write_json(paths.stage2, _stage2_samples(num_stage2, image_size, paths.images, split_rng(2)))
+    stage2 = _stage2_samples(num_stage2, image_size, paths.images, split_rng(2))
+    stage2 += _multi_image_samples(num_multi_image, image_size, paths.images, split_rng(5))
+    stage2 += _video_samples(num_video, image_size, paths.images, split_rng(6))
+    _write_json(paths.stage2, stage2)
     questions, answers = _eval_samples(num_eval, image_size, paths.images, split_rng(3))
     _write_jsonl(paths.eval_questions, questions)
     _write_jsonl(paths.eval_answers, answers)
     if varied_sizes:
         vary_sizes(paths.images, image_size, split_rng(4))
-    build_tokenizer(paths.tokenizer)
+        if num_multi_image:
+            vary_sizes(paths.images / MULTI_IMAGE_DIR, image_size, split_rng(7))
+    build_tokenizer(paths.tokenizer, media=bool(num_multi_image or num_video))
     _write_json(paths.info, {  # last: marks the dataset complete
         "seed": seed, "image_size": image_size, "image_root": "images", "varied_sizes": varied_sizes,
         "num_stage1": num_stage1, "num_stage2": num_stage2, "num_eval": num_eval,
+        "num_multi_image": num_multi_image, "num_video": num_video,
         "options": OPTIONS, "chance": chance_levels(answers),
     })
     return paths
@@ -418,8 +525,9 @@ def generate(out_dir: str | Path, *, num_stage1: int = 2000, num_stage2: int = 2
 # Tokenizer
 
 
-def corpus() -> Iterator[str]:
-    """Every text the demo can produce (all captions, questions, answers) and the templates' text."""
+def corpus(media: bool = False) -> Iterator[str]:
+    """Every text the demo can produce (all captions, questions, answers) and the templates' text; `media`:
+    the multi-image and video questions too."""
     for shape in SHAPES:
         for color in COLORS:
             for count in range(1, 5):
@@ -435,6 +543,10 @@ def corpus() -> Iterator[str]:
         yield question
         yield answer
     yield from TEMPLATE_TEXTS
+    if media:
+        yield from (ordinal_shape_question(o) + SHORT_ANSWER_SUFFIX for o in ORDINALS)
+        yield from (color_count_question(c) + SHORT_ANSWER_SUFFIX for c in COLORS)
+        yield from (q + SHORT_ANSWER_SUFFIX for questions in VIDEO_QUESTIONS.values() for q in questions)
 
 
 def _pre_tokenizer():
@@ -468,17 +580,17 @@ def _vocabulary(texts: Iterable[str]) -> dict[str, int]:
     return {token: i for i, token in enumerate([*SPECIAL_TOKENS, *sorted(pieces)])}
 
 
-def build_tokenizer(out_dir: str | Path) -> Path:
+def build_tokenizer(out_dir: str | Path, media: bool = False) -> Path:
     """Saves the demo's word-level tokenizer to `out_dir`; `AutoTokenizer.from_pretrained(out_dir)` loads it.
 
     LLaMA-like: <unk> 0, <s> 1 (added in front of every encoding), </s> 2, <pad> 3, and <image> 4 as an added
     special token. Encodes every text of `corpus()` without <unk>, decodes back to the exact text, and
-    gives character offsets (return_offsets_mapping).
+    gives character offsets (return_offsets_mapping). `media`: covers the multi-image and video questions too.
     """
     from tokenizers import Tokenizer, decoders, models, processors
     from transformers import PreTrainedTokenizerFast
 
-    tokenizer = Tokenizer(models.WordLevel(vocab=_vocabulary(corpus()), unk_token=UNK))
+    tokenizer = Tokenizer(models.WordLevel(vocab=_vocabulary(corpus(media)), unk_token=UNK))
     tokenizer.pre_tokenizer = _pre_tokenizer()
     tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first", split=True)
     tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
@@ -500,11 +612,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-stage1", type=int, default=2000, help="stage-1 caption samples")
     parser.add_argument("--num-stage2", type=int, default=2000, help="stage-2 conversations (5%% text-only)")
     parser.add_argument("--num-eval", type=int, default=400, help="held-out questions")
+    parser.add_argument("--num-multi-image", type=int, default=0, help="stage-2 samples of 2-3 images")
+    parser.add_argument("--num-video", type=int, default=0, help="stage-2 video samples (frame folders)")
     parser.add_argument("--image-size", type=int, default=64, help="image side in pixels")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     paths = generate(args.out, num_stage1=args.num_stage1, num_stage2=args.num_stage2, num_eval=args.num_eval,
-                     image_size=args.image_size, seed=args.seed)
+                     image_size=args.image_size, seed=args.seed, num_multi_image=args.num_multi_image,
+                     num_video=args.num_video)
     chance = json.loads(paths.info.read_text())["chance"]
     print(f"wrote {paths.root}: {args.num_stage1} stage-1, {args.num_stage2} stage-2, {args.num_eval} eval samples")
     for category, level in chance.items():

@@ -14,6 +14,9 @@ Data fields for the AnyRes input pipeline (`vision_layout.ImageLayout`, all plai
   data.video_frames        frames sampled per video (0: no videos); the one count sources and layouts read
   data.video_root          where video records' files are ("": below data.images)
   data.max_tiles_per_row   P, the tile slots of a batch row (packing); more tiles are a BadSample
+  data.max_images_per_sample  images a sample may have (more: skipped, "too_many_images"); all of them in
+                           data.multi_image_layout must fit data.max_tiles_per_row (single layouts: one tile
+                           an image, anyres ones: up to 1 + the largest pinpoint grid each)
   data.tile_size, data.patch_size: the tower's (tiles of [3, S, S]); grid pinpoints: model.grid_pinpoints
 """
 
@@ -99,6 +102,7 @@ def _anyres_fields(c: mlc.ConfigDict, family: str, pinpoints, tile: int, patch: 
     c.data.video_frames = 0
     c.data.video_root = ""     # video files / frame folders ("": below data.images)
     c.data.max_tiles_per_row = c.data.max_images_per_row
+    c.data.max_images_per_sample = 1    # single-image stages; ov and NeXT stage 2 take more
     c.trainable = ANYRES_STAGE1_RULES if c.stage == 1 else c.trainable
 
 
@@ -142,6 +146,7 @@ def next_config(arg: str | None = None) -> mlc.ConfigDict:
         c.data.max_length = c.data.max_length if model == "demo" else 4096
         c.data.length_buckets = c.data.length_buckets if model == "demo" else (2048, 3072, 4096)
         c.data.max_tiles_per_row = 10     # two 5-tile images (base + 2 x 2) fill a 4096-token row
+        c.data.max_images_per_sample = 2  # as many AnyRes images as those tile slots hold
         c.data.samples_per_row = 2.0      # estimate: ~1.5-2.9k tokens a sample at AnyRes
         c.train.global_batch_size = 64 if c.data.packing != "none" else c.train.global_batch_size
         _stage2_anyres(c, lora, vision_lr=2e-6)
@@ -188,6 +193,9 @@ def _onevision_stage2(c: mlc.ConfigDict, stage_name: str, model: str, lora: bool
     if stage_name == "ov":
         c.data.multi_image_layout = "single_newline"
         c.data.video_frames = 4 if model == "demo" else 32
+        c.data.max_images_per_sample = 4 if model == "demo" else 12   # OneVision's multi-image data: up to 12
+        if model == "demo":   # synthetic multi-image samples (2-3 scenes) and videos (frame folders) too
+            c.demo.num_multi_image, c.demo.num_video = 800, 400
     if model == "demo":
         c.data.max_tiles_per_row = 8
         return
@@ -225,6 +233,19 @@ def validate(c: mlc.ConfigDict) -> None:
          "videos are a LLaVA-OneVision feature (config.model.family 'llava_onevision')")
     need(d.max_tiles_per_row >= max(1, d.video_frames), "data.max_tiles_per_row",
          f"must hold a sample's tiles (>= 1, >= data.video_frames {d.video_frames}), got {d.max_tiles_per_row}")
+    need(d.max_images_per_sample >= 1, "data.max_images_per_sample", f"must be >= 1, got {d.max_images_per_sample}")
+    each = layout_max_tiles(d.multi_image_layout, pinpoints, d.tile_size)
+    need(d.max_images_per_sample == 1 or d.max_images_per_sample * each <= d.max_tiles_per_row,
+         "data.max_images_per_sample", f"{d.max_images_per_sample} images of up to {each} tile(s) each "
+         f"(data.multi_image_layout {d.multi_image_layout!r}) exceed data.max_tiles_per_row {d.max_tiles_per_row}")
+
+
+def layout_max_tiles(layout: str, pinpoints: tuple, tile_size: int) -> int:
+    """The most tiles one image takes in a layout: 1 for single tiles, 1 + the largest pinpoint grid for
+    "anyres" / "anyres_max_N" (N bounds the features kept, not the tiles)."""
+    if layout in ("single", "single_newline"):
+        return 1
+    return 1 + max(h // tile_size * (w // tile_size) for h, w in pinpoints)
 
 
 def _is_anyres_max(value: str) -> bool:

@@ -1,8 +1,10 @@
 """The demo's held-out evaluation: generation on the synthetic eval split, with real and with blank images.
 
 Both runs go through the evaluation runner (`llava_jax.infer.evaluate`) and the exact-match scorer
-(`llava_jax.infer.scorers`, GQA style). The blank-image run shows whether answers come through the vision
-path: its accuracy should sit near the chance level of each category.
+(`llava_jax.infer.scorers`, GQA style), for LLaVA-1.5 and AnyRes (LLaVA-NeXT, OneVision) demo models alike: the
+runner's Generator tiles each image as the model's family does, with the training's image config. The
+blank-image run shows whether answers come through the vision path: its accuracy should sit near the chance
+level of each category.
 """
 
 from __future__ import annotations

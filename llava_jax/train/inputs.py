@@ -40,7 +40,8 @@ def prepare_demo_data(c: mlc.ConfigDict, workdir: Path) -> synthetic.SyntheticPa
         if jax.process_index() == 0:
             synthetic.generate(root, num_stage1=c.demo.num_stage1, num_stage2=c.demo.num_stage2,
                                num_eval=c.demo.num_eval, image_size=c.demo.image_size, seed=c.demo.seed,
-                               varied_sizes=c.demo.get("varied_sizes", False))
+                               varied_sizes=c.demo.get("varied_sizes", False),
+                               num_multi_image=c.demo.num_multi_image, num_video=c.demo.num_video)
         barrier("demo-data")
     return synthetic.paths_of(root)
 
@@ -114,7 +115,7 @@ def pipeline_config(c: mlc.ConfigDict, model_cfg, sources, **fields) -> Pipeline
         images = dict(image_seq_length=model_cfg.image_seq_length)
     else:  # each image its own token count (image_seq_length unused)
         images = dict(anyres=anyres_layouts(c, model_cfg), max_tiles_per_row=c.data.max_tiles_per_row,
-                      max_images_per_sample=c.data.get("max_images_per_sample", 1))
+                      max_images_per_sample=c.data.max_images_per_sample)
     return PipelineConfig(sources=tuple(sources), template=c.data.template, max_length=c.data.max_length,
                           length_buckets=tuple(c.data.length_buckets), global_batch_size=c.train.global_batch_size,
                           image_config=image_config(c, model_cfg), image_token_id=model_cfg.image_token_index,

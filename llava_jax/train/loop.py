@@ -205,10 +205,7 @@ def finish(r: Run, step: int, history: list[dict]) -> dict:
     result["model"] = final = lora.merged(final) if r.c.lora.enabled else final
     if r.c.export_hf:
         export(r, final)
-    if r.c.model.preset == "demo" and r.c.demo.evaluate and not phases.demo_evaluates(r.c):
-        phases.say("evaluate: skipped (the demo's held-out accuracy reads LLaVA-1.5 models; evaluate an AnyRes "
-                   "export with llava_jax.eval)")
-    elif phases.demo_evaluates(r.c):
+    if phases.demo_evaluates(r.c):
         start = time.perf_counter()
         result["demo_eval"] = demo.evaluate(final, r.tokenizer, r.data.demo_paths, r.c, r.workdir)
         phases.say(f"evaluate: {r.c.demo.num_eval} held-out questions, with images and with blank images, in "

@@ -19,7 +19,7 @@ import jax
 import ml_collections as mlc
 
 from llava_jax.data import synthetic
-from llava_jax.train import inputs, model_init
+from llava_jax.train import inputs
 
 
 def seconds(value: float) -> str:
@@ -43,9 +43,11 @@ def prepare_demo_data(c: mlc.ConfigDict, workdir: Path) -> synthetic.SyntheticPa
     paths = inputs.prepare_demo_data(c, workdir)
     d = c.demo
     if fresh:
-        say(f"data: {d.num_stage1 + d.num_stage2 + d.num_eval} samples ({d.num_stage1} stage-1, {d.num_stage2} "
-            f"stage-2, {d.num_eval} held-out questions) in {seconds(time.perf_counter() - start)} -> "
-            f"{workdir / 'data'}")
+        media = "".join(f", {n} {what}" for n, what in ((d.num_multi_image, "multi-image"), (d.num_video, "video"))
+                        if n)
+        total = d.num_stage1 + d.num_stage2 + d.num_multi_image + d.num_video + d.num_eval
+        say(f"data: {total} samples ({d.num_stage1} stage-1, {d.num_stage2} stage-2{media}, {d.num_eval} held-out "
+            f"questions) in {seconds(time.perf_counter() - start)} -> {workdir / 'data'}")
     else:
         say(f"data: {workdir / 'data'} (generated before)")
     return paths
@@ -82,8 +84,8 @@ class StepClock:
 
 
 def demo_evaluates(c: mlc.ConfigDict) -> bool:
-    """Whether a finished run ends with the demo's held-out accuracy (`train.demo`: LLaVA-1.5 demos only)."""
-    return c.model.preset == "demo" and c.demo.evaluate and model_init.family(c) == "llava"
+    """Whether a finished run ends with the demo's held-out accuracy (`train.demo`: LLaVA-1.5 and AnyRes demos)."""
+    return c.model.preset == "demo" and c.demo.evaluate
 
 
 def outputs(c: mlc.ConfigDict, workdir: Path, completed: bool) -> None:

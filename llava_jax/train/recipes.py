@@ -209,7 +209,7 @@ def _demo_overrides(c: mlc.ConfigDict) -> None:
     c.mesh = mlc.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
     c.lora.rank, c.lora.alpha = 8, 16.0     # rank 128 would outweigh the tiny demo model
     c.demo = mlc.ConfigDict(dict(num_stage1=4000, num_stage2=4000, num_eval=400, image_size=32, patch_size=8,
-                                 seed=0,
+                                 seed=0, num_multi_image=0, num_video=0,   # stage-2 media (OneVision ov)
                                  eval_batch_size=50,
                                  evaluate=c.stage == 2))
 

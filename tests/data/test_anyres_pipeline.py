@@ -271,6 +271,11 @@ def test_pipeline_config_checks():
         PipelineConfig(sources=source, anyres=LAYOUTS)
     cfg = PipelineConfig(sources=source, anyres=LAYOUTS, image_config=IMAGE_CONFIG, max_images_per_sample=3)
     assert (cfg.max_tiles_per_row, cfg.image_slots, cfg.tile_tokens) == (9, 9, 16)
+    # Packed AnyRes rows count tile slots: more images a sample than max_images_per_row is fine there.
+    packed = dict(packing="best_fit", pack_length=64, max_length=64, max_images_per_sample=3, max_images_per_row=1)
+    assert PipelineConfig(sources=source, anyres=LAYOUTS, image_config=IMAGE_CONFIG, **packed).image_slots == 9
+    with pytest.raises(ValueError, match="max_images_per_row \\(1\\) >= max_images_per_sample \\(3\\)"):
+        PipelineConfig(sources=source, **packed)
 
 
 def test_tokenize_per_image_counts(llama2_tokenizer_dir):

@@ -368,3 +368,103 @@ def test_blank_image_is_the_background_of_every_image(data):
         pixels = np.asarray(image)
     background = (pixels == blank).all(-1)
     assert 0.3 < background.mean() < 1  # shapes on the same plain background
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Multi-image and video samples (asked for: the OneVision demo)
+
+MEDIA = dict(num_multi_image=14, num_video=7)
+
+
+@pytest.fixture(scope="module")
+def media_data(tmp_path_factory) -> synthetic.SyntheticPaths:
+    return synthetic.generate(tmp_path_factory.mktemp("media"), image_size=IMAGE_SIZE, seed=4, num_stage1=2,
+                              num_stage2=20, num_eval=4, **MEDIA)
+
+
+def _blob(rgb: np.ndarray) -> tuple[str, str, tuple[float, float]]:
+    """(color, shape, centre) of the one shape of a frame, anywhere in it, from its pixels."""
+    palette = np.array(list(synthetic.COLORS.values()))
+    distances = np.abs(rgb.astype(np.int32)[:, :, None, :] - palette).sum(-1)
+    solid = distances.min(-1) < 40
+    color = list(synthetic.COLORS)[np.bincount(distances.argmin(-1)[solid], minlength=len(palette)).argmax()]
+    rows, cols = np.nonzero(solid)
+    box = solid[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    fill, widest_row = box.mean(), np.argmax(box.sum(1)) / (box.shape[0] - 1)
+    shape = ("square" if fill > 0.9 else "circle" if fill > 0.68 else
+             "triangle" if widest_row > 0.75 else "diamond")
+    return color, shape, (rows.mean(), cols.mean())
+
+
+def test_media_samples_follow_stage2_only_when_asked(data, media_data):
+    plain = json.loads(data.stage2.read_text())
+    assert not any("video" in s or isinstance(s.get("image"), list) for s in plain)
+    assert not (data.images / synthetic.MULTI_IMAGE_DIR).exists() and not (data.images / synthetic.VIDEO_DIR).exists()
+    stage2 = json.loads(media_data.stage2.read_text())
+    assert len(stage2) == 20 + MEDIA["num_multi_image"] + MEDIA["num_video"]
+    assert [s["id"].split("-")[0] for s in stage2[20:]] == ["multi"] * 14 + ["video"] * 7
+    assert synthetic.is_complete(media_data.root) and synthetic.paths_of(media_data.root) == media_data
+    info = json.loads(media_data.info.read_text())
+    assert (info["num_multi_image"], info["num_video"]) == (14, 7)
+    # The single-image and text-only samples are those of a generation without media (their own streams).
+    alone = synthetic.generate(media_data.root.parent / "alone", image_size=IMAGE_SIZE, seed=4, num_stage1=2,
+                               num_stage2=20, num_eval=4)
+    assert json.loads(alone.stage2.read_text()) == stage2[:20]
+
+
+def test_multi_image_answers_match_the_pixels(media_data):
+    ordinal_re = re.compile(r"What shape is in the (\w+) image\?")
+    count_re = re.compile(r"How many images show a (\w+) shape\?")
+    sizes = set()
+    for sample in json.loads(media_data.stage2.read_text())[20:34]:
+        measured = []
+        for name in sample["image"]:
+            with Image.open(media_data.images / name) as image:
+                measured.append(_measure(image))
+        sizes.add(len(measured))
+        turns = sample["conversations"]
+        assert turns[0]["value"].startswith("<image>\n" * len(measured))
+        assert "<image>" not in turns[0]["value"][len("<image>\n") * len(measured):]
+        for question, answer in zip(turns[::2], turns[1::2]):
+            text = question["value"].removeprefix("<image>\n" * len(measured))
+            text = text.removesuffix(synthetic.SHORT_ANSWER_SUFFIX)
+            if match := ordinal_re.fullmatch(text):
+                assert measured[synthetic.ORDINALS.index(match[1])]["shape"] == answer["value"], sample["id"]
+            else:
+                color = count_re.fullmatch(text)[1]
+                showing = sum(m["color"] == color for m in measured)
+                assert synthetic.COUNT_WORDS[showing - 1] == answer["value"], sample["id"]
+    assert sizes == set(synthetic.MULTI_IMAGE_COUNTS)
+
+
+def test_video_answers_match_the_frames_and_the_shape_moves(media_data):
+    questions = {q: c for c, texts in synthetic.VIDEO_QUESTIONS.items() for q in texts}
+    for sample in json.loads(media_data.stage2.read_text())[34:]:
+        folder = media_data.images / sample["video"]
+        frames = [np.asarray(Image.open(p).convert("RGB")) for p in sorted(folder.glob("frame_*.png"))]
+        assert len(frames) == synthetic.VIDEO_FRAMES and {f.shape for f in frames} == {(IMAGE_SIZE, IMAGE_SIZE, 3)}
+        blobs = [_blob(f) for f in frames]
+        assert len({(color, shape) for color, shape, _ in blobs}) == 1, sample["id"]
+        (start, end) = np.array(blobs[0][2]), np.array(blobs[-1][2])
+        assert np.abs(end - start).max() > IMAGE_SIZE / 3, sample["id"]     # border to border
+        turns = sample["conversations"]
+        assert turns[0]["value"].startswith("<image>\n") and sum(t["value"].count("<image>") for t in turns) == 1
+        for question, answer in zip(turns[::2], turns[1::2]):
+            text = question["value"].removeprefix("<image>\n").removesuffix(synthetic.SHORT_ANSWER_SUFFIX)
+            category = questions[text]
+            assert answer["value"] == dict(color=blobs[0][0], shape=blobs[0][1])[category], sample["id"]
+
+
+def test_media_tokenizer_covers_their_questions_and_the_plain_one_is_unchanged(media_data, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(media_data.tokenizer)
+    texts = [t["value"] for s in json.loads(media_data.stage2.read_text()) for t in s["conversations"]]
+    for ids in tokenizer(texts, add_special_tokens=False).input_ids:
+        assert tokenizer.unk_token_id not in ids
+    assert tokenizer.decode(tokenizer(texts[-1], add_special_tokens=False).input_ids) == texts[-1]
+    plain = synthetic.build_tokenizer(tmp_path / "plain")
+    default = synthetic.generate(tmp_path / "default", num_stage1=1, num_stage2=1, num_eval=1, image_size=26)
+    assert (plain / "tokenizer.json").read_bytes() == (default.tokenizer / "tokenizer.json").read_bytes()
+    plain_tokenizer = AutoTokenizer.from_pretrained(plain)
+    assert plain_tokenizer.unk_token_id in plain_tokenizer("Which shape is moving?").input_ids

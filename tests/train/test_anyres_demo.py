@@ -1,6 +1,7 @@
 """The AnyRes demos end to end: `train.inputs.make_data` builds the AnyRes batches of the NeXT demo exactly in
-the `data.batch` contract (fast), and the NeXT and OneVision demos train, resume and export a folder
-transformers loads to our model's logits (slow)."""
+the `data.batch` contract (fast), the ov demo's pipeline keeps its multi-image and video samples, a finished
+OneVision demo scores its held-out questions (`train.demo`), and the NeXT and OneVision demos train, resume and
+export a folder transformers loads to our model's logits (slow)."""
 
 from __future__ import annotations
 
@@ -28,8 +29,9 @@ def _demo_setup(tmp_path, config: str):
     c = module.get_config(arg)
     c.train.global_batch_size = 4
     c.data.worker_count = 0
+    media = dict(num_multi_image=6, num_video=4) if c.demo.num_multi_image else {}
     paths = synthetic.generate(tmp_path / "data", num_stage1=4, num_stage2=24, num_eval=2,
-                               image_size=c.demo.image_size, varied_sizes=c.demo.varied_sizes)
+                               image_size=c.demo.image_size, varied_sizes=c.demo.varied_sizes, **media)
     tokenizer = model_init.load_tokenizer(c, paths.tokenizer)
     video = model_init.video_token_id(tokenizer) if model_init.family(c) == "llava_onevision" else None
     cfg = model_init.demo_anyres_config(c, len(tokenizer), tokenizer.convert_tokens_to_ids("<image>"), video)
@@ -90,7 +92,7 @@ def test_anyres_demo_trains_resumes_and_exports_for_transformers(name, tmp_path,
     config = f"{REPO}/{AnyResDemo[name]}"
     first = run_cli(config, workdir, {**flags, "train.num_steps": 2}, demo_data=None, jax_cache=jax_cache,
                     variant="")
-    assert "evaluate: skipped" in first.stdout
+    assert "held-out accuracy" in first.stdout and (workdir / "demo_eval.json").is_file()
     done = run_cli(config, workdir, {**flags, "train.num_steps": 4, "export_hf": workdir / "hf"}, demo_data=None,
                    jax_cache=jax_cache, variant="")
     assert f"resumed from {workdir / 'checkpoints'} step 2" in done.stdout
@@ -111,3 +113,84 @@ def test_onevision_layouts_and_sources_read_one_frame_count(tmp_path):
     c.data.tile_size = 56
     with pytest.raises(ValueError, match="config.data.tile_size"):
         inputs.anyres_layouts(c, cfg)
+
+
+def test_ov_demo_pipeline_keeps_a_multi_image_sample_as_single_tiles(tmp_path):
+    """data.max_images_per_sample of the ov demo (4): a 3-image sample is batched, one tile + newline an image."""
+    from llava_jax.data.pipeline import make_train_iterator
+    from llava_jax.data.sources import LlavaJsonSource
+    from llava_jax.train import inputs
+
+    c, tokenizer, cfg, paths = _demo_setup(tmp_path, AnyResDemo["onevision"])
+    names = sorted(p.name for p in paths.images.glob("stage2_*.png"))[:3]
+    record = {"id": "three", "image": names, "conversations": [
+        {"from": "human", "value": "<image>\n<image>\n<image>\nWhat shape is in the image?"},
+        {"from": "gpt", "value": "circle"}]}
+    (tmp_path / "multi.json").write_text(json.dumps([record]))
+    source = LlavaJsonSource(tmp_path / "multi.json", paths.images)
+    pc = inputs.pipeline_config(c, cfg, (source,), num_epochs=1, worker_count=0)
+    iterator = make_train_iterator(pc, tokenizer)
+    batch = next(iterator)
+    assert iterator.bad_sample_counts() == {}
+    assert batch["image_mask"][0].sum() == 3              # one tile an image (single_newline)
+    image_tokens = int((batch["input_ids"][0] == cfg.image_token_index).sum())
+    assert image_tokens == 3 * (cfg.tile_tokens + 1)      # 16 features and a newline an image
+    c.data.max_images_per_sample = 2
+    pc = inputs.pipeline_config(c, cfg, (source,), num_epochs=1, worker_count=0)
+    iterator = make_train_iterator(pc, tokenizer)
+    with pytest.raises(StopIteration):
+        next(iterator)
+    assert iterator.bad_sample_counts() == {"too_many_images": 1}
+
+
+def test_ov_demo_trains_on_single_images_multi_image_and_video_samples(tmp_path):
+    """One pass of the ov demo's stage-2 file: every sample batched (none dropped); the multi-image rows hold one
+    tile an image, the video rows its 4 sampled frames under <video> tokens."""
+    from llava_jax.data.pipeline import make_train_iterator
+    from llava_jax.train import inputs
+
+    c, tokenizer, cfg, paths = _demo_setup(tmp_path, AnyResDemo["onevision"])
+    sources, _ = inputs.make_sources(c, paths)
+    pc = inputs.pipeline_config(c, cfg, sources, num_epochs=1, worker_count=0)
+    iterator = make_train_iterator(pc, tokenizer)
+    videos, image_counts = 0, []
+    for batch in iterator:
+        for row in range(len(batch["input_ids"])):
+            ids, tiles = batch["input_ids"][row], int(batch["image_mask"][row].sum())
+            video_tokens = int((ids == cfg.video_token_index).sum())
+            if video_tokens:
+                videos += 1
+                assert tiles == c.data.video_frames == 4 and video_tokens == 4 * 4 + 1   # 2 x 2 pooled + newline
+            elif tiles:
+                image_counts.append((tiles, int((ids == cfg.image_token_index).sum())))
+    assert iterator.bad_sample_counts() == {}
+    assert videos == 4
+    multi = [(tiles, tokens) for tiles, tokens in image_counts if tokens == tiles * (cfg.tile_tokens + 1)]
+    assert len(multi) == 6 and {tiles for tiles, _ in multi} <= {2, 3}   # a tile of 16 features + newline each
+    assert len(image_counts) - len(multi) == 24 - 1     # the single images (one of 24 samples is text-only)
+
+
+def test_anyres_demo_ends_with_its_held_out_accuracy(tmp_path, jax_cache):
+    """A 2-step ov demo answers every held-out question with its images and with blank ones (the evaluation
+    runner, AnyRes generation) and writes the scores of those answers to demo_eval.json."""
+    from tests.train.test_loop import REPO
+
+    workdir = tmp_path / "ov"
+    flags = {"demo.num_stage1": 4, "demo.num_stage2": 12, "demo.num_multi_image": 4, "demo.num_video": 4,
+             "demo.num_eval": 6, "demo.eval_batch_size": 3, "train.global_batch_size": 4, "train.num_steps": 2}
+    done = run_cli(f"{REPO}/{AnyResDemo['onevision']}", workdir, flags, demo_data=None, jax_cache=jax_cache,
+                   variant="")
+    assert "held-out accuracy" in done.stdout and "evaluate: 6 held-out questions" in done.stdout
+    data = workdir / "data"
+    gold = {a["question_id"]: a for a in map(json.loads, (data / "eval_answers.jsonl").read_text().splitlines())}
+    result = json.loads((workdir / "demo_eval.json").read_text())
+    assert result == json.loads((workdir / "result.json").read_text())["demo_eval"]
+    for name in ("images", "blank"):
+        answers = [json.loads(line) for line in (workdir / f"eval_answers_{name}.jsonl").read_text().splitlines()]
+        assert sorted(a["question_id"] for a in answers) == sorted(gold)
+        hits = {a["question_id"]: a["text"].rstrip(".").lower() == gold[a["question_id"]]["answer"] for a in answers}
+        assert result[name]["accuracy"] == sum(hits.values()) / len(hits)
+        for category in {g["category"] for g in gold.values()}:
+            mine = [hits[q] for q, g in gold.items() if g["category"] == category]
+            assert result[name][category] == sum(mine) / len(mine)
+    assert set(result["chance"]) == {g["category"] for g in gold.values()}

@@ -81,6 +81,10 @@ def test_recipe_data_fields():
     assert ov.data.max_tiles_per_row >= 37        # a 6 x 6 grid and its base tile
     assert nxt.data.image_layout == "anyres" and nxt.model.grid_pinpoints == anyres_recipes.NEXT_PINPOINTS
     assert anyres_recipes.next_config("stage1").data.image_layout == "single"
+    images_per_sample = {arg: anyres_recipes.onevision_config(arg).data.max_images_per_sample
+                         for arg in ("stage1", "stage1_5", "si", "ov", "ov,demo")}
+    assert images_per_sample == {"stage1": 1, "stage1_5": 1, "si": 1, "ov": 12, "ov,demo": 4}
+    assert (nxt.data.max_images_per_sample, anyres_recipes.next_config("stage1").data.max_images_per_sample) == (2, 1)
 
 
 def test_bad_anyres_fields_are_named():
@@ -94,6 +98,17 @@ def test_bad_anyres_fields_are_named():
         anyres_recipes.validate(c)
     with pytest.raises(ValueError, match="unknown variant"):
         anyres_recipes.onevision_config("si,vicuna7b")
+    c = anyres_recipes.onevision_config("ov")
+    c.data.max_images_per_sample = 49      # 49 single tiles > 48 slots
+    with pytest.raises(ValueError, match="config.data.max_images_per_sample: 49 images of up to 1 tile"):
+        anyres_recipes.validate(c)
+    c = anyres_recipes.next_config("stage2")
+    c.data.max_images_per_sample = 3       # 3 AnyRes images of up to 5 tiles > 10 slots
+    with pytest.raises(ValueError, match="3 images of up to 5 tile\\(s\\) each .*'anyres'.*data.max_tiles_per_row 10"):
+        anyres_recipes.validate(c)
+    c.data.max_images_per_sample = 0
+    with pytest.raises(ValueError, match="config.data.max_images_per_sample: must be >= 1"):
+        anyres_recipes.validate(c)
 
 
 def demo_run(vision_lr: float, lr: float, scan_layers: bool = True):
