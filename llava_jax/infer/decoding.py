@@ -58,6 +58,16 @@ def _decode(model, cache, ids, mask=None, pixels=None, image_mask=None):
     return model.decode(cache, ids, attention_mask=mask)
 
 
+def embed_prompt(model, ids, pixels=None, image_mask=None) -> jax.Array:
+    """The input embeddings [B, T, D] `_decode` feeds the decoder (images merged in), for a prefill in chunks."""
+    if pixels is None and image_mask is None:
+        return language_model(model).embed(ids)
+    if isinstance(image_mask, dict):
+        return model.embed_inputs(ids, pixels, image_mask["image_taps"], pixel_values_videos=image_mask["videos"],
+                                  video_taps=image_mask["video_taps"], check_counts=False)
+    return model.embed_inputs(ids, pixels, image_mask, check_counts=False)
+
+
 def language_model(model):
     """The decoder that embeds generated tokens: a generated image token id is an ordinary token there, as in
     transformers (images enter at the prefill only)."""

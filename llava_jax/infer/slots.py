@@ -7,6 +7,8 @@ token, sampling key, step count, temperature and top-p. Three jitted programs, a
   of R rows of P positions -> their KV with each row's real tokens moved to the front, their counts, and their
   first tokens (the `decoding.prefill` computation, so a greedy answer equals `Generator`'s); or, given the KV
   of a shared prefix (the template's system prompt, computed once), only the rest of each prompt after it;
+- `start_chunked` / `prefill_chunk` / `finish_chunked`: a long prompt's prefill in chunks of a fixed size, one
+  between two decode steps (its images embedded once, at the start), into a one-row cache of the slots' length;
 - `insert`: those rows' KV into their slots of the `Slots` state (donated), with the requests' sampling
   settings;
 - `generate`: one decode step over all N slots, or the first few (an inactive slot's row is masked and its
@@ -25,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from llava_jax.infer.decoding import _decode, language_model
+from llava_jax.infer.decoding import _decode, embed_prompt, language_model
 from llava_jax.infer.sampling import filter_logits
 from llava_jax.models.llama import KVCache
 
@@ -114,9 +116,7 @@ def prefill_requests(state, ids, mask, pixels, image_inputs, keys, temperature, 
     else:
         logits, cache = _decode(model, cache, ids, mask, pixels, image_inputs)
     token = first_tokens(logits[:, -1], keys, temperature, top_p, jnp.zeros_like(ids[:, 0]), static.greedy)
-    order = jnp.argsort(~cache.mask, axis=1, stable=True)  # each row's real tokens first, in order
-    front = lambda c: jnp.take_along_axis(c, order[None, :, None, :, None], axis=3)
-    return Prefilled(front(cache.key), front(cache.value), jnp.sum(cache.mask, axis=1, dtype=jnp.int32), token)
+    return _compact(cache, token)
 
 
 @functools.partial(jax.jit, donate_argnames=("slots",))
@@ -142,6 +142,54 @@ def insert(slots: Slots, slot_ids, prefilled: Prefilled, count, keys, temperatur
                      state.top_p.at[slot].set(top_p[r]))
 
     return jax.lax.fori_loop(0, count, put, slots)
+
+
+def _compact(cache: KVCache, token: jax.Array) -> Prefilled:
+    """A prefill's cache -> `Prefilled`: each row's real tokens moved to the front, in order."""
+    order = jnp.argsort(~cache.mask, axis=1, stable=True)
+    front = lambda c: jnp.take_along_axis(c, order[None, :, None, :, None], axis=3)
+    return Prefilled(front(cache.key), front(cache.value), jnp.sum(cache.mask, axis=1, dtype=jnp.int32), token)
+
+
+class Chunked(NamedTuple):
+    """A prompt being prefilled in chunks (one between two decode steps): its embeddings [1, P, D] (images merged
+    in), its mask int32 [1, P], and a one-row cache of the slots' length holding the chunks done."""
+
+    embeds: jax.Array
+    mask: jax.Array
+    cache: KVCache
+
+
+@functools.partial(jax.jit, static_argnames=("static", "length", "width"))
+def start_chunked(state, ids, mask, pixels, image_inputs, prefix: Prefilled | None = None, *, static: SlotStatic,
+                  length: int, width: int) -> Chunked:
+    """ids / mask int32 [1, P] (left padded), pixels / image_inputs as `Batch`'s -> `Chunked`: the embeddings
+    and mask left padded to `width` columns (the longest prompt's bucket and a chunk: every prompt's chunks end
+    at the last column and fit, and `prefill_chunk` compiles once), and an empty cache of `length` positions (or
+    holding the shared prefix's n0 tokens, which `ids` continue). The vision tower runs here, once."""
+    model = nnx.merge(static.graphdef, state)
+    cache = _fresh_cache(model, 1, length - (0 if prefix is None else prefix.key.shape[3]), prefix)
+    embeds = embed_prompt(model, ids, pixels, image_inputs)
+    pad = lambda a: jnp.pad(a, ((0, 0), (width - ids.shape[1], 0)) + ((0, 0),) * (a.ndim - 2))
+    return Chunked(pad(embeds), pad(mask), cache)
+
+
+@functools.partial(jax.jit, static_argnames=("static", "size"), donate_argnames=("chunked",))
+def prefill_chunk(state, chunked: Chunked, start, *, static: SlotStatic, size: int) -> tuple[Chunked, jax.Array]:
+    """Columns start..start + size of the (padded) prompt (int32 start) through the decoder into the chunk cache ->
+    (the updated `Chunked`, logits float32 [1, V] of the chunk's last column)."""
+    model = nnx.merge(static.graphdef, state)
+    embeds = jax.lax.dynamic_slice_in_dim(chunked.embeds, start, size, axis=1)
+    mask = jax.lax.dynamic_slice_in_dim(chunked.mask, start, size, axis=1)
+    logits, cache = language_model(model).decode(chunked.cache, inputs_embeds=embeds, attention_mask=mask)
+    return chunked._replace(cache=cache), logits[:, -1]
+
+
+@functools.partial(jax.jit, static_argnames=("greedy",))
+def finish_chunked(chunked: Chunked, logits, keys, temperature, top_p, *, greedy: bool) -> Prefilled:
+    """The last chunk's logits [1, V] -> `Prefilled` (first token drawn as `prefill_requests` draws it)."""
+    token = first_tokens(logits, keys, temperature, top_p, jnp.zeros((1,), jnp.int32), greedy)
+    return _compact(chunked.cache, token)
 
 
 def _draw(static: SlotStatic, slots: Slots, logits: jax.Array) -> jax.Array:
@@ -183,4 +231,5 @@ def generate(state, slots: Slots, active, *, static: SlotStatic) -> Slots:
     return _put_first_rows(slots, _step(model, static, _first_rows(slots, rows), active[:rows]))
 
 
-__all__ = ["SlotStatic", "Slots", "Prefilled", "empty_slots", "prefill_requests", "insert", "generate", "first_tokens"]
+__all__ = ["SlotStatic", "Slots", "Prefilled", "Chunked", "empty_slots", "prefill_requests", "start_chunked",
+           "prefill_chunk", "finish_chunked", "insert", "generate", "first_tokens"]

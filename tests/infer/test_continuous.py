@@ -246,3 +246,36 @@ def test_requests_prefilled_together_equal_one_by_one(tiny):
             tokens[r].append(int(state.tokens[slot]))
     for got, want in zip(tokens, expected):
         assert got[:want.size] == want.tolist() and want.size >= 2
+
+
+def test_long_prompts_are_prefilled_in_chunks_between_decode_steps(tiny):
+    """With a prefill budget of 16 tokens, prompts of 17-31 tokens (a text one, one with an image) are prefilled
+    in chunks of 16, one chunk between two decode steps of a job already decoding, and every answer equals the
+    one-by-one Generator answer; after the warm-up nothing compiles."""
+    _, gen, _ = tiny
+    engine = ContinuousEngine(gen, max_batch=2, max_tokens=12, max_prompt_tokens=32, share_prefix=False,
+                              prefill_tokens=16)
+    assert engine.chunk == 16
+    engine.warm_up()
+    programs = [slots.start_chunked, slots.prefill_chunk, slots.finish_chunked, slots.prefill_requests, slots.insert,
+                slots.generate]
+    warm = [f._cache_size() for f in programs]
+    rng = np.random.default_rng(8)
+    jobs = [(ids_row(rng, 6).astype(np.int32), [], 12), (ids_row(rng, 29).astype(np.int32), [], 6),
+            (ids_row(rng, "img", 3).astype(np.int32), [pixels(1, 7)[0]], 6)]
+    assert [bool(engine._is_long(ids)) for ids, _, _ in jobs] == [False, True, True]
+    expected = [gen.generate([ids], [px], max_new_tokens=m)[0] for ids, px, m in jobs]
+    answers = [Answer() for _ in jobs]
+    engine.start()
+    try:
+        engine.submit(Job(*jobs[0], answers[0]))
+        answers[0].started.wait(TIMEOUT)  # decoding when the long prompts arrive
+        steps, prefills = engine.steps, engine.prefills
+        for job, answer in zip(jobs[1:], answers[1:]):
+            engine.submit(Job(*job, answer))
+        assert [a.text for a in answers] == expected
+    finally:
+        engine.close()
+    assert engine.prefills - prefills >= 4  # two chunks each
+    assert engine.steps > steps
+    assert [f._cache_size() for f in programs] == warm

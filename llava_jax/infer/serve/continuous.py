@@ -50,8 +50,9 @@ class ContinuousEngine(QueuedEngine):
       share_prefix: compute the KV of the template's system prompt once (`shared_prefix`) and prefill only the
         rest of every prompt that starts with it.
       max_prefill_rows: most waiting requests prefilled together (AnyRes models: 1).
-      prefill_tokens: most prompt tokens taken in between two decode steps (at least one request), which bounds
-        the pause of the decoding slots.
+      prefill_tokens: most prompt tokens prefilled between two decode steps, which bounds the pause of the
+        decoding slots: waiting requests are taken together up to it (at least one), and a prompt longer than it
+        (its bucket) is prefilled in chunks (of the largest power of two within it), one between two steps.
     """
 
     def __init__(self, generator: Generator, *, max_batch: int = 16, max_queue: int = 64, seed: int = 0,
@@ -64,6 +65,8 @@ class ContinuousEngine(QueuedEngine):
         # AnyRes prompts are prefilled one at a time (their tile counts set the programs' shapes)
         self.max_prefill_rows = 1 if generator.is_anyres else min(max_prefill_rows, max_batch)
         self.prefill_tokens = prefill_tokens
+        self.chunk = 1 << (prefill_tokens.bit_length() - 1)  # a longer prompt is prefilled in chunks of this
+        self._chunking: _Chunking | None = None  # the long prompt being prefilled, a chunk between two steps
         context = generator.context_length
         self.longest_prompt = min(max_prompt_tokens or context, context)
         self.slot_length = max(min(context, self.longest_prompt + max_tokens), generator.bucket(self.longest_prompt))
@@ -97,7 +100,13 @@ class ContinuousEngine(QueuedEngine):
             batch = self._warm_batch(rows, vision, width)
             for temperature in modes:
                 jobs = [Job(ids, [], 1, lambda e: None, temperature=temperature) for ids in batch.ids]
-                self._prefill_and_insert(batch, [0] * rows, jobs, self.prefix if prefixed else None)
+                if width > self.prefill_tokens:  # a long prompt: in chunks
+                    self._start_chunked_batch(0, jobs[0], batch, prefixed)
+                    while self._chunking is not None:
+                        self._next_chunk()
+                    self._rows[0] = None
+                else:
+                    self._prefill_and_insert(batch, [0] * rows, jobs, self.prefix if prefixed else None)
         for temperature in modes:
             for rows in self.step_rows:
                 self._decode_step(np.arange(self.max_batch) < rows, greedy=temperature == 0)
@@ -164,6 +173,7 @@ class ContinuousEngine(QueuedEngine):
                 self.rows += len(admitted)
             try:
                 self._admit(admitted)
+                self._next_chunk()
                 if any(row is not None for row in self._rows):
                     self._step()
             except Exception as e:  # a failed step fails its jobs, never the engine
@@ -175,22 +185,29 @@ class ContinuousEngine(QueuedEngine):
             if row is not None:
                 _send(row.job, Failed(message))
                 self._rows[s] = None
+        if self._chunking is not None:
+            _send(self._chunking.job, Failed(message))
+            self._chunking = None
         self.slots = slot_programs.empty_slots(self.generator.model, self.max_batch, self.slot_length)
 
     def _next_jobs(self) -> list[tuple[int, Job]] | None:
         """Waiting jobs paired with free slots, oldest first, their prompts within `prefill_tokens` (at least
-        one job); waits while there is nothing to do; None once closed."""
+        one job; a long prompt only while no other is being prefilled in chunks); waits while there is nothing to
+        do; None once closed."""
         with self._cond:
-            while not self._closed and not self._waiting and not any(r is not None for r in self._rows):
+            while not self._closed and not self._waiting and not self._chunking and not any(self._rows):
                 self._cond.wait()
             if self._closed:
                 return None
-            free = [s for s, row in enumerate(self._rows) if row is None]
+            reserved = None if self._chunking is None else self._chunking.slot
+            free = [s for s, row in enumerate(self._rows) if row is None and s != reserved]
             taken, tokens = [], 0
             while free and self._waiting:
                 job = self._waiting[0]
-                if taken and tokens + job.ids.size > self.prefill_tokens:
+                long = self._is_long(job.ids)
+                if (taken and tokens + job.ids.size > self.prefill_tokens) or (long and reserved is not None):
                     break
+                reserved = free[0] if long else reserved
                 self._waiting.popleft()
                 if not job.cancelled:
                     taken.append((free.pop(0), job))
@@ -200,7 +217,18 @@ class ContinuousEngine(QueuedEngine):
     def _admit(self, admitted: list[tuple[int, Job]]) -> None:
         """Prefills the admitted jobs into their slots, in groups, and follows their first tokens; a group that
         fails is retried one job at a time, so that a bad request fails alone."""
-        for group in self._prefill_groups(admitted):
+        short = []
+        for slot, job in admitted:
+            if not self._is_long(job.ids):
+                short.append((slot, job))
+                continue
+            try:
+                self._start_chunked(slot, job)
+            except Exception as e:  # noqa: BLE001 - a bad request fails alone
+                log.exception("prefill failed")
+                self._chunking = None
+                _send(job, Failed(f"generation failed: {e}"))
+        for group in self._prefill_groups(short):
             try:
                 self._start_rows(group)
             except Exception as e:  # noqa: BLE001 - a bad request fails alone
@@ -213,6 +241,65 @@ class ContinuousEngine(QueuedEngine):
                 log.exception("prefill failed")
                 _send(group[0][1], Failed(f"generation failed: {e}"))
         self._release_finished()
+
+    def _start_chunked(self, slot: int, job: Job) -> None:
+        """Starts the prefill in chunks of a long prompt (its images embedded now) into a reserved slot."""
+        if job.ids.size > self.longest_prompt:
+            raise ValueError(f"the prompt has {job.ids.size} tokens, over the engine's max_prompt_tokens "
+                             f"{self.longest_prompt}")
+        prefixed = self._uses_prefix(job.ids)
+        batch = self.generator.make_batch([self._rest(job.ids)], [list(job.pixels)])
+        self.prefix_hits += prefixed
+        self._start_chunked_batch(slot, job, batch, prefixed)
+
+    def _start_chunked_batch(self, slot: int, job: Job, batch, prefixed: bool) -> None:
+        gen = self.generator
+        width = gen.bucket(self.longest_prompt) + self.chunk
+        chunked = slot_programs.start_chunked(gen.state, batch.ids, batch.mask, batch.pixels, batch.image_inputs,
+                                              self.prefix if prefixed else None,
+                                              static=slot_programs.SlotStatic(gen.graphdef, True),
+                                              length=self.slot_length + self.chunk, width=width)
+        real = int(batch.mask.sum())
+        self._chunking = _Chunking(slot, job, chunked, list(range(width - -(-real // self.chunk) * self.chunk,
+                                                                  width, self.chunk)))
+
+    def _next_chunk(self) -> None:
+        """Prefills the next chunk of the long prompt in progress; after its last, its first token, and the slot
+        is its."""
+        work = self._chunking
+        if work is None:
+            return
+        gen, job = self.generator, work.job
+        try:
+            static = slot_programs.SlotStatic(gen.graphdef, True)
+            work.chunked, logits = slot_programs.prefill_chunk(gen.state, work.chunked,
+                                                               np.int32(work.starts.pop(0)), static=static,
+                                                               size=self.chunk)
+            self.prefills += 1
+            if work.starts:
+                return
+            self._chunking = None
+            keys = self._keys_of([self._seed(job) if job.temperature > 0 else None])
+            temperature, top_p = np.float32([job.temperature]), np.float32([job.top_p])
+            prefilled = slot_programs.finish_chunked(work.chunked, logits, keys, temperature, top_p,
+                                                     greedy=job.temperature == 0)
+            self.slots = slot_programs.insert(self.slots, np.int32([work.slot]), prefilled, np.int32(1), keys,
+                                              temperature, top_p)
+            token, length = jax.device_get((prefilled.token[0], prefilled.length[0]))
+            self._follow(work.slot, job, int(token), int(length))
+        except Exception as e:  # noqa: BLE001 - a bad request fails alone
+            log.exception("prefill failed")
+            self._chunking = None
+            self._rows[work.slot] = None
+            _send(job, Failed(f"generation failed: {e}"))
+        self._release_finished()
+
+    def _follow(self, slot: int, job: Job, token: int, length: int) -> None:
+        """A prefilled job's row in its slot, from its first token."""
+        stops = () if job.ignore_eos else self.template_stops
+        row = _SlotRow(self.generator, job, stops, min(job.max_tokens, self.slot_length - length))
+        self._rows[slot] = row
+        row.advance(token)
 
     def _prefill_groups(self, admitted: list[tuple[int, Job]]) -> list[list[tuple[int, Job]]]:
         """The admitted jobs in prefill groups: the same use of the shared prefix and of images, at most
@@ -247,10 +334,7 @@ class ContinuousEngine(QueuedEngine):
                                                    self.prefix if prefixed else None)
         self.prefix_hits += prefixed * len(jobs)
         for (slot, job), token, length in zip(group, tokens, lengths):
-            stops = () if job.ignore_eos else self.template_stops
-            row = _SlotRow(gen, job, stops, min(job.max_tokens, self.slot_length - int(length)))
-            self._rows[slot] = row
-            row.advance(int(token))
+            self._follow(slot, job, int(token), int(length))
 
     def _prefill_and_insert(self, batch, slots: list[int], jobs: list[Job], prefix
                             ) -> tuple[np.ndarray, np.ndarray]:
@@ -280,6 +364,10 @@ class ContinuousEngine(QueuedEngine):
             self._blank_key = np.zeros_like(jax.random.key_data(jax.random.key(0)))
         data = [self._blank_key if s is None else np.asarray(jax.random.key_data(jax.random.key(s))) for s in seeds]
         return jax.random.wrap_key_data(np.stack(data))
+
+    def _is_long(self, ids: np.ndarray) -> bool:
+        """Whether a prompt is prefilled in chunks: its bucket (after the shared prefix) is over `prefill_tokens`."""
+        return self.generator.bucket(self._rest(ids).size) > self.prefill_tokens
 
     def _uses_prefix(self, ids: np.ndarray) -> bool:
         n0 = 0 if self.prefix_ids is None else self.prefix_ids.size
@@ -328,6 +416,14 @@ def shared_prefix(generator: Generator) -> np.ndarray | None:
             same = k
             break
     return prompts[0][:same - 1].astype(np.int32) if same - 1 >= 2 else None
+
+
+class _Chunking:
+    """A long prompt being prefilled in chunks: its reserved slot, its job, its `slots.Chunked` state and the
+    start columns of the chunks left."""
+
+    def __init__(self, slot: int, job: Job, chunked, starts: list[int]):
+        self.slot, self.job, self.chunked, self.starts = slot, job, chunked, starts
 
 
 def _stand_in_image(generator: Generator) -> list:
