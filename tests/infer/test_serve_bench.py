@@ -58,9 +58,11 @@ def test_build_engine_starts_the_engine_named(model_dir, name):
     from llava_jax.infer.serve.engine import Engine
 
     args = cli.build_parser().parse_args(["--model", str(model_dir), "--warm-up", "none", "--engine", name,
-                                          "--max-batch", "2"])
+                                          "--max-batch", "2", "--prefill-tokens", "64", "--max-prefill-rows", "2"])
     engine = cli.build_engine(args)
     try:
         assert type(engine) is {"continuous": ContinuousEngine, "windowed": Engine}[name] and engine.alive
+        if name == "continuous":
+            assert (engine.prefill_tokens, engine.chunk, engine.max_prefill_rows) == (64, 64, 2)
     finally:
         engine.close()

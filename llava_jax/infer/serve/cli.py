@@ -40,6 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "runs to its longest row, and requests that arrive meanwhile wait for it")
     p.add_argument("--max-batch", type=int, default=16, help="most requests decoded together (continuous: slots)")
     p.add_argument("--max-queue", type=int, default=256, help="most waiting requests; more get 429")
+    p.add_argument("--prefill-tokens", type=int, default=1024,
+                   help="continuous engine: most prompt tokens prefilled between two decode steps; waiting requests "
+                        "are prefilled together up to it, a longer prompt in chunks")
+    p.add_argument("--max-prefill-rows", type=int, default=8,
+                   help="continuous engine: most waiting requests prefilled together")
     p.add_argument("--batch-window-ms", type=float, default=50.0,
                    help="windowed engine: how long a request may wait for others already on their way (a lone one "
                         "never waits)")
@@ -69,7 +74,8 @@ class BadArgs(Exception):
 def _check(args) -> None:
     if not 0 < args.port < 65536:
         raise BadArgs(f"--port {args.port} is not a port number")
-    for name in ("max_batch", "max_queue", "max_image_bytes", "max_request_bytes", "max_image_pixels", "max_tokens"):
+    for name in ("max_batch", "max_queue", "prefill_tokens", "max_prefill_rows", "max_image_bytes",
+                 "max_request_bytes", "max_image_pixels", "max_tokens"):
         if getattr(args, name) < 1:
             raise BadArgs(f"--{name.replace('_', '-')} must be >= 1")
     if args.allowed_media_dir is not None and not Path(args.allowed_media_dir).is_dir():
@@ -89,7 +95,8 @@ def build_engine(args):
         raise BadArgs(str(e)) from None
     if args.engine == "continuous":
         engine = ContinuousEngine(generator, max_batch=args.max_batch, max_queue=args.max_queue,
-                                  max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens)
+                                  max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens,
+                                  prefill_tokens=args.prefill_tokens, max_prefill_rows=args.max_prefill_rows)
     else:
         engine = Engine(generator, max_batch=args.max_batch, max_queue=args.max_queue,
                         batch_window_s=args.batch_window_ms / 1000, max_tokens=args.max_tokens)
