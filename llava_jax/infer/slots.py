@@ -160,18 +160,16 @@ class Chunked(NamedTuple):
     cache: KVCache
 
 
-@functools.partial(jax.jit, static_argnames=("static", "length", "width"))
+@functools.partial(jax.jit, static_argnames=("static", "length"))
 def start_chunked(state, ids, mask, pixels, image_inputs, prefix: Prefilled | None = None, *, static: SlotStatic,
-                  length: int, width: int) -> Chunked:
-    """ids / mask int32 [1, P] (left padded), pixels / image_inputs as `Batch`'s -> `Chunked`: the embeddings
-    and mask left padded to `width` columns (the longest prompt's bucket and a chunk: every prompt's chunks end
-    at the last column and fit, and `prefill_chunk` compiles once), and an empty cache of `length` positions (or
-    holding the shared prefix's n0 tokens, which `ids` continue). The vision tower runs here, once."""
+                  length: int) -> Chunked:
+    """ids / mask int32 [1, W] (left padded, with room for a chunk in front of the first real token), pixels /
+    image_inputs as `Batch`'s -> `Chunked`: the prompt's embeddings and mask, and an empty cache of `length`
+    positions (or holding the shared prefix's n0 tokens, which `ids` continue). The vision tower runs here,
+    once."""
     model = nnx.merge(static.graphdef, state)
     cache = _fresh_cache(model, 1, length - (0 if prefix is None else prefix.key.shape[3]), prefix)
-    embeds = embed_prompt(model, ids, pixels, image_inputs)
-    pad = lambda a: jnp.pad(a, ((0, 0), (width - ids.shape[1], 0)) + ((0, 0),) * (a.ndim - 2))
-    return Chunked(pad(embeds), pad(mask), cache)
+    return Chunked(embed_prompt(model, ids, pixels, image_inputs), mask, cache)
 
 
 @functools.partial(jax.jit, static_argnames=("static", "size"), donate_argnames=("chunked",))

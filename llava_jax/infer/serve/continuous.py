@@ -135,7 +135,10 @@ class ContinuousEngine(QueuedEngine):
             shapes = [(r, i, width, prefixed) for prefixed, most in starts for i in ((0, 1) if gen.is_llava else (0,))
                       for width in gen.prompt_buckets(i, most) for r in rows
                       if r == 1 or r * width <= self.prefill_tokens]
-        return shapes
+        # prompts over prefill_tokens are prefilled in chunks, whose programs do not depend on their bucket
+        short = [shape for shape in shapes if shape[2] <= self.prefill_tokens]
+        long = {(r, vision, prefixed): width for r, vision, width, prefixed in shapes if width > self.prefill_tokens}
+        return short + [(r, vision, width, prefixed) for (r, vision, prefixed), width in long.items()]
 
     def _warm_batch(self, rows: int, vision, width: int):
         """A batch of a prefill shape (values do not matter)."""
@@ -253,15 +256,18 @@ class ContinuousEngine(QueuedEngine):
         self._start_chunked_batch(slot, job, batch, prefixed)
 
     def _start_chunked_batch(self, slot: int, job: Job, batch, prefixed: bool) -> None:
+        """The prompt left padded to one width for all (the longest prompt's bucket and a chunk, so that its
+        programs compile once per image shape), its chunks ending at the last column."""
         gen = self.generator
-        width = gen.bucket(self.longest_prompt) + self.chunk
-        chunked = slot_programs.start_chunked(gen.state, batch.ids, batch.mask, batch.pixels, batch.image_inputs,
+        width, real = gen.bucket(self.longest_prompt) + self.chunk, int(batch.mask.sum())
+        ids, mask = np.full((1, width), gen.pad_id, np.int32), np.zeros((1, width), np.int32)
+        ids[:, -batch.ids.shape[1]:], mask[:, -batch.ids.shape[1]:] = batch.ids[:1], batch.mask[:1]
+        chunked = slot_programs.start_chunked(gen.state, ids, mask, batch.pixels, batch.image_inputs,
                                               self.prefix if prefixed else None,
                                               static=slot_programs.SlotStatic(gen.graphdef, True),
-                                              length=self.slot_length + self.chunk, width=width)
-        real = int(batch.mask.sum())
-        self._chunking = _Chunking(slot, job, chunked, list(range(width - -(-real // self.chunk) * self.chunk,
-                                                                  width, self.chunk)))
+                                              length=self.slot_length + self.chunk)
+        starts = range(width - -(-real // self.chunk) * self.chunk, width, self.chunk)
+        self._chunking = _Chunking(slot, job, chunked, list(starts))
 
     def _next_chunk(self) -> None:
         """Prefills the next chunk of the long prompt in progress; after its last, its first token, and the slot
