@@ -136,3 +136,31 @@ def test_server_answers_two_images_and_a_video_as_generate(generator, tmp_path):
     prompt = generator.prompt("Same?", num_images=2, num_videos=1)
     expected = generator.generate([prompt], [images + [Video(frames)]], max_new_tokens=6)[0]
     assert expected.strip() and response.json()["choices"][0]["message"]["content"] == expected.strip()
+
+
+def test_continuous_engine_chunks_a_onevision_prompt_with_images_and_a_video(generator):
+    """The continuous engine with a 16-token prefill budget prefills a prompt of two images and a video (longer
+    than that: in chunks of 16, its media embedded once) and answers as Generator.generate."""
+    from llava_jax.infer.serve.continuous import ContinuousEngine
+    from llava_jax.infer.serve.engine import Finished, Job
+
+    images = H.images((23, 61), (41, 19), seed=5)
+    frames = decode_video(_video_bytes(4), num_frames=4, name="clip")
+    media = [*images, Video(frames)]
+    prompt = generator.prompt("Same?", num_images=2, num_videos=1)
+    expected = generator.generate([prompt], [media], max_new_tokens=5)[0]
+    tiles = generator.prepare_media(media)
+    ids = generator.encode(prompt, tiles)
+    engine = ContinuousEngine(generator, max_batch=2, max_tokens=8, prefill_tokens=16,
+                              max_prompt_tokens=ids.size + 8)
+    assert engine._is_long(ids)
+    events, done = [], threading.Event()
+    engine.start()
+    try:
+        engine.submit(Job(ids, tiles, 5, lambda e: (events.append(e), isinstance(e, Finished) and done.set())))
+        assert done.wait(120), events
+    finally:
+        engine.close()
+    answer = "".join(e.text for e in events[:-1])
+    assert expected.strip() and answer.strip() == expected.strip()
+    assert engine.prefills >= 2 and engine.prefix_hits == 1
