@@ -16,7 +16,9 @@ Each image shows 1-4 copies of one solid shape of one colour, one per quadrant, 
   eval_questions.jsonl     held-out questions in the official model_vqa format (question_id, image, text, category)
   eval_answers.jsonl       their answers (question_id, answer, category)
   info.json                sizes, the answer options and the chance level of every category
-  tokenizer/               a small word-level tokenizer that `transformers.AutoTokenizer` loads
+  tokenizer/               a small word-level tokenizer that `transformers.AutoTokenizer` loads; it covers the
+                           plain / vicuna_v1 / llava_v1 templates, and the one `template` names when asked
+                           (the OneVision demo's qwen_1_5: <|im_start|>, <|im_end|> special, its system prompt)
 
 Asked for (`num_multi_image`, `num_video`: the OneVision demo), stage2.json ends with LLaVA-NeXT style
 multi-image samples (2-3 scenes under images/multi/, one `<image>` line each; "What shape is in the second
@@ -31,7 +33,7 @@ Answers are drawn from shuffled decks (every option once per round), so each cat
 is 1 / number of options. Everything is a function of the seed: two runs write byte-identical files.
 
 CLI: python -m llava_jax.data.synthetic --out DIR [--num-stage1 N] [--num-stage2 N] [--num-eval N]
-     [--num-multi-image N] [--num-video N] [--image-size PX] [--seed S]
+     [--num-multi-image N] [--num-video N] [--image-size PX] [--seed S] [--template NAME]
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from llava_jax import atomic_files, cli
+from llava_jax.data.conversation import TEMPLATES, get_template, render
 
 SHAPES = ("circle", "square", "triangle", "diamond")
 COLORS = {
@@ -128,6 +131,11 @@ TEMPLATE_TEXTS = (
 UNK, BOS, EOS, PAD, IMAGE = "<unk>", "<s>", "</s>", "<pad>", "<image>"
 SPECIAL_TOKENS = (UNK, BOS, EOS, PAD, IMAGE)  # ids 0..4, in this order
 MODEL_MAX_LENGTH = 2048
+
+# Templates whose text TEMPLATE_TEXTS covers (the LLaVA-1.5 and LLaVA-NeXT demos'): they get the default tokenizer.
+COVERED_TEMPLATES = ("plain", "vicuna_v1", "llava_v1")
+# A template's marker tokens such as chatml's <|im_start|> and <|im_end|>: special tokens of its tokenizer.
+_MARKER = re.compile(r"<\|[^|\s]+\|>")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -477,13 +485,14 @@ def vary_sizes(images: Path, image_size: int, rng: np.random.Generator) -> None:
 
 def generate(out_dir: str | Path, *, num_stage1: int = 2000, num_stage2: int = 2000, num_eval: int = 400,
              image_size: int = 64, seed: int = 0, varied_sizes: bool = False, num_multi_image: int = 0,
-             num_video: int = 0) -> SyntheticPaths:
+             num_video: int = 0, template: str | None = None) -> SyntheticPaths:
     """Writes the demo dataset and its tokenizer under `out_dir` (layout in the module docstring).
 
     Each split has its own random stream (seeded by (seed, split)), so changing one split's size leaves the
     others unchanged. `num_stage2` counts the single-image and text-only stage-2 samples (5% text-only);
     `num_multi_image` and `num_video` samples follow them in stage2.json. `varied_sizes` (the AnyRes demos)
     then stretches the images to varied sizes (`vary_sizes`, streams of their own; video frames keep theirs).
+    `template`: the conversation template the demo trains with, which the tokenizer then covers too.
     """
     counts = (("num_stage1", num_stage1), ("num_stage2", num_stage2), ("num_eval", num_eval),
               ("num_multi_image", num_multi_image), ("num_video", num_video))
@@ -511,7 +520,7 @@ def generate(out_dir: str | Path, *, num_stage1: int = 2000, num_stage2: int = 2
         vary_sizes(paths.images, image_size, split_rng(4))
         if num_multi_image:
             vary_sizes(paths.images / MULTI_IMAGE_DIR, image_size, split_rng(7))
-    build_tokenizer(paths.tokenizer, media=bool(num_multi_image or num_video))
+    build_tokenizer(paths.tokenizer, media=bool(num_multi_image or num_video), template=template)
     _write_json(paths.info, {  # last: marks the dataset complete
         "seed": seed, "image_size": image_size, "image_root": "images", "varied_sizes": varied_sizes,
         "num_stage1": num_stage1, "num_stage2": num_stage2, "num_eval": num_eval,
@@ -525,9 +534,9 @@ def generate(out_dir: str | Path, *, num_stage1: int = 2000, num_stage2: int = 2
 # Tokenizer
 
 
-def corpus(media: bool = False) -> Iterator[str]:
+def corpus(media: bool = False, template: str | None = None) -> Iterator[str]:
     """Every text the demo can produce (all captions, questions, answers) and the templates' text; `media`:
-    the multi-image and video questions too."""
+    the multi-image and video questions too; `template`: that template's text too (`template_texts`)."""
     for shape in SHAPES:
         for color in COLORS:
             for count in range(1, 5):
@@ -547,6 +556,29 @@ def corpus(media: bool = False) -> Iterator[str]:
         yield from (ordinal_shape_question(o) + SHORT_ANSWER_SUFFIX for o in ORDINALS)
         yield from (color_count_question(c) + SHORT_ANSWER_SUFFIX for c in COLORS)
         yield from (q + SHORT_ANSWER_SUFFIX for questions in VIDEO_QUESTIONS.values() for q in questions)
+    yield from template_texts(template)
+
+
+def _template(name: str | None):
+    """The conversation template called `name` when TEMPLATE_TEXTS does not cover it, else None."""
+    template = get_template(name) if name else None
+    return None if template is None or template.name in COVERED_TEMPLATES else template
+
+
+def template_texts(name: str | None) -> tuple[str, ...]:
+    """Prompts rendered with template `name` (system prompt, role lines, end-of-turn markers, the generation
+    prompt) around demo texts; () for the templates TEMPLATE_TEXTS covers (and None)."""
+    template = _template(name)
+    if template is None:
+        return ()
+    question, answer = "<image>\n" + CAPTION_INSTRUCTIONS[0], Scene(SHAPES[0], next(iter(COLORS)), (0,)).caption()
+    return render(template, [question, answer, question, answer]), render(template, [question, None])
+
+
+def template_special_tokens(name: str | None) -> tuple[str, ...]:
+    """The marker tokens of template `name` (chatml: <|im_start|>, <|im_end|>) in order of appearance; the
+    tokenizer adds them as special tokens after SPECIAL_TOKENS. () for the covered templates."""
+    return tuple(dict.fromkeys(_MARKER.findall("".join(template_texts(name)))))
 
 
 def _pre_tokenizer():
@@ -560,15 +592,15 @@ def _pre_tokenizer():
     ])
 
 
-def _vocabulary(texts: Iterable[str]) -> dict[str, int]:
-    """Special tokens, then every piece of `texts` in both word forms ("▁word" and "word"), sorted.
+def _vocabulary(texts: Iterable[str], specials: tuple[str, ...] = SPECIAL_TOKENS) -> dict[str, int]:
+    """`specials`, then every piece of `texts` in both word forms ("▁word" and "word"), sorted.
 
     Both forms are kept because the form depends on context (after a space vs at the start, after "\\n" or
     after a special token such as "</s>USER"). The vocabulary is built directly rather than with
     WordLevelTrainer, whose ids collide with pre-registered special tokens in tokenizers 0.23.
     """
     pre_tokenizer = _pre_tokenizer()
-    split_specials = re.compile("|".join(re.escape(token) for token in SPECIAL_TOKENS))
+    split_specials = re.compile("|".join(re.escape(token) for token in specials))
     pieces = set()
     for text in texts:
         for section in split_specials.split(text):
@@ -576,29 +608,33 @@ def _vocabulary(texts: Iterable[str]) -> dict[str, int]:
                 pieces.update(piece for piece, _ in pre_tokenizer.pre_tokenize_str(variant))
     pieces.update(piece.removeprefix("▁") for piece in list(pieces))
     pieces.discard("")
-    pieces.difference_update(SPECIAL_TOKENS)
-    return {token: i for i, token in enumerate([*SPECIAL_TOKENS, *sorted(pieces)])}
+    pieces.difference_update(specials)
+    return {token: i for i, token in enumerate([*specials, *sorted(pieces)])}
 
 
-def build_tokenizer(out_dir: str | Path, media: bool = False) -> Path:
+def build_tokenizer(out_dir: str | Path, media: bool = False, template: str | None = None) -> Path:
     """Saves the demo's word-level tokenizer to `out_dir`; `AutoTokenizer.from_pretrained(out_dir)` loads it.
 
     LLaMA-like: <unk> 0, <s> 1 (added in front of every encoding), </s> 2, <pad> 3, and <image> 4 as an added
     special token. Encodes every text of `corpus()` without <unk>, decodes back to the exact text, and
     gives character offsets (return_offsets_mapping). `media`: covers the multi-image and video questions too.
+    `template` (a conversation template name): covers its prompts too, its markers (chatml: <|im_start|> 5,
+    <|im_end|> 6) added special tokens; the templates of COVERED_TEMPLATES (and None) change nothing.
     """
     from tokenizers import Tokenizer, decoders, models, processors
     from transformers import PreTrainedTokenizerFast
 
-    tokenizer = Tokenizer(models.WordLevel(vocab=_vocabulary(corpus(media)), unk_token=UNK))
+    markers = template_special_tokens(template)
+    specials = (*SPECIAL_TOKENS, *markers)
+    tokenizer = Tokenizer(models.WordLevel(vocab=_vocabulary(corpus(media, template), specials), unk_token=UNK))
     tokenizer.pre_tokenizer = _pre_tokenizer()
     tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first", split=True)
-    tokenizer.add_special_tokens(list(SPECIAL_TOKENS))
+    tokenizer.add_special_tokens(list(specials))
     tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[(BOS, SPECIAL_TOKENS.index(BOS))])
     wrapped = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token=BOS, eos_token=EOS, unk_token=UNK, pad_token=PAD,
-        additional_special_tokens=[IMAGE], model_max_length=MODEL_MAX_LENGTH, padding_side="right",
+        additional_special_tokens=[IMAGE, *markers], model_max_length=MODEL_MAX_LENGTH, padding_side="right",
         clean_up_tokenization_spaces=False)
     out_dir = Path(out_dir)
     wrapped.save_pretrained(out_dir)
@@ -616,10 +652,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-video", type=int, default=0, help="stage-2 video samples (frame folders)")
     parser.add_argument("--image-size", type=int, default=64, help="image side in pixels")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--template", default=None, choices=sorted(TEMPLATES),
+                        help="a conversation template the tokenizer covers too (e.g. qwen_1_5)")
     args = parser.parse_args(argv)
     paths = generate(args.out, num_stage1=args.num_stage1, num_stage2=args.num_stage2, num_eval=args.num_eval,
                      image_size=args.image_size, seed=args.seed, num_multi_image=args.num_multi_image,
-                     num_video=args.num_video)
+                     num_video=args.num_video, template=args.template)
     chance = json.loads(paths.info.read_text())["chance"]
     print(f"wrote {paths.root}: {args.num_stage1} stage-1, {args.num_stage2} stage-2, {args.num_eval} eval samples")
     for category, level in chance.items():

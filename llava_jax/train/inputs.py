@@ -33,15 +33,16 @@ class DataSetup:
 
 
 def prepare_demo_data(c: mlc.ConfigDict, workdir: Path) -> synthetic.SyntheticPaths:
-    """Generates the demo's synthetic data into `<workdir>/data` once (process 0), then every process reads it.
-    Data a kill left incomplete is generated again."""
+    """Generates the demo's synthetic data into `<workdir>/data` once (process 0), then every process reads it;
+    its tokenizer covers the run's data.template. Data a kill left incomplete is generated again."""
     root = workdir / "data"
     if not synthetic.is_complete(root):
         if jax.process_index() == 0:
             synthetic.generate(root, num_stage1=c.demo.num_stage1, num_stage2=c.demo.num_stage2,
                                num_eval=c.demo.num_eval, image_size=c.demo.image_size, seed=c.demo.seed,
                                varied_sizes=c.demo.get("varied_sizes", False),
-                               num_multi_image=c.demo.num_multi_image, num_video=c.demo.num_video)
+                               num_multi_image=c.demo.num_multi_image, num_video=c.demo.num_video,
+                               template=c.data.template)
         barrier("demo-data")
     return synthetic.paths_of(root)
 

@@ -468,3 +468,111 @@ def test_media_tokenizer_covers_their_questions_and_the_plain_one_is_unchanged(m
     assert (plain / "tokenizer.json").read_bytes() == (default.tokenizer / "tokenizer.json").read_bytes()
     plain_tokenizer = AutoTokenizer.from_pretrained(plain)
     assert plain_tokenizer.unk_token_id in plain_tokenizer("Which shape is moving?").input_ids
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A tokenizer that covers the demo's template (the OneVision demo: qwen_1_5, chatml)
+
+# What the default tokenizer (no template, or one of the LLaVA-1.5 templates) gives, as before templates counted.
+DEFAULT_VOCAB_SIZE, MEDIA_VOCAB_SIZE = 188, 204
+DEFAULT_SAMPLE = "USER: <image>\nHow many shapes are there? ASSISTANT: three</s>"
+DEFAULT_SAMPLE_IDS = [1, 111, 10, 101, 4, 5, 17, 152, 168, 120, 174, 11, 104, 10, 176, 2]
+
+
+@pytest.fixture(scope="module")
+def qwen_data(tmp_path_factory) -> synthetic.SyntheticPaths:
+    return synthetic.generate(tmp_path_factory.mktemp("qwen"), image_size=IMAGE_SIZE, seed=5, num_stage1=4,
+                              num_stage2=40, num_eval=12, template="qwen_1_5", **MEDIA)
+
+
+def test_default_tokenizer_is_unchanged_by_the_covered_templates(tmp_path):
+    from transformers import AutoTokenizer
+
+    default = synthetic.build_tokenizer(tmp_path / "default")
+    for name in ("plain", "v1", "vicuna_v1", "llava_v1"):
+        assert synthetic.template_texts(name) == () and synthetic.template_special_tokens(name) == ()
+        covered = synthetic.build_tokenizer(tmp_path / name, template=name)
+        for file in ("tokenizer.json", "tokenizer_config.json"):
+            assert (covered / file).read_bytes() == (default / file).read_bytes(), (name, file)
+    tokenizer = AutoTokenizer.from_pretrained(default)
+    assert len(tokenizer) == DEFAULT_VOCAB_SIZE
+    assert tokenizer(DEFAULT_SAMPLE).input_ids == DEFAULT_SAMPLE_IDS
+    assert len(AutoTokenizer.from_pretrained(synthetic.build_tokenizer(tmp_path / "media", media=True))) == \
+        MEDIA_VOCAB_SIZE
+
+
+def test_chatml_tokenizer_has_the_template_markers_as_special_tokens(qwen_data):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(qwen_data.tokenizer)
+    assert synthetic.template_special_tokens("qwen_1_5") == ("<|im_start|>", "<|im_end|>")
+    assert tokenizer.convert_tokens_to_ids(["<unk>", "<s>", "</s>", "<pad>", "<image>", "<|im_start|>",
+                                            "<|im_end|>"]) == list(range(7))
+    for marker in ("<|im_start|>", "<|im_end|>"):
+        assert marker in tokenizer.all_special_tokens
+        ids = tokenizer(marker, add_special_tokens=False).input_ids   # a stop string Generator can stop on
+        assert len(ids) == 1 and tokenizer.decode(ids) == marker
+    assert sorted(tokenizer.get_vocab().values()) == list(range(len(tokenizer)))   # dense ids
+    system = tokenizer("<|im_start|>system\nYou are a helpful assistant.<|im_end|>", add_special_tokens=False)
+    assert tokenizer.convert_ids_to_tokens(system.input_ids) == [
+        "<|im_start|>", "system", "\n", "You", "▁are", "▁a", "▁helpful", "▁assistant", ".", "<|im_end|>"]
+
+
+def _qwen_prompts(data) -> list[str]:
+    """Every stage-2 conversation rendered with qwen_1_5, and every held-out question's generation prompt."""
+    from llava_jax.data.conversation import generation_prompt, get_template, render
+
+    template = get_template("qwen_1_5")
+    prompts = [render(template, [t["value"] for t in s["conversations"]])
+               for s in json.loads(data.stage2.read_text())]
+    prompts += [generation_prompt(template, ["<image>\n" + q["text"]]) for q in _read_jsonl(data.eval_questions)]
+    return prompts
+
+
+def test_chatml_tokenizer_covers_rendered_qwen_conversations_and_round_trips(qwen_data):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(qwen_data.tokenizer)
+    prompts = _qwen_prompts(qwen_data)
+    assert prompts[0].startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n")
+    assert prompts[-1].endswith("<|im_end|>\n<|im_start|>assistant\n")
+    for prompt, ids in zip(prompts, tokenizer(prompts).input_ids):
+        assert tokenizer.unk_token_id not in ids, tokenizer.convert_ids_to_tokens(ids)
+        assert ids[0] == tokenizer.bos_token_id and tokenizer.decode(ids[1:]) == prompt
+        assert ids.count(tokenizer.convert_tokens_to_ids("<|im_end|>")) == prompt.count("<|im_end|>")
+
+
+def test_chatml_training_labels_decode_to_the_answers_and_their_end_of_turn(qwen_data):
+    """Through the project's tokenize_conversation with qwen_1_5: the labels are the answers and <|im_end|>."""
+    from transformers import AutoTokenizer
+
+    from llava_jax.data.conversation import get_template
+    from llava_jax.data.tokenize import add_image_token, tokenize_conversation
+
+    tokenizer = AutoTokenizer.from_pretrained(qwen_data.tokenizer)
+    image_id = add_image_token(tokenizer)
+    samples = json.loads(qwen_data.stage2.read_text())
+    assert {s["id"].split("-")[0] for s in samples} == {"stage2", "multi", "video"}
+    for sample in samples:
+        tokenized = tokenize_conversation(sample["conversations"], tokenizer, get_template("qwen_1_5"),
+                                          image_token_id=image_id, image_seq_length=7, max_length=512,
+                                          sample_id=sample["id"])
+        assert tokenizer.unk_token_id not in tokenized.input_ids, sample["id"]
+        answers = [turn["value"] + "<|im_end|>" for turn in sample["conversations"][1::2]]
+        assert [tokenizer.decode(run) for run in _supervised_runs(tokenized.labels)] == answers, sample["id"]
+
+
+def test_every_template_can_be_covered(tmp_path):
+    """Any template a demo could name: its prompts around demo texts encode without <unk> and round-trip."""
+    from transformers import AutoTokenizer
+
+    from llava_jax.data.conversation import TEMPLATES, generation_prompt, get_template, render
+
+    question, answer = "<image>\nHow many shapes are there?" + synthetic.SHORT_ANSWER_SUFFIX, "three"
+    for name in sorted(TEMPLATES):
+        tokenizer = AutoTokenizer.from_pretrained(synthetic.build_tokenizer(tmp_path / name, template=name))
+        template = get_template(name)
+        prompts = [render(template, [question, answer, "Where is the shape?", "top-left"]),
+                   generation_prompt(template, [question])]
+        for prompt, ids in zip(prompts, tokenizer(prompts, add_special_tokens=False).input_ids):
+            assert tokenizer.unk_token_id not in ids and tokenizer.decode(ids) == prompt, (name, prompt)

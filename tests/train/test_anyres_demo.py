@@ -31,7 +31,8 @@ def _demo_setup(tmp_path, config: str):
     c.data.worker_count = 0
     media = dict(num_multi_image=6, num_video=4) if c.demo.num_multi_image else {}
     paths = synthetic.generate(tmp_path / "data", num_stage1=4, num_stage2=24, num_eval=2,
-                               image_size=c.demo.image_size, varied_sizes=c.demo.varied_sizes, **media)
+                               image_size=c.demo.image_size, varied_sizes=c.demo.varied_sizes,
+                               template=c.data.template, **media)
     tokenizer = model_init.load_tokenizer(c, paths.tokenizer)
     video = model_init.video_token_id(tokenizer) if model_init.family(c) == "llava_onevision" else None
     cfg = model_init.demo_anyres_config(c, len(tokenizer), tokenizer.convert_tokens_to_ids("<image>"), video)
@@ -144,8 +145,9 @@ def test_ov_demo_pipeline_keeps_a_multi_image_sample_as_single_tiles(tmp_path):
 
 
 def test_ov_demo_trains_on_single_images_multi_image_and_video_samples(tmp_path):
-    """One pass of the ov demo's stage-2 file: every sample batched (none dropped); the multi-image rows hold one
-    tile an image, the video rows its 4 sampled frames under <video> tokens."""
+    """One pass of the ov demo's stage-2 file: every sample batched (none dropped), no <unk> (its tokenizer covers
+    the qwen_1_5 template); the multi-image rows hold one tile an image, the video rows its 4 sampled frames
+    under <video> tokens."""
     from llava_jax.data.pipeline import make_train_iterator
     from llava_jax.train import inputs
 
@@ -157,6 +159,7 @@ def test_ov_demo_trains_on_single_images_multi_image_and_video_samples(tmp_path)
     for batch in iterator:
         for row in range(len(batch["input_ids"])):
             ids, tiles = batch["input_ids"][row], int(batch["image_mask"][row].sum())
+            assert tokenizer.unk_token_id not in ids and tokenizer.unk_token_id not in batch["labels"][row]
             video_tokens = int((ids == cfg.video_token_index).sum())
             if video_tokens:
                 videos += 1
