@@ -107,10 +107,11 @@ def build_ui(engine: Engine, config: ServerConfig, tokenizer_lock):
         with gr.Row():
             with gr.Column(scale=2):
                 images = gr.Gallery(type="filepath", file_types=["image"], sources=["upload", "clipboard"],
-                                    label="Images (upload, drop or paste; several in order)", height=260,
-                                    columns=3, interactive=True, elem_id="images")
-                video = gr.Video(sources=["upload"], include_audio=True, label="Video (upload or drop)", height=200,
-                                 visible=engine.generator.video_token_index is not None, elem_id="video")
+                                    label="Images (upload, drop or paste)", height=260, columns=3, interactive=True,
+                                    elem_id="images")
+                # a file input, not gr.Video: the model decodes what the browser may not play (e.g. MPEG-4 Part 2)
+                video = gr.File(file_types=["video"], type="filepath", label="Video (upload or drop)",
+                                visible=engine.generator.video_token_index is not None, elem_id="video")
                 temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature (0 = greedy)",
                                         elem_id="temperature")
                 top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top P", elem_id="top_p")
@@ -118,7 +119,7 @@ def build_ui(engine: Engine, config: ServerConfig, tokenizer_lock):
                                        label="Max output tokens", elem_id="max_tokens")
             with gr.Column(scale=5):
                 chatbot = gr.Chatbot(label="Conversation", height=420, elem_id="chatbot")
-                text = gr.Textbox(placeholder="Ask about the image and press Enter", label="Question",
+                text = gr.Textbox(placeholder="Ask about the images and press Enter", label="Question",
                                   show_label=False, elem_id="question")
                 with gr.Row():
                     send = gr.Button("Send", variant="primary", elem_id="send")
