@@ -1,5 +1,6 @@
 """The web chat in a real browser: headless system Chromium driven by Playwright. It uploads a demo image, asks
 two demo questions and checks the streamed answers against the chat CLI's; Regenerate and Clear; a screenshot.
+On a tiny LLaVA-OneVision model it uploads two images and a video and checks the answer against `generate`.
 Skipped, with the reason, where Chromium, Playwright or Gradio is missing (CI installs them: .ci/run)."""
 
 from __future__ import annotations
@@ -126,7 +127,7 @@ def test_web_chat_takes_two_images_and_a_video_for_onevision(tmp_path):
     from llava_jax.data.video import decode_video
     from llava_jax.infer.generate import Video
     from tests.infer import anyres_models as M
-    from tests.infer.test_web_media import _video_bytes
+    from tests.infer.test_serve_anyres import _video_bytes
     from tests.models import anyres_helpers as H
 
     folder = tmp_path / "llava-onevision-tiny"
