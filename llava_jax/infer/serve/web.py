@@ -99,6 +99,7 @@ class _Handlers:
 
 
 def build_ui(engine: Engine, config: ServerConfig, tokenizer_lock):
+    """The chat page: images (a gallery), a video input only for models that take videos, settings, the chat."""
     import gradio as gr
 
     handlers = _Handlers(engine, config, tokenizer_lock)
