@@ -1,5 +1,6 @@
 """The web chat in a real browser: headless system Chromium driven by Playwright. It uploads a demo image, asks
 two demo questions and checks the streamed answers against the chat CLI's; Regenerate and Clear; a screenshot.
+On a tiny LLaVA-OneVision model it uploads two images and a video and checks the answer against `generate`.
 Skipped, with the reason, where Chromium, Playwright or Gradio is missing (CI installs them: .ci/run)."""
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def chat_in_browser(url: str, image: Path, questions, max_tokens: int, screensho
     slider = page.locator("#max_tokens input[type=number]")
     slider.fill(str(max_tokens))
     slider.press("Enter")
-    page.locator("#image input[type=file]").set_input_files(str(image))
+    page.locator("#images input[type=file]").set_input_files(str(image))
     answers = []
     for k, question in enumerate(questions, start=1):
         page.locator("#question textarea").fill(question)
@@ -111,6 +112,55 @@ def test_web_chat_streams_the_chat_cli_answers(model_dir, image_file, tmp_path):
                 page.locator("#clear").click()
                 page.wait_for_function("document.querySelectorAll('#chatbot [data-testid=\"bot\"]').length == 0",
                                        timeout=30_000)
+            finally:
+                browser.close()
+                playwright.stop()
+    finally:
+        engine.close()
+
+
+def test_web_chat_takes_two_images_and_a_video_for_onevision(tmp_path):
+    """On a tiny LLaVA-OneVision model the page shows a video input: two images dropped into the gallery and a
+    video, then a question, stream the answer Generator.generate gives the same prompt and media."""
+    chromium()
+    from llava_jax.data.images import load_image
+    from llava_jax.data.video import decode_video
+    from llava_jax.infer.generate import Video
+    from tests.infer import anyres_models as M
+    from tests.infer.test_serve_anyres import _video_bytes
+    from tests.models import anyres_helpers as H
+
+    folder = tmp_path / "llava-onevision-tiny"
+    M.save_onevision(folder, seed=3)
+    images = [tmp_path / "first.png", tmp_path / "second.png"]
+    for image, path in zip(H.images((23, 61), (41, 19), seed=12), images):
+        image.save(path)
+    (tmp_path / "clip.mp4").write_bytes(_video_bytes())
+    args = cli.build_parser().parse_args(["--model", str(folder), "--ui", "--warm-up", "none", "--dtype", "float32"])
+    engine = cli.build_engine(args)
+    try:
+        generator = engine.generator
+        frames = decode_video((tmp_path / "clip.mp4").read_bytes(), num_frames=32, name="clip")
+        media = [load_image(path, exif_transpose=True) for path in images] + [Video(frames)]
+        prompt = generator.prompt("Same?", num_images=2, num_videos=1)
+        expected = generator.generate([prompt], [media], max_new_tokens=MAX_NEW)[0].strip()
+        with cli.serve_in_background(cli.build_app(args, engine)) as url:
+            playwright = sync_api.sync_playwright().start()
+            browser = playwright.chromium.launch(executable_path=chromium(), args=["--no-sandbox"])
+            try:
+                page = browser.new_page(viewport={"width": 1180, "height": 900})
+                page.goto(url + "/ui/", wait_until="networkidle")
+                slider = page.locator("#max_tokens input[type=number]")
+                slider.fill(str(MAX_NEW))
+                slider.press("Enter")
+                page.locator("#images input[type=file]").set_input_files([str(p) for p in images])
+                page.locator("#video input[type=file]").set_input_files(str(tmp_path / "clip.mp4"))
+                page.wait_for_function("document.querySelectorAll('#images img').length >= 2", timeout=30_000)
+                page.wait_for_function("document.querySelector('#video').innerText.includes('.mp4')", timeout=30_000)
+                page.locator("#question textarea").fill("Same?")
+                page.locator("#send").click()
+                assert expected and wait_for_answer(page, 1) == expected
+                page.screenshot(path=str(tmp_path / "web_chat_media.png"))
             finally:
                 browser.close()
                 playwright.stop()

@@ -1,22 +1,25 @@
 """The web chat (`python -m llava_jax.serve --model DIR --ui`, at /ui): a Gradio page like the official LLaVA
 demo, on the same FastAPI app and the same engine as the API.
 
-Upload or drop an image, ask, and the answer streams in; the conversation goes on over several turns. Every
-turn goes through the API's own path (`protocol.prepare`, then the engine): the image is attached to the first
-user turn, as in the chat CLI, so greedy answers equal the CLI's. Temperature, top-p and max output tokens are
-sliders; Regenerate asks the last question again, Clear starts over; examples are demo scenes drawn at start-up.
-With `--api-key` the page asks for a login whose password is the key.
+Upload, drop or paste one or several images (and, for a model that takes videos, LLaVA-OneVision, a video), ask,
+and the answer streams in; the conversation goes on over several turns. Every turn goes through the API's own
+path (`protocol.prepare`, then the engine): the images, in order, then the video are attached to the first user
+turn as `data:` URLs, as the chat CLI attaches its `--image` files and `--video`, so greedy answers equal the
+CLI's; what `prepare` refuses (too many images, too large a file) shows as the chat's error. Temperature, top-p
+and max output tokens are sliders; Regenerate asks the last question again, Clear starts over; examples are demo
+scenes drawn at start-up. With `--api-key` the page asks for a login whose password is the key.
 """
 
 from __future__ import annotations
 
 import base64
 import hmac
+import mimetypes
 import os
 import queue
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 
@@ -53,28 +56,30 @@ class _Handlers:
     def __init__(self, engine: Engine, config: ServerConfig, tokenizer_lock):
         self.engine, self.config, self.tokenizer_lock = engine, config, tokenizer_lock
 
-    def ask(self, history, image, text, temperature, top_p, max_tokens) -> Iterator:
+    def ask(self, history, images, video, text, temperature, top_p, max_tokens) -> Iterator:
         import gradio as gr
 
         text = (text or "").strip()
         if not text:
             raise gr.Error("Type a question first.")
         history = [*history, {"role": "user", "content": text}]
-        for update in self.answer(history, image, temperature, top_p, max_tokens):
+        for update in self.answer(history, images, video, temperature, top_p, max_tokens):
             yield update, ""
 
-    def regenerate(self, history, image, temperature, top_p, max_tokens) -> Iterator:
+    def regenerate(self, history, images, video, temperature, top_p, max_tokens) -> Iterator:
         while history and history[-1]["role"] == "assistant":
             history = history[:-1]
         if history:
-            yield from self.answer(history, image, temperature, top_p, max_tokens)
+            yield from self.answer(history, images, video, temperature, top_p, max_tokens)
 
-    def answer(self, history, image, temperature, top_p, max_tokens) -> Iterator:
-        """Streams the answer to the conversation: yields the history with the answer so far."""
+    def answer(self, history, images, video, temperature, top_p, max_tokens) -> Iterator:
+        """Streams the answer to the conversation, `images` (the gallery's value) and `video` (a path or None)
+        attached to its first turn: yields the history with the answer so far."""
         import gradio as gr
 
-        request = ChatRequest(messages=to_messages(history, image), temperature=temperature, top_p=top_p,
-                              max_tokens=int(max_tokens), stream=True)
+        messages = to_messages(history, gallery_paths(images), video)
+        request = ChatRequest(messages=messages, temperature=temperature, top_p=top_p, max_tokens=int(max_tokens),
+                              stream=True)
         events: queue.Queue = queue.Queue()
         try:
             prepared = prepare(request, self.engine.generator, self.config.limits, self.tokenizer_lock)
@@ -94,6 +99,7 @@ class _Handlers:
 
 
 def build_ui(engine: Engine, config: ServerConfig, tokenizer_lock):
+    """The chat page: images (a gallery), a video input only for models that take videos, settings, the chat."""
     import gradio as gr
 
     handlers = _Handlers(engine, config, tokenizer_lock)
@@ -101,8 +107,12 @@ def build_ui(engine: Engine, config: ServerConfig, tokenizer_lock):
         gr.Markdown(f"### llava_jax · `{config.model_name}`")
         with gr.Row():
             with gr.Column(scale=2):
-                image = gr.Image(type="filepath", label="Image (upload or drop)", sources=["upload", "clipboard"],
-                                 height=260, elem_id="image")
+                images = gr.Gallery(type="filepath", file_types=["image"], sources=["upload", "clipboard"],
+                                    label="Images (upload, drop or paste)", height=260, columns=3, interactive=True,
+                                    elem_id="images")
+                # a file input, not gr.Video: the model decodes what the browser may not play (e.g. MPEG-4 Part 2)
+                video = gr.File(file_types=["video"], type="filepath", label="Video (upload or drop)",
+                                visible=engine.generator.video_token_index is not None, elem_id="video")
                 temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature (0 = greedy)",
                                         elem_id="temperature")
                 top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top P", elem_id="top_p")
@@ -110,29 +120,42 @@ def build_ui(engine: Engine, config: ServerConfig, tokenizer_lock):
                                        label="Max output tokens", elem_id="max_tokens")
             with gr.Column(scale=5):
                 chatbot = gr.Chatbot(label="Conversation", height=420, elem_id="chatbot")
-                text = gr.Textbox(placeholder="Ask about the image and press Enter", label="Question",
+                text = gr.Textbox(placeholder="Ask about the images and press Enter", label="Question",
                                   show_label=False, elem_id="question")
                 with gr.Row():
                     send = gr.Button("Send", variant="primary", elem_id="send")
                     again = gr.Button("Regenerate", elem_id="regenerate")
                     clear = gr.Button("Clear", elem_id="clear")
-        gr.Examples(example_files(), inputs=[image, text])
+        gr.Examples([[[path], question] for path, question in example_files()], inputs=[images, text])
         settings = [temperature, top_p, max_tokens]
         for trigger in (send.click, text.submit):
-            trigger(handlers.ask, [chatbot, image, text, *settings], [chatbot, text])
-        again.click(handlers.regenerate, [chatbot, image, *settings], [chatbot])
-        clear.click(lambda: ([], None, ""), None, [chatbot, image, text])
+            trigger(handlers.ask, [chatbot, images, video, text, *settings], [chatbot, text])
+        again.click(handlers.regenerate, [chatbot, images, video, *settings], [chatbot])
+        clear.click(lambda: ([], None, None, ""), None, [chatbot, images, video, text])
     return ui
 
 
-def to_messages(history: list[dict], image: str | None) -> list[dict]:
-    """The chat's turns as API messages, the image (a file path) attached to the first user turn."""
+def to_messages(history: list[dict], images: Sequence[str] = (), video: str | None = None) -> list[dict]:
+    """The chat's turns as API messages, the images (file paths, in order) then the video (a file path) attached
+    to the first user turn as `image_url` / `video_url` parts with `data:` URLs, before its text."""
     messages = [{"role": turn["role"], "content": _content_text(turn["content"])} for turn in history]
-    if image:
-        url = "data:image;base64," + base64.b64encode(Path(image).read_bytes()).decode()
-        messages[0]["content"] = [{"type": "image_url", "image_url": {"url": url}},
-                                  {"type": "text", "text": messages[0]["content"]}]
+    media = [{"type": "image_url", "image_url": {"url": data_url(path)}} for path in images]
+    if video:
+        media.append({"type": "video_url", "video_url": {"url": data_url(video)}})
+    if media:
+        messages[0]["content"] = [*media, {"type": "text", "text": messages[0]["content"]}]
     return messages
+
+
+def gallery_paths(value) -> list[str]:
+    """A Gallery's value (None, or (path, caption) pairs) as its file paths, in order."""
+    return [item[0] if isinstance(item, (tuple, list)) else item for item in value or []]
+
+
+def data_url(path: str) -> str:
+    """A file as a `data:<type>;base64,` URL (the type guessed from its name)."""
+    kind = mimetypes.guess_type(str(path))[0] or "application/octet-stream"
+    return f"data:{kind};base64," + base64.b64encode(Path(path).read_bytes()).decode()
 
 
 def _content_text(content) -> str:
@@ -155,4 +178,4 @@ def example_files(image_size: int = 64) -> list[list[str]]:
     return rows
 
 
-__all__ = ["mount_ui", "build_ui", "to_messages"]
+__all__ = ["mount_ui", "build_ui", "data_url", "gallery_paths", "to_messages"]
