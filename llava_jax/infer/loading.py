@@ -20,9 +20,10 @@ def default_template(name: str, tokenizer=None, text_model_type: str | None = No
     """The conversation template of a model, by the official CLI's rule on the model name, extended:
 
     "llama-3" / "llama3" in the name or a tokenizer with `<|eot_id|>` -> llama_3; "llama-2" / "llama_2" ->
-    llama_2; "mistral" in the name or a Mistral text model -> mistral_instruct; "qwen" in the name or a Qwen2 text
-    model -> qwen_1_5 (LLaVA-NeXT / OneVision on Qwen); otherwise llava_v1 (LLaVA v1 and LLaVA-1.5 Vicuna
-    models; the official CLI picks it for every name with "v1").
+    llama_2; "mistral" in the name or a Mistral text model -> mistral_instruct; "qwen" in the name, a Qwen2 text
+    model or a tokenizer with chatml's `<|im_start|>` -> qwen_1_5 (LLaVA-NeXT / OneVision on Qwen, and models
+    trained with it such as the OneVision demo); otherwise llava_v1 (LLaVA v1 and LLaVA-1.5 Vicuna models; the
+    official CLI picks it for every name with "v1").
     """
     name = name.lower()
     vocab = tokenizer.get_vocab() if tokenizer is not None else {}
@@ -32,7 +33,7 @@ def default_template(name: str, tokenizer=None, text_model_type: str | None = No
         return "llama_2"
     if "mistral" in name or text_model_type == "mistral":
         return "mistral_instruct"
-    if "qwen" in name or text_model_type == "qwen2":
+    if "qwen" in name or text_model_type == "qwen2" or "<|im_start|>" in vocab:
         return "qwen_1_5"
     return "llava_v1"
 

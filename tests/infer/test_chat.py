@@ -142,3 +142,9 @@ def test_default_template_rule():
     assert default_template("my-run", text_model_type="mistral") == "mistral_instruct"
     assert default_template("llava-onevision-qwen2-7b-ov-hf") == "qwen_1_5"
     assert default_template("my-run", text_model_type="qwen2") == "qwen_1_5"
+
+    class Chatml:  # a tokenizer with chatml's markers (the OneVision demo's)
+        def get_vocab(self):
+            return {"<|im_start|>": 5, "<|im_end|>": 6, "red": 7}
+
+    assert default_template("hf", Chatml()) == "qwen_1_5"
