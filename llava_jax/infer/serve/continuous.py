@@ -95,7 +95,9 @@ class ContinuousEngine(QueuedEngine):
         modes = (0.0, 1.0) if sampled else (0.0,)
         for k, (rows, vision, width, prefixed) in enumerate(shapes):
             if progress is not None:
-                progress(f"compiling {k + 1}/{len(shapes)}: {rows} row(s), {vision}, prompt bucket {width}"
+                media = (f"{vision[0]} image tile(s), {vision[1]} video frame(s)" if isinstance(vision, tuple)
+                         else f"{vision} image(s)")
+                progress(f"compiling {k + 1}/{len(shapes)}: {rows} row(s), {media}, prompt bucket {width}"
                          f"{' after the system prompt' if prefixed else ''}")
             batch = self._warm_batch(rows, vision, width)
             for temperature in modes:
