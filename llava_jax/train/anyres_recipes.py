@@ -122,17 +122,23 @@ def _stage2_anyres(c: mlc.ConfigDict, lora: bool, vision_lr: float) -> None:
     c.optim.vision_lr = -1.0 if c.model.preset == "demo" else vision_lr
 
 
+def _recipe_base(stage_name: str, stage: int, model: str, lora: bool) -> mlc.ConfigDict:
+    """`_base` of a parsed config string, named by it (LoRA is a stage-2 variant)."""
+    if lora and stage == 1:
+        raise ValueError("config string: 'lora' is a stage-2 variant (stage 1 trains only the projector)")
+    c = _base(stage, model, lora)
+    c.recipe_stage = stage_name
+    c.variant = ",".join([stage_name, model] + ["lora"] * lora)
+    return c
+
+
 def next_config(arg: str | None = None) -> mlc.ConfigDict:
     """LLaVA-NeXT (LLaVA-1.6): stage 1 the projector on LCS-558K (single 336 px tiles, lr 1e-3, 256 samples
     a step); stage 2 the tower (lr 2e-6), projector and LLM (lr 2e-5, 128 samples a step) on AnyRes images
     (NEXT_PINPOINTS: a base tile plus up to 2 x 2 grid tiles)."""
     stage_name, model, lora = parse(arg, NEXT_STAGES, tuple(NEXT_MODELS), "stage2", "vicuna7b", "configs/next.py")
     stage = NEXT_STAGES.index(stage_name) + 1
-    if lora and stage == 1:
-        raise ValueError("config string: 'lora' is a stage-2 variant (stage 1 trains only the projector)")
-    c = _base(stage, model, lora)
-    c.recipe_stage = stage_name
-    c.variant = ",".join([stage_name, model] + ["lora"] * lora)
+    c = _recipe_base(stage_name, stage, model, lora)
     _anyres_fields(c, "llava_next", NEXT_PINPOINTS, 336, 14)
     if model != "demo":
         m = NEXT_MODELS[model]
@@ -161,11 +167,7 @@ def onevision_config(arg: str | None = None) -> mlc.ConfigDict:
     stage_name, model, lora = parse(arg, ONEVISION_STAGES, tuple(ONEVISION_MODELS), "si", "qwen7b",
                                     "configs/onevision.py")
     stage = 1 if stage_name == "stage1" else 2
-    if lora and stage == 1:
-        raise ValueError("config string: 'lora' is a stage-2 variant (stage 1 trains only the projector)")
-    c = _base(stage, model, lora)
-    c.recipe_stage = stage_name
-    c.variant = ",".join([stage_name, model] + ["lora"] * lora)
+    c = _recipe_base(stage_name, stage, model, lora)
     _anyres_fields(c, "llava_onevision", ONEVISION_PINPOINTS, 384, 14)
     c.model.vision_feature_select_strategy = "full"     # SigLIP: no CLS, all 27 x 27 patches
     c.model.vision_aspect_ratio = "anyres_max_9"
