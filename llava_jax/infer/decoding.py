@@ -47,25 +47,21 @@ class Static:
 
 def _decode(model, cache, ids, mask=None, pixels=None, image_mask=None):
     """model.decode for LLaVA, AnyRes models (image_mask is then the dict of "image_taps", "videos", "video_taps")
-    and plain causal LMs (which take no images)."""
-    if pixels is None and image_mask is None:  # text only (as a shared system prompt's prefill)
-        return language_model(model).decode(cache, ids, attention_mask=mask)
-    if isinstance(image_mask, dict):
-        return model.decode(cache, ids, pixels, attention_mask=mask, image_taps=image_mask["image_taps"],
-                            pixel_values_videos=image_mask["videos"], video_taps=image_mask["video_taps"])
-    if hasattr(model, "embed_inputs"):
-        return model.decode(cache, ids, pixels, attention_mask=mask, image_mask=image_mask)
-    return model.decode(cache, ids, attention_mask=mask)
+    and plain causal LMs (which take no images): the decoder over `embed_prompt`'s embeddings."""
+    return language_model(model).decode(cache, inputs_embeds=embed_prompt(model, ids, pixels, image_mask),
+                                        attention_mask=mask)
 
 
 def embed_prompt(model, ids, pixels=None, image_mask=None) -> jax.Array:
-    """The input embeddings [B, T, D] `_decode` feeds the decoder (images merged in), for a prefill in chunks."""
+    """The input embeddings [B, T, D] a prefill feeds the decoder, images merged in (counts checked, as
+    `model.decode` checks them, when the inputs are concrete)."""
     if pixels is None and image_mask is None:
         return language_model(model).embed(ids)
     if isinstance(image_mask, dict):
         return model.embed_inputs(ids, pixels, image_mask["image_taps"], pixel_values_videos=image_mask["videos"],
-                                  video_taps=image_mask["video_taps"], check_counts=False)
-    return model.embed_inputs(ids, pixels, image_mask, check_counts=False)
+                                  video_taps=image_mask["video_taps"],
+                                  check_counts=pixels is not None or image_mask["videos"] is not None)
+    return model.embed_inputs(ids, pixels, image_mask, check_counts=pixels is not None)
 
 
 def language_model(model):

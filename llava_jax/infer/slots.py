@@ -87,7 +87,7 @@ def _fresh_cache(model, rows: int, width: int, prefix: Prefilled | None) -> KVCa
                    jnp.int32(n0))
 
 
-def first_tokens(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_p: jax.Array, steps: jax.Array,
+def draw_tokens(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_p: jax.Array, steps: jax.Array,
                  greedy: bool) -> jax.Array:
     """Each row's next token from logits float32 [R, V]: argmax, or (temperature [R] > 0) its own draw with
     fold_in(keys[r], steps[r]) (as `Generator` draws a row's tokens)."""
@@ -115,7 +115,7 @@ def prefill_requests(state, ids, mask, pixels, image_inputs, keys, temperature, 
         logits, cache = language_model(model).decode(cache, ids[:, -1:], attention_mask=mask[:, -1:])
     else:
         logits, cache = _decode(model, cache, ids, mask, pixels, image_inputs)
-    token = first_tokens(logits[:, -1], keys, temperature, top_p, jnp.zeros_like(ids[:, 0]), static.greedy)
+    token = draw_tokens(logits[:, -1], keys, temperature, top_p, jnp.zeros_like(ids[:, 0]), static.greedy)
     return _compact(cache, token)
 
 
@@ -186,13 +186,8 @@ def prefill_chunk(state, chunked: Chunked, start, *, static: SlotStatic, size: i
 @functools.partial(jax.jit, static_argnames=("greedy",))
 def finish_chunked(chunked: Chunked, logits, keys, temperature, top_p, *, greedy: bool) -> Prefilled:
     """The last chunk's logits [1, V] -> `Prefilled` (first token drawn as `prefill_requests` draws it)."""
-    token = first_tokens(logits, keys, temperature, top_p, jnp.zeros((1,), jnp.int32), greedy)
+    token = draw_tokens(logits, keys, temperature, top_p, jnp.zeros((1,), jnp.int32), greedy)
     return _compact(chunked.cache, token)
-
-
-def _draw(static: SlotStatic, slots: Slots, logits: jax.Array) -> jax.Array:
-    """Next token per slot from logits float32 [N, V]: argmax, or (temperature > 0) each slot's own draw."""
-    return first_tokens(logits, slots.keys, slots.temperature, slots.top_p, slots.steps, static.greedy)
 
 
 def _first_rows(slots: Slots, rows: int) -> Slots:
@@ -213,7 +208,8 @@ def _step(model, static: SlotStatic, slots: Slots, active) -> Slots:
     index = slots.cache.index
     logits, cache = language_model(model).decode(slots.cache, slots.tokens[:, None], attention_mask=active[:, None])
     cache = cache._replace(index=jnp.where(active, cache.index, index))
-    token = jnp.where(active, _draw(static, slots, logits[:, -1]), slots.tokens)
+    drawn = draw_tokens(logits[:, -1], slots.keys, slots.temperature, slots.top_p, slots.steps, static.greedy)
+    token = jnp.where(active, drawn, slots.tokens)
     return slots._replace(cache=cache, tokens=token, steps=slots.steps + active.astype(jnp.int32))
 
 
@@ -230,4 +226,4 @@ def generate(state, slots: Slots, active, *, static: SlotStatic) -> Slots:
 
 
 __all__ = ["SlotStatic", "Slots", "Prefilled", "Chunked", "empty_slots", "prefill_requests", "start_chunked",
-           "prefill_chunk", "finish_chunked", "insert", "generate", "first_tokens"]
+           "prefill_chunk", "finish_chunked", "insert", "generate", "draw_tokens"]
