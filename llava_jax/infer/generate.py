@@ -412,14 +412,18 @@ class Generator:
             if progress is not None:
                 progress(f"compiling {k + 1}/{len(shapes)}: {num_rows} row(s), {num_images} image(s), prompt "
                          f"bucket {width}")
-            prompt = np.full(width, self.pad_id, np.int32)
-            prompt[1:1 + num_images * self.image_seq_length] = self.image_token_index or 0
-            pixels = [np.zeros((3,) + (self.model.config.vision.image_size,) * 2, np.float32)] * num_images \
-                if num_images else []
-            carry, key, params, static, _ = self._start([prompt] * num_rows, [pixels] * num_rows, 1, sampling,
-                                                        None, stop, min_rows=num_rows)
+            carry, key, params, static, _ = self._prefill(self._warm_llava_batch(num_rows, num_images, width), 1,
+                                                          sampling, None, stop)
             (decode_one if stream else decode_loop)(self.state, carry, key, params, static=static)
         return len(shapes)
+
+    def _warm_llava_batch(self, num_rows: int, num_images: int, width: int) -> Batch:
+        """A batch of `num_rows` prompts of bucket `width` with `num_images` images each (values do not matter)."""
+        prompt = np.full(width, self.pad_id, np.int32)
+        prompt[1:1 + num_images * self.image_seq_length] = self.image_token_index or 0
+        pixels = [np.zeros((3,) + (self.model.config.vision.image_size,) * 2, np.float32)] * num_images \
+            if num_images else []  # a text-only model has no vision config
+        return self.make_batch([prompt] * num_rows, [pixels] * num_rows)
 
     def _warm_up_anyres(self, rows: Sequence[int], images: Sequence[int], greedy: bool, stream: bool,
                         max_prompt_tokens: int | None, progress: Callable[[str], None] | None,

@@ -74,7 +74,7 @@ class ContinuousEngine(QueuedEngine):
         self._rows: list[_SlotRow | None] = [None] * max_batch
         self.batches = self.rows = self.steps = 0  # admission rounds, jobs admitted, decode steps (GET /health)
         self.prefills = 0  # prefill calls (a group of jobs each)
-        self._blank_key = None
+        self._blank_key = np.zeros_like(jax.random.key_data(jax.random.key(0)))  # greedy rows' key
         self.prefix_ids = shared_prefix(generator) if share_prefix else None
         self.prefix = self._prefill_prefix() if self.prefix_ids is not None else None
         self.prefix_hits = 0  # prompts that reused the prefix's KV
@@ -145,12 +145,7 @@ class ContinuousEngine(QueuedEngine):
     def _warm_batch(self, rows: int, vision, width: int):
         """A batch of a prefill shape (values do not matter)."""
         gen = self.generator
-        if gen.is_anyres:
-            return gen._warm_batch(rows, *vision, width)
-        prompt = np.full(width, gen.pad_id, np.int32)
-        prompt[1:1 + vision * gen.image_seq_length] = gen.image_token_index or 0
-        pixels = [np.zeros((3,) + (gen.model.config.vision.image_size,) * 2, np.float32)] * vision
-        return gen.make_batch([prompt] * rows, [pixels] * rows)
+        return gen._warm_batch(rows, *vision, width) if gen.is_anyres else gen._warm_llava_batch(rows, vision, width)
 
     @property
     def step_rows(self) -> list[int]:
@@ -249,9 +244,7 @@ class ContinuousEngine(QueuedEngine):
 
     def _start_chunked(self, slot: int, job: Job) -> None:
         """Starts the prefill in chunks of a long prompt (its images embedded now) into a reserved slot."""
-        if job.ids.size > self.longest_prompt:
-            raise ValueError(f"the prompt has {job.ids.size} tokens, over the engine's max_prompt_tokens "
-                             f"{self.longest_prompt}")
+        self._check_length(job)
         prefixed = self._uses_prefix(job.ids)
         batch = self.generator.make_batch([self._rest(job.ids)], [list(job.pixels)])
         self.prefix_hits += prefixed
@@ -287,14 +280,11 @@ class ContinuousEngine(QueuedEngine):
             if work.starts:
                 return
             self._chunking = None
-            keys = self._keys_of([self._seed(job) if job.temperature > 0 else None])
-            temperature, top_p = np.float32([job.temperature]), np.float32([job.top_p])
+            keys, temperature, top_p = self._sampling([job], 1)
             prefilled = slot_programs.finish_chunked(work.chunked, logits, keys, temperature, top_p,
                                                      greedy=job.temperature == 0)
-            self.slots = slot_programs.insert(self.slots, np.int32([work.slot]), prefilled, np.int32(1), keys,
-                                              temperature, top_p)
-            token, length = jax.device_get((prefilled.token[0], prefilled.length[0]))
-            self._follow(work.slot, job, int(token), int(length))
+            tokens, lengths = self._insert([work.slot], prefilled, keys, temperature, top_p)
+            self._follow(work.slot, job, int(tokens[0]), int(lengths[0]))
         except Exception as e:  # noqa: BLE001 - a bad request fails alone
             log.exception("prefill failed")
             self._chunking = None
@@ -331,11 +321,9 @@ class ContinuousEngine(QueuedEngine):
     def _start_rows(self, group: list[tuple[int, Job]]) -> None:
         """Prefills a group's jobs into their slots and follows each one's first token."""
         gen = self.generator
-        for _, job in group:
-            if job.ids.size > self.longest_prompt:
-                raise ValueError(f"the prompt has {job.ids.size} tokens, over the engine's max_prompt_tokens "
-                                 f"{self.longest_prompt}")
         jobs = [job for _, job in group]
+        for job in jobs:
+            self._check_length(job)
         prefixed = self._uses_prefix(jobs[0].ids)
         batch = gen.make_batch([self._rest(j.ids) for j in jobs], [list(j.pixels) for j in jobs])
         tokens, lengths = self._prefill_and_insert(batch, [slot for slot, _ in group], jobs,
@@ -348,28 +336,39 @@ class ContinuousEngine(QueuedEngine):
                             ) -> tuple[np.ndarray, np.ndarray]:
         """Runs the prefill of `batch` (its first rows the jobs') and inserts row r into slots[r] -> the jobs'
         first tokens and prompt tokens in the cache."""
-        gen, rows, n = self.generator, batch.ids.shape[0], len(jobs)
-        pad = lambda values, fill, dtype: np.array(list(values) + [fill] * (rows - n), dtype)
-        temperature = pad((j.temperature for j in jobs), 0, np.float32)
-        top_p = pad((j.top_p for j in jobs), 1, np.float32)
-        keys = self._keys_of([self._seed(j) if j.temperature > 0 else None for j in jobs] + [None] * (rows - n))
+        gen = self.generator
+        keys, temperature, top_p = self._sampling(jobs, batch.ids.shape[0])
         static = slot_programs.SlotStatic(gen.graphdef, not (temperature > 0).any(),
                                           gen.static(batch, True).split_prefill)
         self.prefills += 1
         prefilled = slot_programs.prefill_requests(gen.state, batch.ids, batch.mask, batch.pixels,
                                                    batch.image_inputs, keys, temperature, top_p, prefix, static=static)
-        self.slots = slot_programs.insert(self.slots, pad(slots, 0, np.int32), prefilled, np.int32(n), keys,
-                                          temperature, top_p)
+        return self._insert(slots, prefilled, keys, temperature, top_p)
+
+    def _sampling(self, jobs: list[Job], rows: int) -> tuple[jax.Array, np.ndarray, np.ndarray]:
+        """The jobs' PRNG keys, temperatures and top-p, float32 [rows] (padding rows: greedy)."""
+        pad = lambda values, fill: np.array(list(values) + [fill] * (rows - len(jobs)), np.float32)
+        keys = self._keys_of([self._seed(j) if j.temperature > 0 else None for j in jobs] + [None] * (rows - len(jobs)))
+        return keys, pad((j.temperature for j in jobs), 0), pad((j.top_p for j in jobs), 1)
+
+    def _insert(self, slots: list[int], prefilled, keys, temperature, top_p) -> tuple[np.ndarray, np.ndarray]:
+        """Inserts the first len(slots) rows of `prefilled` into `slots` -> their first tokens and lengths."""
+        n = len(slots)
+        slot_ids = np.array(slots + [0] * (prefilled.token.shape[0] - n), np.int32)
+        self.slots = slot_programs.insert(self.slots, slot_ids, prefilled, np.int32(n), keys, temperature, top_p)
         tokens, lengths = jax.device_get((prefilled.token, prefilled.length))
         return tokens[:n], lengths[:n]
+
+    def _check_length(self, job: Job) -> None:
+        if job.ids.size > self.longest_prompt:
+            raise ValueError(f"the prompt has {job.ids.size} tokens, over the engine's max_prompt_tokens "
+                             f"{self.longest_prompt}")
 
     def _seed(self, job: Job) -> int:
         return job.seed if job.seed is not None else next(self._keys)
 
     def _keys_of(self, seeds: list[int | None]) -> jax.Array:
         """PRNG keys [R] of these seeds (None: a key no draw reads: greedy rows, padding)."""
-        if self._blank_key is None:
-            self._blank_key = np.zeros_like(jax.random.key_data(jax.random.key(0)))
         data = [self._blank_key if s is None else np.asarray(jax.random.key_data(jax.random.key(s))) for s in seeds]
         return jax.random.wrap_key_data(np.stack(data))
 
