@@ -374,8 +374,9 @@ def _multi_image_samples(num: int, image_size: int, images: Path, rng: np.random
     """2-3 scenes a sample, two questions on them: the shape of the n-th image, how many show a colour (1..n)."""
     shapes, colors = Deck(SHAPES, rng), Deck(COLORS, rng)
     samples = []
-    for i in range(num):
+    if num:
         (images / MULTI_IMAGE_DIR).mkdir(exist_ok=True)
+    for i in range(num):
         n = int(_pick(rng, MULTI_IMAGE_COUNTS))
         color, shape, which = colors.draw(), shapes.draw(), int(rng.integers(n))
         showing = int(rng.integers(1, n + 1))  # images of `color`
